@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Installs and caches everything the test bed needs, idempotently:
+#   protoc, etcd 3.5 (Debian sid's etcd-server, unpacked), kube-apiserver and
+#   kube-controller-manager v1.20.2 (built from Debian bookworm's kubernetes source),
+#   kubectl, and a Python virtualenv with helm-python-sdk.
+# A second run finds everything in the cache and takes seconds.
+#
+# Cache directory: $PODLEASE_CACHE, else $XDG_CACHE_HOME/podlease, else ~/.cache/podlease.
+# Prints nothing but progress to stderr; writes "$CACHE/testbed.env" with the binaries' paths.
+set -euo pipefail
+
+CACHE=${PODLEASE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/podlease}
+mkdir -p "$CACHE"
+CACHE=$(cd "$CACHE" && pwd)
+log() { echo "testbed: $*" >&2; }
+
+SUDO=""
+if [ "$(id -u)" != 0 ]; then SUDO="sudo"; fi
+
+# The machine's own Debian mirror: never hard-code a registry host.
+mirror() {
+  local m=""
+  if [ -f /etc/apt/sources.list.d/debian.sources ]; then
+    m=$(awk '/^URIs:/{print $2; exit}' /etc/apt/sources.list.d/debian.sources)
+  fi
+  if [ -z "$m" ] && [ -f /etc/apt/sources.list ]; then
+    m=$(awk '/^deb /{print $2; exit}' /etc/apt/sources.list)
+  fi
+  [ -n "$m" ] || { log "cannot find a Debian mirror in the apt sources"; exit 1; }
+  echo "$m"
+}
+
+APT_UPDATED=0
+apt_install() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  if [ $APT_UPDATED = 0 ]; then
+    log "apt-get update"
+    $SUDO apt-get update -qq >&2
+    APT_UPDATED=1
+  fi
+  log "apt-get install ${missing[*]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >&2
+}
+
+# --- protoc (etcd-client's build), openssl (test certificates) ---------------------------
+command -v protoc >/dev/null || apt_install protobuf-compiler
+command -v openssl >/dev/null || apt_install openssl
+
+# --- etcd 3.5 from Debian sid, unpacked, not installed -------------------------------------
+ETCD="$CACHE/etcd/root/usr/bin/etcd"
+ETCDCTL="$CACHE/etcd/root/usr/bin/etcdctl"
+if [ ! -x "$ETCD" ] || [ ! -x "$ETCDCTL" ]; then
+  log "fetching etcd 3.5 (Debian sid etcd-server, etcd-client)"
+  M=$(mirror)
+  mkdir -p "$CACHE/apt/lists/partial" "$CACHE/etcd"
+  echo "deb $M sid main" > "$CACHE/apt/sid.list"
+  A=(-o Dir::Etc::SourceList="$CACHE/apt/sid.list" -o Dir::Etc::SourceParts=/dev/null -o Dir::State::Lists="$CACHE/apt/lists")
+  $SUDO apt-get "${A[@]}" update -qq >&2
+  (cd "$CACHE/etcd" && rm -f ./*.deb && apt-get "${A[@]}" download etcd-server etcd-client >&2 \
+    && for f in *.deb; do dpkg -x "$f" root; done)
+fi
+"$ETCD" --version | head -1 | grep -q '3\.5\.' || { log "etcd is not 3.5: $("$ETCD" --version | head -1)"; exit 1; }
+
+# --- kube-apiserver + kube-controller-manager v1.20.2 from Debian bookworm's source ------------
+KBIN="$CACHE/kube/bin"
+if [ ! -x "$KBIN/kube-apiserver" ] || [ ! -x "$KBIN/kube-controller-manager" ]; then
+  apt_install golang-go rsync make golang-github-modern-go-reflect2-dev
+  M=$(mirror)
+  mkdir -p "$CACHE/apt/srclists/partial" "$CACHE/kube/src" "$KBIN" "$CACHE/home"
+  echo "deb-src $M bookworm main" > "$CACHE/apt/src.list"
+  A=(-o Dir::Etc::SourceList="$CACHE/apt/src.list" -o Dir::Etc::SourceParts=/dev/null -o Dir::State::Lists="$CACHE/apt/srclists")
+  SRC="$CACHE/kube/src/kubernetes-1.20.2"
+  if [ ! -d "$SRC/vendor" ]; then
+    log "fetching the kubernetes 1.20.2 source package"
+    $SUDO apt-get "${A[@]}" update -qq >&2
+    (cd "$CACHE/kube/src" && apt-get "${A[@]}" source --download-only kubernetes >&2 \
+      && tar xzf kubernetes_1.20.5+really1.20.2.orig.tar.gz)
+    # Kubernetes 1.20 vendors reflect2 v1.0.1, which faults under Go >= 1.18 on the first
+    # CRD write; Debian's reflect2 1.0.2 has the same API.
+    rm -rf "$SRC/vendor/github.com/modern-go/reflect2"
+    mkdir "$SRC/vendor/github.com/modern-go/reflect2"
+    cp /usr/share/gocode/src/github.com/modern-go/reflect2/* "$SRC/vendor/github.com/modern-go/reflect2/"
+    mkdir -p "$SRC/.go/src/k8s.io" && ln -sfn ../../.. "$SRC/.go/src/k8s.io/kubernetes"
+  fi
+  for what in kube-apiserver kube-controller-manager; do
+    if [ ! -x "$KBIN/$what" ]; then
+      log "building $what (several minutes the first time)"
+      (cd "$SRC" && env GOPATH="$SRC/.go" GOCACHE="$CACHE/home/go-build" CGO_ENABLED=0 HOME="$CACHE/home" \
+        make WHAT="cmd/$what" >&2)
+      cp "$SRC/_output/bin/$what" "$KBIN/$what.tmp" && mv "$KBIN/$what.tmp" "$KBIN/$what"
+    fi
+  done
+fi
+
+# --- kubectl -------------------------------------------------------------------------------------
+KUBECTL=$(command -v kubectl || true)
+if [ -z "$KUBECTL" ]; then
+  apt_install kubernetes-client
+  KUBECTL=$(command -v kubectl)
+fi
+
+# --- Python virtualenv with helm-python-sdk (real Helm rendering) -------------------------------
+VENV="$CACHE/venv"
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import helm_python' 2>/dev/null; then
+  log "creating the Helm virtualenv"
+  PY=$(command -v python3)
+  "$PY" -m venv "$VENV" >&2 || { apt_install python3-venv; "$PY" -m venv "$VENV" >&2; }
+  "$VENV/bin/pip" install -q --disable-pip-version-check helm-python-sdk pyyaml >&2
+fi
+
+cat > "$CACHE/testbed.env" <<ENV
+PODLEASE_ETCD_BIN=$ETCD
+PODLEASE_ETCDCTL_BIN=$ETCDCTL
+PODLEASE_KUBE_APISERVER_BIN=$KBIN/kube-apiserver
+PODLEASE_KUBE_CONTROLLER_MANAGER_BIN=$KBIN/kube-controller-manager
+PODLEASE_KUBECTL_BIN=$KUBECTL
+PODLEASE_HELM_PYTHON=$VENV/bin/python
+ENV
+log "ready ($CACHE/testbed.env)"
+echo "$CACHE/testbed.env"

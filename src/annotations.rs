@@ -1,0 +1,152 @@
+//! Annotation mode: `podlease.io/service` on a pod publishes it with the controller's
+//! defaults, overridable per pod by the other `podlease.io/` annotations.
+
+use std::collections::BTreeMap;
+
+use thiserror::Error;
+
+use crate::format::Format;
+use crate::registration::{MAX_TTL_SECONDS, MIN_TTL_SECONDS};
+
+pub const ANNOTATION_PREFIX: &str = "podlease.io/";
+pub const SERVICE: &str = "podlease.io/service";
+pub const PORT: &str = "podlease.io/port";
+pub const FORMAT: &str = "podlease.io/format";
+pub const PREFIX: &str = "podlease.io/prefix";
+pub const TTL: &str = "podlease.io/ttl";
+pub const METADATA: &str = "podlease.io/metadata";
+
+/// A container port by name or number.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum PortRef {
+    Number(i32),
+    Name(String),
+}
+
+impl PortRef {
+    pub fn parse(s: &str) -> PortRef {
+        match s.parse::<i32>() {
+            Ok(n) => PortRef::Number(n),
+            Err(_) => PortRef::Name(s.to_string()),
+        }
+    }
+}
+
+/// What a pod's annotations ask for (unset fields fall back to the controller's defaults).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct AnnotationSpec {
+    pub service: String,
+    pub port: Option<PortRef>,
+    pub format: Option<Format>,
+    pub prefix: Option<String>,
+    pub ttl: Option<i64>,
+    pub metadata: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Error, PartialEq)]
+pub enum AnnotationError {
+    #[error("annotation {SERVICE} is empty")]
+    EmptyService,
+    #[error("annotation {PORT}={0:?} is not a port name or a number in 1..65535")]
+    Port(String),
+    #[error("annotation {FORMAT}: {0}")]
+    Format(String),
+    #[error("annotation {TTL}={0:?} is not a number of seconds in {MIN_TTL_SECONDS}..{MAX_TTL_SECONDS}")]
+    Ttl(String),
+    #[error("annotation {METADATA} is not a JSON object of strings: {0}")]
+    Metadata(String),
+}
+
+/// Reads the annotation spec of a pod: `Ok(None)` when it has no `podlease.io/service`.
+pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<AnnotationSpec>, AnnotationError> {
+    let Some(service) = annotations.get(SERVICE) else {
+        return Ok(None);
+    };
+    let service = service.trim();
+    if service.is_empty() {
+        return Err(AnnotationError::EmptyService);
+    }
+    let port = match annotations.get(PORT).map(|s| s.trim()) {
+        None => None,
+        Some(s) => match PortRef::parse(s) {
+            PortRef::Number(n) if !(1..=65535).contains(&n) => return Err(AnnotationError::Port(s.into())),
+            PortRef::Name(n) if n.is_empty() || n.contains(char::is_whitespace) => {
+                return Err(AnnotationError::Port(s.into()));
+            }
+            p => Some(p),
+        },
+    };
+    let format = annotations
+        .get(FORMAT)
+        .map(|s| s.trim().parse::<Format>().map_err(AnnotationError::Format))
+        .transpose()?;
+    let ttl = annotations
+        .get(TTL)
+        .map(|s| {
+            s.trim()
+                .trim_end_matches('s')
+                .parse::<i64>()
+                .ok()
+                .filter(|t| (MIN_TTL_SECONDS..=MAX_TTL_SECONDS).contains(t))
+                .ok_or_else(|| AnnotationError::Ttl(s.clone()))
+        })
+        .transpose()?;
+    let metadata = match annotations.get(METADATA) {
+        None => BTreeMap::new(),
+        Some(s) => serde_json::from_str::<BTreeMap<String, String>>(s).map_err(|e| AnnotationError::Metadata(e.to_string()))?,
+    };
+    Ok(Some(AnnotationSpec {
+        service: service.to_string(),
+        port,
+        format,
+        prefix: annotations.get(PREFIX).map(|s| s.trim().to_string()),
+        ttl,
+        metadata,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn no_service_annotation_means_not_annotated() {
+        assert_eq!(parse(&ann(&[(PORT, "80")])), Ok(None));
+    }
+
+    #[test]
+    fn every_override_is_read() {
+        let spec = parse(&ann(&[
+            (SERVICE, "user.rpc"),
+            (PORT, "grpc"),
+            (FORMAT, "go-zero"),
+            (PREFIX, "/x"),
+            (TTL, "10"),
+            (METADATA, r#"{"zone":"a"}"#),
+        ]))
+        .unwrap()
+        .unwrap();
+        assert_eq!(spec.service, "user.rpc");
+        assert_eq!(spec.port, Some(PortRef::Name("grpc".into())));
+        assert_eq!(spec.format, Some(Format::GoZero));
+        assert_eq!(spec.prefix.as_deref(), Some("/x"));
+        assert_eq!(spec.ttl, Some(10));
+        assert_eq!(spec.metadata.get("zone").map(String::as_str), Some("a"));
+    }
+
+    #[test]
+    fn bad_values_are_reported_with_the_annotation_name() {
+        let e = parse(&ann(&[(SERVICE, "s"), (TTL, "2")])).unwrap_err();
+        assert!(e.to_string().contains("podlease.io/ttl=\"2\""), "{e}");
+        let e = parse(&ann(&[(SERVICE, "s"), (FORMAT, "zk")])).unwrap_err();
+        assert!(e.to_string().contains("expected one of json"), "{e}");
+        let e = parse(&ann(&[(SERVICE, "s"), (METADATA, r#"{"a":1}"#)])).unwrap_err();
+        assert!(matches!(e, AnnotationError::Metadata(_)));
+        assert_eq!(parse(&ann(&[(SERVICE, "s"), (PORT, "70000")])), Err(AnnotationError::Port("70000".into())));
+        assert_eq!(parse(&ann(&[(SERVICE, " ")])), Err(AnnotationError::EmptyService));
+    }
+}

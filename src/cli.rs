@@ -1,0 +1,153 @@
+//! Command-line interface. Every `run` flag can also come from a `PODLEASE_*` variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::desired::Defaults;
+use crate::etcd::EtcdConfig;
+use crate::format::Format;
+use crate::registration::{MAX_TTL_SECONDS, MIN_TTL_SECONDS};
+
+#[derive(Debug, Parser)]
+#[command(name = "podlease", version, about = "Publishes Kubernetes pod readiness into etcd: one lease per ready pod, kept alive, revoked the moment the pod stops being ready.")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Commands,
+    #[command(flatten)]
+    pub log: LogArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Commands {
+    /// Run the controller.
+    Run(RunArgs),
+    /// Print the ServiceRegistration CRD as YAML.
+    Crd,
+    /// Show what etcd holds for a service, as its consumers read it.
+    Get(GetArgs),
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Log level or tracing filter (e.g. `info`, `podlease=debug`).
+    #[arg(long, global = true, env = "PODLEASE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    #[arg(long, global = true, env = "PODLEASE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct EtcdArgs {
+    /// etcd endpoints, comma separated (list every member of the cluster).
+    #[arg(long, env = "PODLEASE_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
+    pub etcd_endpoints: Vec<String>,
+    /// CA bundle that signed the etcd server certificates (enables TLS).
+    #[arg(long, env = "PODLEASE_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+    /// Client certificate for etcd mutual TLS.
+    #[arg(long, env = "PODLEASE_ETCD_CERT")]
+    pub etcd_cert: Option<PathBuf>,
+    /// Client key for etcd mutual TLS.
+    #[arg(long, env = "PODLEASE_ETCD_KEY")]
+    pub etcd_key: Option<PathBuf>,
+    /// etcd user (with --etcd-password-file).
+    #[arg(long, env = "PODLEASE_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    /// File holding the etcd password (never passed on the command line).
+    #[arg(long, env = "PODLEASE_ETCD_PASSWORD_FILE")]
+    pub etcd_password_file: Option<PathBuf>,
+    /// Deadline of every etcd request, in seconds.
+    #[arg(long, env = "PODLEASE_ETCD_TIMEOUT", default_value_t = 5)]
+    pub etcd_timeout: u64,
+}
+
+impl EtcdArgs {
+    pub fn config(&self) -> EtcdConfig {
+        EtcdConfig {
+            endpoints: self.etcd_endpoints.clone(),
+            ca: self.etcd_ca.clone(),
+            cert: self.etcd_cert.clone(),
+            key: self.etcd_key.clone(),
+            username: self.etcd_username.clone(),
+            password_file: self.etcd_password_file.clone(),
+            call_timeout: Duration::from_secs(self.etcd_timeout.max(1)),
+        }
+    }
+}
+
+fn parse_ttl(s: &str) -> Result<i64, String> {
+    let t: i64 = s.trim_end_matches('s').parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if (MIN_TTL_SECONDS..=MAX_TTL_SECONDS).contains(&t) {
+        Ok(t)
+    } else {
+        Err(format!("{t} is not in {MIN_TTL_SECONDS}..{MAX_TTL_SECONDS}"))
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Format of annotated pods that do not set podlease.io/format.
+    #[arg(long, env = "PODLEASE_DEFAULT_FORMAT", default_value = "json")]
+    pub default_format: Format,
+    /// Key prefix for the default format (default: that format's own, `/services` for json).
+    #[arg(long, env = "PODLEASE_DEFAULT_PREFIX")]
+    pub default_prefix: Option<String>,
+    /// Lease TTL in seconds where neither a registration nor an annotation sets one.
+    #[arg(long, env = "PODLEASE_DEFAULT_TTL", default_value = "30", value_parser = parse_ttl)]
+    pub default_ttl: i64,
+    /// Where ownership records live in etcd.
+    #[arg(long, env = "PODLEASE_OWNER_PREFIX", default_value = "/podlease/owners")]
+    pub owner_prefix: String,
+    /// Cluster id in ownership records (default: the UID of namespace kube-system).
+    #[arg(long, env = "PODLEASE_CLUSTER_ID")]
+    pub cluster_id: Option<String>,
+    /// Namespace to watch (repeatable, or comma separated); default: all namespaces.
+    #[arg(long, env = "PODLEASE_WATCH_NAMESPACE", value_delimiter = ',')]
+    pub watch_namespace: Vec<String>,
+    /// Address for /healthz, /readyz and /metrics.
+    #[arg(long, env = "PODLEASE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+    /// Path to a kubeconfig (default: $KUBECONFIG, ~/.kube/config, or in-cluster).
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// etcd operations in flight at once.
+    #[arg(long, env = "PODLEASE_CONCURRENCY", default_value_t = 128)]
+    pub concurrency: usize,
+}
+
+impl RunArgs {
+    pub fn defaults(&self) -> Defaults {
+        Defaults { format: self.default_format, prefix: self.default_prefix.clone(), ttl: self.default_ttl }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    /// Service name.
+    #[arg(long)]
+    pub service: String,
+    #[arg(long, default_value = "json")]
+    pub format: Format,
+    /// Key prefix (default: the format's own).
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Namespace (the skydns name includes it).
+    #[arg(long, default_value = "default")]
+    pub namespace: String,
+    /// After listing, follow changes (Get, then Watch from the next revision).
+    #[arg(long)]
+    pub watch: bool,
+}

@@ -1,0 +1,529 @@
+//! Desired state, pure: pods × registrations × defaults → what each (pod, registration)
+//! pair should have in etcd. The index only applies and deletes objects and returns the
+//! resulting changes; the registry and the status writer do the I/O.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use k8s_openapi::jiff::Timestamp;
+use kube::ResourceExt;
+use kube::core::{Selector, SelectorExt};
+
+use crate::annotations::{self, AnnotationSpec, PortRef};
+use crate::format::{Format, FormatOptions, Instance, Key};
+use crate::pod::PodInfo;
+use crate::registration::ServiceRegistration;
+
+/// The controller-wide defaults (flags), used where a registration or annotation is silent.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Defaults {
+    pub format: Format,
+    /// Prefix for the default format; other formats use their own default prefix.
+    pub prefix: Option<String>,
+    pub ttl: i64,
+}
+
+impl Default for Defaults {
+    fn default() -> Self {
+        Defaults { format: Format::Json, prefix: None, ttl: crate::registration::DEFAULT_TTL_SECONDS }
+    }
+}
+
+/// Where a pod's registration comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Source {
+    /// The pod's own `podlease.io/` annotations.
+    Annotations,
+    /// A ServiceRegistration (by name) in the pod's namespace.
+    Registration(String),
+}
+
+/// Segment used in ownership records for annotation mode; `@` cannot start an object name.
+const ANNOTATIONS_SEGMENT: &str = "@annotations";
+
+impl Source {
+    pub fn segment(&self) -> &str {
+        match self {
+            Source::Annotations => ANNOTATIONS_SEGMENT,
+            Source::Registration(n) => n,
+        }
+    }
+    pub fn from_segment(s: &str) -> Source {
+        if s == ANNOTATIONS_SEGMENT { Source::Annotations } else { Source::Registration(s.to_string()) }
+    }
+}
+
+/// One (pod, registration) pair: the unit that owns one lease.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct InstanceId {
+    pub namespace: String,
+    pub pod: String,
+    pub source: Source,
+}
+
+/// What one instance should look like in etcd.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    pub service: String,
+    pub format: Format,
+    pub key: Key,
+    pub value: Vec<u8>,
+    pub ttl: i64,
+    pub address: String,
+    pub pod_uid: String,
+    /// When the pod's Ready condition last changed, for the propagation metric.
+    pub ready_since: Option<Timestamp>,
+}
+
+/// A change to the desired state, for the registry.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Update {
+    Upsert(InstanceId, Arc<Desired>),
+    Remove(InstanceId),
+}
+
+/// A problem with one pod's annotations, for an Event on that pod.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodProblem {
+    pub namespace: String,
+    pub pod: String,
+    pub uid: String,
+    pub message: String,
+}
+
+/// What one index operation changed.
+#[derive(Debug, Default, PartialEq)]
+pub struct Changes {
+    pub updates: Vec<Update>,
+    /// ServiceRegistrations (namespace, name) whose status may have changed.
+    pub registrations: BTreeSet<(String, String)>,
+    /// New annotation problems (reported once per distinct message).
+    pub problems: Vec<PodProblem>,
+}
+
+/// How to publish the pods of one registration (or of one annotated pod).
+#[derive(Debug, Clone, PartialEq)]
+struct Plan {
+    service: String,
+    port: Option<PortRef>,
+    format: Format,
+    prefix: String,
+    ttl: i64,
+    metadata: BTreeMap<String, String>,
+    metadata_from_labels: Vec<String>,
+    publish_not_ready: bool,
+    options: FormatOptions,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    uid: String,
+    generation: Option<i64>,
+    deleting: bool,
+    finalizers: Vec<String>,
+    resource_version: Option<String>,
+    status: Option<crate::registration::ServiceRegistrationStatus>,
+    selector: Option<Selector>,
+    plan: Result<Plan, String>,
+}
+
+/// The status-relevant summary of one ServiceRegistration.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Summary {
+    pub uid: String,
+    pub service: String,
+    pub generation: Option<i64>,
+    pub deleting: bool,
+    pub finalizers: Vec<String>,
+    pub resource_version: Option<String>,
+    /// The status as last seen on the API server.
+    pub status: Option<crate::registration::ServiceRegistrationStatus>,
+    pub matching: u32,
+    pub ready: u32,
+    /// Why the spec (or its use on some pod) is invalid.
+    pub invalid: Option<String>,
+}
+
+type PodKey = (String, String);
+
+#[derive(Debug, Default)]
+pub struct Index {
+    defaults: Defaults,
+    pods: BTreeMap<PodKey, PodInfo>,
+    registrations: BTreeMap<PodKey, Entry>,
+    /// What was last handed to the registry, per pod.
+    emitted: HashMap<PodKey, BTreeMap<Source, Arc<Desired>>>,
+    /// Registrations that selected each pod at the last computation.
+    matched: HashMap<PodKey, BTreeSet<String>>,
+    /// Last annotation problem per pod, so each distinct one is reported once.
+    problems: HashMap<PodKey, String>,
+}
+
+impl Index {
+    pub fn new(defaults: Defaults) -> Index {
+        Index { defaults, ..Default::default() }
+    }
+
+    /// Adds or updates a pod.
+    pub fn apply_pod(&mut self, pod: PodInfo) -> Changes {
+        let key = (pod.namespace.clone(), pod.name.clone());
+        if self.pods.get(&key) == Some(&pod) {
+            return Changes::default();
+        }
+        self.pods.insert(key.clone(), pod);
+        let mut changes = Changes::default();
+        self.recompute_pod(&key, &mut changes);
+        changes
+    }
+
+    /// Removes a pod: all its instances go.
+    pub fn delete_pod(&mut self, namespace: &str, name: &str) -> Changes {
+        let key = (namespace.to_string(), name.to_string());
+        let mut changes = Changes::default();
+        if self.pods.remove(&key).is_some() {
+            self.recompute_pod(&key, &mut changes);
+        }
+        self.problems.remove(&key);
+        changes
+    }
+
+    /// Adds or updates a ServiceRegistration. One being deleted publishes nothing.
+    pub fn apply_registration(&mut self, sreg: &ServiceRegistration) -> Changes {
+        let ns = sreg.metadata.namespace.clone().unwrap_or_default();
+        let name = sreg.metadata.name.clone().unwrap_or_default();
+        let (selector, plan) = match compile(sreg) {
+            Ok((s, p)) => (Some(s), Ok(p)),
+            Err(e) => (None, Err(e)),
+        };
+        let entry = Entry {
+            uid: sreg.metadata.uid.clone().unwrap_or_default(),
+            generation: sreg.metadata.generation,
+            deleting: sreg.metadata.deletion_timestamp.is_some(),
+            finalizers: sreg.finalizers().to_vec(),
+            resource_version: sreg.metadata.resource_version.clone(),
+            status: sreg.status.clone(),
+            selector,
+            plan,
+        };
+        let key = (ns.clone(), name.clone());
+        let same_plan = self.registrations.get(&key).is_some_and(|old| {
+            old.deleting == entry.deleting && old.plan == entry.plan && old.selector == entry.selector
+        });
+        self.registrations.insert(key.clone(), entry);
+        let mut changes = Changes::default();
+        changes.registrations.insert(key);
+        if !same_plan {
+            self.recompute_namespace(&ns, &mut changes);
+        }
+        changes
+    }
+
+    /// Forgets a ServiceRegistration: all its instances go.
+    pub fn delete_registration(&mut self, namespace: &str, name: &str) -> Changes {
+        let mut changes = Changes::default();
+        if self.registrations.remove(&(namespace.to_string(), name.to_string())).is_some() {
+            self.recompute_namespace(namespace, &mut changes);
+        }
+        changes
+    }
+
+    /// Everything currently desired (for a full resync of the registry).
+    pub fn desired(&self) -> Vec<(InstanceId, Arc<Desired>)> {
+        self.emitted
+            .iter()
+            .flat_map(|((ns, pod), by_source)| {
+                by_source.iter().map(move |(source, d)| {
+                    (InstanceId { namespace: ns.clone(), pod: pod.clone(), source: source.clone() }, d.clone())
+                })
+            })
+            .collect()
+    }
+
+    /// Counts and problems of one ServiceRegistration, or None when it is unknown.
+    pub fn summary(&self, namespace: &str, name: &str) -> Option<Summary> {
+        let entry = self.registrations.get(&(namespace.to_string(), name.to_string()))?;
+        let mut s = Summary {
+            uid: entry.uid.clone(),
+            generation: entry.generation,
+            deleting: entry.deleting,
+            finalizers: entry.finalizers.clone(),
+            resource_version: entry.resource_version.clone(),
+            status: entry.status.clone(),
+            ..Default::default()
+        };
+        let plan = match &entry.plan {
+            Ok(p) => p,
+            Err(e) => {
+                s.invalid = Some(e.clone());
+                return Some(s);
+            }
+        };
+        s.service = plan.service.clone();
+        let selector = entry.selector.as_ref().expect("a valid plan has a selector");
+        let mut port_problems: Vec<String> = Vec::new();
+        for pod in self.pods_in(namespace) {
+            if !selector.matches(&pod.labels) {
+                continue;
+            }
+            s.matching += 1;
+            if pod.publishable(plan.publish_not_ready) {
+                s.ready += 1;
+                if let Err(e) = resolve_port(plan.port.as_ref(), pod) {
+                    port_problems.push(e);
+                }
+            }
+        }
+        if let Some(first) = port_problems.first() {
+            let more = port_problems.len() - 1;
+            s.invalid = Some(if more == 0 { first.clone() } else { format!("{first} (and {more} more pods)") });
+        }
+        Some(s)
+    }
+
+    /// Pods (namespace, name) currently known.
+    pub fn pod_keys(&self) -> Vec<(String, String)> {
+        self.pods.keys().cloned().collect()
+    }
+
+    /// Registrations (namespace, name) currently known.
+    pub fn registrations(&self) -> impl Iterator<Item = &(String, String)> {
+        self.registrations.keys()
+    }
+
+    fn pods_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a PodInfo> + 'a {
+        self.pods
+            .range((namespace.to_string(), String::new())..)
+            .take_while(move |((ns, _), _)| ns == namespace)
+            .map(|(_, p)| p)
+    }
+
+    fn recompute_namespace(&mut self, namespace: &str, changes: &mut Changes) {
+        let keys: Vec<PodKey> = self.pods_in(namespace).map(|p| (p.namespace.clone(), p.name.clone())).collect();
+        for key in keys {
+            self.recompute_pod(&key, changes);
+        }
+        // Instances of pods that are gone were removed with the pod; nothing else to do.
+    }
+
+    /// Recomputes one pod's instances and records the difference to what was emitted.
+    fn recompute_pod(&mut self, key: &PodKey, changes: &mut Changes) {
+        let mut now: BTreeMap<Source, Arc<Desired>> = BTreeMap::new();
+        let mut matched: BTreeSet<String> = BTreeSet::new();
+        if let Some(pod) = self.pods.get(key) {
+            // ServiceRegistrations in the pod's namespace.
+            for ((_, name), entry) in self
+                .registrations
+                .range((key.0.clone(), String::new())..)
+                .take_while(|((ns, _), _)| *ns == key.0)
+            {
+                let (Some(selector), Ok(plan)) = (&entry.selector, &entry.plan) else { continue };
+                if !selector.matches(&pod.labels) {
+                    continue;
+                }
+                matched.insert(name.clone());
+                if entry.deleting || !pod.publishable(plan.publish_not_ready) {
+                    continue;
+                }
+                if let Ok(d) = desire(plan, pod) {
+                    now.insert(Source::Registration(name.clone()), Arc::new(d));
+                }
+            }
+            // Annotation mode.
+            match annotations::parse(&pod.annotations) {
+                Ok(None) => {
+                    self.problems.remove(key);
+                }
+                Ok(Some(spec)) => {
+                    let plan = annotation_plan(&spec, &self.defaults);
+                    let result = if pod.publishable(false) { desire(&plan, pod).map(Some) } else { Ok(None) };
+                    match result {
+                        Ok(d) => {
+                            self.problems.remove(key);
+                            if let Some(d) = d {
+                                now.insert(Source::Annotations, Arc::new(d));
+                            }
+                        }
+                        Err(message) => self.report(key, message, changes),
+                    }
+                }
+                Err(e) => self.report(key, e.to_string(), changes),
+            }
+        }
+
+        // Registrations whose counts may change: those that select the pod now or did before.
+        let before = self.matched.remove(key).unwrap_or_default();
+        for name in before.union(&matched) {
+            changes.registrations.insert((key.0.clone(), name.clone()));
+        }
+        if !matched.is_empty() {
+            self.matched.insert(key.clone(), matched);
+        }
+
+        let old = self.emitted.remove(key).unwrap_or_default();
+        for (source, d) in &now {
+            if old.get(source).is_none_or(|o| o != d) {
+                changes.updates.push(Update::Upsert(id(key, source), d.clone()));
+            }
+        }
+        for source in old.keys() {
+            if !now.contains_key(source) {
+                changes.updates.push(Update::Remove(id(key, source)));
+            }
+        }
+        if !now.is_empty() {
+            self.emitted.insert(key.clone(), now);
+        }
+    }
+
+    fn report(&mut self, key: &PodKey, message: String, changes: &mut Changes) {
+        if self.problems.get(key) != Some(&message) {
+            self.problems.insert(key.clone(), message.clone());
+            let uid = self.pods.get(key).map(|p| p.uid.clone()).unwrap_or_default();
+            changes.problems.push(PodProblem { namespace: key.0.clone(), pod: key.1.clone(), uid, message });
+        }
+    }
+}
+
+fn id(key: &PodKey, source: &Source) -> InstanceId {
+    InstanceId { namespace: key.0.clone(), pod: key.1.clone(), source: source.clone() }
+}
+
+fn annotation_plan(spec: &AnnotationSpec, defaults: &Defaults) -> Plan {
+    let format = spec.format.unwrap_or(defaults.format);
+    Plan {
+        service: spec.service.clone(),
+        port: spec.port.clone(),
+        format,
+        prefix: effective_prefix(spec.prefix.as_deref(), format, defaults),
+        ttl: spec.ttl.unwrap_or(defaults.ttl),
+        metadata: spec.metadata.clone(),
+        metadata_from_labels: Vec::new(),
+        publish_not_ready: false,
+        options: FormatOptions::default(),
+    }
+}
+
+fn effective_prefix(explicit: Option<&str>, format: Format, defaults: &Defaults) -> String {
+    match explicit {
+        Some(p) => p.to_string(),
+        None if format == defaults.format && defaults.prefix.is_some() => defaults.prefix.clone().unwrap(),
+        None => format.layout().default_prefix().to_string(),
+    }
+}
+
+/// Validates a ServiceRegistration into its selector and plan, or says what is wrong.
+fn compile(sreg: &ServiceRegistration) -> Result<(Selector, Plan), String> {
+    let spec = &sreg.spec;
+    let selector = compile_selector(&spec.selector)?;
+    let service = sreg.service_name();
+    if service.is_empty() || service.chars().any(char::is_whitespace) || service.starts_with('/') {
+        return Err(format!("service {service:?} must be non-empty, without spaces, and not start with '/'"));
+    }
+    let port = match &spec.port {
+        None => None,
+        Some(IntOrString::Int(n)) if (1..=65535).contains(n) => Some(PortRef::Number(*n)),
+        Some(IntOrString::Int(n)) => return Err(format!("port {n} is not in 1..65535")),
+        Some(IntOrString::String(s)) if s.is_empty() => return Err("port is an empty string".into()),
+        Some(IntOrString::String(s)) => Some(PortRef::parse(s)),
+    };
+    let ttl = spec.ttl_seconds;
+    if !(crate::registration::MIN_TTL_SECONDS..=crate::registration::MAX_TTL_SECONDS).contains(&ttl) {
+        return Err(format!("ttlSeconds {ttl} is not in 5..3600"));
+    }
+    let plan = Plan {
+        service,
+        port,
+        format: spec.format,
+        prefix: spec.prefix.clone().unwrap_or_else(|| spec.format.layout().default_prefix().to_string()),
+        ttl,
+        metadata: spec.metadata.clone(),
+        metadata_from_labels: spec.metadata_from_labels.clone(),
+        publish_not_ready: spec.publish_not_ready,
+        options: spec.options.clone(),
+    };
+    Ok((selector, plan))
+}
+
+fn compile_selector(sel: &LabelSelector) -> Result<Selector, String> {
+    let empty = sel.match_labels.as_ref().is_none_or(|m| m.is_empty())
+        && sel.match_expressions.as_ref().is_none_or(|e| e.is_empty());
+    if empty {
+        return Err("selector is empty, which would publish every pod in the namespace; set matchLabels or matchExpressions".into());
+    }
+    for (i, req) in sel.match_expressions.iter().flatten().enumerate() {
+        let values = req.values.as_ref().map_or(0, |v| v.len());
+        let ok = match req.operator.as_str() {
+            "In" | "NotIn" => values > 0,
+            "Exists" | "DoesNotExist" => values == 0,
+            other => {
+                return Err(format!(
+                    "selector.matchExpressions[{i}]: operator {other:?} is not one of In, NotIn, Exists, DoesNotExist"
+                ));
+            }
+        };
+        if !ok {
+            return Err(format!(
+                "selector.matchExpressions[{i}]: operator {} {} values",
+                req.operator,
+                if values == 0 { "needs" } else { "takes no" }
+            ));
+        }
+    }
+    Selector::try_from(sel.clone()).map_err(|e| format!("selector: {}", e.0))
+}
+
+/// The port number to publish, or why there is none.
+fn resolve_port(port: Option<&PortRef>, pod: &PodInfo) -> Result<u16, String> {
+    let n = match port {
+        Some(PortRef::Number(n)) => *n,
+        Some(PortRef::Name(name)) => pod
+            .ports
+            .iter()
+            .find(|(n, _)| n.as_deref() == Some(name.as_str()))
+            .map(|(_, p)| *p)
+            .ok_or_else(|| format!("port {name:?} is not declared by pod {}", pod.name))?,
+        None => pod
+            .ports
+            .first()
+            .map(|(_, p)| *p)
+            .ok_or_else(|| format!("pod {} declares no container port; set a port", pod.name))?,
+    };
+    u16::try_from(n).ok().filter(|p| *p > 0).ok_or_else(|| format!("port {n} of pod {} is out of range", pod.name))
+}
+
+fn desire(plan: &Plan, pod: &PodInfo) -> Result<Desired, String> {
+    let port = resolve_port(plan.port.as_ref(), pod)?;
+    let ip = pod.ip.expect("publishable pods have an IP");
+    let mut metadata = plan.metadata.clone();
+    for label in &plan.metadata_from_labels {
+        if let Some(v) = pod.labels.get(label) {
+            metadata.insert(label.clone(), v.clone());
+        }
+    }
+    let inst = Instance {
+        service: &plan.service,
+        namespace: &pod.namespace,
+        pod: &pod.name,
+        node: &pod.node,
+        ip,
+        port,
+        metadata: &metadata,
+        options: &plan.options,
+    };
+    let layout = plan.format.layout();
+    Ok(Desired {
+        service: plan.service.clone(),
+        format: plan.format,
+        key: layout.key(&plan.prefix, &inst),
+        value: layout.value(&inst),
+        ttl: plan.ttl,
+        address: inst.addr(),
+        pod_uid: pod.uid.clone(),
+        ready_since: pod.ready_since,
+    })
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,188 @@
+//! The index in isolation: objects in, exact updates out.
+
+use std::collections::BTreeMap;
+
+use serde_json::json;
+
+use super::*;
+
+fn pod(name: &str, labels: &[(&str, &str)], ready: bool) -> PodInfo {
+    PodInfo {
+        namespace: "shop".into(),
+        name: name.into(),
+        uid: format!("uid-{name}"),
+        labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+        annotations: BTreeMap::new(),
+        ip: Some("10.0.0.7".parse().unwrap()),
+        node: "n1".into(),
+        phase: "Running".into(),
+        ready,
+        ready_since: None,
+        terminating: false,
+        ports: vec![(Some("http".into()), 8080), (Some("grpc".into()), 9090)],
+    }
+}
+
+fn sreg(name: &str, spec: serde_json::Value) -> ServiceRegistration {
+    serde_json::from_value(json!({
+        "apiVersion": "podlease.io/v1alpha1", "kind": "ServiceRegistration",
+        "metadata": {"name": name, "namespace": "shop", "generation": 1},
+        "spec": spec,
+    }))
+    .unwrap()
+}
+
+fn upserted(c: &Changes) -> Vec<(String, String)> {
+    c.updates
+        .iter()
+        .filter_map(|u| match u {
+            Update::Upsert(id, d) => Some((id.pod.clone(), d.key.with_lease(1))),
+            Update::Remove(_) => None,
+        })
+        .collect()
+}
+
+fn removed(c: &Changes) -> Vec<String> {
+    c.updates
+        .iter()
+        .filter_map(|u| match u {
+            Update::Remove(id) => Some(id.pod.clone()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_ready_selected_pod_becomes_one_instance() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_registration(&sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}})));
+    let c = idx.apply_pod(pod("u1", &[("app", "user")], true));
+    assert_eq!(upserted(&c), vec![("u1".into(), "/services/user/shop/u1".into())]);
+    assert!(c.registrations.contains(&("shop".into(), "user".into())));
+    let Update::Upsert(_, d) = &c.updates[0] else { panic!() };
+    assert_eq!(d.address, "10.0.0.7:8080", "the first declared port by default");
+    assert_eq!(d.ttl, 30);
+}
+
+#[test]
+fn not_ready_and_unselected_pods_are_removed() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_registration(&sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}})));
+    idx.apply_pod(pod("u1", &[("app", "user")], true));
+    let c = idx.apply_pod(pod("u1", &[("app", "user")], false));
+    assert_eq!(removed(&c), vec!["u1"]);
+    let c = idx.apply_pod(pod("u1", &[("app", "user")], true));
+    assert_eq!(upserted(&c).len(), 1);
+    let c = idx.apply_pod(pod("u1", &[("app", "other")], true));
+    assert_eq!(removed(&c), vec!["u1"]);
+    assert!(c.registrations.contains(&("shop".into(), "user".into())), "the registration lost a pod");
+}
+
+#[test]
+fn an_unchanged_pod_produces_nothing() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_registration(&sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}})));
+    idx.apply_pod(pod("u1", &[("app", "user")], true));
+    assert_eq!(idx.apply_pod(pod("u1", &[("app", "user")], true)), Changes::default());
+}
+
+#[test]
+fn a_metadata_change_is_an_upsert_of_the_same_key() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_registration(&sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}, "metadata": {"v": "1"}})));
+    idx.apply_pod(pod("u1", &[("app", "user")], true));
+    let c = idx.apply_registration(&sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}, "metadata": {"v": "2"}})));
+    assert_eq!(upserted(&c), vec![("u1".into(), "/services/user/shop/u1".into())]);
+    assert!(removed(&c).is_empty());
+}
+
+#[test]
+fn a_deleting_registration_removes_its_instances() {
+    let mut idx = Index::new(Defaults::default());
+    let mut s = sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}}));
+    idx.apply_registration(&s);
+    idx.apply_pod(pod("u1", &[("app", "user")], true));
+    s.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()));
+    let c = idx.apply_registration(&s);
+    assert_eq!(removed(&c), vec!["u1"]);
+    assert!(idx.summary("shop", "user").unwrap().deleting);
+}
+
+#[test]
+fn invalid_selectors_and_ports_are_reported_not_published() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_pod(pod("u1", &[("app", "user")], true));
+    let c = idx.apply_registration(&sreg(
+        "bad",
+        json!({"selector": {"matchExpressions": [{"key": "app", "operator": "Near", "values": ["x"]}]}}),
+    ));
+    assert!(c.updates.is_empty());
+    let s = idx.summary("shop", "bad").unwrap();
+    assert!(s.invalid.unwrap().contains("operator \"Near\""));
+
+    let c = idx.apply_registration(&sreg("grpc", json!({"selector": {"matchLabels": {"app": "user"}}, "port": "metrics"})));
+    assert!(c.updates.is_empty());
+    let s = idx.summary("shop", "grpc").unwrap();
+    assert_eq!(s.invalid.as_deref(), Some("port \"metrics\" is not declared by pod u1"));
+    assert_eq!((s.matching, s.ready), (1, 1));
+
+    let c = idx.apply_registration(&sreg("empty", json!({"selector": {}})));
+    assert!(c.updates.is_empty());
+    assert!(idx.summary("shop", "empty").unwrap().invalid.unwrap().contains("selector is empty"));
+}
+
+#[test]
+fn a_named_port_and_metadata_from_labels_are_used() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_registration(&sreg(
+        "user",
+        json!({"selector": {"matchLabels": {"app": "user"}}, "port": "grpc", "format": "kitex", "metadataFromLabels": ["zone"]}),
+    ));
+    let c = idx.apply_pod(pod("u1", &[("app", "user"), ("zone", "z1")], true));
+    let Update::Upsert(_, d) = &c.updates[0] else { panic!() };
+    assert_eq!(d.key.with_lease(0), "kitex/registry-etcd/user/10.0.0.7:9090");
+    assert_eq!(String::from_utf8(d.value.clone()).unwrap(), r#"{"network":"tcp","address":"10.0.0.7:9090","weight":10,"tags":{"zone":"z1"}}"#);
+}
+
+#[test]
+fn annotated_pods_use_the_defaults_and_report_bad_values_once() {
+    let mut idx = Index::new(Defaults { format: Format::Json, prefix: Some("/svc".into()), ttl: 12 });
+    let mut p = pod("a1", &[], true);
+    p.annotations.insert("podlease.io/service".into(), "cart".into());
+    let c = idx.apply_pod(p.clone());
+    assert_eq!(upserted(&c), vec![("a1".into(), "/svc/cart/shop/a1".into())]);
+    let Update::Upsert(id, d) = &c.updates[0] else { panic!() };
+    assert_eq!(id.source, Source::Annotations);
+    assert_eq!(d.ttl, 12);
+
+    p.annotations.insert("podlease.io/ttl".into(), "forever".into());
+    let c = idx.apply_pod(p.clone());
+    assert_eq!(removed(&c), vec!["a1"]);
+    assert_eq!(c.problems.len(), 1);
+    assert!(c.problems[0].message.contains("podlease.io/ttl"));
+    p.labels.insert("touch".into(), "1".into());
+    let c = idx.apply_pod(p);
+    assert!(c.problems.is_empty(), "the same problem is reported once");
+}
+
+#[test]
+fn a_pod_in_two_registrations_gets_two_instances() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_registration(&sreg("a", json!({"selector": {"matchLabels": {"app": "user"}}})));
+    idx.apply_registration(&sreg("b", json!({"selector": {"matchLabels": {"app": "user"}}, "format": "go-zero"})));
+    let c = idx.apply_pod(pod("u1", &[("app", "user")], true));
+    assert_eq!(c.updates.len(), 2);
+    assert_eq!(idx.desired().len(), 2);
+    let c = idx.delete_pod("shop", "u1");
+    assert_eq!(removed(&c).len(), 2);
+    assert!(idx.desired().is_empty());
+}
+
+#[test]
+fn registrations_only_select_pods_in_their_namespace() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_registration(&sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}})));
+    let mut p = pod("u1", &[("app", "user")], true);
+    p.namespace = "other".into();
+    assert!(idx.apply_pod(p).updates.is_empty());
+}

@@ -1,0 +1,143 @@
+//! The etcd connection: every endpoint of the cluster, TLS with server-name verification,
+//! username/password auth, HTTP/2 keepalive pings so a dead path is noticed in seconds.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use thiserror::Error;
+
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub ca: Option<PathBuf>,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+    pub username: Option<String>,
+    pub password_file: Option<PathBuf>,
+    /// Deadline of every unary etcd call.
+    pub call_timeout: Duration,
+}
+
+impl Default for EtcdConfig {
+    fn default() -> Self {
+        EtcdConfig {
+            endpoints: vec!["http://127.0.0.1:2379".into()],
+            ca: None,
+            cert: None,
+            key: None,
+            username: None,
+            password_file: None,
+            call_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("no etcd endpoints configured (--etcd-endpoints)")]
+    NoEndpoints,
+    #[error("reading {what} {path}: {source}")]
+    Read { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("--etcd-cert and --etcd-key go together")]
+    CertWithoutKey,
+    #[error("--etcd-username needs --etcd-password-file")]
+    UserWithoutPassword,
+    #[error("TLS options are set but endpoint {0} is not https://")]
+    PlainEndpointWithTls(String),
+    #[error("connecting to etcd: {0}")]
+    Connect(#[from] etcd_client::Error),
+}
+
+fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, ConfigError> {
+    std::fs::read(path).map_err(|source| ConfigError::Read { what, path: path.clone(), source })
+}
+
+impl EtcdConfig {
+    fn tls(&self) -> Result<Option<TlsOptions>, ConfigError> {
+        if self.ca.is_none() && self.cert.is_none() && self.key.is_none() {
+            return Ok(None);
+        }
+        let mut tls = TlsOptions::new();
+        if let Some(ca) = &self.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(read("etcd CA", ca)?));
+        }
+        match (&self.cert, &self.key) {
+            (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read("etcd client cert", c)?, read("etcd client key", k)?)),
+            (None, None) => {}
+            _ => return Err(ConfigError::CertWithoutKey),
+        }
+        Ok(Some(tls))
+    }
+
+    /// Endpoints with a scheme: `https://` when TLS is configured, `http://` otherwise.
+    fn urls(&self, tls: bool) -> Result<Vec<String>, ConfigError> {
+        let urls: Vec<String> = self
+            .endpoints
+            .iter()
+            .map(|e| e.trim())
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                if e.contains("://") {
+                    e.to_string()
+                } else if tls {
+                    format!("https://{e}")
+                } else {
+                    format!("http://{e}")
+                }
+            })
+            .collect();
+        if urls.is_empty() {
+            return Err(ConfigError::NoEndpoints);
+        }
+        if tls && let Some(plain) = urls.iter().find(|u| u.starts_with("http://")) {
+            return Err(ConfigError::PlainEndpointWithTls(plain.clone()));
+        }
+        Ok(urls)
+    }
+
+    /// Connects (lazily: an unreachable etcd is not an error here, calls fail later).
+    pub async fn connect(&self) -> Result<Client, ConfigError> {
+        let tls = self.tls()?;
+        let urls = self.urls(tls.is_some())?;
+        let mut opts = ConnectOptions::new()
+            .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
+            .with_keep_alive_while_idle(true)
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_tcp_keepalive(Duration::from_secs(30));
+        if let Some(tls) = tls {
+            opts = opts.with_tls(tls);
+        }
+        match (&self.username, &self.password_file) {
+            (Some(user), Some(pw)) => {
+                let password = String::from_utf8_lossy(&read("etcd password file", pw)?).trim().to_string();
+                opts = opts.with_user(user.clone(), password).with_auto_token_refresh(true);
+            }
+            (Some(_), None) => return Err(ConfigError::UserWithoutPassword),
+            _ => {}
+        }
+        Ok(Client::connect(urls, Some(opts)).await?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bare_endpoints_get_a_scheme() {
+        let c = EtcdConfig { endpoints: vec!["a:2379".into(), " https://b:2379 ".into()], ..Default::default() };
+        assert_eq!(c.urls(false).unwrap(), vec!["http://a:2379", "https://b:2379"]);
+        assert_eq!(c.urls(true).unwrap(), vec!["https://a:2379", "https://b:2379"]);
+        let c = EtcdConfig { endpoints: vec!["http://a:2379".into()], ..Default::default() };
+        assert!(matches!(c.urls(true), Err(ConfigError::PlainEndpointWithTls(u)) if u == "http://a:2379"));
+        let c = EtcdConfig { endpoints: vec!["a:2379".into()], ..Default::default() };
+        assert_eq!(c.urls(true).unwrap(), vec!["https://a:2379"]);
+    }
+
+    #[test]
+    fn empty_endpoints_are_an_error() {
+        let c = EtcdConfig { endpoints: vec![" ".into()], ..Default::default() };
+        assert!(matches!(c.urls(false), Err(ConfigError::NoEndpoints)));
+    }
+}

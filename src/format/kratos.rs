@@ -1,0 +1,42 @@
+//! go-kratos contrib/registry/etcd: key `/microservices/<svc>/<id>`, value a
+//! `registry.ServiceInstance` with `<scheme>://ip:port` endpoints.
+
+use std::collections::BTreeMap;
+
+use serde::Serialize;
+
+use super::{FormatOptions, Instance, Key, Layout, join};
+
+pub struct Kratos;
+
+#[derive(Serialize)]
+struct Value<'a> {
+    id: String,
+    name: &'a str,
+    version: &'a str,
+    metadata: &'a BTreeMap<String, String>,
+    endpoints: [String; 1],
+}
+
+impl Layout for Kratos {
+    fn default_prefix(&self) -> &'static str {
+        "/microservices"
+    }
+    fn service_prefix(&self, prefix: &str, service: &str, _: &str, _: &FormatOptions) -> String {
+        join(prefix, &format!("{service}/"))
+    }
+    fn key(&self, prefix: &str, i: &Instance) -> Key {
+        Key::Fixed(join(prefix, &format!("{}/{}", i.service, i.id())))
+    }
+    fn value(&self, i: &Instance) -> Vec<u8> {
+        let scheme = i.options.protocol.as_deref().unwrap_or("grpc");
+        let v = Value {
+            id: i.id(),
+            name: i.service,
+            version: i.options.version.as_deref().unwrap_or(""),
+            metadata: i.metadata,
+            endpoints: [format!("{scheme}://{}", i.addr())],
+        };
+        serde_json::to_vec(&v).expect("serializes")
+    }
+}

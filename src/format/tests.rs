@@ -1,0 +1,119 @@
+//! Golden tests: one registration → the exact key and value bytes per format.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+fn golden(format: Format, ip: &str, options: FormatOptions, metadata: &[(&str, &str)]) -> (String, String) {
+    let metadata: BTreeMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let inst = Instance {
+        service: "user",
+        namespace: "shop",
+        pod: "user-7f9c",
+        node: "node-a",
+        ip: ip.parse().unwrap(),
+        port: 8080,
+        metadata: &metadata,
+        options: &options,
+    };
+    let layout = format.layout();
+    let key = layout.key(layout.default_prefix(), &inst).with_lease(7587869279418537229);
+    (key, String::from_utf8(layout.value(&inst)).unwrap())
+}
+
+#[test]
+fn json() {
+    let (k, v) = golden(Format::Json, "10.1.2.3", FormatOptions::default(), &[("zone", "a")]);
+    assert_eq!(k, "/services/user/shop/user-7f9c");
+    assert_eq!(v, r#"{"addr":"10.1.2.3:8080","namespace":"shop","pod":"user-7f9c","node":"node-a","metadata":{"zone":"a"}}"#);
+}
+
+#[test]
+fn etcd_naming_keeps_metadata_null() {
+    let (k, v) = golden(Format::EtcdNaming, "10.1.2.3", FormatOptions::default(), &[("zone", "a")]);
+    assert_eq!(k, "user/10.1.2.3:8080");
+    assert_eq!(v, r#"{"Op":0,"Addr":"10.1.2.3:8080","Metadata":null}"#);
+}
+
+#[test]
+fn go_zero_key_ends_in_the_decimal_lease_id() {
+    let (k, v) = golden(Format::GoZero, "10.1.2.3", FormatOptions::default(), &[]);
+    assert_eq!(k, "user/7587869279418537229");
+    assert_eq!(v, "10.1.2.3:8080");
+}
+
+#[test]
+fn kratos() {
+    let (k, v) = golden(Format::Kratos, "10.1.2.3", FormatOptions::default(), &[("zone", "a")]);
+    assert_eq!(k, "/microservices/user/shop.user-7f9c");
+    assert_eq!(v, r#"{"id":"shop.user-7f9c","name":"user","version":"","metadata":{"zone":"a"},"endpoints":["grpc://10.1.2.3:8080"]}"#);
+}
+
+#[test]
+fn kratos_http_scheme_and_version() {
+    let opts = FormatOptions { protocol: Some("http".into()), version: Some("v2".into()), ..Default::default() };
+    let (_, v) = golden(Format::Kratos, "10.1.2.3", opts, &[]);
+    assert_eq!(v, r#"{"id":"shop.user-7f9c","name":"user","version":"v2","metadata":{},"endpoints":["http://10.1.2.3:8080"]}"#);
+}
+
+#[test]
+fn go_micro_service_metadata_is_null() {
+    let (k, v) = golden(Format::GoMicro, "10.1.2.3", FormatOptions::default(), &[("zone", "a")]);
+    assert_eq!(k, "/micro/registry/user/user-shop.user-7f9c");
+    assert_eq!(
+        v,
+        r#"{"name":"user","version":"latest","metadata":null,"endpoints":[],"nodes":[{"id":"user-shop.user-7f9c","address":"10.1.2.3:8080","metadata":{"protocol":"grpc","zone":"a"}}]}"#
+    );
+}
+
+#[test]
+fn kitex_and_hertz_have_no_leading_slash() {
+    let (k, v) = golden(Format::Kitex, "10.1.2.3", FormatOptions::default(), &[("zone", "a")]);
+    assert_eq!(k, "kitex/registry-etcd/user/10.1.2.3:8080");
+    assert_eq!(v, r#"{"network":"tcp","address":"10.1.2.3:8080","weight":10,"tags":{"zone":"a"}}"#);
+    let (k, v) = golden(Format::Hertz, "10.1.2.3", FormatOptions { weight: Some(3), ..Default::default() }, &[]);
+    assert_eq!(k, "hertz/registry-etcd/user/10.1.2.3:8080");
+    assert_eq!(v, r#"{"network":"tcp","address":"10.1.2.3:8080","weight":3,"tags":{}}"#);
+}
+
+#[test]
+fn skydns_reverses_dns_labels() {
+    let (k, v) = golden(Format::Skydns, "10.1.2.3", FormatOptions::default(), &[]);
+    assert_eq!(k, "/skydns/local/cluster/shop/user/user-7f9c");
+    assert_eq!(v, r#"{"host":"10.1.2.3","port":8080}"#);
+}
+
+#[test]
+fn ipv6_addresses_are_bracketed() {
+    let (k, v) = golden(Format::EtcdNaming, "fd00::1", FormatOptions::default(), &[]);
+    assert_eq!(k, "user/[fd00::1]:8080");
+    assert_eq!(v, r#"{"Op":0,"Addr":"[fd00::1]:8080","Metadata":null}"#);
+    let (_, v) = golden(Format::Skydns, "fd00::1", FormatOptions::default(), &[]);
+    assert_eq!(v, r#"{"host":"fd00::1","port":8080}"#);
+}
+
+#[test]
+fn lease_suffixed_keys_match_only_decimal_suffixes() {
+    let k = Key::LeaseSuffixed("user/".into());
+    assert!(k.matches("user/42"));
+    assert!(!k.matches("user/"));
+    assert!(!k.matches("user/42x"));
+    assert!(!k.matches("user2/42"));
+}
+
+#[test]
+fn format_names_round_trip() {
+    for f in Format::ALL {
+        assert_eq!(f.as_str().parse::<Format>().unwrap(), f);
+        assert_eq!(serde_json::to_string(&f).unwrap(), format!("\"{f}\""));
+    }
+    assert!("zookeeper".parse::<Format>().unwrap_err().contains("expected one of"));
+}
+
+#[test]
+fn join_adds_exactly_one_slash() {
+    assert_eq!(join("/services", "a"), "/services/a");
+    assert_eq!(join("/services/", "a"), "/services/a");
+    assert_eq!(join("", "a"), "a");
+    assert_eq!(join("/", "a"), "/a");
+}

@@ -1,0 +1,48 @@
+//! `podlease get`: what a consumer of one service sees, read the reliable way: a full Get,
+//! then (with --watch) a Watch from the Get's revision + 1, so nothing falls in between.
+
+use std::io::Write;
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
+
+use crate::cli::GetArgs;
+use crate::format::FormatOptions;
+
+pub async fn run(args: GetArgs) -> anyhow::Result<()> {
+    let client = args.etcd.config().connect().await?;
+    let layout = args.format.layout();
+    let prefix = args.prefix.clone().unwrap_or_else(|| layout.default_prefix().to_string());
+    let service_prefix = layout.service_prefix(&prefix, &args.service, &args.namespace, &FormatOptions::default());
+    let timeout = args.etcd.config().call_timeout;
+
+    let mut kv = client.kv_client();
+    let resp = tokio::time::timeout(timeout, kv.get(service_prefix.as_str(), Some(GetOptions::new().with_prefix())))
+        .await
+        .map_err(|_| anyhow::anyhow!("etcd get timed out after {timeout:?}"))??;
+    let mut out = std::io::stdout().lock();
+    for kv in resp.kvs() {
+        writeln!(out, "{} {}", String::from_utf8_lossy(kv.key()), String::from_utf8_lossy(kv.value()))?;
+    }
+    out.flush()?;
+    drop(out);
+    if !args.watch {
+        return Ok(());
+    }
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    let mut watch = client.watch_client();
+    let mut stream = watch
+        .watch(service_prefix.as_str(), Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)))
+        .await?;
+    while let Some(resp) = stream.message().await? {
+        let mut out = std::io::stdout().lock();
+        for ev in resp.events() {
+            let Some(kv) = ev.kv() else { continue };
+            match ev.event_type() {
+                EventType::Put => writeln!(out, "PUT {} {}", String::from_utf8_lossy(kv.key()), String::from_utf8_lossy(kv.value()))?,
+                EventType::Delete => writeln!(out, "DELETE {}", String::from_utf8_lossy(kv.key()))?,
+            }
+        }
+        out.flush()?;
+    }
+    Ok(())
+}

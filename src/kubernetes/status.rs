@@ -1,0 +1,292 @@
+//! The status writer: ServiceRegistration status, finalizers and Events, written only when
+//! they change, from the index's counts and the registry's view of etcd.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, Patch, PatchParams};
+use kube::Client;
+use serde_json::json;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use super::events::{self, Events};
+use crate::desired::{Index, PodProblem, Source, Summary};
+use crate::registration::{
+    FINALIZER, MAX_STATUS_INSTANCES, RegisteredInstance, ServiceRegistration, ServiceRegistrationStatus, condition,
+};
+use crate::registry::{Notice, SharedView, Shown, View};
+
+type RegKey = (String, String);
+
+/// Input to the status writer besides registry notices.
+#[derive(Debug)]
+pub enum Signal {
+    /// A registration's spec, pods or counts may have changed.
+    Dirty(RegKey),
+    /// A pod's annotations are invalid.
+    Problem(PodProblem),
+}
+
+pub struct StatusWriter {
+    client: Client,
+    index: Arc<Mutex<Index>>,
+    view: SharedView,
+    events: Events,
+    dirty: BTreeSet<RegKey>,
+    /// Pods registered at the last write, per registration, to name them in Events.
+    registered: HashMap<RegKey, BTreeSet<String>>,
+    /// Last InvalidSpec message reported per registration.
+    invalid: HashMap<RegKey, String>,
+}
+
+/// How long changes are gathered before a round of writes (bounds API calls under churn).
+const DEBOUNCE: Duration = Duration::from_millis(100);
+
+impl StatusWriter {
+    pub fn new(client: Client, index: Arc<Mutex<Index>>, view: SharedView, events: Events) -> StatusWriter {
+        StatusWriter {
+            client,
+            index,
+            view,
+            events,
+            dirty: BTreeSet::new(),
+            registered: HashMap::new(),
+            invalid: HashMap::new(),
+        }
+    }
+
+    pub async fn run(
+        mut self,
+        mut signals: mpsc::UnboundedReceiver<Signal>,
+        mut notices: mpsc::UnboundedReceiver<Notice>,
+        shutdown: CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(DEBOUNCE);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                Some(s) = signals.recv() => match s {
+                    Signal::Dirty(k) => { self.dirty.insert(k); }
+                    Signal::Problem(p) => {
+                        warn!(namespace = p.namespace, pod = p.pod, "{}", p.message);
+                        self.events.publish(true, events::REASON_INVALID_ANNOTATION, "Validate", p.message.clone(),
+                            events::pod_ref(&p.namespace, &p.pod, &p.uid));
+                    }
+                },
+                Some(n) = notices.recv() => self.on_notice(n),
+                _ = tick.tick() => {
+                    if !self.dirty.is_empty() && self.view.read().unwrap().synced {
+                        self.flush().await;
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_notice(&mut self, n: Notice) {
+        match n {
+            Notice::Changed(id) => {
+                if let Source::Registration(name) = id.source {
+                    self.dirty.insert((id.namespace, name));
+                }
+            }
+            Notice::Conflict(id, message) => match &id.source {
+                Source::Registration(name) => {
+                    let uid = self.index.lock().unwrap().summary(&id.namespace, name).map(|s| s.uid).unwrap_or_default();
+                    self.events.publish(true, events::REASON_CONFLICT, "Register", format!("pod {}: {message}", id.pod),
+                        events::registration_ref(&id.namespace, name, &uid));
+                    self.dirty.insert((id.namespace.clone(), name.clone()));
+                }
+                Source::Annotations => {
+                    self.events.publish(true, events::REASON_CONFLICT, "Register", message, events::pod_ref(&id.namespace, &id.pod, ""));
+                }
+            },
+        }
+    }
+
+    async fn flush(&mut self) {
+        let keys = std::mem::take(&mut self.dirty);
+        for key in keys {
+            let summary = self.index.lock().unwrap().summary(&key.0, &key.1);
+            let Some(summary) = summary else {
+                self.registered.remove(&key);
+                self.invalid.remove(&key);
+                continue;
+            };
+            if let Err(e) = self.write(&key, summary).await {
+                debug!(namespace = key.0, name = key.1, error = %e, "status write failed; will retry");
+                self.dirty.insert(key);
+            }
+        }
+    }
+
+    async fn write(&mut self, key: &RegKey, summary: Summary) -> Result<(), kube::Error> {
+        let api: Api<ServiceRegistration> = Api::namespaced(self.client.clone(), &key.0);
+        let has_finalizer = summary.finalizers.iter().any(|f| f == FINALIZER);
+        let computed = {
+            let view = self.view.read().unwrap();
+            let group = view.group(&key.0, &Source::Registration(key.1.clone()));
+            if summary.deleting {
+                // Every lease is revoked once the registry shows nothing for it.
+                Err(group.is_none_or(|g| g.is_empty()))
+            } else {
+                let pods: BTreeSet<String> = group
+                    .into_iter()
+                    .flatten()
+                    .filter(|(_, s)| matches!(s, Shown::Registered { .. }))
+                    .map(|(p, _)| p.clone())
+                    .collect();
+                Ok((compute(&summary, group, &view), pods))
+            }
+        };
+        let (status, pods) = match computed {
+            Ok(c) => c,
+            Err(all_revoked) => {
+                if has_finalizer && all_revoked {
+                    let rest: Vec<&String> = summary.finalizers.iter().filter(|f| *f != FINALIZER).collect();
+                    let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": summary.resource_version}});
+                    api.patch(&key.1, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                }
+                return Ok(());
+            }
+        };
+
+        if !has_finalizer {
+            let mut all = summary.finalizers.clone();
+            all.push(FINALIZER.to_string());
+            let patch = json!({"metadata": {"finalizers": all, "resourceVersion": summary.resource_version}});
+            api.patch(&key.1, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+        }
+
+        if summary.status.as_ref() != Some(&status) {
+            api.patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&json!({"status": status}))).await?;
+        }
+
+        // Events: spec problems when they change, registrations as they come and go.
+        let reference = events::registration_ref(&key.0, &key.1, &summary.uid);
+        match &summary.invalid {
+            Some(msg) if self.invalid.get(key) != Some(msg) => {
+                self.invalid.insert(key.clone(), msg.clone());
+                self.events.publish(true, events::REASON_INVALID_SPEC, "Validate", msg.clone(), reference.clone());
+            }
+            Some(_) => {}
+            None => {
+                self.invalid.remove(key);
+            }
+        }
+        if let Some(before) = self.registered.get(key) {
+            let added: Vec<&String> = pods.difference(before).collect();
+            let removed: Vec<&String> = before.difference(&pods).collect();
+            if !added.is_empty() {
+                self.events.publish(false, events::REASON_REGISTERED, "Register", describe(&added, pods.len()), reference.clone());
+            }
+            if !removed.is_empty() {
+                self.events.publish(false, events::REASON_DEREGISTERED, "Revoke", describe(&removed, pods.len()), reference);
+            }
+        }
+        self.registered.insert(key.clone(), pods);
+        Ok(())
+    }
+}
+
+fn describe(pods: &[&String], total: usize) -> String {
+    let shown: Vec<&str> = pods.iter().take(5).map(|p| p.as_str()).collect();
+    let more = pods.len().saturating_sub(shown.len());
+    let list = if more > 0 { format!("{} and {more} more", shown.join(", ")) } else { shown.join(", ") };
+    format!("{list} ({total} registered)")
+}
+
+/// The status a registration should have now. Conditions keep their lastTransitionTime while
+/// their status stays the same, and instances keep their `since`.
+pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view: &View) -> ServiceRegistrationStatus {
+    let previous = summary.status.clone().unwrap_or_default();
+    let mut registered = 0u32;
+    let mut conflicts: Vec<(&String, &String)> = Vec::new();
+    let mut instances = Vec::new();
+    for (pod, shown) in group.into_iter().flatten() {
+        match shown {
+            Shown::Registered { key, lease, since, address } => {
+                registered += 1;
+                if instances.len() < MAX_STATUS_INSTANCES {
+                    let lease_id = format!("{lease:x}");
+                    let since = previous
+                        .instances
+                        .iter()
+                        .find(|i| &i.pod == pod && i.lease_id == lease_id)
+                        .map(|i| i.since.clone())
+                        .unwrap_or(Time(*since));
+                    instances.push(RegisteredInstance { pod: pod.clone(), address: address.clone(), key: key.clone(), lease_id, since });
+                }
+            }
+            Shown::Conflict { message, .. } => conflicts.push((pod, message)),
+            Shown::Pending | Shown::Failed { .. } => {}
+        }
+    }
+    let generation = summary.generation;
+    let cond = |type_: &str, ok: bool, reason: &str, message: String| -> Condition {
+        let status = if ok { "True" } else { "False" };
+        let last = previous
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_ && c.status == status)
+            .map(|c| c.last_transition_time.clone())
+            .unwrap_or(Time(Timestamp::now()));
+        Condition {
+            type_: type_.into(),
+            status: status.into(),
+            reason: reason.into(),
+            message,
+            last_transition_time: last,
+            observed_generation: generation,
+        }
+    };
+
+    let invalid = summary.invalid.clone();
+    let conflict_msg = conflicts.first().map(|(pod, m)| {
+        let more = conflicts.len() - 1;
+        if more > 0 { format!("pod {pod}: {m} (and {more} more pods)") } else { format!("pod {pod}: {m}") }
+    });
+    let etcd = view.etcd_unavailable.clone();
+    let all_in = invalid.is_none() && conflict_msg.is_none() && etcd.is_none() && registered == summary.ready;
+    let (ready_reason, ready_msg) = if let Some(m) = &invalid {
+        ("InvalidSpec", m.clone())
+    } else if conflict_msg.is_some() {
+        ("Conflict", format!("{} of {} ready pods registered; see the Conflict condition", registered, summary.ready))
+    } else if etcd.is_some() {
+        ("EtcdUnavailable", format!("{} of {} ready pods registered; etcd is unavailable", registered, summary.ready))
+    } else if registered == summary.ready {
+        ("AllRegistered", format!("{registered} of {} ready pods registered", summary.ready))
+    } else {
+        ("Registering", format!("{registered} of {} ready pods registered", summary.ready))
+    };
+    let conditions = vec![
+        cond(condition::READY, all_in, ready_reason, ready_msg),
+        match &conflict_msg {
+            Some(m) => cond(condition::CONFLICT, true, "KeyHeldByOther", m.clone()),
+            None => cond(condition::CONFLICT, false, "NoConflict", String::new()),
+        },
+        match &invalid {
+            Some(m) => cond(condition::INVALID_SPEC, true, "InvalidSpec", m.clone()),
+            None => cond(condition::INVALID_SPEC, false, "Valid", String::new()),
+        },
+        match &etcd {
+            Some(m) => cond(condition::ETCD_UNAVAILABLE, true, "EtcdUnreachable", m.clone()),
+            None => cond(condition::ETCD_UNAVAILABLE, false, "EtcdReachable", String::new()),
+        },
+    ];
+    ServiceRegistrationStatus {
+        observed_generation: generation,
+        service: Some(summary.service.clone()).filter(|s| !s.is_empty()),
+        conditions,
+        matching_pods: summary.matching,
+        ready_pods: summary.ready,
+        registered,
+        instances,
+    }
+}

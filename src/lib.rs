@@ -1,0 +1,20 @@
+//! podlease: publishes Kubernetes pod readiness into etcd, one lease per ready pod.
+//!
+//! Layout: `registration` (the CRD), `annotations` and `pod` (inputs), `desired` (pure
+//! desired state), `format` (consumer key/value layouts), `registry` (the only etcd
+//! writer: leases, keepalive, ownership, adoption), `kubernetes` (watches, status, events),
+//! `controller` (wiring), `http` and `metrics`, `cli` and `get`.
+
+pub mod annotations;
+pub mod cli;
+pub mod controller;
+pub mod desired;
+pub mod etcd;
+pub mod format;
+pub mod get;
+pub mod http;
+pub mod kubernetes;
+pub mod metrics;
+pub mod pod;
+pub mod registration;
+pub mod registry;

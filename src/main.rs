@@ -1,0 +1,83 @@
+use clap::Parser;
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use podlease::cli::{Cli, Commands, LogArgs, LogFormat, RunArgs};
+use podlease::controller::{self, Settings};
+use podlease::registry::RegistryConfig;
+
+fn init_logging(log: &LogArgs) {
+    let filter = tracing_subscriber::EnvFilter::try_new(&log.log_level).unwrap_or_else(|e| {
+        eprintln!("podlease: invalid --log-level {:?}: {e}; using info", log.log_level);
+        tracing_subscriber::EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match log.log_format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Commands::Crd => {
+            print!("{}", podlease::registration::crd_yaml());
+            Ok(())
+        }
+        Commands::Get(args) => {
+            init_logging(&cli.log);
+            podlease::get::run(args).await
+        }
+        Commands::Run(args) => {
+            init_logging(&cli.log);
+            run(args).await
+        }
+    }
+}
+
+async fn run(args: RunArgs) -> anyhow::Result<()> {
+    let client = kube_client(&args).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(on_signal(shutdown.clone()));
+    let settings = Settings {
+        defaults: args.defaults(),
+        etcd: args.etcd.config(),
+        registry: RegistryConfig {
+            owner_prefix: args.owner_prefix.clone(),
+            call_timeout: args.etcd.config().call_timeout,
+            concurrency: args.concurrency.max(1),
+            ..Default::default()
+        },
+        cluster_id: args.cluster_id.clone(),
+        namespaces: args.watch_namespace.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),
+        metrics_addr: args.metrics_addr,
+        instance: std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "podlease".into()),
+    };
+    controller::run(client, settings, shutdown).await
+}
+
+async fn kube_client(args: &RunArgs) -> anyhow::Result<kube::Client> {
+    let config = match &args.kubeconfig {
+        Some(path) => {
+            let kc = Kubeconfig::read_from(path)?;
+            kube::Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?
+        }
+        None => kube::Config::infer().await?,
+    };
+    Ok(kube::Client::try_from(config)?)
+}
+
+/// SIGTERM or SIGINT: stop without revoking (the next leader adopts the leases).
+async fn on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    let mut int = signal(SignalKind::interrupt()).expect("SIGINT handler");
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        _ = int.recv() => info!("SIGINT"),
+    }
+    shutdown.cancel();
+}

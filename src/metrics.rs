@@ -1,0 +1,104 @@
+//! Prometheus metrics (prometheus-client). Cheap to clone: every metric is shared.
+
+use std::sync::Arc;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OpLabels {
+    pub op: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub registry: Arc<Registry>,
+    pub instances: Family<StateLabels, Gauge>,
+    pub leases_held: Gauge,
+    pub keepalive_requests: Counter,
+    pub keepalive_rtt: Histogram,
+    pub leases_lost: Counter,
+    pub leases_regranted: Counter,
+    pub etcd_errors: Family<OpLabels, Counter>,
+    pub etcd_op_duration: Family<OpLabels, Histogram>,
+    pub propagation: Histogram,
+    pub conflicts: Counter,
+    pub invalid_annotations: Counter,
+    pub leader: Gauge,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut r = Registry::with_prefix("podlease");
+        let instances = Family::<StateLabels, Gauge>::default();
+        r.register("instances", "Instances (pod, registration) by state: registered, conflict, pending, failed", instances.clone());
+        let leases_held = Gauge::default();
+        r.register("leases_held", "etcd leases kept alive", leases_held.clone());
+        let keepalive_requests = Counter::default();
+        r.register("keepalive_requests", "Lease keepalive requests sent", keepalive_requests.clone());
+        let keepalive_rtt = Histogram::new(exponential_buckets(0.0005, 2.0, 14));
+        r.register("keepalive_rtt_seconds", "Lease keepalive round trip", keepalive_rtt.clone());
+        let leases_lost = Counter::default();
+        r.register("leases_lost", "Leases etcd reported gone (TTL 0, or not renewed in time)", leases_lost.clone());
+        let leases_regranted = Counter::default();
+        r.register("leases_regranted", "Lost leases replaced by a new grant and rewrite", leases_regranted.clone());
+        let etcd_errors = Family::<OpLabels, Counter>::default();
+        r.register("etcd_errors", "Failed etcd requests by operation", etcd_errors.clone());
+        let etcd_op_duration =
+            Family::<OpLabels, Histogram>::new_with_constructor(|| Histogram::new(exponential_buckets(0.0005, 2.0, 14)));
+        r.register("etcd_op_duration_seconds", "Registry operations (register, update, revoke) end to end", etcd_op_duration.clone());
+        let propagation = Histogram::new(exponential_buckets(0.001, 2.0, 16));
+        r.register(
+            "propagation_seconds",
+            "From the pod's Ready transition to the etcd Txn commit of its key",
+            propagation.clone(),
+        );
+        let conflicts = Counter::default();
+        r.register("conflicts", "Writes refused because someone else holds the key", conflicts.clone());
+        let invalid_annotations = Counter::default();
+        r.register("invalid_annotations", "Pods with invalid podlease.io annotations seen", invalid_annotations.clone());
+        let leader = Gauge::default();
+        r.register("leader", "1 while this replica leads (writes to etcd)", leader.clone());
+        Metrics {
+            registry: Arc::new(r),
+            instances,
+            leases_held,
+            keepalive_requests,
+            keepalive_rtt,
+            leases_lost,
+            leases_regranted,
+            etcd_errors,
+            etcd_op_duration,
+            propagation,
+            conflicts,
+            invalid_annotations,
+            leader,
+        }
+    }
+
+    pub fn etcd_error(&self, op: &str) {
+        self.etcd_errors.get_or_create(&OpLabels { op: op.into() }).inc();
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding to a String cannot fail");
+        out
+    }
+}

@@ -1,0 +1,142 @@
+//! The trimmed view of a Pod that podlease keeps in memory, and the publication rule
+//! (the EndpointSlice controller's: serving = Ready, terminating = deletionTimestamp).
+
+use std::collections::BTreeMap;
+use std::net::IpAddr;
+
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::jiff::Timestamp;
+
+use crate::annotations::ANNOTATION_PREFIX;
+
+/// What podlease needs of a pod; everything else (managedFields, spec, most status) is dropped.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PodInfo {
+    pub namespace: String,
+    pub name: String,
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
+    /// Only the `podlease.io/` annotations.
+    pub annotations: BTreeMap<String, String>,
+    pub ip: Option<IpAddr>,
+    pub node: String,
+    pub phase: String,
+    /// The `Ready` condition is True (readiness gates are already folded into it).
+    pub ready: bool,
+    /// When the Ready condition last changed (for the propagation-latency metric).
+    pub ready_since: Option<Timestamp>,
+    pub terminating: bool,
+    /// Declared container ports in order: (name, number).
+    pub ports: Vec<(Option<String>, i32)>,
+}
+
+impl PodInfo {
+    pub fn from_pod(pod: &Pod) -> PodInfo {
+        let meta = &pod.metadata;
+        let status = pod.status.as_ref();
+        let ready_cond = status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+        let ip = status
+            .and_then(|s| s.pod_ip.as_deref())
+            .or_else(|| status.and_then(|s| s.pod_ips.as_ref()).and_then(|ips| ips.first()).map(|i| i.ip.as_str()))
+            .and_then(|ip| ip.parse().ok());
+        let ports = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.containers.iter())
+            .flat_map(|c| c.ports.iter().flatten())
+            .map(|p| (p.name.clone(), p.container_port))
+            .collect();
+        PodInfo {
+            namespace: meta.namespace.clone().unwrap_or_default(),
+            name: meta.name.clone().unwrap_or_default(),
+            uid: meta.uid.clone().unwrap_or_default(),
+            labels: meta.labels.clone().unwrap_or_default(),
+            annotations: meta
+                .annotations
+                .iter()
+                .flatten()
+                .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect(),
+            ip,
+            node: pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
+            phase: status.and_then(|s| s.phase.clone()).unwrap_or_default(),
+            ready: ready_cond.is_some_and(|c| c.status == "True"),
+            ready_since: ready_cond.and_then(|c| c.last_transition_time.as_ref()).map(|t| t.0),
+            terminating: meta.deletion_timestamp.is_some(),
+            ports,
+        }
+    }
+
+    /// Whether the pod belongs in etcd: serving, not terminating, with an IP, not finished.
+    /// With `publish_not_ready`, readiness is not required.
+    pub fn publishable(&self, publish_not_ready: bool) -> bool {
+        let finished = self.phase == "Succeeded" || self.phase == "Failed";
+        self.ip.is_some() && !self.terminating && !finished && (self.ready || publish_not_ready)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn pod(status: serde_json::Value, deleting: bool) -> PodInfo {
+        let mut meta = json!({"name": "p", "namespace": "ns", "uid": "u1", "annotations": {"podlease.io/service": "s", "other": "x"}});
+        if deleting {
+            meta["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": meta,
+            "spec": {"nodeName": "n1", "containers": [{"name": "a", "ports": [{"name": "http", "containerPort": 80}, {"containerPort": 81}]}]},
+            "status": status,
+        }))
+        .unwrap();
+        PodInfo::from_pod(&p)
+    }
+
+    fn ready(r: &str) -> serde_json::Value {
+        json!({"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "Ready", "status": r}]})
+    }
+
+    #[test]
+    fn a_ready_running_pod_with_an_ip_is_published() {
+        let p = pod(ready("True"), false);
+        assert!(p.publishable(false));
+        assert_eq!(p.ports, vec![(Some("http".into()), 80), (None, 81)]);
+        assert_eq!(p.annotations.len(), 1, "only podlease.io/ annotations are kept");
+        assert_eq!(p.node, "n1");
+    }
+
+    #[test]
+    fn not_ready_is_published_only_with_publish_not_ready() {
+        let p = pod(ready("False"), false);
+        assert!(!p.publishable(false));
+        assert!(p.publishable(true));
+    }
+
+    #[test]
+    fn terminating_pods_are_never_published() {
+        let p = pod(ready("True"), true);
+        assert!(!p.publishable(false));
+        assert!(!p.publishable(true));
+    }
+
+    #[test]
+    fn pods_without_ip_or_finished_are_not_published() {
+        assert!(!pod(json!({"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}]}), false).publishable(true));
+        let mut s = ready("True");
+        s["phase"] = json!("Succeeded");
+        assert!(!pod(s.clone(), false).publishable(false));
+        s["phase"] = json!("Failed");
+        assert!(!pod(s, false).publishable(true));
+    }
+
+    #[test]
+    fn pod_ips_is_used_when_pod_ip_is_missing() {
+        let p = pod(json!({"phase": "Running", "podIPs": [{"ip": "fd00::5"}], "conditions": [{"type": "Ready", "status": "True"}]}), false);
+        assert_eq!(p.ip, Some("fd00::5".parse().unwrap()));
+    }
+}

@@ -1,0 +1,297 @@
+//! The keepalive driver: every lease podlease holds is renewed over ONE LeaseKeepAlive
+//! stream, each at TTL/3 (as Go's clientv3 does), from one task that never waits on
+//! reconcile work. A TTL-0 answer, or a lease whose deadline passes unrenewed, is reported
+//! lost so the registry grants a new one and writes the key again.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
+use futures::StreamExt;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::{DelayQueue, delay_queue};
+use tracing::{debug, info, warn};
+
+use crate::metrics::Metrics;
+
+#[derive(Debug)]
+enum Command {
+    Track { lease: i64, ttl: i64 },
+    Untrack(i64),
+}
+
+/// Handle to the driver task.
+#[derive(Clone)]
+pub struct Keepalive {
+    tx: mpsc::UnboundedSender<Command>,
+}
+
+impl Keepalive {
+    /// Starts the driver. Lost leases are sent on `lost`.
+    pub fn spawn(client: Client, lost: mpsc::UnboundedSender<i64>, metrics: Metrics, shutdown: CancellationToken) -> Keepalive {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let driver = Driver {
+            client,
+            leases: HashMap::new(),
+            renewals: DelayQueue::new(),
+            outbox: VecDeque::new(),
+            keeper: None,
+            responses: None,
+            lost,
+            metrics,
+            backoff: Backoff::default(),
+        };
+        tokio::spawn(driver.run(rx, shutdown));
+        Keepalive { tx }
+    }
+
+    /// Keeps `lease` (just granted or just confirmed alive, with `ttl` seconds) alive.
+    pub fn track(&self, lease: i64, ttl: i64) {
+        let _ = self.tx.send(Command::Track { lease, ttl });
+    }
+
+    /// Stops renewing `lease` (revoked, or no longer ours).
+    pub fn untrack(&self, lease: i64) {
+        let _ = self.tx.send(Command::Untrack(lease));
+    }
+}
+
+struct Tracked {
+    ttl: i64,
+    /// When etcd will expire the lease unless renewed (as far as we know).
+    deadline: Instant,
+    sent_at: Option<Instant>,
+    timer: delay_queue::Key,
+}
+
+struct Driver {
+    client: Client,
+    leases: HashMap<i64, Tracked>,
+    renewals: DelayQueue<i64>,
+    /// Renewal requests waiting for room in the stream's send buffer (never block the loop).
+    outbox: VecDeque<i64>,
+    /// The one stream's send half (its request type is only reachable through it) ...
+    keeper: Option<LeaseKeeper>,
+    /// ... and its answers.
+    responses: Option<LeaseKeepAliveStream>,
+    lost: mpsc::UnboundedSender<i64>,
+    metrics: Metrics,
+    backoff: Backoff,
+}
+
+fn renew_interval(ttl: i64) -> Duration {
+    Duration::from_millis((ttl.max(1) as u64 * 1000) / 3)
+}
+
+/// An empty keepalive request of the stream's own type: etcd-client does not export the
+/// type, but its `LeaseKeeper.sender` field is public with `pub-response-field`.
+fn request_like<T: Default>(_: &tokio::sync::mpsc::Sender<T>) -> T {
+    T::default()
+}
+
+impl Driver {
+    async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>, shutdown: CancellationToken) {
+        let mut reconnect_at: Option<tokio::time::Instant> = None;
+        loop {
+            if self.keeper.is_none() && !self.leases.is_empty() && reconnect_at.is_none() {
+                reconnect_at = Some(tokio::time::Instant::now());
+            }
+            let has_outbox = !self.outbox.is_empty() && self.keeper.is_some();
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => return,
+                cmd = rx.recv() => match cmd {
+                    None => return,
+                    Some(Command::Track { lease, ttl }) => self.track(lease, ttl),
+                    Some(Command::Untrack(lease)) => {
+                        if let Some(t) = self.leases.remove(&lease) {
+                            self.renewals.remove(&t.timer);
+                            self.metrics.leases_held.set(self.leases.len() as i64);
+                        }
+                    }
+                },
+                resp = next_response(&mut self.responses) => self.on_response(resp),
+                Some(expired) = self.renewals.next(), if !self.renewals.is_empty() => {
+                    let lease = expired.into_inner();
+                    self.due(lease);
+                }
+                open = has_room(&self.keeper), if has_outbox => {
+                    if open { self.flush_outbox() } else { self.drop_stream("send side closed") }
+                }
+                _ = sleep_until(reconnect_at), if reconnect_at.is_some() && self.keeper.is_none() => {
+                    reconnect_at = None;
+                    if let Err(delay) = self.open_stream().await {
+                        reconnect_at = Some(tokio::time::Instant::now() + delay);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Sends queued renewals while the stream's buffer has room.
+    fn flush_outbox(&mut self) {
+        let Some(keeper) = &self.keeper else { return };
+        while let Some(&lease) = self.outbox.front() {
+            let Some(t) = self.leases.get_mut(&lease) else {
+                self.outbox.pop_front();
+                continue;
+            };
+            let mut req = request_like(&keeper.sender);
+            req.id = lease;
+            match keeper.sender.try_send(req) {
+                Ok(()) => {
+                    self.outbox.pop_front();
+                    t.sent_at = Some(Instant::now());
+                    self.metrics.keepalive_requests.inc();
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => return,
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
+                    self.drop_stream("send side closed");
+                    return;
+                }
+            }
+        }
+    }
+
+    fn track(&mut self, lease: i64, ttl: i64) {
+        if let Some(old) = self.leases.remove(&lease) {
+            self.renewals.remove(&old.timer);
+        }
+        let timer = self.renewals.insert(lease, renew_interval(ttl));
+        let deadline = Instant::now() + Duration::from_secs(ttl.max(1) as u64);
+        self.leases.insert(lease, Tracked { ttl, deadline, sent_at: None, timer });
+        self.metrics.leases_held.set(self.leases.len() as i64);
+    }
+
+    /// A lease's renewal time came: queue a request, schedule the next, and give up on it
+    /// if etcd must already have expired it.
+    fn due(&mut self, lease: i64) {
+        let Some(t) = self.leases.get_mut(&lease) else { return };
+        if Instant::now() >= t.deadline {
+            // No renewal got through within the TTL: etcd has expired it (or will).
+            self.leases.remove(&lease);
+            self.metrics.leases_held.set(self.leases.len() as i64);
+            self.report_lost(lease, "not renewed within its TTL");
+            return;
+        }
+        t.timer = self.renewals.insert(lease, renew_interval(t.ttl));
+        self.outbox.push_back(lease);
+    }
+
+    fn on_response(&mut self, resp: Option<Result<etcd_client::LeaseKeepAliveResponse, etcd_client::Error>>) {
+        match resp {
+            Some(Ok(r)) => {
+                self.backoff.reset();
+                let lease = r.id();
+                if r.ttl() <= 0 {
+                    if let Some(t) = self.leases.remove(&lease) {
+                        self.renewals.remove(&t.timer);
+                        self.metrics.leases_held.set(self.leases.len() as i64);
+                        self.report_lost(lease, "etcd answered TTL 0");
+                    }
+                } else if let Some(t) = self.leases.get_mut(&lease) {
+                    t.deadline = Instant::now() + Duration::from_secs(r.ttl() as u64);
+                    if let Some(sent) = t.sent_at.take() {
+                        self.metrics.keepalive_rtt.observe(sent.elapsed().as_secs_f64());
+                    }
+                }
+            }
+            Some(Err(e)) => self.drop_stream(&format!("error: {e}")),
+            None => self.drop_stream("closed by etcd"),
+        }
+    }
+
+    fn report_lost(&mut self, lease: i64, why: &str) {
+        info!(lease = format!("{lease:x}"), why, "lease lost");
+        self.metrics.leases_lost.inc();
+        let _ = self.lost.send(lease);
+    }
+
+    fn drop_stream(&mut self, why: &str) {
+        self.responses = None;
+        if self.keeper.take().is_some() {
+            warn!(why, "keepalive stream ended; reopening");
+            self.metrics.etcd_errors.get_or_create(&crate::metrics::OpLabels { op: "keepalive".into() }).inc();
+        }
+        self.outbox.clear();
+    }
+
+    /// Opens the one stream, with any live lease as its first request. On failure returns
+    /// how long to wait before trying again.
+    async fn open_stream(&mut self) -> Result<(), Duration> {
+        let mut candidates: Vec<i64> = self.leases.keys().copied().collect();
+        candidates.sort_unstable();
+        for lease in candidates {
+            let mut lc = self.client.lease_client();
+            match tokio::time::timeout(Duration::from_secs(5), lc.keep_alive(lease)).await {
+                Ok(Ok((keeper, stream))) => {
+                    debug!(lease = format!("{lease:x}"), "keepalive stream open");
+                    self.keeper = Some(keeper);
+                    self.responses = Some(stream);
+                    self.backoff.reset();
+                    if let Some(t) = self.leases.get_mut(&lease) {
+                        t.deadline = Instant::now() + Duration::from_secs(t.ttl as u64);
+                    }
+                    // Anything may be overdue after an outage: renew everyone now.
+                    self.outbox = self.leases.keys().copied().filter(|l| *l != lease).collect();
+                    return Ok(());
+                }
+                Ok(Err(etcd_client::Error::LeaseKeepAliveError(msg))) if msg.contains("not found") => {
+                    if let Some(t) = self.leases.remove(&lease) {
+                        self.renewals.remove(&t.timer);
+                        self.metrics.leases_held.set(self.leases.len() as i64);
+                    }
+                    self.report_lost(lease, "not found when opening the keepalive stream");
+                }
+                Ok(Err(e)) => {
+                    debug!(error = %e, "opening keepalive stream failed");
+                    return Err(self.backoff.next());
+                }
+                Err(_) => return Err(self.backoff.next()),
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn next_response(
+    responses: &mut Option<LeaseKeepAliveStream>,
+) -> Option<Result<etcd_client::LeaseKeepAliveResponse, etcd_client::Error>> {
+    match responses {
+        Some(s) => s.next().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the stream's send buffer has room (true) or is closed (false).
+async fn has_room(keeper: &Option<LeaseKeeper>) -> bool {
+    match keeper {
+        Some(k) => k.sender.reserve().await.is_ok(),
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Exponential backoff with full jitter, 100 ms .. 5 s.
+#[derive(Default)]
+pub struct Backoff {
+    attempt: u32,
+}
+
+impl Backoff {
+    pub fn next(&mut self) -> Duration {
+        let cap = 100u64.saturating_mul(1 << self.attempt.min(6)).min(5000);
+        self.attempt += 1;
+        Duration::from_millis(rand::random_range(cap / 2..=cap))
+    }
+    pub fn reset(&mut self) {
+        self.attempt = 0;
+    }
+}

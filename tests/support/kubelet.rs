@@ -1,0 +1,169 @@
+//! The kubelet's part, played by the tests: pods bound to made-up nodes, readiness through
+//! the status subresource, graceful (terminating) and forced deletion.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{Node, Pod};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
+use kube::Client;
+use serde_json::json;
+
+/// The node every test pod is bound to unless told otherwise.
+pub const NODE: &str = "node-a";
+
+/// A pod to create: name, labels, annotations and container ports.
+#[derive(Debug, Clone, Default)]
+pub struct PodSpec {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// (port name, container port)
+    pub ports: Vec<(String, i32)>,
+    pub readiness_gates: Vec<String>,
+}
+
+impl PodSpec {
+    pub fn new(name: &str) -> PodSpec {
+        PodSpec { name: name.to_string(), ports: vec![("http".into(), 8080)], ..Default::default() }
+    }
+    pub fn label(mut self, k: &str, v: &str) -> Self {
+        self.labels.insert(k.into(), v.into());
+        self
+    }
+    pub fn annotation(mut self, k: &str, v: &str) -> Self {
+        self.annotations.insert(k.into(), v.into());
+        self
+    }
+    pub fn ports(mut self, ports: &[(&str, i32)]) -> Self {
+        self.ports = ports.iter().map(|(n, p)| (n.to_string(), *p)).collect();
+        self
+    }
+}
+
+/// Creates the Node object pods are bound to (idempotent).
+pub async fn ensure_node(client: &Client, name: &str) {
+    let nodes: Api<Node> = Api::all(client.clone());
+    if nodes.get_opt(name).await.expect("get node").is_some() {
+        return;
+    }
+    let node: Node = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Node",
+        "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+    }))
+    .unwrap();
+    match nodes.create(&PostParams::default(), &node).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("create node {name}: {e}"),
+    }
+}
+
+/// Creates a pod bound to `NODE` (so that deletion is graceful, as with a real kubelet).
+pub async fn create_pod(client: &Client, ns: &str, spec: &PodSpec) -> Pod {
+    ensure_node(client, NODE).await;
+    let ports: Vec<_> = spec
+        .ports
+        .iter()
+        .map(|(n, p)| if n.is_empty() { json!({"containerPort": p}) } else { json!({"name": n, "containerPort": p}) })
+        .collect();
+    let gates: Vec<_> = spec.readiness_gates.iter().map(|g| json!({"conditionType": g})).collect();
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": spec.name, "namespace": ns, "labels": spec.labels, "annotations": spec.annotations},
+        "spec": {
+            "nodeName": NODE,
+            "containers": [{"name": "app", "image": "example.invalid/app:1", "ports": ports}],
+            "readinessGates": gates,
+        },
+    }))
+    .unwrap();
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.create(&PostParams::default(), &pod).await.unwrap_or_else(|e| panic!("create pod {}: {e}", spec.name))
+}
+
+/// The IP the tests give pod number `i` (10.x.y.z, unique for i < 16M).
+pub fn pod_ip(i: usize) -> String {
+    format!("10.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff)
+}
+
+fn now() -> String {
+    k8s_openapi::jiff::Timestamp::now().round(k8s_openapi::jiff::Unit::Second).unwrap().to_string()
+}
+
+/// Marks the pod Running with `ip` and its Ready condition `ready`, as the kubelet would.
+pub async fn set_ready(client: &Client, ns: &str, name: &str, ip: &str, ready: bool) -> Pod {
+    let status = if ready { "True" } else { "False" };
+    let t = now();
+    let patch = json!({
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "hostIP": "192.0.2.1",
+            "conditions": [
+                {"type": "Initialized", "status": "True", "lastTransitionTime": t},
+                {"type": "ContainersReady", "status": status, "lastTransitionTime": t},
+                {"type": "Ready", "status": status, "lastTransitionTime": t},
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
+            ],
+        }
+    });
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .unwrap_or_else(|e| panic!("patch status of {name}: {e}"))
+}
+
+/// Sets the pod's phase (e.g. "Succeeded") keeping everything else.
+pub async fn set_phase(client: &Client, ns: &str, name: &str, phase: &str) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&json!({"status": {"phase": phase}})))
+        .await
+        .unwrap_or_else(|e| panic!("patch phase of {name}: {e}"))
+}
+
+/// Merge-patches the pod's labels (a `null` value removes a label).
+pub async fn patch_labels(client: &Client, ns: &str, name: &str, labels: serde_json::Value) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"labels": labels}})))
+        .await
+        .unwrap_or_else(|e| panic!("patch labels of {name}: {e}"))
+}
+
+/// Merge-patches the pod's annotations (a `null` value removes one).
+pub async fn patch_annotations(client: &Client, ns: &str, name: &str, annotations: serde_json::Value) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"annotations": annotations}})))
+        .await
+        .unwrap_or_else(|e| panic!("patch annotations of {name}: {e}"))
+}
+
+/// Deletes the pod gracefully: it stays, terminating, until `force_delete`.
+pub async fn delete_graceful(client: &Client, ns: &str, name: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    pods.delete(name, &DeleteParams::default().grace_period(30))
+        .await
+        .unwrap_or_else(|e| panic!("delete {name}: {e}"));
+}
+
+/// Deletes the pod at once (grace period 0), as the kubelet confirms a termination.
+pub async fn force_delete(client: &Client, ns: &str, name: &str) {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    match pods.delete(name, &DeleteParams::default().grace_period(0)).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => panic!("force delete {name}: {e}"),
+    }
+}
+
+/// Creates a namespace (idempotent).
+pub async fn ensure_namespace(client: &Client, name: &str) {
+    use k8s_openapi::api::core::v1::Namespace;
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}})).unwrap();
+    match api.create(&PostParams::default(), &ns).await {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(e) => panic!("create namespace {name}: {e}"),
+    }
+}

@@ -1,0 +1,472 @@
+//! The test bed: a real etcd 3.5 for the API server's storage, a real etcd for the registry
+//! under test, and a real kube-apiserver v1.20.2, on free 127.0.0.1 ports in a temp dir.
+//!
+//! Binaries come from `scripts/testbed.sh` (run by `make test`), found through the
+//! `PODLEASE_*_BIN` variables or the cache's `testbed.env`. Every process started here dies
+//! with the `TestBed` (also on panic) and, through PR_SET_PDEATHSIG, with the test thread
+//! that started it, so no etcd or apiserver outlives a killed test binary.
+#![allow(dead_code)]
+
+pub mod kubelet;
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::TcpListener;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, Patch, PatchParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::{Client, Config};
+
+pub use kubelet::*;
+
+/// How long any single wait in the tests may take before it fails.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The admin bearer token of every test bed's apiserver (static token file).
+pub const ADMIN_TOKEN: &str = "admintoken";
+
+/// Paths of the test bed's binaries.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    pub etcd: PathBuf,
+    pub etcdctl: PathBuf,
+    pub kube_apiserver: PathBuf,
+    pub kube_controller_manager: PathBuf,
+}
+
+impl Binaries {
+    /// Reads `PODLEASE_*_BIN` from the environment, falling back to the cache's testbed.env.
+    pub fn locate() -> &'static Binaries {
+        static BINS: OnceLock<Binaries> = OnceLock::new();
+        BINS.get_or_init(|| {
+            let mut vars: BTreeMap<String, String> = BTreeMap::new();
+            let cache = std::env::var_os("PODLEASE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+                let base = std::env::var_os("XDG_CACHE_HOME")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+                base.join("podlease")
+            });
+            if let Ok(text) = std::fs::read_to_string(cache.join("testbed.env")) {
+                for line in text.lines() {
+                    if let Some((k, v)) = line.split_once('=') {
+                        vars.insert(k.trim().to_string(), v.trim().to_string());
+                    }
+                }
+            }
+            let get = |name: &str| -> PathBuf {
+                let p = std::env::var(name).ok().or_else(|| vars.get(name).cloned()).unwrap_or_else(|| {
+                    panic!("{name} is not set and {} has no entry: run scripts/testbed.sh (or `make test`) first", cache.join("testbed.env").display())
+                });
+                let p = PathBuf::from(p);
+                assert!(p.exists(), "{name}={} does not exist: run scripts/testbed.sh", p.display());
+                p
+            };
+            Binaries {
+                etcd: get("PODLEASE_ETCD_BIN"),
+                etcdctl: get("PODLEASE_ETCDCTL_BIN"),
+                kube_apiserver: get("PODLEASE_KUBE_APISERVER_BIN"),
+                kube_controller_manager: get("PODLEASE_KUBE_CONTROLLER_MANAGER_BIN"),
+            }
+        })
+    }
+}
+
+/// A free TCP port on 127.0.0.1, never handed out twice by this process (so two test beds
+/// started at once cannot pick the same one).
+pub fn free_port() -> u16 {
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(Default::default);
+    loop {
+        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        if given.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+}
+
+/// Spawns `cmd` so that it is killed when the spawning thread dies (even by SIGKILL).
+pub fn spawn_owned(cmd: &mut Command, log: &Path) -> Child {
+    let out = std::fs::File::create(log).expect("create log file");
+    let err = out.try_clone().unwrap();
+    cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+    // SAFETY: prctl is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()))
+}
+
+fn kill_child(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// One etcd member (or a one-member cluster), stoppable and restartable with its data.
+pub struct EtcdServer {
+    pub name: String,
+    pub client_port: u16,
+    pub peer_port: u16,
+    data_dir: PathBuf,
+    log: PathBuf,
+    initial_cluster: String,
+    child: Option<Child>,
+}
+
+impl EtcdServer {
+    /// Starts a one-member etcd cluster under `dir` and waits until it serves.
+    pub fn start(dir: &Path, name: &str) -> EtcdServer {
+        let client_port = free_port();
+        let peer_port = free_port();
+        let initial_cluster = format!("{name}=http://127.0.0.1:{peer_port}");
+        let mut s = EtcdServer::configured(dir, name, client_port, peer_port, initial_cluster);
+        s.resume();
+        s
+    }
+
+    /// Starts a cluster of `n` members and waits until every member serves.
+    pub fn start_cluster(dir: &Path, prefix: &str, n: usize) -> Vec<EtcdServer> {
+        let ports: Vec<(u16, u16)> = (0..n).map(|_| (free_port(), free_port())).collect();
+        let initial = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (_, p))| format!("{prefix}{i}=http://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<EtcdServer> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (c, p))| EtcdServer::configured(dir, &format!("{prefix}{i}"), *c, *p, initial.clone()))
+            .collect();
+        for m in &mut members {
+            m.spawn();
+        }
+        for m in &members {
+            m.wait_serving();
+        }
+        members
+    }
+
+    fn configured(dir: &Path, name: &str, client_port: u16, peer_port: u16, initial_cluster: String) -> EtcdServer {
+        EtcdServer {
+            name: name.to_string(),
+            client_port,
+            peer_port,
+            data_dir: dir.join(format!("etcd-{name}")),
+            log: dir.join(format!("etcd-{name}.log")),
+            initial_cluster,
+            child: None,
+        }
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    fn spawn(&mut self) {
+        assert!(self.child.is_none(), "etcd {} already running", self.name);
+        let mut cmd = Command::new(&Binaries::locate().etcd);
+        cmd.arg("--name")
+            .arg(&self.name)
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--listen-client-urls")
+            .arg(self.endpoint())
+            .arg("--advertise-client-urls")
+            .arg(self.endpoint())
+            .arg("--listen-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", self.peer_port))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://127.0.0.1:{}", self.peer_port))
+            .arg("--initial-cluster")
+            .arg(&self.initial_cluster)
+            .arg("--initial-cluster-state")
+            .arg("new")
+            .arg("--log-level")
+            .arg("warn")
+            // Fast elections keep fault-injection tests short; defaults are 100ms/1000ms.
+            .arg("--heartbeat-interval")
+            .arg("50")
+            .arg("--election-timeout")
+            .arg("500");
+        // Append to the log across restarts.
+        let log = self.log.with_extension(format!("{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        self.child = Some(spawn_owned(&mut cmd, &log));
+    }
+
+    fn wait_serving(&self) {
+        let url = format!("127.0.0.1:{}", self.client_port);
+        let start = Instant::now();
+        loop {
+            if let Ok(mut s) = std::net::TcpStream::connect(&url) {
+                use std::io::{Read, Write};
+                let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+                let req = format!("GET /health HTTP/1.0\r\nHost: {url}\r\n\r\n");
+                let mut body = String::new();
+                if s.write_all(req.as_bytes()).is_ok() && s.read_to_string(&mut body).is_ok() && body.contains("\"health\":\"true\"") {
+                    return;
+                }
+            }
+            assert!(start.elapsed() < DEADLINE, "etcd {} did not become healthy; log in {}", self.name, self.log.display());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Starts the member again with its data (after `kill`/`stop`) and waits until it serves.
+    pub fn resume(&mut self) {
+        self.spawn();
+        self.wait_serving_alone();
+    }
+
+    /// A single member can check /health on its own; a cluster member needs a quorum, so
+    /// only wait for the port there.
+    fn wait_serving_alone(&self) {
+        if self.initial_cluster.contains(',') {
+            let start = Instant::now();
+            while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
+                assert!(start.elapsed() < DEADLINE, "etcd {} did not listen", self.name);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        } else {
+            self.wait_serving();
+        }
+    }
+
+    /// SIGKILLs the member (its data stays for `resume`).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            kill_child(&mut c);
+        }
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A real kube-apiserver backed by its own etcd.
+pub struct ApiServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        kill_child(&mut self.child);
+    }
+}
+
+/// Everything one test needs: a real API server, a real registry etcd, and clients for both.
+pub struct TestBed {
+    // Field order is drop order: the apiserver goes before its storage, the dir goes last.
+    pub kube: Client,
+    pub etcd: etcd_client::Client,
+    pub registry: EtcdServer,
+    pub apiserver: ApiServer,
+    storage: EtcdServer,
+    pub kubeconfig: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+impl TestBed {
+    /// Starts etcd (apiserver storage), etcd (registry under test) and kube-apiserver, and
+    /// waits until all three serve.
+    pub async fn start() -> TestBed {
+        let dir = tempfile::Builder::new().prefix("podlease-testbed-").tempdir().expect("tempdir");
+        let root = dir.path().to_path_buf();
+        let bins = Binaries::locate();
+
+        let storage = EtcdServer::start(&root, "storage");
+        let registry = EtcdServer::start(&root, "registry");
+
+        // Keys and tokens for the apiserver.
+        let sa_key = root.join("sa.key");
+        let sa_pub = root.join("sa.pub");
+        run(Command::new("openssl").args(["genrsa", "-out"]).arg(&sa_key).arg("2048"));
+        run(Command::new("openssl").args(["rsa", "-in"]).arg(&sa_key).args(["-pubout", "-out"]).arg(&sa_pub));
+        let tokens = root.join("tokens.csv");
+        std::fs::write(&tokens, format!("{ADMIN_TOKEN},admin,admin,system:masters\n")).unwrap();
+
+        let port = free_port();
+        let mut cmd = Command::new(&bins.kube_apiserver);
+        cmd.arg(format!("--etcd-servers={}", storage.endpoint()))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={port}"))
+            .arg(format!("--cert-dir={}", root.join("certs").display()))
+            .arg(format!("--token-auth-file={}", tokens.display()))
+            .arg("--authorization-mode=RBAC")
+            .arg("--service-account-issuer=https://kubernetes.default.svc")
+            .arg(format!("--service-account-key-file={}", sa_pub.display()))
+            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            .arg("--disable-admission-plugins=ServiceAccount")
+            .arg("--insecure-port=0")
+            .arg("--advertise-address=127.0.0.1")
+            .arg("--v=1");
+        let child = spawn_owned(&mut cmd, &root.join("kube-apiserver.log"));
+        let apiserver = ApiServer { port, child };
+
+        let kubeconfig = root.join("kubeconfig");
+        std::fs::write(&kubeconfig, kubeconfig_yaml(port, ADMIN_TOKEN)).unwrap();
+        let kube = wait_apiserver_ready(&kubeconfig, &root).await;
+
+        let etcd = etcd_client::Client::connect([registry.endpoint()], None).await.expect("connect registry etcd");
+
+        TestBed { kube, etcd, registry, apiserver, storage, kubeconfig, dir }
+    }
+
+    pub fn etcd_endpoint(&self) -> String {
+        self.registry.endpoint()
+    }
+
+    pub fn apiserver_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.apiserver.port)
+    }
+
+    /// A kubeconfig for the same apiserver that authenticates with `token`.
+    pub fn kubeconfig_with_token(&self, name: &str, token: &str) -> PathBuf {
+        let path = self.dir.path().join(format!("kubeconfig-{name}"));
+        std::fs::write(&path, kubeconfig_yaml(self.apiserver.port, token)).unwrap();
+        path
+    }
+
+    /// Applies the project's generated CRD and waits until the API server serves it.
+    pub async fn apply_crd(&self) {
+        apply_crd(&self.kube).await
+    }
+
+    /// The apiserver's log, for failure messages.
+    pub fn apiserver_log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("kube-apiserver.log")).unwrap_or_default()
+    }
+}
+
+fn run(cmd: &mut Command) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("run {:?}: {e}", cmd.get_program()));
+    assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+}
+
+pub fn kubeconfig_yaml(port: u16, token: &str) -> String {
+    format!(
+        "apiVersion: v1
+kind: Config
+clusters:
+- name: testbed
+  cluster:
+    server: https://127.0.0.1:{port}
+    insecure-skip-tls-verify: true
+users:
+- name: testbed
+  user:
+    token: {token}
+contexts:
+- name: testbed
+  context:
+    cluster: testbed
+    user: testbed
+current-context: testbed
+"
+    )
+}
+
+/// A kube client from a kubeconfig file.
+pub async fn client_from(kubeconfig: &Path) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("kubeconfig");
+    Client::try_from(config).expect("kube client")
+}
+
+async fn wait_apiserver_ready(kubeconfig: &Path, root: &Path) -> Client {
+    let client = client_from(kubeconfig).await;
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    let start = Instant::now();
+    loop {
+        let ready = client
+            .request_text(http::Request::get("/readyz").body(Vec::new()).unwrap())
+            .await
+            .map(|b| b.trim() == "ok")
+            .unwrap_or(false);
+        // The bootstrap controller creates these; pods can only be created once they exist.
+        if ready
+            && namespaces.get_opt("default").await.ok().flatten().is_some()
+            && namespaces.get_opt("kube-system").await.ok().flatten().is_some()
+        {
+            return client;
+        }
+        if start.elapsed() > Duration::from_secs(60) {
+            let log = std::fs::read_to_string(root.join("kube-apiserver.log")).unwrap_or_default();
+            let tail: String = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            panic!("kube-apiserver did not become ready within 60s; log tail:\n{tail}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Server-side applies the generated CRD and waits for `Established`.
+pub async fn apply_crd(client: &Client) {
+    use kube::CustomResourceExt;
+    let crd = podlease::registration::ServiceRegistration::crd();
+    let name = crd.metadata.name.clone().unwrap();
+    let api: Api<CustomResourceDefinition> = Api::all(client.clone());
+    api.patch(&name, &PatchParams::apply("podlease-tests").force(), &Patch::Apply(&crd))
+        .await
+        .expect("apply CRD");
+    wait_until("CRD established", DEADLINE, || async {
+        let crd = api.get(&name).await.ok()?;
+        let established = crd
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        established.then_some(())
+    })
+    .await;
+}
+
+/// Polls `check` until it yields `Some`, failing the test after `deadline`.
+pub async fn wait_until<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let start = Instant::now();
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// All keys and values under `prefix` in the registry etcd, as strings.
+pub async fn etcd_dump(etcd: &etcd_client::Client, prefix: &str) -> BTreeMap<String, String> {
+    let mut kv = etcd.kv_client();
+    let resp = kv
+        .get(prefix, Some(etcd_client::GetOptions::new().with_prefix()))
+        .await
+        .expect("etcd get");
+    resp.kvs()
+        .iter()
+        .map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string()))
+        .collect()
+}
