@@ -5,8 +5,10 @@
 //! `PODLEASE_*_BIN` variables or the cache's `testbed.env`. Every process started here dies
 //! with the `TestBed` (also on panic) and, through PR_SET_PDEATHSIG, with the test thread
 //! that started it, so no etcd or apiserver outlives a killed test binary.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
+pub mod controller;
+pub mod etcd;
 pub mod kubelet;
 
 use std::collections::{BTreeMap, HashSet};
@@ -22,6 +24,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
+pub use controller::Controller;
 pub use kubelet::*;
 
 /// How long any single wait in the tests may take before it fails.

@@ -1,0 +1,141 @@
+//! The podlease binary under test, as a child process (so it can be SIGKILLed, SIGSTOPped
+//! and restarted like the real thing).
+
+use std::path::PathBuf;
+use std::process::{Child, Command};
+use std::time::{Duration, Instant};
+
+use super::{DEADLINE, TestBed, free_port, spawn_owned};
+
+pub struct Controller {
+    pub child: Option<Child>,
+    pub metrics_port: u16,
+    pub log: PathBuf,
+    args: Vec<String>,
+    name: String,
+    kubeconfig: PathBuf,
+    etcd: String,
+    log_dir: PathBuf,
+    runs: usize,
+}
+
+impl Controller {
+    /// Starts `podlease run` against the bed, with `extra` flags, and waits for /readyz.
+    pub async fn start(bed: &TestBed, name: &str, extra: &[&str]) -> Controller {
+        let mut c = Controller {
+            child: None,
+            metrics_port: 0,
+            log: PathBuf::new(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            name: name.to_string(),
+            kubeconfig: bed.kubeconfig.clone(),
+            etcd: bed.etcd_endpoint(),
+            log_dir: bed.dir.path().to_path_buf(),
+            runs: 0,
+        };
+        c.restart().await;
+        c
+    }
+
+    /// Starts the process again (after `kill`) and waits until it is ready.
+    pub async fn restart(&mut self) {
+        self.spawn();
+        self.wait_ready().await;
+    }
+
+    /// Starts the process without waiting.
+    pub fn spawn(&mut self) {
+        assert!(self.child.is_none(), "controller {} already running", self.name);
+        self.runs += 1;
+        self.metrics_port = free_port();
+        self.log = self.log_dir.join(format!("podlease-{}-{}.log", self.name, self.runs));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_podlease"));
+        cmd.arg("run")
+            .arg("--kubeconfig")
+            .arg(&self.kubeconfig)
+            .arg("--etcd-endpoints")
+            .arg(&self.etcd)
+            .arg("--metrics-addr")
+            .arg(format!("127.0.0.1:{}", self.metrics_port))
+            .args(&self.args)
+            .env("PODLEASE_LOG_LEVEL", "info,podlease=debug")
+            .env("POD_NAME", &self.name);
+        self.child = Some(spawn_owned(&mut cmd, &self.log));
+    }
+
+    pub async fn wait_ready(&mut self) {
+        let url = format!("http://127.0.0.1:{}/readyz", self.metrics_port);
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                panic!("podlease exited with {status} before becoming ready; log:\n{}", self.log_text());
+            }
+            if http_get(&url).await.is_some_and(|(code, _)| code == 200) {
+                return;
+            }
+            assert!(start.elapsed() < DEADLINE, "podlease not ready within {DEADLINE:?}; log:\n{}", self.log_text());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn signal(&self, sig: i32) {
+        let pid = self.child.as_ref().expect("running").id() as i32;
+        // SAFETY: sending a signal to our own child.
+        unsafe {
+            libc::kill(pid, sig);
+        }
+    }
+
+    /// SIGKILL: no cleanup at all, as on a node failure.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for the exit (a rollout).
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut c = self.child.take().expect("running");
+        let start = Instant::now();
+        loop {
+            if let Ok(Some(s)) = c.try_wait() {
+                return s;
+            }
+            assert!(start.elapsed() < DEADLINE, "podlease did not exit on SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    pub async fn metrics(&self) -> String {
+        http_get(&format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await.expect("metrics").1
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A tiny HTTP/1.0 GET (status code, body); None when nothing answers.
+pub async fn http_get(url: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let rest = url.strip_prefix("http://")?;
+    let (host, path) = rest.split_once('/').map(|(h, p)| (h, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut s = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(host)).await.ok()?.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {host}\r\n\r\n").as_bytes()).await.ok()?;
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await.ok()?.ok()?;
+    let text = String::from_utf8_lossy(&buf).to_string();
+    let code = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Some((code, body))
+}

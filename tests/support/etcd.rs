@@ -1,0 +1,95 @@
+//! Reading the registry etcd the way consumers do.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
+
+use super::{DEADLINE, wait_until};
+
+/// Waits until `key` exists and returns it.
+pub async fn wait_key(etcd: &Client, key: &str) -> KeyValue {
+    wait_key_within(etcd, key, DEADLINE).await
+}
+
+pub async fn wait_key_within(etcd: &Client, key: &str, deadline: Duration) -> KeyValue {
+    let mut kv = etcd.kv_client();
+    wait_until(&format!("etcd key {key}"), deadline, || {
+        let mut kv = kv.clone();
+        async move { kv.get(key, None).await.ok()?.kvs().first().cloned() }
+    })
+    .await;
+    kv.get(key, None).await.unwrap().kvs()[0].clone()
+}
+
+/// Waits until `key` is gone.
+pub async fn wait_absent(etcd: &Client, key: &str, deadline: Duration) {
+    let kv = etcd.kv_client();
+    wait_until(&format!("etcd key {key} to vanish"), deadline, || {
+        let mut kv = kv.clone();
+        async move { kv.get(key, None).await.ok()?.kvs().is_empty().then_some(()) }
+    })
+    .await
+}
+
+/// Keys under `prefix`.
+pub async fn keys(etcd: &Client, prefix: &str) -> Vec<KeyValue> {
+    let mut kv = etcd.kv_client();
+    kv.get(prefix, Some(GetOptions::new().with_prefix())).await.expect("etcd get").kvs().to_vec()
+}
+
+/// Granted TTL of a lease (seconds).
+pub async fn granted_ttl(etcd: &Client, lease: i64) -> i64 {
+    let mut lc = etcd.lease_client();
+    lc.time_to_live(lease, None).await.expect("lease ttl").granted_ttl()
+}
+
+/// One event an etcd watcher saw.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Seen {
+    pub put: bool,
+    pub key: String,
+    pub value: String,
+    pub prev_value: Option<String>,
+}
+
+/// Records every event under a prefix from now on (with previous values, as go-micro reads).
+#[derive(Clone)]
+pub struct Recorder {
+    pub events: Arc<Mutex<Vec<Seen>>>,
+}
+
+impl Recorder {
+    pub async fn start(etcd: &Client, prefix: &str) -> Recorder {
+        let mut w = etcd.watch_client();
+        let mut stream = w
+            .watch(prefix, Some(WatchOptions::new().with_prefix().with_prev_key()))
+            .await
+            .expect("watch");
+        let events: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let sink = events.clone();
+        tokio::spawn(async move {
+            let _keep = w;
+            while let Ok(Some(resp)) = stream.message().await {
+                for ev in resp.events() {
+                    let Some(kv) = ev.kv() else { continue };
+                    sink.lock().unwrap().push(Seen {
+                        put: ev.event_type() == EventType::Put,
+                        key: kv.key_str().unwrap_or_default().to_string(),
+                        value: kv.value_str().unwrap_or_default().to_string(),
+                        prev_value: ev.prev_kv().map(|p| p.value_str().unwrap_or_default().to_string()),
+                    });
+                }
+            }
+        });
+        Recorder { events }
+    }
+
+    pub fn deletes(&self) -> Vec<Seen> {
+        self.events.lock().unwrap().iter().filter(|e| !e.put).cloned().collect()
+    }
+
+    pub fn all(&self) -> Vec<Seen> {
+        self.events.lock().unwrap().clone()
+    }
+}

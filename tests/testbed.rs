@@ -1,0 +1,99 @@
+//! The test bed is real: a kube-apiserver v1.20.2 that stores pods, a registry etcd 3.5
+//! with working leases, and two beds side by side without clashing.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use etcd_client::PutOptions;
+use k8s_openapi::api::core::v1::Pod;
+use kube::Api;
+use support::*;
+
+#[tokio::test]
+async fn the_api_server_is_v1_20_2_and_stores_pods() {
+    let bed = TestBed::start().await;
+    let version = bed.kube.apiserver_version().await.expect("version");
+    assert_eq!(version.git_version, "v1.20.2", "{version:?}");
+
+    create_pod(&bed.kube, "default", &PodSpec::new("p1").label("app", "a")).await;
+    let pods: Api<Pod> = Api::namespaced(bed.kube.clone(), "default");
+    let pod = pods.get("p1").await.expect("stored pod");
+    assert_eq!(pod.spec.unwrap().node_name.as_deref(), Some(NODE));
+}
+
+#[tokio::test]
+async fn a_pod_patched_ready_reads_back_ready() {
+    let bed = TestBed::start().await;
+    create_pod(&bed.kube, "default", &PodSpec::new("p1")).await;
+    set_ready(&bed.kube, "default", "p1", "10.0.0.1", true).await;
+    let pods: Api<Pod> = Api::namespaced(bed.kube.clone(), "default");
+    let status = pods.get("p1").await.unwrap().status.unwrap();
+    assert_eq!(status.pod_ip.as_deref(), Some("10.0.0.1"));
+    let ready = status.conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.status, "True");
+
+    set_ready(&bed.kube, "default", "p1", "10.0.0.1", false).await;
+    let ready = pods.get("p1").await.unwrap().status.unwrap().conditions.unwrap().into_iter().find(|c| c.type_ == "Ready").unwrap();
+    assert_eq!(ready.status, "False");
+}
+
+#[tokio::test]
+async fn a_graceful_delete_leaves_the_pod_terminating_until_forced() {
+    let bed = TestBed::start().await;
+    create_pod(&bed.kube, "default", &PodSpec::new("p1")).await;
+    delete_graceful(&bed.kube, "default", "p1").await;
+    let pods: Api<Pod> = Api::namespaced(bed.kube.clone(), "default");
+    let pod = pods.get("p1").await.expect("still there while terminating");
+    assert!(pod.metadata.deletion_timestamp.is_some());
+    force_delete(&bed.kube, "default", "p1").await;
+    wait_until("pod gone", DEADLINE, || async { pods.get_opt("p1").await.ok()?.is_none().then_some(()) }).await;
+}
+
+#[tokio::test]
+async fn the_registry_etcd_is_3_5_and_expires_leases() {
+    let bed = TestBed::start().await;
+    let mut m = bed.etcd.maintenance_client();
+    let status = m.status().await.expect("status");
+    assert!(status.version().starts_with("3.5."), "etcd version {}", status.version());
+
+    let mut lc = bed.etcd.lease_client();
+    let lease = lc.grant(2, None).await.unwrap().id();
+    let mut kv = bed.etcd.kv_client();
+    kv.put("/smoke/k", "v", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    let start = Instant::now();
+    support::etcd::wait_key(&bed.etcd, "/smoke/k").await;
+    support::etcd::wait_absent(&bed.etcd, "/smoke/k", Duration::from_secs(10)).await;
+    let gone_after = start.elapsed();
+    // etcd expires a 2 s lease after 2 s (plus its checkpoint tick), never before.
+    assert!(gone_after >= Duration::from_millis(1500), "vanished too early: {gone_after:?}");
+}
+
+#[tokio::test]
+async fn two_test_beds_run_side_by_side() {
+    let (a, b) = tokio::join!(TestBed::start(), TestBed::start());
+    assert_ne!(a.apiserver.port, b.apiserver.port);
+    assert_ne!(a.etcd_endpoint(), b.etcd_endpoint());
+    create_pod(&a.kube, "default", &PodSpec::new("only-in-a")).await;
+    let pods_b: Api<Pod> = Api::namespaced(b.kube.clone(), "default");
+    assert!(pods_b.get_opt("only-in-a").await.unwrap().is_none());
+    let mut kv = a.etcd.kv_client();
+    kv.put("/only/a", "1", None).await.unwrap();
+    assert!(support::etcd::keys(&b.etcd, "/only/").await.is_empty());
+}
+
+#[tokio::test]
+async fn dropping_the_bed_stops_its_processes() {
+    let bed = TestBed::start().await;
+    let pids = [bed.registry.pid().unwrap()];
+    let port = bed.apiserver.port;
+    drop(bed);
+    for pid in pids {
+        assert!(!std::path::Path::new(&format!("/proc/{pid}")).exists() || is_zombie_or_gone(pid), "etcd {pid} survived");
+    }
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "apiserver still listening");
+}
+
+fn is_zombie_or_gone(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(true)
+}
