@@ -19,6 +19,7 @@ use crate::desired::{Index, PodProblem, Source, Summary};
 use crate::registration::{
     FINALIZER, MAX_STATUS_INSTANCES, RegisteredInstance, ServiceRegistration, ServiceRegistrationStatus, condition,
 };
+use crate::registry::lease::Backoff;
 use crate::registry::{Notice, SharedView, Shown, View};
 
 type RegKey = (String, String);
@@ -42,6 +43,8 @@ pub struct StatusWriter {
     registered: HashMap<RegKey, BTreeSet<String>>,
     /// Last InvalidSpec message reported per registration.
     invalid: HashMap<RegKey, String>,
+    /// Registrations whose last write failed: not before this instant again.
+    retry: HashMap<RegKey, (std::time::Instant, Backoff)>,
 }
 
 /// How long changes are gathered before a round of writes (bounds API calls under churn).
@@ -57,6 +60,7 @@ impl StatusWriter {
             dirty: BTreeSet::new(),
             registered: HashMap::new(),
             invalid: HashMap::new(),
+            retry: HashMap::new(),
         }
     }
 
@@ -111,7 +115,10 @@ impl StatusWriter {
     }
 
     async fn flush(&mut self) {
-        let keys = std::mem::take(&mut self.dirty);
+        let now = std::time::Instant::now();
+        let (keys, later): (BTreeSet<RegKey>, BTreeSet<RegKey>) =
+            std::mem::take(&mut self.dirty).into_iter().partition(|k| self.retry.get(k).is_none_or(|(at, _)| *at <= now));
+        self.dirty = later;
         for key in keys {
             let summary = self.index.lock().unwrap().summary(&key.0, &key.1);
             let Some(summary) = summary else {
@@ -119,9 +126,22 @@ impl StatusWriter {
                 self.invalid.remove(&key);
                 continue;
             };
-            if let Err(e) = self.write(&key, summary).await {
-                debug!(namespace = key.0, name = key.1, error = %e, "status write failed; will retry");
-                self.dirty.insert(key);
+            match self.write(&key, summary).await {
+                Ok(()) => {
+                    self.retry.remove(&key);
+                }
+                // A stale resourceVersion: the watch brings the new one and marks it dirty.
+                Err(kube::Error::Api(e)) if e.code == 409 => {
+                    debug!(namespace = key.0, name = key.1, "status write raced an update; will retry");
+                    self.dirty.insert(key);
+                }
+                Err(e) => {
+                    let entry = self.retry.entry(key.clone()).or_insert_with(|| (now, Backoff::default()));
+                    let delay = entry.1.next();
+                    entry.0 = now + delay;
+                    warn!(namespace = key.0, name = key.1, error = %e, retry_in = ?delay, "writing ServiceRegistration status failed");
+                    self.dirty.insert(key);
+                }
             }
         }
     }
@@ -269,15 +289,15 @@ pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view:
         cond(condition::READY, all_in, ready_reason, ready_msg),
         match &conflict_msg {
             Some(m) => cond(condition::CONFLICT, true, "KeyHeldByOther", m.clone()),
-            None => cond(condition::CONFLICT, false, "NoConflict", String::new()),
+            None => cond(condition::CONFLICT, false, "NoConflict", "no key is held by another writer".into()),
         },
         match &invalid {
             Some(m) => cond(condition::INVALID_SPEC, true, "InvalidSpec", m.clone()),
-            None => cond(condition::INVALID_SPEC, false, "Valid", String::new()),
+            None => cond(condition::INVALID_SPEC, false, "Valid", "the spec is valid for every matching pod".into()),
         },
         match &etcd {
             Some(m) => cond(condition::ETCD_UNAVAILABLE, true, "EtcdUnreachable", m.clone()),
-            None => cond(condition::ETCD_UNAVAILABLE, false, "EtcdReachable", String::new()),
+            None => cond(condition::ETCD_UNAVAILABLE, false, "EtcdReachable", "etcd answers".into()),
         },
     ];
     ServiceRegistrationStatus {

@@ -290,6 +290,16 @@ pub struct TestBed {
     pub dir: tempfile::TempDir,
 }
 
+impl Drop for TestBed {
+    fn drop(&mut self) {
+        // Keep the logs of a failed test when asked to (PODLEASE_KEEP_TESTBED=1).
+        if std::thread::panicking() && std::env::var_os("PODLEASE_KEEP_TESTBED").is_some() {
+            let kept = std::mem::replace(&mut self.dir, tempfile::tempdir().unwrap()).keep();
+            eprintln!("test bed kept in {}", kept.display());
+        }
+    }
+}
+
 impl TestBed {
     /// Starts etcd (apiserver storage), etcd (registry under test) and kube-apiserver, and
     /// waits until all three serve.

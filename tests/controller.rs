@@ -1,0 +1,284 @@
+//! End to end on the real test bed: the podlease binary, a real kube-apiserver and a real
+//! registry etcd. Each test asserts on etcd contents and on the ServiceRegistration status.
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::events::v1::Event;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use podlease::registration::{ServiceRegistration, ServiceRegistrationStatus};
+use serde_json::json;
+use support::etcd::{Recorder, granted_ttl, keys, wait_absent, wait_key};
+use support::*;
+
+const NS: &str = "default";
+
+async fn bed_and_controller(extra: &[&str]) -> (TestBed, Controller) {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let c = Controller::start(&bed, "c1", extra).await;
+    (bed, c)
+}
+
+async fn create_sreg(bed: &TestBed, name: &str, spec: serde_json::Value) -> ServiceRegistration {
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    let obj: ServiceRegistration = serde_json::from_value(json!({
+        "apiVersion": "podlease.io/v1alpha1", "kind": "ServiceRegistration",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &obj).await.expect("create ServiceRegistration")
+}
+
+async fn wait_status(
+    bed: &TestBed,
+    name: &str,
+    what: &str,
+    pred: impl Fn(&ServiceRegistrationStatus) -> bool,
+) -> ServiceRegistrationStatus {
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    wait_until(&format!("status of {name}: {what}"), DEADLINE, || {
+        let api = api.clone();
+        let pred = &pred;
+        async move { api.get(name).await.ok()?.status.filter(|s| pred(s)) }
+    })
+    .await
+}
+
+fn condition<'a>(s: &'a ServiceRegistrationStatus, type_: &str) -> &'a k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+    s.conditions.iter().find(|c| c.type_ == type_).unwrap_or_else(|| panic!("no {type_} condition in {s:?}"))
+}
+
+async fn ready_pod(bed: &TestBed, name: &str, labels: &[(&str, &str)], ip: &str) {
+    let mut spec = PodSpec::new(name).ports(&[("http", 8080), ("grpc", 9090)]);
+    for (k, v) in labels {
+        spec = spec.label(k, v);
+    }
+    create_pod(&bed.kube, NS, &spec).await;
+    set_ready(&bed.kube, NS, name, ip, true).await;
+}
+
+async fn events_for(bed: &TestBed, name: &str) -> Vec<Event> {
+    let api: Api<Event> = Api::namespaced(bed.kube.clone(), NS);
+    api.list(&ListParams::default()).await.unwrap().items.into_iter().filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)).collect()
+}
+
+async fn wait_event(bed: &TestBed, name: &str, reason: &str) -> Event {
+    wait_until(&format!("{reason} event on {name}"), DEADLINE, || async {
+        events_for(bed, name).await.into_iter().find(|e| e.reason.as_deref() == Some(reason))
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_ready_pod_is_published_under_its_own_lease_and_revoked_when_not_ready() {
+    let (bed, _c) = bed_and_controller(&[]).await;
+    create_sreg(&bed, "user", json!({"selector": {"matchLabels": {"app": "user"}}, "port": "grpc", "ttlSeconds": 20, "metadata": {"zone": "a"}})).await;
+    ready_pod(&bed, "user-1", &[("app", "user")], "10.0.0.1").await;
+
+    let kv = wait_key(&bed.etcd, "/services/user/default/user-1").await;
+    assert_eq!(
+        kv.value_str().unwrap(),
+        r#"{"addr":"10.0.0.1:9090","namespace":"default","pod":"user-1","node":"node-a","metadata":{"zone":"a"}}"#
+    );
+    assert_ne!(kv.lease(), 0, "the key lives under a lease");
+    assert_eq!(granted_ttl(&bed.etcd, kv.lease()).await, 20);
+
+    let st = wait_status(&bed, "user", "1 registered", |s| s.registered == 1).await;
+    assert_eq!((st.matching_pods, st.ready_pods), (1, 1));
+    assert_eq!(st.service.as_deref(), Some("user"));
+    assert_eq!(st.instances[0].key, "/services/user/default/user-1");
+    assert_eq!(st.instances[0].lease_id, format!("{:x}", kv.lease()));
+    assert_eq!(condition(&st, "Ready").status, "True");
+
+    // Not ready: revoked at once, far inside the 20 s TTL.
+    let start = Instant::now();
+    set_ready(&bed.kube, NS, "user-1", "10.0.0.1", false).await;
+    wait_absent(&bed.etcd, "/services/user/default/user-1", Duration::from_secs(5)).await;
+    assert!(start.elapsed() < Duration::from_secs(5));
+    let mut lc = bed.etcd.lease_client();
+    assert!(lc.time_to_live(kv.lease(), None).await.unwrap().ttl() <= 0, "the lease was revoked, not left to expire");
+    let st = wait_status(&bed, "user", "0 registered", |s| s.registered == 0).await;
+    assert_eq!((st.matching_pods, st.ready_pods), (1, 0));
+    assert!(keys(&bed.etcd, "/podlease/owners/").await.is_empty(), "the ownership record went with the lease");
+}
+
+#[tokio::test]
+async fn a_terminating_pod_is_revoked_before_it_is_gone() {
+    let (bed, _c) = bed_and_controller(&[]).await;
+    create_sreg(&bed, "user", json!({"selector": {"matchLabels": {"app": "user"}}})).await;
+    ready_pod(&bed, "user-1", &[("app", "user")], "10.0.0.1").await;
+    wait_key(&bed.etcd, "/services/user/default/user-1").await;
+
+    delete_graceful(&bed.kube, NS, "user-1").await;
+    wait_absent(&bed.etcd, "/services/user/default/user-1", Duration::from_secs(5)).await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(bed.kube.clone(), NS);
+    assert!(pods.get("user-1").await.unwrap().metadata.deletion_timestamp.is_some(), "still terminating");
+}
+
+#[tokio::test]
+async fn leaving_the_selector_revokes_and_coming_back_republishes() {
+    let (bed, _c) = bed_and_controller(&[]).await;
+    create_sreg(&bed, "user", json!({"selector": {"matchLabels": {"app": "user"}}})).await;
+    ready_pod(&bed, "user-1", &[("app", "user")], "10.0.0.1").await;
+    let key = "/services/user/default/user-1";
+    wait_key(&bed.etcd, key).await;
+
+    patch_labels(&bed.kube, NS, "user-1", json!({"app": "other"})).await;
+    wait_absent(&bed.etcd, key, Duration::from_secs(5)).await;
+    wait_status(&bed, "user", "no matching pods", |s| s.matching_pods == 0 && s.registered == 0).await;
+
+    patch_labels(&bed.kube, NS, "user-1", json!({"app": "user"})).await;
+    wait_key(&bed.etcd, key).await;
+    wait_status(&bed, "user", "back", |s| s.registered == 1).await;
+}
+
+#[tokio::test]
+async fn a_metadata_change_rewrites_the_value_in_place_without_a_delete() {
+    let (bed, _c) = bed_and_controller(&[]).await;
+    create_sreg(&bed, "user", json!({"selector": {"matchLabels": {"app": "user"}}, "metadata": {"v": "1"}})).await;
+    ready_pod(&bed, "user-1", &[("app", "user")], "10.0.0.1").await;
+    let key = "/services/user/default/user-1";
+    let before = wait_key(&bed.etcd, key).await;
+    let recorder = Recorder::start(&bed.etcd, "/services/").await;
+
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    api.patch("user", &PatchParams::default(), &Patch::Merge(&json!({"spec": {"metadata": {"v": "2"}}}))).await.unwrap();
+    let after = wait_until("value updated", DEADLINE, || async {
+        let kv = wait_key(&bed.etcd, key).await;
+        kv.value_str().unwrap().contains(r#""v":"2""#).then_some(kv)
+    })
+    .await;
+    assert_eq!(after.lease(), before.lease(), "same lease");
+    assert_eq!(after.create_revision(), before.create_revision(), "same key incarnation");
+    assert!(recorder.deletes().is_empty(), "watchers saw a DELETE: {:?}", recorder.all());
+}
+
+#[tokio::test]
+async fn deleting_a_registration_revokes_its_keys_then_releases_the_finalizer() {
+    let (bed, _c) = bed_and_controller(&[]).await;
+    create_sreg(&bed, "user", json!({"selector": {"matchLabels": {"app": "user"}}})).await;
+    for i in 0..3 {
+        ready_pod(&bed, &format!("user-{i}"), &[("app", "user")], &pod_ip(i + 1)).await;
+    }
+    wait_status(&bed, "user", "3 registered", |s| s.registered == 3).await;
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    let obj = api.get("user").await.unwrap();
+    assert!(obj.metadata.finalizers.unwrap_or_default().contains(&"podlease.io/revoke-leases".to_string()));
+
+    api.delete("user", &DeleteParams::default()).await.unwrap();
+    wait_until("ServiceRegistration gone", DEADLINE, || async { api.get_opt("user").await.ok()?.is_none().then_some(()) }).await;
+    assert!(keys(&bed.etcd, "/services/user/").await.is_empty(), "keys left behind");
+    assert!(keys(&bed.etcd, "/podlease/owners/").await.is_empty(), "ownership records left behind");
+}
+
+#[tokio::test]
+async fn after_sigkill_the_keys_expire_within_the_ttl() {
+    let (bed, mut c) = bed_and_controller(&[]).await;
+    create_sreg(&bed, "user", json!({"selector": {"matchLabels": {"app": "user"}}, "ttlSeconds": 5})).await;
+    ready_pod(&bed, "user-1", &[("app", "user")], "10.0.0.1").await;
+    ready_pod(&bed, "user-2", &[("app", "user")], "10.0.0.2").await;
+    wait_key(&bed.etcd, "/services/user/default/user-1").await;
+    wait_key(&bed.etcd, "/services/user/default/user-2").await;
+
+    c.kill();
+    let start = Instant::now();
+    // TTL 5 s; etcd may take up to its lease-checkpoint tick (~1 s) more.
+    wait_absent(&bed.etcd, "/services/user/default/user-1", Duration::from_secs(8)).await;
+    wait_absent(&bed.etcd, "/services/user/default/user-2", Duration::from_secs(8)).await;
+    let gone = start.elapsed();
+    assert!(gone >= Duration::from_secs(3), "keys vanished after {gone:?}: something revoked them, not the TTL");
+    assert!(keys(&bed.etcd, "/").await.is_empty(), "nothing lingers: {:?}", keys(&bed.etcd, "/").await);
+}
+
+#[tokio::test]
+async fn a_key_held_by_someone_else_is_not_overwritten() {
+    let (bed, _c) = bed_and_controller(&[]).await;
+    let mut kv = bed.etcd.kv_client();
+    kv.put("/services/user/default/user-1", "someone else's", None).await.unwrap();
+    create_sreg(&bed, "user", json!({"selector": {"matchLabels": {"app": "user"}}})).await;
+    create_sreg(&bed, "fine", json!({"selector": {"matchLabels": {"app": "user"}}, "service": "fine"})).await;
+    ready_pod(&bed, "user-1", &[("app", "user")], "10.0.0.1").await;
+
+    let st = wait_status(&bed, "user", "Conflict", |s| s.conditions.iter().any(|c| c.type_ == "Conflict" && c.status == "True")).await;
+    assert!(condition(&st, "Conflict").message.contains("/services/user/default/user-1"), "{st:?}");
+    assert_eq!(condition(&st, "Ready").status, "False");
+    wait_event(&bed, "user", "Conflict").await;
+    let kv = wait_key(&bed.etcd, "/services/user/default/user-1").await;
+    assert_eq!(kv.value_str().unwrap(), "someone else's");
+    assert_eq!(kv.lease(), 0);
+    // The other registration of the same pod is unaffected.
+    wait_key(&bed.etcd, "/services/fine/default/user-1").await;
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_reported_and_other_registrations_keep_working() {
+    let (bed, _c) = bed_and_controller(&[]).await;
+    ready_pod(&bed, "user-1", &[("app", "user")], "10.0.0.1").await;
+    create_sreg(&bed, "bad-selector", json!({"selector": {"matchExpressions": [{"key": "app", "operator": "Near", "values": ["x"]}]}})).await;
+    create_sreg(&bed, "bad-port", json!({"selector": {"matchLabels": {"app": "user"}}, "port": "metrics"})).await;
+    create_sreg(&bed, "good", json!({"selector": {"matchLabels": {"app": "user"}}})).await;
+
+    let st = wait_status(&bed, "bad-selector", "InvalidSpec", |s| s.conditions.iter().any(|c| c.type_ == "InvalidSpec" && c.status == "True")).await;
+    assert!(condition(&st, "InvalidSpec").message.contains("operator \"Near\""), "{st:?}");
+    let st = wait_status(&bed, "bad-port", "InvalidSpec", |s| s.conditions.iter().any(|c| c.type_ == "InvalidSpec" && c.status == "True")).await;
+    assert_eq!(condition(&st, "InvalidSpec").message, "port \"metrics\" is not declared by pod user-1");
+    wait_event(&bed, "bad-port", "InvalidSpec").await;
+
+    wait_key(&bed.etcd, "/services/good/default/user-1").await;
+    assert!(keys(&bed.etcd, "/services/bad-port/").await.is_empty());
+    let st = wait_status(&bed, "good", "registered", |s| s.registered == 1).await;
+    assert_eq!(condition(&st, "InvalidSpec").status, "False");
+}
+
+#[tokio::test]
+async fn annotated_pods_are_published_and_bad_annotations_become_events() {
+    let (bed, _c) = bed_and_controller(&["--default-ttl", "15"]).await;
+    let spec = PodSpec::new("cart-1").annotation("podlease.io/service", "cart").annotation("podlease.io/format", "go-zero");
+    create_pod(&bed.kube, NS, &spec).await;
+    set_ready(&bed.kube, NS, "cart-1", "10.0.0.9", true).await;
+    let got = wait_until("go-zero key", DEADLINE, || async {
+        keys(&bed.etcd, "cart/").await.into_iter().next()
+    })
+    .await;
+    assert_eq!(got.key_str().unwrap(), format!("cart/{}", got.lease()), "go-zero keys end in the lease id");
+    assert_eq!(got.value_str().unwrap(), "10.0.0.9:8080");
+    assert_eq!(granted_ttl(&bed.etcd, got.lease()).await, 15);
+
+    let bad = PodSpec::new("cart-2").annotation("podlease.io/service", "cart").annotation("podlease.io/ttl", "forever");
+    create_pod(&bed.kube, NS, &bad).await;
+    set_ready(&bed.kube, NS, "cart-2", "10.0.0.10", true).await;
+    let ev = wait_event(&bed, "cart-2", "InvalidAnnotation").await;
+    assert!(ev.note.unwrap_or_default().contains("podlease.io/ttl"));
+    assert_eq!(keys(&bed.etcd, "cart/").await.len(), 1, "the bad pod is not published, the good one stays");
+
+    patch_annotations(&bed.kube, NS, "cart-1", json!({"podlease.io/service": null})).await;
+    wait_until("annotation removed → revoked", DEADLINE, || async { keys(&bed.etcd, "cart/").await.is_empty().then_some(()) }).await;
+}
+
+#[tokio::test]
+async fn two_hundred_pods_are_all_registered_with_right_counts() {
+    let (bed, _c) = bed_and_controller(&[]).await;
+    create_sreg(&bed, "bulk", json!({"selector": {"matchLabels": {"app": "bulk"}}})).await;
+    let n = 200;
+    let kube = bed.kube.clone();
+    futures::future::join_all((0..n).map(|i| {
+        let kube = kube.clone();
+        async move {
+            create_pod(&kube, NS, &PodSpec::new(&format!("bulk-{i}")).label("app", "bulk")).await;
+            set_ready(&kube, NS, &format!("bulk-{i}"), &pod_ip(i + 1), true).await;
+        }
+    }))
+    .await;
+    // Ten more that match but are not ready.
+    for i in 0..10 {
+        create_pod(&bed.kube, NS, &PodSpec::new(&format!("idle-{i}")).label("app", "bulk")).await;
+    }
+    let st = wait_status(&bed, "bulk", "200 registered", |s| s.registered == 200 && s.matching_pods == 210).await;
+    assert_eq!(st.ready_pods, 200);
+    assert_eq!(st.instances.len(), 100, "the instance list is bounded");
+    assert_eq!(keys(&bed.etcd, "/services/bulk/").await.len(), 200);
+    let leases: std::collections::HashSet<i64> = keys(&bed.etcd, "/services/bulk/").await.iter().map(|kv| kv.lease()).collect();
+    assert_eq!(leases.len(), 200, "one lease per pod");
+}
