@@ -49,7 +49,7 @@ impl Controller {
         self.runs += 1;
         self.metrics_port = free_port();
         self.log = self.log_dir.join(format!("podlease-{}-{}.log", self.name, self.runs));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_podlease"));
+        let mut cmd = Command::new(binary());
         cmd.arg("run")
             .arg("--kubeconfig")
             .arg(&self.kubeconfig)
@@ -122,6 +122,14 @@ impl Controller {
 impl Drop for Controller {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The podlease binary: cargo's for tests, $PODLEASE_BIN for the demo example.
+pub fn binary() -> PathBuf {
+    match option_env!("CARGO_BIN_EXE_podlease") {
+        Some(p) => PathBuf::from(p),
+        None => std::env::var_os("PODLEASE_BIN").map(PathBuf::from).expect("set PODLEASE_BIN to the podlease binary"),
     }
 }
 

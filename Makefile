@@ -1,0 +1,34 @@
+# podlease — the two commands: `make demo` (see it work) and `make test` (the whole suite).
+# Both install and cache what they need (scripts/testbed.sh); nothing else is assumed.
+
+SHELL := /bin/bash
+CARGO ?= cargo
+
+.PHONY: all build testbed test demo crd bench clean-testbed
+
+all: build
+
+# Installs protoc, etcd 3.5, kube-apiserver/kube-controller-manager v1.20.2, kubectl and the
+# Helm virtualenv into the cache (PODLEASE_CACHE, default ~/.cache/podlease). Idempotent.
+testbed:
+	@bash scripts/testbed.sh >/dev/null
+
+build: testbed
+	$(CARGO) build
+
+# The whole suite: unit tests plus integration and end-to-end tests on the real test bed.
+test: testbed
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+		$(CARGO) nextest run --all-targets --no-fail-fast; \
+	else \
+		$(CARGO) test --all-targets --no-fail-fast; \
+	fi
+
+# Test bed up, controller running, pods turning ready and keys appearing in etcd.
+demo: testbed
+	$(CARGO) build --bin podlease --example demo
+	PODLEASE_BIN=$(CURDIR)/target/debug/podlease $(CURDIR)/target/debug/examples/demo
+
+# Regenerates the checked-in CRD from the Rust types.
+crd:
+	$(CARGO) run -q -- crd > crds/serviceregistrations.podlease.io.yaml
