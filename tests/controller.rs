@@ -282,3 +282,106 @@ async fn two_hundred_pods_are_all_registered_with_right_counts() {
     let leases: std::collections::HashSet<i64> = keys(&bed.etcd, "/services/bulk/").await.iter().map(|kv| kv.lease()).collect();
     assert_eq!(leases.len(), 200, "one lease per pod");
 }
+
+#[tokio::test]
+async fn a_lease_revoked_behind_our_back_is_granted_again_and_rewritten() {
+    let (bed, c) = bed_and_controller(&[]).await;
+    create_sreg(&bed, "user", json!({"selector": {"matchLabels": {"app": "user"}}, "ttlSeconds": 6})).await;
+    ready_pod(&bed, "user-1", &[("app", "user")], "10.0.0.1").await;
+    let key = "/services/user/default/user-1";
+    let before = wait_key(&bed.etcd, key).await;
+
+    let mut lc = bed.etcd.lease_client();
+    lc.revoke(before.lease()).await.unwrap();
+    // The next renewal (TTL/3 = 2 s) hears TTL 0; the key comes back under a new lease.
+    let after = wait_until("key back under a new lease", DEADLINE, || async {
+        let kv = keys(&bed.etcd, key).await.into_iter().next()?;
+        (kv.lease() != before.lease()).then_some(kv)
+    })
+    .await;
+    assert_eq!(after.value(), before.value());
+    assert_eq!(granted_ttl(&bed.etcd, after.lease()).await, 6);
+    let m = c.metrics().await;
+    assert!(m.contains("podlease_leases_lost_total 1"), "{m}");
+    assert!(m.contains("podlease_leases_regranted_total 1"), "{m}");
+}
+
+/// etcd's own count of LeaseKeepAlive streams opened by clients.
+async fn keepalive_streams(bed: &TestBed) -> u64 {
+    let (_, body) = support::controller::http_get(&format!("{}/metrics", bed.etcd_endpoint())).await.expect("etcd metrics");
+    body.lines()
+        .filter(|l| l.starts_with("grpc_server_started_total") && l.contains("grpc_method=\"LeaseKeepAlive\""))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+#[tokio::test]
+async fn every_lease_is_renewed_over_one_keepalive_stream() {
+    let (bed, c) = bed_and_controller(&[]).await;
+    create_sreg(&bed, "many", json!({"selector": {"matchLabels": {"app": "many"}}, "ttlSeconds": 5})).await;
+    let n = 30;
+    for i in 0..n {
+        ready_pod(&bed, &format!("many-{i}"), &[("app", "many")], &pod_ip(i + 1)).await;
+    }
+    wait_status(&bed, "many", "all registered", |s| s.registered == n as u32).await;
+    // Wait for three renewal rounds of every lease (each at TTL/3).
+    let target = 3.0 * n as f64;
+    wait_until("three renewal rounds", Duration::from_secs(20), || async {
+        (metric(&c.metrics().await, "podlease_keepalive_requests_total") >= target).then_some(())
+    })
+    .await;
+    assert_eq!(keepalive_streams(&bed).await, 1, "one LeaseKeepAlive stream for all {n} leases");
+    assert_eq!(metric(&c.metrics().await, "podlease_leases_held"), n as f64);
+    assert_eq!(keys(&bed.etcd, "/services/many/").await.len(), n, "no key expired");
+}
+
+#[tokio::test]
+async fn podlease_get_lists_then_follows_a_service() {
+    let (bed, _c) = bed_and_controller(&[]).await;
+    create_sreg(&bed, "user", json!({"selector": {"matchLabels": {"app": "user"}}, "format": "etcd-naming"})).await;
+    ready_pod(&bed, "user-1", &[("app", "user")], "10.0.0.1").await;
+    wait_key(&bed.etcd, "user/10.0.0.1:8080").await;
+
+    let out = std::process::Command::new(support::controller::binary())
+        .args(["get", "--service", "user", "--format", "etcd-naming", "--etcd-endpoints", &bed.etcd_endpoint()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8(out.stdout).unwrap(), "user/10.0.0.1:8080 {\"Op\":0,\"Addr\":\"10.0.0.1:8080\",\"Metadata\":null}\n");
+
+    // --watch: the listing, then the changes as they happen.
+    let log = bed.dir.path().join("get-watch.out");
+    let mut cmd = std::process::Command::new(support::controller::binary());
+    cmd.args(["get", "--service", "user", "--format", "etcd-naming", "--watch", "--etcd-endpoints", &bed.etcd_endpoint()]);
+    let mut child = spawn_owned(&mut cmd, &log);
+    wait_until("listing printed", DEADLINE, || async { std::fs::read_to_string(&log).ok()?.contains("user/10.0.0.1:8080").then_some(()) }).await;
+    set_ready(&bed.kube, NS, "user-1", "10.0.0.1", false).await;
+    wait_until("DELETE printed", DEADLINE, || async {
+        std::fs::read_to_string(&log).ok()?.contains("DELETE user/10.0.0.1:8080").then_some(())
+    })
+    .await;
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[tokio::test]
+async fn only_watched_namespaces_are_published() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    ensure_namespace(&bed.kube, "team-a").await;
+    ensure_namespace(&bed.kube, "team-b").await;
+    let _c = Controller::start(&bed, "c1", &["--watch-namespace", "team-a"]).await;
+    for ns in ["team-b", "team-a"] {
+        create_pod(&bed.kube, ns, &PodSpec::new("p").annotation("podlease.io/service", "svc")).await;
+        set_ready(&bed.kube, ns, "p", "10.0.0.1", true).await;
+    }
+    wait_key(&bed.etcd, "/services/svc/team-a/p").await;
+    assert!(keys(&bed.etcd, "/services/svc/team-b/").await.is_empty());
+}

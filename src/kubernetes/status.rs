@@ -95,6 +95,10 @@ impl StatusWriter {
 
     fn on_notice(&mut self, n: Notice) {
         match n {
+            Notice::Etcd => {
+                let all: Vec<RegKey> = self.index.lock().unwrap().registrations().cloned().collect();
+                self.dirty.extend(all);
+            }
             Notice::Changed(id) => {
                 if let Source::Registration(name) = id.source {
                     self.dirty.insert((id.namespace, name));

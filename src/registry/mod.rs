@@ -113,6 +113,8 @@ pub enum Notice {
     Changed(InstanceId),
     /// A write was refused because someone else holds the key.
     Conflict(InstanceId, String),
+    /// etcd became unavailable or available again (every status shows it).
+    Etcd,
 }
 
 #[derive(Default)]
@@ -464,18 +466,19 @@ impl Registry {
     }
 
     fn etcd_ok(&mut self) {
-        let mut view = self.view.write().unwrap();
-        if view.etcd_unavailable.take().is_some() {
+        let was_down = self.view.write().unwrap().etcd_unavailable.take().is_some();
+        if was_down {
             info!("etcd is reachable again");
+            let _ = self.notices.send(Notice::Etcd);
         }
     }
 
     fn etcd_failed(&mut self, e: &OpError) {
-        let mut view = self.view.write().unwrap();
-        if view.etcd_unavailable.is_none() {
+        let was_up = self.view.write().unwrap().etcd_unavailable.replace(e.to_string()).is_none();
+        if was_up {
             warn!(error = %e, "etcd unavailable");
+            let _ = self.notices.send(Notice::Etcd);
         }
-        view.etcd_unavailable = Some(e.to_string());
     }
 }
 
