@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build testbed test demo crd bench clean-testbed
+.PHONY: all build testbed test demo crd bench
 
 all: build
 
@@ -32,3 +32,7 @@ demo: testbed
 # Regenerates the checked-in CRD from the Rust types.
 crd:
 	$(CARGO) run -q -- crd > crds/serviceregistrations.podlease.io.yaml
+
+# Propagation latency on the real test bed (release build; printed, not asserted).
+bench: testbed
+	$(CARGO) bench --bench propagation

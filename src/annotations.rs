@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use thiserror::Error;
 
-use crate::format::Format;
+use crate::format::{Format, FormatOptions};
 use crate::registration::{MAX_TTL_SECONDS, MIN_TTL_SECONDS};
 
 pub const ANNOTATION_PREFIX: &str = "podlease.io/";
@@ -15,6 +15,11 @@ pub const FORMAT: &str = "podlease.io/format";
 pub const PREFIX: &str = "podlease.io/prefix";
 pub const TTL: &str = "podlease.io/ttl";
 pub const METADATA: &str = "podlease.io/metadata";
+pub const VERSION: &str = "podlease.io/version";
+pub const PROTOCOL: &str = "podlease.io/protocol";
+pub const WEIGHT: &str = "podlease.io/weight";
+pub const ZONE: &str = "podlease.io/zone";
+pub const DNS_TTL: &str = "podlease.io/dns-ttl";
 
 /// A container port by name or number.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -41,6 +46,7 @@ pub struct AnnotationSpec {
     pub prefix: Option<String>,
     pub ttl: Option<i64>,
     pub metadata: BTreeMap<String, String>,
+    pub options: FormatOptions,
 }
 
 #[derive(Debug, Error, PartialEq)]
@@ -55,6 +61,8 @@ pub enum AnnotationError {
     Ttl(String),
     #[error("annotation {METADATA} is not a JSON object of strings: {0}")]
     Metadata(String),
+    #[error("annotation {0}={1:?} is not a non-negative number")]
+    Number(&'static str, String),
 }
 
 /// Reads the annotation spec of a pod: `Ok(None)` when it has no `podlease.io/service`.
@@ -95,6 +103,20 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<Annotation
         None => BTreeMap::new(),
         Some(s) => serde_json::from_str::<BTreeMap<String, String>>(s).map_err(|e| AnnotationError::Metadata(e.to_string()))?,
     };
+    let number = |name: &'static str| -> Result<Option<u32>, AnnotationError> {
+        annotations
+            .get(name)
+            .map(|s| s.trim().parse::<u32>().map_err(|_| AnnotationError::Number(name, s.clone())))
+            .transpose()
+    };
+    let text = |name: &str| annotations.get(name).map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
+    let options = FormatOptions {
+        version: text(VERSION),
+        protocol: text(PROTOCOL),
+        weight: number(WEIGHT)?.map(|w| w.min(i32::MAX as u32) as i32),
+        zone: text(ZONE),
+        dns_ttl: number(DNS_TTL)?.filter(|t| *t > 0),
+    };
     Ok(Some(AnnotationSpec {
         service: service.to_string(),
         port,
@@ -102,6 +124,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<Annotation
         prefix: annotations.get(PREFIX).map(|s| s.trim().to_string()),
         ttl,
         metadata,
+        options,
     }))
 }
 
@@ -136,6 +159,18 @@ mod tests {
         assert_eq!(spec.prefix.as_deref(), Some("/x"));
         assert_eq!(spec.ttl, Some(10));
         assert_eq!(spec.metadata.get("zone").map(String::as_str), Some("a"));
+    }
+
+    #[test]
+    fn format_options_come_from_their_own_annotations() {
+        let spec = parse(&ann(&[(SERVICE, "s"), (VERSION, "v1"), (PROTOCOL, "http"), (WEIGHT, "3"), (ZONE, "corp"), (DNS_TTL, "7")]))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            spec.options,
+            FormatOptions { version: Some("v1".into()), protocol: Some("http".into()), weight: Some(3), zone: Some("corp".into()), dns_ttl: Some(7) }
+        );
+        assert_eq!(parse(&ann(&[(SERVICE, "s"), (WEIGHT, "-1")])), Err(AnnotationError::Number(WEIGHT, "-1".into())));
     }
 
     #[test]

@@ -128,7 +128,12 @@ pub struct RunArgs {
 
 impl RunArgs {
     pub fn defaults(&self) -> Defaults {
-        Defaults { format: self.default_format, prefix: self.default_prefix.clone(), ttl: self.default_ttl }
+        Defaults {
+            format: self.default_format,
+            prefix: self.default_prefix.clone(),
+            ttl: self.default_ttl,
+            owner_prefix: self.owner_prefix.clone(),
+        }
     }
 }
 

@@ -23,11 +23,18 @@ pub struct Defaults {
     /// Prefix for the default format; other formats use their own default prefix.
     pub prefix: Option<String>,
     pub ttl: i64,
+    /// Where ownership records live: no service's keys may cover them.
+    pub owner_prefix: String,
 }
 
 impl Default for Defaults {
     fn default() -> Self {
-        Defaults { format: Format::Json, prefix: None, ttl: crate::registration::DEFAULT_TTL_SECONDS }
+        Defaults {
+            format: Format::Json,
+            prefix: None,
+            ttl: crate::registration::DEFAULT_TTL_SECONDS,
+            owner_prefix: "/podlease/owners".into(),
+        }
     }
 }
 
@@ -107,6 +114,8 @@ pub struct Changes {
 #[derive(Debug, Clone, PartialEq)]
 struct Plan {
     service: String,
+    /// The prefix this service's consumers read (Get with prefix, then Watch).
+    read_prefix: String,
     port: Option<PortRef>,
     format: Format,
     prefix: String,
@@ -144,6 +153,8 @@ pub struct Summary {
     pub ready: u32,
     /// Why the spec (or its use on some pod) is invalid.
     pub invalid: Option<String>,
+    /// Another service's keys lie under the prefix this service's consumers read.
+    pub overlap: Option<String>,
 }
 
 type PodKey = (String, String);
@@ -159,6 +170,11 @@ pub struct Index {
     matched: HashMap<PodKey, BTreeSet<String>>,
     /// Last annotation problem per pod, so each distinct one is reported once.
     problems: HashMap<PodKey, String>,
+    /// Every prefix some service's consumers read, with how many registrations (and
+    /// annotated pods) publish under it, to detect one service reading another's keys.
+    read_prefixes: BTreeMap<String, usize>,
+    /// The read prefix of each annotated pod's service.
+    annotation_prefixes: HashMap<PodKey, String>,
 }
 
 impl Index {
@@ -211,8 +227,11 @@ impl Index {
         let same_plan = self.registrations.get(&key).is_some_and(|old| {
             old.deleting == entry.deleting && old.plan == entry.plan && old.selector == entry.selector
         });
-        self.registrations.insert(key.clone(), entry);
+        let new_prefix = entry.plan.as_ref().ok().map(|p| p.read_prefix.clone());
+        let old = self.registrations.insert(key.clone(), entry);
+        let old_prefix = old.and_then(|o| o.plan.ok()).map(|p| p.read_prefix);
         let mut changes = Changes::default();
+        self.move_prefix(old_prefix, new_prefix, &mut changes);
         changes.registrations.insert(key);
         if !same_plan {
             self.recompute_namespace(&ns, &mut changes);
@@ -223,10 +242,56 @@ impl Index {
     /// Forgets a ServiceRegistration: all its instances go.
     pub fn delete_registration(&mut self, namespace: &str, name: &str) -> Changes {
         let mut changes = Changes::default();
-        if self.registrations.remove(&(namespace.to_string(), name.to_string())).is_some() {
+        if let Some(old) = self.registrations.remove(&(namespace.to_string(), name.to_string())) {
+            self.move_prefix(old.plan.ok().map(|p| p.read_prefix), None, &mut changes);
             self.recompute_namespace(namespace, &mut changes);
         }
         changes
+    }
+
+    /// Records that a service moved from one read prefix to another; when the set of
+    /// prefixes changes, every registration's overlap may have changed.
+    fn move_prefix(&mut self, old: Option<String>, new: Option<String>, changes: &mut Changes) {
+        if old == new {
+            return;
+        }
+        let mut changed = false;
+        if let Some(old) = old
+            && let Some(n) = self.read_prefixes.get_mut(&old)
+        {
+            *n -= 1;
+            if *n == 0 {
+                self.read_prefixes.remove(&old);
+                changed = true;
+            }
+        }
+        if let Some(new) = new {
+            let n = self.read_prefixes.entry(new).or_insert(0);
+            *n += 1;
+            changed |= *n == 1;
+        }
+        if changed {
+            changes.registrations.extend(self.registrations.keys().cloned());
+        }
+    }
+
+    /// Why consumers reading `mine` would see keys that are not this service's.
+    fn overlap(&self, mine: &str) -> Option<String> {
+        let owners = format!("{}/", self.defaults.owner_prefix.trim_end_matches('/'));
+        if owners.starts_with(mine) {
+            return Some(format!(
+                "consumers of this service read the prefix {mine:?}, which also holds podlease's ownership records ({owners}); use another prefix"
+            ));
+        }
+        let other = self
+            .read_prefixes
+            .range(mine.to_string()..)
+            .take_while(|(p, _)| p.starts_with(mine))
+            .find(|(p, _)| p.as_str() != mine)?;
+        Some(format!(
+            "consumers of this service read the prefix {mine:?}, which also holds the keys of another service (read as {:?}); rename one of them or give it another prefix",
+            other.0
+        ))
     }
 
     /// Everything currently desired (for a full resync of the registry).
@@ -261,6 +326,7 @@ impl Index {
             }
         };
         s.service = plan.service.clone();
+        s.overlap = self.overlap(&plan.read_prefix);
         let selector = entry.selector.as_ref().expect("a valid plan has a selector");
         let mut port_problems: Vec<String> = Vec::new();
         for pod in self.pods_in(namespace) {
@@ -310,6 +376,7 @@ impl Index {
     /// Recomputes one pod's instances and records the difference to what was emitted.
     fn recompute_pod(&mut self, key: &PodKey, changes: &mut Changes) {
         let mut now: BTreeMap<Source, Arc<Desired>> = BTreeMap::new();
+        let mut annotation_prefix: Option<String> = None;
         let mut matched: BTreeSet<String> = BTreeSet::new();
         if let Some(pod) = self.pods.get(key) {
             // ServiceRegistrations in the pod's namespace.
@@ -336,7 +403,8 @@ impl Index {
                     self.problems.remove(key);
                 }
                 Ok(Some(spec)) => {
-                    let plan = annotation_plan(&spec, &self.defaults);
+                    let plan = annotation_plan(&spec, &pod.namespace, &self.defaults);
+                    annotation_prefix = Some(plan.read_prefix.clone());
                     let result = if pod.publishable(false) { desire(&plan, pod).map(Some) } else { Ok(None) };
                     match result {
                         Ok(d) => {
@@ -350,6 +418,17 @@ impl Index {
                 }
                 Err(e) => self.report(key, e.to_string(), changes),
             }
+        }
+        let old_prefix = self.annotation_prefixes.remove(key);
+        if let Some(p) = &annotation_prefix {
+            self.annotation_prefixes.insert(key.clone(), p.clone());
+        }
+        self.move_prefix(old_prefix, annotation_prefix.clone(), changes);
+        if let Some(p) = &annotation_prefix
+            && now.contains_key(&Source::Annotations)
+            && let Some(msg) = self.overlap(p)
+        {
+            self.report(key, msg, changes);
         }
 
         // Registrations whose counts may change: those that select the pod now or did before.
@@ -390,18 +469,20 @@ fn id(key: &PodKey, source: &Source) -> InstanceId {
     InstanceId { namespace: key.0.clone(), pod: key.1.clone(), source: source.clone() }
 }
 
-fn annotation_plan(spec: &AnnotationSpec, defaults: &Defaults) -> Plan {
+fn annotation_plan(spec: &AnnotationSpec, namespace: &str, defaults: &Defaults) -> Plan {
     let format = spec.format.unwrap_or(defaults.format);
+    let prefix = effective_prefix(spec.prefix.as_deref(), format, defaults);
     Plan {
+        read_prefix: format.layout().service_prefix(&prefix, &spec.service, namespace, &spec.options),
         service: spec.service.clone(),
         port: spec.port.clone(),
         format,
-        prefix: effective_prefix(spec.prefix.as_deref(), format, defaults),
+        prefix,
         ttl: spec.ttl.unwrap_or(defaults.ttl),
         metadata: spec.metadata.clone(),
         metadata_from_labels: Vec::new(),
         publish_not_ready: false,
-        options: FormatOptions::default(),
+        options: spec.options.clone(),
     }
 }
 
@@ -432,11 +513,14 @@ fn compile(sreg: &ServiceRegistration) -> Result<(Selector, Plan), String> {
     if !(crate::registration::MIN_TTL_SECONDS..=crate::registration::MAX_TTL_SECONDS).contains(&ttl) {
         return Err(format!("ttlSeconds {ttl} is not in 5..3600"));
     }
+    let prefix = spec.prefix.clone().unwrap_or_else(|| spec.format.layout().default_prefix().to_string());
+    let namespace = sreg.metadata.namespace.as_deref().unwrap_or_default();
     let plan = Plan {
+        read_prefix: spec.format.layout().service_prefix(&prefix, &service, namespace, &spec.options),
         service,
         port,
         format: spec.format,
-        prefix: spec.prefix.clone().unwrap_or_else(|| spec.format.layout().default_prefix().to_string()),
+        prefix,
         ttl,
         metadata: spec.metadata.clone(),
         metadata_from_labels: spec.metadata_from_labels.clone(),

@@ -146,7 +146,7 @@ fn a_named_port_and_metadata_from_labels_are_used() {
 
 #[test]
 fn annotated_pods_use_the_defaults_and_report_bad_values_once() {
-    let mut idx = Index::new(Defaults { format: Format::Json, prefix: Some("/svc".into()), ttl: 12 });
+    let mut idx = Index::new(Defaults { format: Format::Json, prefix: Some("/svc".into()), ttl: 12, ..Default::default() });
     let mut p = pod("a1", &[], true);
     p.annotations.insert("podlease.io/service".into(), "cart".into());
     let c = idx.apply_pod(p.clone());
@@ -185,4 +185,42 @@ fn registrations_only_select_pods_in_their_namespace() {
     let mut p = pod("u1", &[("app", "user")], true);
     p.namespace = "other".into();
     assert!(idx.apply_pod(p).updates.is_empty());
+}
+
+#[test]
+fn a_service_whose_consumers_read_another_services_keys_is_reported() {
+    let mut idx = Index::new(Defaults::default());
+    // Kitex reads `kitex/registry-etcd/user` with no trailing slash: it would see user2's keys.
+    idx.apply_registration(&sreg("user", json!({"selector": {"matchLabels": {"app": "u"}}, "format": "kitex"})));
+    assert_eq!(idx.summary("shop", "user").unwrap().overlap, None);
+    let c = idx.apply_registration(&sreg("user2", json!({"selector": {"matchLabels": {"app": "u2"}}, "format": "kitex"})));
+    assert!(c.registrations.contains(&("shop".into(), "user".into())), "the older registration is re-examined");
+    let o = idx.summary("shop", "user").unwrap().overlap.expect("overlap reported");
+    assert!(o.contains("kitex/registry-etcd/user2"), "{o}");
+    assert_eq!(idx.summary("shop", "user2").unwrap().overlap, None, "user2's consumers are not misled");
+
+    // json consumers read `/services/user/` (with the slash): no overlap.
+    idx.apply_registration(&sreg("j1", json!({"selector": {"matchLabels": {"a": "1"}}, "service": "cart"})));
+    idx.apply_registration(&sreg("j2", json!({"selector": {"matchLabels": {"a": "1"}}, "service": "cart2"})));
+    assert_eq!(idx.summary("shop", "j1").unwrap().overlap, None);
+
+    // Removing user2 clears it.
+    idx.delete_registration("shop", "user2");
+    assert_eq!(idx.summary("shop", "user").unwrap().overlap, None);
+}
+
+#[test]
+fn a_prefix_covering_the_ownership_records_is_reported() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_registration(&sreg("p", json!({"selector": {"matchLabels": {"a": "1"}}, "service": "podlease", "prefix": "/"})));
+    let o = idx.summary("shop", "p").unwrap().overlap.expect("overlap reported");
+    assert!(o.contains("ownership records"), "{o}");
+}
+
+#[test]
+fn two_registrations_of_the_same_service_do_not_overlap() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_registration(&sreg("a", json!({"selector": {"matchLabels": {"a": "1"}}, "service": "user", "format": "kitex"})));
+    idx.apply_registration(&sreg("b", json!({"selector": {"matchLabels": {"a": "2"}}, "service": "user", "format": "kitex"})));
+    assert_eq!(idx.summary("shop", "a").unwrap().overlap, None);
 }

@@ -11,7 +11,8 @@ impl Layout for EtcdNaming {
         ""
     }
     fn service_prefix(&self, prefix: &str, service: &str, _: &str, _: &FormatOptions) -> String {
-        join(prefix, &format!("{service}/"))
+        // endpoints.NewWatchChannel reads the target with no trailing slash.
+        join(prefix, service)
     }
     fn key(&self, prefix: &str, i: &Instance) -> Key {
         Key::Fixed(join(prefix, &format!("{}/{}", i.service, i.addr())))

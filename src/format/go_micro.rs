@@ -34,6 +34,7 @@ impl Layout for GoMicro {
         "/micro/registry"
     }
     fn service_prefix(&self, prefix: &str, service: &str, _: &str, _: &FormatOptions) -> String {
+        // GetService reads servicePath(name) + "/".
         join(prefix, &format!("{}/", service.replace('/', "-")))
     }
     fn key(&self, prefix: &str, i: &Instance) -> Key {

@@ -9,6 +9,7 @@ impl Layout for GoZero {
         ""
     }
     fn service_prefix(&self, prefix: &str, service: &str, _: &str, _: &FormatOptions) -> String {
+        // makeKeyPrefix: `<key>/`.
         join(prefix, &format!("{service}/"))
     }
     fn key(&self, prefix: &str, i: &Instance) -> Key {

@@ -32,7 +32,8 @@ impl Layout for Kitex {
         self.root
     }
     fn service_prefix(&self, prefix: &str, service: &str, _: &str, _: &FormatOptions) -> String {
-        join(prefix, &format!("{service}/"))
+        // The resolvers read `<root>/<svc>` with no trailing slash.
+        join(prefix, service)
     }
     fn key(&self, prefix: &str, i: &Instance) -> Key {
         Key::Fixed(join(prefix, &format!("{}/{}", i.service, i.addr())))

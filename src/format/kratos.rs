@@ -23,7 +23,8 @@ impl Layout for Kratos {
         "/microservices"
     }
     fn service_prefix(&self, prefix: &str, service: &str, _: &str, _: &FormatOptions) -> String {
-        join(prefix, &format!("{service}/"))
+        // Registry.GetService / newWatcher read `<namespace>/<name>` with no trailing slash.
+        join(prefix, service)
     }
     fn key(&self, prefix: &str, i: &Instance) -> Key {
         Key::Fixed(join(prefix, &format!("{}/{}", i.service, i.id())))

@@ -116,6 +116,10 @@ pub struct FormatOptions {
     /// DNS zone for skydns (default `cluster.local`): the name is `<svc>.<namespace>.<zone>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub zone: Option<String>,
+    /// DNS record TTL for skydns, seconds (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub dns_ttl: Option<u32>,
 }
 
 impl FormatOptions {

@@ -1,5 +1,5 @@
 //! CoreDNS etcd plugin (SkyDNS layout): the name `<svc>.<namespace>.<zone>` reversed into a
-//! path, one key per pod below it, value `{"host":ip,"port":port}`.
+//! path, one key per pod below it, value `{"host":ip,"port":port,"ttl":30}`.
 
 use serde::Serialize;
 
@@ -9,10 +9,15 @@ pub struct Skydns;
 
 const DEFAULT_ZONE: &str = "cluster.local";
 
+/// DNS TTL when the registration sets none.
+const DEFAULT_DNS_TTL: u32 = 30;
+
+/// msg.Service's fields in its order, all omitempty upstream.
 #[derive(Serialize)]
 struct Value {
     host: String,
     port: u16,
+    ttl: u32,
 }
 
 /// `user.shop.cluster.local` → `local/cluster/shop/user`.
@@ -29,6 +34,7 @@ impl Layout for Skydns {
         "/skydns"
     }
     fn service_prefix(&self, prefix: &str, service: &str, namespace: &str, options: &FormatOptions) -> String {
+        // Etcd.get appends "/" for a recursive lookup.
         join(prefix, &format!("{}/", reversed(service, namespace, options)))
     }
     fn key(&self, prefix: &str, i: &Instance) -> Key {
@@ -37,6 +43,9 @@ impl Layout for Skydns {
         Key::Fixed(join(prefix, &format!("{}/{id}", reversed(i.service, i.namespace, i.options))))
     }
     fn value(&self, i: &Instance) -> Vec<u8> {
-        serde_json::to_vec(&Value { host: i.ip.to_string(), port: i.port }).expect("serializes")
+        // Always set ttl: CoreDNS takes min(uint32(lease id), ttl) as the record TTL, and a
+        // lease id truncated to 32 bits is usually a huge number of seconds.
+        let ttl = i.options.dns_ttl.unwrap_or(DEFAULT_DNS_TTL);
+        serde_json::to_vec(&Value { host: i.ip.to_string(), port: i.port, ttl }).expect("serializes")
     }
 }

@@ -80,7 +80,9 @@ fn kitex_and_hertz_have_no_leading_slash() {
 fn skydns_reverses_dns_labels() {
     let (k, v) = golden(Format::Skydns, "10.1.2.3", FormatOptions::default(), &[]);
     assert_eq!(k, "/skydns/local/cluster/shop/user/user-7f9c");
-    assert_eq!(v, r#"{"host":"10.1.2.3","port":8080}"#);
+    assert_eq!(v, r#"{"host":"10.1.2.3","port":8080,"ttl":30}"#);
+    let (_, v) = golden(Format::Skydns, "10.1.2.3", FormatOptions { dns_ttl: Some(5), zone: Some("corp.".into()), ..Default::default() }, &[]);
+    assert_eq!(v, r#"{"host":"10.1.2.3","port":8080,"ttl":5}"#);
 }
 
 #[test]
@@ -89,7 +91,9 @@ fn ipv6_addresses_are_bracketed() {
     assert_eq!(k, "user/[fd00::1]:8080");
     assert_eq!(v, r#"{"Op":0,"Addr":"[fd00::1]:8080","Metadata":null}"#);
     let (_, v) = golden(Format::Skydns, "fd00::1", FormatOptions::default(), &[]);
-    assert_eq!(v, r#"{"host":"fd00::1","port":8080}"#);
+    assert_eq!(v, r#"{"host":"fd00::1","port":8080,"ttl":30}"#);
+    let (_, v) = golden(Format::Kratos, "fd00::1", FormatOptions::default(), &[]);
+    assert!(v.contains(r#""endpoints":["grpc://[fd00::1]:8080"]"#), "{v}");
 }
 
 #[test]
@@ -116,4 +120,31 @@ fn join_adds_exactly_one_slash() {
     assert_eq!(join("/services/", "a"), "/services/a");
     assert_eq!(join("", "a"), "a");
     assert_eq!(join("/", "a"), "/a");
+}
+
+#[test]
+fn service_prefixes_are_what_each_consumer_reads() {
+    let o = FormatOptions::default();
+    let read = |f: Format| f.layout().service_prefix(f.layout().default_prefix(), "user", "shop", &o);
+    assert_eq!(read(Format::Json), "/services/user/");
+    assert_eq!(read(Format::EtcdNaming), "user");
+    assert_eq!(read(Format::GoZero), "user/");
+    assert_eq!(read(Format::Kratos), "/microservices/user");
+    assert_eq!(read(Format::GoMicro), "/micro/registry/user/");
+    assert_eq!(read(Format::Kitex), "kitex/registry-etcd/user");
+    assert_eq!(read(Format::Hertz), "hertz/registry-etcd/user");
+    assert_eq!(read(Format::Skydns), "/skydns/local/cluster/shop/user/");
+}
+
+#[test]
+fn every_key_lies_under_its_service_prefix() {
+    let metadata = BTreeMap::new();
+    let o = FormatOptions::default();
+    for f in Format::ALL {
+        let inst = Instance { service: "user", namespace: "shop", pod: "p.1", node: "n", ip: "10.0.0.1".parse().unwrap(), port: 80, metadata: &metadata, options: &o };
+        let l = f.layout();
+        let key = l.key(l.default_prefix(), &inst).with_lease(42);
+        let prefix = l.service_prefix(l.default_prefix(), "user", "shop", &o);
+        assert!(key.starts_with(&prefix), "{f}: {key} not under {prefix}");
+    }
 }

@@ -13,6 +13,7 @@ pub const REASON_DEREGISTERED: &str = "Deregistered";
 pub const REASON_CONFLICT: &str = "Conflict";
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
 pub const REASON_INVALID_ANNOTATION: &str = "InvalidAnnotation";
+pub const REASON_PREFIX_OVERLAP: &str = "PrefixOverlap";
 
 #[derive(Clone)]
 pub struct Events {

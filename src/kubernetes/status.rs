@@ -43,6 +43,8 @@ pub struct StatusWriter {
     registered: HashMap<RegKey, BTreeSet<String>>,
     /// Last InvalidSpec message reported per registration.
     invalid: HashMap<RegKey, String>,
+    /// Last prefix overlap reported per registration.
+    overlap: HashMap<RegKey, String>,
     /// Registrations whose last write failed: not before this instant again.
     retry: HashMap<RegKey, (std::time::Instant, Backoff)>,
 }
@@ -60,6 +62,7 @@ impl StatusWriter {
             dirty: BTreeSet::new(),
             registered: HashMap::new(),
             invalid: HashMap::new(),
+            overlap: HashMap::new(),
             retry: HashMap::new(),
         }
     }
@@ -128,6 +131,7 @@ impl StatusWriter {
             let Some(summary) = summary else {
                 self.registered.remove(&key);
                 self.invalid.remove(&key);
+                self.overlap.remove(&key);
                 continue;
             };
             match self.write(&key, summary).await {
@@ -194,16 +198,12 @@ impl StatusWriter {
 
         // Events: spec problems when they change, registrations as they come and go.
         let reference = events::registration_ref(&key.0, &key.1, &summary.uid);
-        match &summary.invalid {
-            Some(msg) if self.invalid.get(key) != Some(msg) => {
-                self.invalid.insert(key.clone(), msg.clone());
-                self.events.publish(true, events::REASON_INVALID_SPEC, "Validate", msg.clone(), reference.clone());
-            }
-            Some(_) => {}
-            None => {
-                self.invalid.remove(key);
-            }
-        }
+        report_once(&mut self.invalid, key, summary.invalid.as_ref(), |msg| {
+            self.events.publish(true, events::REASON_INVALID_SPEC, "Validate", msg, reference.clone())
+        });
+        report_once(&mut self.overlap, key, summary.overlap.as_ref(), |msg| {
+            self.events.publish(true, events::REASON_PREFIX_OVERLAP, "Validate", msg, reference.clone())
+        });
         if let Some(before) = self.registered.get(key) {
             let added: Vec<&String> = pods.difference(before).collect();
             let removed: Vec<&String> = before.difference(&pods).collect();
@@ -216,6 +216,21 @@ impl StatusWriter {
         }
         self.registered.insert(key.clone(), pods);
         Ok(())
+    }
+}
+
+/// Calls `publish` when `current` is a message not reported for `key` yet; forgets it once
+/// the problem is gone, so a recurrence is reported again.
+fn report_once(seen: &mut HashMap<RegKey, String>, key: &RegKey, current: Option<&String>, publish: impl FnOnce(String)) {
+    match current {
+        Some(msg) if seen.get(key) != Some(msg) => {
+            seen.insert(key.clone(), msg.clone());
+            publish(msg.clone());
+        }
+        Some(_) => {}
+        None => {
+            seen.remove(key);
+        }
     }
 }
 
@@ -272,16 +287,22 @@ pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view:
     };
 
     let invalid = summary.invalid.clone();
-    let conflict_msg = conflicts.first().map(|(pod, m)| {
+    let key_conflict = conflicts.first().map(|(pod, m)| {
         let more = conflicts.len() - 1;
         if more > 0 { format!("pod {pod}: {m} (and {more} more pods)") } else { format!("pod {pod}: {m}") }
     });
+    let conflict_msg = match (&key_conflict, &summary.overlap) {
+        (Some(k), Some(o)) => Some(format!("{k}; {o}")),
+        (Some(k), None) => Some(k.clone()),
+        (None, Some(o)) => Some(o.clone()),
+        (None, None) => None,
+    };
     let etcd = view.etcd_unavailable.clone();
     let all_in = invalid.is_none() && conflict_msg.is_none() && etcd.is_none() && registered == summary.ready;
     let (ready_reason, ready_msg) = if let Some(m) = &invalid {
         ("InvalidSpec", m.clone())
     } else if conflict_msg.is_some() {
-        ("Conflict", format!("{} of {} ready pods registered; see the Conflict condition", registered, summary.ready))
+        ("Conflict", format!("{registered} of {} ready pods registered; see the Conflict condition", summary.ready))
     } else if etcd.is_some() {
         ("EtcdUnavailable", format!("{} of {} ready pods registered; etcd is unavailable", registered, summary.ready))
     } else if registered == summary.ready {
@@ -292,6 +313,7 @@ pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view:
     let conditions = vec![
         cond(condition::READY, all_in, ready_reason, ready_msg),
         match &conflict_msg {
+            Some(m) if key_conflict.is_none() => cond(condition::CONFLICT, true, "PrefixOverlap", m.clone()),
             Some(m) => cond(condition::CONFLICT, true, "KeyHeldByOther", m.clone()),
             None => cond(condition::CONFLICT, false, "NoConflict", "no key is held by another writer".into()),
         },
