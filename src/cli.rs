@@ -124,6 +124,25 @@ pub struct RunArgs {
     /// etcd operations in flight at once.
     #[arg(long, env = "PODLEASE_CONCURRENCY", default_value_t = 128)]
     pub concurrency: usize,
+    /// Elect one leader among replicas (a coordination.k8s.io Lease); only it writes.
+    #[arg(long, env = "PODLEASE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
+    pub leader_elect: bool,
+    /// Namespace of the leader Lease (default: $POD_NAMESPACE, else `default`).
+    #[arg(long, env = "PODLEASE_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// Name of the leader Lease.
+    #[arg(long, env = "PODLEASE_LEADER_ELECTION_NAME", default_value = "podlease")]
+    pub leader_election_name: String,
+    /// Leader Lease duration in seconds: how long a dead leader's standby waits.
+    #[arg(long, env = "PODLEASE_LEADER_LEASE_DURATION", default_value_t = 15)]
+    pub leader_lease_duration: u64,
+    /// On SIGTERM, revoke every lease (deregister everything) instead of leaving them for
+    /// the next leader to adopt.
+    #[arg(long, env = "PODLEASE_REVOKE_ON_SHUTDOWN")]
+    pub revoke_on_shutdown: bool,
+    /// Seconds between checks that every managed key is still in etcd as written.
+    #[arg(long, env = "PODLEASE_VERIFY_INTERVAL", default_value_t = 30)]
+    pub verify_interval: u64,
 }
 
 impl RunArgs {

@@ -1,14 +1,18 @@
 //! Wires the pieces together: watches → index → registry (etcd) → status writer, plus the
-//! HTTP surface. Everything runs until the shutdown token fires.
+//! HTTP surface and leader election. Every replica watches and keeps its index warm; only
+//! the leader runs a registry term (etcd writes) and writes status.
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::StreamExt;
 use kube::Client;
 use kube::runtime::watcher::Event;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -17,9 +21,10 @@ use crate::etcd::EtcdConfig;
 use crate::http;
 use crate::kubernetes::events::Events;
 use crate::kubernetes::status::{Signal, StatusWriter};
-use crate::kubernetes::watch::{self, Input};
+use crate::kubernetes::watch::{Input, inputs as watch_inputs};
+use crate::leader::{Elector, LeaderConfig};
 use crate::metrics::Metrics;
-use crate::registry::{Command, Registry, RegistryConfig};
+use crate::registry::{Command, Notice, Registry, RegistryConfig, SharedView, TermEnd};
 
 /// Everything `podlease run` is configured with.
 #[derive(Debug, Clone)]
@@ -32,8 +37,10 @@ pub struct Settings {
     /// Namespaces to watch; empty = all.
     pub namespaces: Vec<String>,
     pub metrics_addr: SocketAddr,
-    /// This replica's name (Events' reporting instance).
+    /// This replica's name (Events' reporting instance, leader identity).
     pub instance: String,
+    /// Leader election; None = this replica always leads (a single replica).
+    pub leader: Option<LeaderConfig>,
 }
 
 pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
@@ -45,52 +52,150 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         Some(id) => id.clone(),
         None => wait_cluster_id(&client, &shutdown).await?,
     };
+    registry_config.fence = settings.leader.is_some();
     info!(cluster_id = registry_config.cluster_id, "starting");
 
-    let (notice_tx, notice_rx) = mpsc::unbounded_channel();
-    let (registry, view) = Registry::new(etcd, registry_config, notice_tx, metrics.clone(), shutdown.clone());
-    let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-    let registry_task = tokio::spawn(registry.run(cmd_rx, shutdown.clone()));
-
+    let view: SharedView = Arc::default();
     let index = Arc::new(Mutex::new(Index::new(settings.defaults.clone())));
-    let events = Events::spawn(client.clone(), settings.instance.clone());
+    let (notice_tx, notice_rx) = mpsc::unbounded_channel();
     let (signal_tx, signal_rx) = mpsc::unbounded_channel();
+    let events = Events::spawn(client.clone(), settings.instance.clone());
     let writer = StatusWriter::new(client.clone(), index.clone(), view.clone(), events);
     let writer_task = tokio::spawn(writer.run(signal_rx, notice_rx, shutdown.clone()));
+    let health: Arc<http::Health> = Arc::default();
+    let http_task = tokio::spawn(http::serve(settings.metrics_addr, metrics.clone(), view.clone(), health.clone(), shutdown.clone()));
 
-    let http_task = tokio::spawn(http::serve(settings.metrics_addr, metrics.clone(), view.clone(), shutdown.clone()));
+    // Leadership: an elector, or always leading.
+    let (leader_tx, mut leader_rx) = watch::channel(settings.leader.is_none());
+    let elector_shutdown = CancellationToken::new();
+    let elector_task = settings.leader.clone().map(|cfg| {
+        info!(lease = cfg.name, namespace = cfg.namespace, identity = cfg.identity, "leader election on");
+        let release = !registry_config.revoke_on_shutdown;
+        tokio::spawn(Elector::new(client.clone(), cfg).run(leader_tx, elector_shutdown.clone(), release))
+    });
 
-    let (mut inputs, scopes) = watch::inputs(&client, &settings.namespaces);
-    let mut feed = Feed { index, cmd_tx, signal_tx, metrics, scopes, synced: HashSet::new(), seen: HashMap::new(), resynced: false };
+    let (mut inputs, scopes) = watch_inputs(&client, &settings.namespaces);
+    let mut feed = Feed {
+        index: index.clone(),
+        signal_tx: signal_tx.clone(),
+        metrics: metrics.clone(),
+        scopes,
+        synced_streams: HashSet::new(),
+        seen: HashMap::new(),
+        term: None,
+    };
+    let terms = Terms { etcd, config: registry_config, notices: notice_tx, metrics: metrics.clone(), view: view.clone() };
+    let retry = settings.leader.as_ref().map_or(Duration::from_secs(1), |l| l.retry_period);
+    let mut restart_at: Option<tokio::time::Instant> = None;
     loop {
+        health.caches_synced.store(feed.synced(), Ordering::Relaxed);
+        let want_term = *leader_rx.borrow() && feed.synced() && feed.term.is_none() && restart_at.is_none();
+        if want_term {
+            feed.term = Some(terms.start(&index, &signal_tx));
+        }
+        health.leading.store(feed.term.is_some(), Ordering::Relaxed);
+        metrics.leader.set(i64::from(feed.term.is_some()));
         tokio::select! {
             _ = shutdown.cancelled() => break,
+            changed = leader_rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                if !*leader_rx.borrow() && let Some(t) = feed.term.take() {
+                    // Stop writing at once; the next leader adopts what we held.
+                    t.cancel.cancel();
+                }
+            }
             input = inputs.next() => match input {
                 Some(input) => feed.handle(input),
                 None => break,
             },
+            end = async { (&mut feed.term.as_mut().unwrap().task).await }, if feed.term.is_some() => {
+                feed.term = None;
+                if matches!(end, Ok(TermEnd::Fenced)) {
+                    // Only a fresh look at the Lease may start another term.
+                    restart_at = Some(tokio::time::Instant::now() + retry);
+                }
+            }
+            _ = tokio::time::sleep_until(restart_at.unwrap_or_else(tokio::time::Instant::now)), if restart_at.is_some() => {
+                restart_at = None;
+            }
         }
     }
-    info!("shutting down; leases are left for the next leader to adopt");
-    let _ = tokio::join!(registry_task, writer_task, http_task);
+    info!("shutting down");
+    if let Some(t) = feed.term.take() {
+        t.cancel.cancel();
+        let _ = t.task.await; // with --revoke-on-shutdown, the revokes happen here
+    }
+    elector_shutdown.cancel();
+    if let Some(e) = elector_task {
+        let _ = e.await;
+    }
+    let _ = tokio::join!(writer_task, http_task);
     Ok(())
+}
+
+/// One leadership term: a registry task and the channel that feeds it.
+struct Term {
+    cancel: CancellationToken,
+    cmd_tx: mpsc::UnboundedSender<Command>,
+    task: JoinHandle<TermEnd>,
+}
+
+/// What every term is started from.
+struct Terms {
+    etcd: etcd_client::Client,
+    config: RegistryConfig,
+    notices: mpsc::UnboundedSender<Notice>,
+    metrics: Metrics,
+    view: SharedView,
+}
+
+impl Terms {
+    /// Starts a registry with the complete desired state: it fences, adopts, converges.
+    fn start(&self, index: &Arc<Mutex<Index>>, signal_tx: &mpsc::UnboundedSender<Signal>) -> Term {
+        let cancel = CancellationToken::new();
+        let registry = Registry::new(
+            self.etcd.clone(),
+            self.config.clone(),
+            self.notices.clone(),
+            self.metrics.clone(),
+            self.view.clone(),
+            cancel.clone(),
+        );
+        let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(registry.run(cmd_rx, cancel.clone()));
+        let index = index.lock().unwrap();
+        let desired = index.desired();
+        info!(instances = desired.len(), "leading: adopting and converging");
+        let _ = cmd_tx.send(Command::Resync(desired));
+        for k in index.registrations() {
+            let _ = signal_tx.send(Signal::Dirty(k.clone()));
+        }
+        Term { cancel, cmd_tx, task }
+    }
 }
 
 /// Feeds watch events into the index and passes the resulting changes on.
 struct Feed {
     index: Arc<Mutex<Index>>,
-    cmd_tx: mpsc::UnboundedSender<Command>,
     signal_tx: mpsc::UnboundedSender<Signal>,
     metrics: Metrics,
-    /// Watch streams that must list once before the registry may act.
+    /// Watch streams that must list once before a registry may act.
     scopes: usize,
-    synced: HashSet<(bool, Option<String>)>,
+    synced_streams: HashSet<(bool, Option<String>)>,
     /// Objects seen during a (re-)list, per stream, to drop the ones that vanished.
     seen: HashMap<(bool, Option<String>), HashSet<(String, String)>>,
-    resynced: bool,
+    /// The registry term, while leading.
+    term: Option<Term>,
 }
 
 impl Feed {
+    /// Every watch has listed once: adoption may now tell live registrations from stale ones.
+    fn synced(&self) -> bool {
+        self.synced_streams.len() == self.scopes
+    }
+
     fn handle(&mut self, input: Input) {
         let changes = {
             let mut index = self.index.lock().unwrap();
@@ -120,7 +225,7 @@ impl Feed {
                                     merge(&mut all, index.delete_pod(&ns, &name));
                                 }
                             }
-                            self.synced.insert(stream);
+                            self.synced_streams.insert(stream);
                             all
                         }
                     }
@@ -154,16 +259,16 @@ impl Feed {
                             for (ns, name) in gone {
                                 merge(&mut all, index.delete_registration(&ns, &name));
                             }
-                            self.synced.insert(stream);
+                            self.synced_streams.insert(stream);
                             all
                         }
                     }
                 }
             }
         };
-        if self.resynced {
+        if let Some(term) = &self.term {
             for u in changes.updates {
-                let _ = self.cmd_tx.send(Command::Update(u));
+                let _ = term.cmd_tx.send(Command::Update(u));
             }
         }
         for k in changes.registrations {
@@ -172,17 +277,6 @@ impl Feed {
         for p in changes.problems {
             self.metrics.invalid_annotations.inc();
             let _ = self.signal_tx.send(Signal::Problem(p));
-        }
-        if !self.resynced && self.synced.len() == self.scopes {
-            // Caches are complete: adoption may now tell live registrations from stale ones.
-            let index = self.index.lock().unwrap();
-            let desired = index.desired();
-            info!(instances = desired.len(), "caches synced");
-            let _ = self.cmd_tx.send(Command::Resync(desired));
-            for k in index.registrations() {
-                let _ = self.signal_tx.send(Signal::Dirty(k.clone()));
-            }
-            self.resynced = true;
         }
     }
 }

@@ -1,7 +1,9 @@
-//! The HTTP surface: /healthz (the process serves), /readyz (caches synced and etcd
-//! reachable), /metrics (Prometheus text format).
+//! The HTTP surface: /healthz (the process serves), /readyz (caches synced, and etcd
+//! reachable while leading), /metrics (Prometheus text format).
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
 use axum::extract::State;
@@ -14,18 +16,28 @@ use tracing::{error, info};
 use crate::metrics::Metrics;
 use crate::registry::SharedView;
 
+/// What /readyz reports on.
+#[derive(Default)]
+pub struct Health {
+    /// Every watch has listed once.
+    pub caches_synced: AtomicBool,
+    /// This replica runs a registry term.
+    pub leading: AtomicBool,
+}
+
 #[derive(Clone)]
 struct AppState {
     metrics: Metrics,
     view: SharedView,
+    health: Arc<Health>,
 }
 
-pub async fn serve(addr: SocketAddr, metrics: Metrics, view: SharedView, shutdown: CancellationToken) {
+pub async fn serve(addr: SocketAddr, metrics: Metrics, view: SharedView, health: Arc<Health>, shutdown: CancellationToken) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(AppState { metrics, view });
+        .with_state(AppState { metrics, view, health });
     let listener = match tokio::net::TcpListener::bind(addr).await {
         Ok(l) => l,
         Err(e) => {
@@ -38,14 +50,20 @@ pub async fn serve(addr: SocketAddr, metrics: Metrics, view: SharedView, shutdow
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if !s.health.caches_synced.load(Ordering::Relaxed) {
+        return (StatusCode::SERVICE_UNAVAILABLE, "caches not synced\n".to_string());
+    }
+    if !s.health.leading.load(Ordering::Relaxed) {
+        return (StatusCode::OK, "ok (standby)\n".to_string());
+    }
     let view = s.view.read().unwrap();
     if !view.synced {
-        return (StatusCode::SERVICE_UNAVAILABLE, "caches not synced\n".to_string());
+        return (StatusCode::SERVICE_UNAVAILABLE, "leading; adopting existing registrations\n".to_string());
     }
     if let Some(e) = &view.etcd_unavailable {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("etcd unavailable: {e}\n"));
     }
-    (StatusCode::OK, "ok\n".to_string())
+    (StatusCode::OK, "ok (leader)\n".to_string())
 }
 
 async fn metrics_text(State(s): State<AppState>) -> impl IntoResponse {

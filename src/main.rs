@@ -4,7 +4,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 
 use podlease::cli::{Cli, Commands, LogArgs, LogFormat, RunArgs};
+use std::time::Duration;
+
 use podlease::controller::{self, Settings};
+use podlease::leader::LeaderConfig;
 use podlease::registry::RegistryConfig;
 
 fn init_logging(log: &LogArgs) {
@@ -42,6 +45,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube_client(&args).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
+    let instance = std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "podlease".into());
+    // Two replicas may share a name after a restart: the identity must still be unique.
+    let identity = format!("{instance}_{:08x}", rand::random::<u32>());
+    let leader = args.leader_elect.then(|| {
+        let namespace = args
+            .leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "default".into());
+        LeaderConfig::new(
+            namespace,
+            args.leader_election_name.clone(),
+            identity.clone(),
+            Duration::from_secs(args.leader_lease_duration.max(2)),
+        )
+    });
     let settings = Settings {
         defaults: args.defaults(),
         etcd: args.etcd.config(),
@@ -49,12 +68,17 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             owner_prefix: args.owner_prefix.clone(),
             call_timeout: args.etcd.config().call_timeout,
             concurrency: args.concurrency.max(1),
+            verify_interval: Duration::from_secs(args.verify_interval.max(1)),
+            identity,
+            fence_ttl: args.leader_lease_duration.max(2) as i64,
+            revoke_on_shutdown: args.revoke_on_shutdown,
             ..Default::default()
         },
         cluster_id: args.cluster_id.clone(),
         namespaces: args.watch_namespace.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),
         metrics_addr: args.metrics_addr,
-        instance: std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "podlease".into()),
+        instance,
+        leader,
     };
     controller::run(client, settings, shutdown).await
 }

@@ -34,6 +34,8 @@ pub struct Metrics {
     pub conflicts: Counter,
     pub invalid_annotations: Counter,
     pub leader: Gauge,
+    pub fenced_writes: Counter,
+    pub drift_repairs: Counter,
 }
 
 impl Default for Metrics {
@@ -74,6 +76,10 @@ impl Metrics {
         r.register("invalid_annotations", "Pods with invalid podlease.io annotations seen", invalid_annotations.clone());
         let leader = Gauge::default();
         r.register("leader", "1 while this replica leads (writes to etcd)", leader.clone());
+        let fenced_writes = Counter::default();
+        r.register("fenced_writes", "Writes etcd refused because another replica had taken over", fenced_writes.clone());
+        let drift_repairs = Counter::default();
+        r.register("drift_repairs", "Managed keys found deleted or altered out of band and written again", drift_repairs.clone());
         Metrics {
             registry: Arc::new(r),
             instances,
@@ -88,6 +94,8 @@ impl Metrics {
             conflicts,
             invalid_annotations,
             leader,
+            fenced_writes,
+            drift_repairs,
         }
     }
 

@@ -59,6 +59,17 @@ async fn ready_pod(bed: &TestBed, name: &str, labels: &[(&str, &str)], ip: &str)
     set_ready(&bed.kube, NS, name, ip, true).await;
 }
 
+/// Ownership records (`/podlease/owners/<cluster>/<ns>/<pod>/<registration>`), not the
+/// leader fence key beside them (`/podlease/owners/<cluster>`).
+async fn owner_records(bed: &TestBed) -> Vec<String> {
+    keys(&bed.etcd, "/podlease/owners/")
+        .await
+        .into_iter()
+        .map(|kv| kv.key_str().unwrap().to_string())
+        .filter(|k| k.trim_start_matches("/podlease/owners/").contains('/'))
+        .collect()
+}
+
 async fn events_for(bed: &TestBed, name: &str) -> Vec<Event> {
     let api: Api<Event> = Api::namespaced(bed.kube.clone(), NS);
     api.list(&ListParams::default()).await.unwrap().items.into_iter().filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)).collect()
@@ -101,7 +112,7 @@ async fn a_ready_pod_is_published_under_its_own_lease_and_revoked_when_not_ready
     assert!(lc.time_to_live(kv.lease(), None).await.unwrap().ttl() <= 0, "the lease was revoked, not left to expire");
     let st = wait_status(&bed, "user", "0 registered", |s| s.registered == 0).await;
     assert_eq!((st.matching_pods, st.ready_pods), (1, 0));
-    assert!(keys(&bed.etcd, "/podlease/owners/").await.is_empty(), "the ownership record went with the lease");
+    assert!(owner_records(&bed).await.is_empty(), "the ownership record went with the lease");
 }
 
 #[tokio::test]
@@ -170,12 +181,13 @@ async fn deleting_a_registration_revokes_its_keys_then_releases_the_finalizer() 
     api.delete("user", &DeleteParams::default()).await.unwrap();
     wait_until("ServiceRegistration gone", DEADLINE, || async { api.get_opt("user").await.ok()?.is_none().then_some(()) }).await;
     assert!(keys(&bed.etcd, "/services/user/").await.is_empty(), "keys left behind");
-    assert!(keys(&bed.etcd, "/podlease/owners/").await.is_empty(), "ownership records left behind");
+    assert!(owner_records(&bed).await.is_empty(), "ownership records left behind");
 }
 
 #[tokio::test]
 async fn after_sigkill_the_keys_expire_within_the_ttl() {
-    let (bed, mut c) = bed_and_controller(&[]).await;
+    // The leader fence lives under a lease as long as the leader Lease: 5 s here too.
+    let (bed, mut c) = bed_and_controller(&["--leader-lease-duration", "5"]).await;
     create_sreg(&bed, "user", json!({"selector": {"matchLabels": {"app": "user"}}, "ttlSeconds": 5})).await;
     ready_pod(&bed, "user-1", &[("app", "user")], "10.0.0.1").await;
     ready_pod(&bed, "user-2", &[("app", "user")], "10.0.0.2").await;
@@ -338,7 +350,7 @@ async fn every_lease_is_renewed_over_one_keepalive_stream() {
     })
     .await;
     assert_eq!(keepalive_streams(&bed).await, 1, "one LeaseKeepAlive stream for all {n} leases");
-    assert_eq!(metric(&c.metrics().await, "podlease_leases_held"), n as f64);
+    assert_eq!(metric(&c.metrics().await, "podlease_leases_held"), n as f64 + 1.0, "one per pod, plus the leader fence's");
     assert_eq!(keys(&bed.etcd, "/services/many/").await.len(), n, "no key expired");
 }
 

@@ -168,7 +168,10 @@ impl Driver {
     /// if etcd must already have expired it.
     fn due(&mut self, lease: i64) {
         let Some(t) = self.leases.get_mut(&lease) else { return };
-        if Instant::now() >= t.deadline {
+        // Only a live stream that left renewals unanswered for a whole TTL proves the lease
+        // gone. With etcd unreachable we cannot know (etcd extends leases across its own
+        // restarts and leader changes): keep it, and ask again once the stream is back.
+        if self.keeper.is_some() && Instant::now() >= t.deadline {
             // No renewal got through within the TTL: etcd has expired it (or will).
             self.leases.remove(&lease);
             self.metrics.leases_held.set(self.leases.len() as i64);
@@ -230,8 +233,10 @@ impl Driver {
                     self.keeper = Some(keeper);
                     self.responses = Some(stream);
                     self.backoff.reset();
-                    if let Some(t) = self.leases.get_mut(&lease) {
-                        t.deadline = Instant::now() + Duration::from_secs(t.ttl as u64);
+                    // Fresh deadlines from now: every lease gets asked about again at once.
+                    let now = Instant::now();
+                    for t in self.leases.values_mut() {
+                        t.deadline = now + Duration::from_secs(t.ttl as u64);
                     }
                     // Anything may be overdue after an outage: renew everyone now.
                     self.outbox = self.leases.keys().copied().filter(|l| *l != lease).collect();

@@ -26,7 +26,16 @@ use crate::metrics::{Metrics, OpLabels, StateLabels};
 use lease::{Backoff, Keepalive};
 pub use owner::Owners;
 pub use write::Held;
-use write::{OpError, Outcome, Writer};
+use write::{OpError, Outcome, Writer, drifted, establish_fence};
+
+/// How a registry term ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TermEnd {
+    /// Shutdown, or leadership lost as the elector saw it.
+    Stopped,
+    /// etcd refused a write because another replica's fence is in place (or ours lapsed).
+    Fenced,
+}
 
 /// How the registry is set up.
 #[derive(Debug, Clone)]
@@ -39,6 +48,17 @@ pub struct RegistryConfig {
     pub concurrency: usize,
     /// How often an instance blocked by someone else's key is tried again.
     pub conflict_retry: Duration,
+    /// How often every held key is checked against etcd (deleted or altered out of band).
+    pub verify_interval: Duration,
+    /// Fence writes with a leader key (off only for a controller without leader election).
+    pub fence: bool,
+    /// This replica's identity (written into the fence key).
+    pub identity: String,
+    /// TTL of the fence key's lease.
+    pub fence_ttl: i64,
+    /// Revoke every lease when the term ends by shutdown (default: leave them for the next
+    /// leader to adopt).
+    pub revoke_on_shutdown: bool,
 }
 
 impl Default for RegistryConfig {
@@ -49,6 +69,11 @@ impl Default for RegistryConfig {
             call_timeout: Duration::from_secs(5),
             concurrency: 128,
             conflict_retry: Duration::from_secs(10),
+            verify_interval: Duration::from_secs(30),
+            fence: true,
+            identity: "podlease".into(),
+            fence_ttl: 15,
+            revoke_on_shutdown: false,
         }
     }
 }
@@ -164,20 +189,34 @@ pub struct Registry {
     synced: bool,
     /// Updates that arrived before the first resync (applied after adoption).
     early: Vec<Update>,
+    /// The fence key's own lease (its loss ends the term).
+    fence_lease: Option<i64>,
+    term: CancellationToken,
+    verifying: bool,
+    verify_done: Option<tokio::sync::oneshot::Receiver<Result<Vec<InstanceId>, OpError>>>,
 }
 
 impl Registry {
+    /// A registry for one leadership term. `view` is reset and then kept current; the
+    /// keepalive driver lives as long as `term`.
     pub fn new(
         client: Client,
         config: RegistryConfig,
         notices: mpsc::UnboundedSender<Notice>,
         metrics: Metrics,
-        shutdown: CancellationToken,
-    ) -> (Registry, SharedView) {
+        view: SharedView,
+        term: CancellationToken,
+    ) -> Registry {
         let (lost_tx, lost) = mpsc::unbounded_channel();
-        let keepalive = Keepalive::spawn(client.clone(), lost_tx, metrics.clone(), shutdown);
-        let view: SharedView = Arc::default();
-        let writer = Writer { client, owners: Owners::new(&config.owner_prefix, &config.cluster_id), timeout: config.call_timeout };
+        let keepalive = Keepalive::spawn(client.clone(), lost_tx, metrics.clone(), term.clone());
+        *view.write().unwrap() = View::default();
+        metrics.instances.clear();
+        let writer = Writer {
+            client,
+            owners: Owners::new(&config.owner_prefix, &config.cluster_id),
+            timeout: config.call_timeout,
+            fence: None,
+        };
         let registry = Registry {
             writer,
             config,
@@ -194,25 +233,57 @@ impl Registry {
             metrics,
             synced: false,
             early: Vec::new(),
+            fence_lease: None,
+            term,
+            verifying: false,
+            verify_done: None,
         };
-        (registry, view)
+        registry
+    }
+
+    /// The fence key: beside this cluster's ownership records, not among them.
+    fn fence_key(&self) -> String {
+        format!("{}/{}", self.config.owner_prefix.trim_end_matches('/'), self.config.cluster_id)
     }
 
     /// Runs until `shutdown`. Leases are NOT revoked on the way out: the next leader adopts
     /// them, so a rollout deregisters nothing.
-    pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, shutdown: CancellationToken) {
-        loop {
+    pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, shutdown: CancellationToken) -> TermEnd {
+        if self.config.fence && !self.fence(&shutdown).await {
+            return TermEnd::Stopped;
+        }
+        let mut verify = tokio::time::interval(self.config.verify_interval);
+        verify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        verify.tick().await;
+        let end = loop {
             self.dispatch();
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break,
-                Some(lease) = self.lost.recv() => self.on_lease_lost(lease),
+                _ = shutdown.cancelled() => break TermEnd::Stopped,
+                Some(lease) = self.lost.recv() => {
+                    if Some(lease) == self.fence_lease {
+                        warn!("the fence lease lapsed; ending this term");
+                        break TermEnd::Fenced;
+                    }
+                    self.on_lease_lost(lease)
+                }
                 Some(done) = self.ops.join_next(), if !self.ops.is_empty() => match done {
+                    Ok((_, _, _, Err(OpError::Fenced))) => {
+                        self.metrics.fenced_writes.inc();
+                        warn!("etcd refused a write: another replica leads now; ending this term");
+                        break TermEnd::Fenced;
+                    }
                     Ok((id, op, started, result)) => self.on_done(id, op, started, result),
                     Err(e) => warn!(error = %e, "registry operation panicked"),
                 },
+                _ = verify.tick(), if self.synced && !self.verifying => self.start_verify(),
+                Ok(result) = async { self.verify_done.as_mut().unwrap().await }, if self.verify_done.is_some() => {
+                    self.verify_done = None;
+                    self.verifying = false;
+                    self.on_verified(result);
+                }
                 cmd = commands.recv() => match cmd {
-                    None => break,
+                    None => break TermEnd::Stopped,
                     Some(Command::Resync(all)) => self.resync(all).await,
                     Some(Command::Update(u)) if !self.synced => self.early.push(u),
                     Some(Command::Update(u)) => self.apply(u),
@@ -225,8 +296,101 @@ impl Registry {
                     self.enqueue(id);
                 }
             }
-        }
+        };
         self.ops.abort_all();
+        if end == TermEnd::Stopped && self.config.revoke_on_shutdown {
+            self.revoke_all().await;
+        }
+        self.view.write().unwrap().synced = false;
+        end
+    }
+
+    /// Takes the fence for this term: until it is written, nothing else is.
+    async fn fence(&mut self, shutdown: &CancellationToken) -> bool {
+        let key = self.fence_key();
+        let mut backoff = Backoff::default();
+        loop {
+            match establish_fence(&self.writer, &key, &self.config.identity, self.config.fence_ttl).await {
+                Ok((fence, lease)) => {
+                    info!(key, revision = fence.revision, "fence taken");
+                    self.keepalive.track(lease, self.config.fence_ttl.max(write::MIN_FENCE_TTL));
+                    self.fence_lease = Some(lease);
+                    self.writer.fence = Some(fence);
+                    self.etcd_ok();
+                    return true;
+                }
+                Err(e) => {
+                    self.etcd_failed(&e);
+                    let d = backoff.next();
+                    warn!(error = %e, retry_in = ?d, "writing the fence key failed");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return false,
+                        _ = tokio::time::sleep(d) => {}
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks every held key against etcd in the background.
+    fn start_verify(&mut self) {
+        let held: Vec<(InstanceId, Held)> = self
+            .slots
+            .iter()
+            .filter(|(_, s)| !s.busy && s.desired.is_some())
+            .filter_map(|(id, s)| s.held.clone().map(|h| (id.clone(), h)))
+            .collect();
+        if held.is_empty() {
+            return;
+        }
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let writer = self.writer.clone();
+        tokio::spawn(async move {
+            let _ = tx.send(drifted(&writer, held).await);
+        });
+        self.verifying = true;
+        self.verify_done = Some(rx);
+    }
+
+    /// Instances whose key was deleted or altered out of band are written again (or found
+    /// in conflict if someone else's key now stands there).
+    fn on_verified(&mut self, result: Result<Vec<InstanceId>, OpError>) {
+        match result {
+            Ok(ids) => {
+                for id in ids {
+                    if let Some(slot) = self.slots.get_mut(&id)
+                        && let Some(h) = slot.held.as_mut()
+                    {
+                        warn!(namespace = id.namespace, pod = id.pod, key = h.key, "key changed out of band; repairing");
+                        self.metrics.drift_repairs.inc();
+                        h.value_hash.clear(); // forces an update, which recreates or reports
+                        self.enqueue(id);
+                    }
+                }
+            }
+            Err(e) => debug!(error = %e, "verifying keys failed"),
+        }
+    }
+
+    /// Revokes every held lease (shutdown with --revoke-on-shutdown).
+    async fn revoke_all(&mut self) {
+        let held: Vec<(InstanceId, Held)> =
+            self.slots.iter().filter_map(|(id, s)| s.held.clone().map(|h| (id.clone(), h))).collect();
+        info!(leases = held.len(), "revoking every lease before exit");
+        let writer = self.writer.clone();
+        futures::stream::iter(held)
+            .for_each_concurrent(self.config.concurrency, |(id, h)| {
+                let writer = writer.clone();
+                async move {
+                    if let Err(e) = writer.revoke(&id, &h).await {
+                        warn!(error = %e, key = h.key, "revoking on shutdown failed; the key expires with its TTL");
+                    }
+                }
+            })
+            .await;
+        if let Some(l) = self.fence_lease {
+            let _ = writer.revoke_lease(l).await;
+        }
     }
 
     /// Adopts what the ownership records say we hold, then converges on `all`.
@@ -240,7 +404,10 @@ impl Registry {
                         self.etcd_failed(&e);
                         let d = backoff.next();
                         warn!(error = %e, retry_in = ?d, "reading ownership records failed");
-                        tokio::time::sleep(d).await;
+                        tokio::select! {
+                            _ = self.term.cancelled() => return,
+                            _ = tokio::time::sleep(d) => {}
+                        }
                     }
                 }
             };
@@ -338,11 +505,11 @@ impl Registry {
                 let result = match op {
                     Op::Register(d) => writer.register(&task_id, &d).await,
                     Op::Update(d, h) => writer.update(&task_id, &d, &h).await,
-                    Op::Replace(d, h) => match writer.revoke(h.lease).await {
+                    Op::Replace(d, h) => match writer.revoke(&task_id, &h).await {
                         Ok(_) => writer.register(&task_id, &d).await,
                         Err(e) => Err(e),
                     },
-                    Op::Revoke(h) => writer.revoke(h.lease).await,
+                    Op::Revoke(h) => writer.revoke(&task_id, &h).await,
                 };
                 (task_id, label, started, result)
             });

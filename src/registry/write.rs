@@ -4,10 +4,13 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse};
+use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use k8s_openapi::jiff::Timestamp;
 
 use super::owner::{OwnerRecord, Owners, value_hash};
+
+/// Leases podlease itself needs (the leader fence) are granted with this TTL at least.
+pub const MIN_FENCE_TTL: i64 = 5;
 use crate::desired::{Desired, InstanceId};
 
 /// What the registry holds in etcd for one instance.
@@ -38,14 +41,26 @@ pub enum OpError {
     Timeout { op: &'static str, after: Duration },
     #[error("etcd {op}: {source}")]
     Etcd { op: &'static str, source: etcd_client::Error },
+    /// Another replica has taken over: this one must not write anything more.
+    #[error("fenced: another podlease replica leads now")]
+    Fenced,
 }
 
 impl OpError {
     pub fn op(&self) -> &'static str {
         match self {
             OpError::Timeout { op, .. } | OpError::Etcd { op, .. } => op,
+            OpError::Fenced => "fenced",
         }
     }
+}
+
+/// The leader's fence: every write Txn requires the fence key to be at the revision this
+/// leader wrote it at. A new leader rewrites the key, so a deposed leader's writes fail.
+#[derive(Debug, Clone)]
+pub struct Fence {
+    pub key: String,
+    pub revision: i64,
 }
 
 /// Everything an operation needs; cheap to clone into a task.
@@ -54,6 +69,7 @@ pub struct Writer {
     pub client: Client,
     pub owners: Owners,
     pub timeout: Duration,
+    pub fence: Option<Fence>,
 }
 
 fn is_lease_not_found(e: &etcd_client::Error) -> bool {
@@ -71,6 +87,29 @@ impl Writer {
             Ok(Err(source)) => Err(OpError::Etcd { op, source }),
             Err(_) => Err(OpError::Timeout { op, after: self.timeout }),
         }
+    }
+
+    /// Runs `inner` only while this replica's fence holds.
+    async fn txn(&self, inner: Txn) -> Result<TxnResponse, OpError> {
+        let Some(fence) = &self.fence else {
+            let mut kv = self.client.kv_client();
+            return self.call("txn", kv.txn(inner)).await;
+        };
+        let outer = Txn::new()
+            .when(vec![Compare::mod_revision(fence.key.as_str(), CompareOp::Equal, fence.revision)])
+            .and_then(vec![TxnOp::txn(inner)]);
+        let mut kv = self.client.kv_client();
+        let resp = self.call("txn", kv.txn(outer)).await?;
+        if !resp.succeeded() {
+            return Err(OpError::Fenced);
+        }
+        resp.op_responses()
+            .into_iter()
+            .find_map(|r| match r {
+                TxnOpResponse::Txn(t) => Some(t),
+                _ => None,
+            })
+            .ok_or(OpError::Fenced)
     }
 
     fn owner_put(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> TxnOp {
@@ -97,35 +136,55 @@ impl Writer {
     pub async fn register(&self, id: &InstanceId, d: &Desired) -> Result<Outcome, OpError> {
         let mut lc = self.client.lease_client();
         let lease = self.call("grant", lc.grant(d.ttl, None)).await?.id();
+        crate::failpoint::hit("after-grant");
         let key = d.key.with_lease(lease);
         match self.put_if_absent(id, d, &key, lease).await {
-            Ok(Outcome::Registered(h)) => Ok(Outcome::Registered(h)),
+            Ok(Outcome::Registered(h)) if h.lease == lease => Ok(Outcome::Registered(h)),
             other => {
-                // Nothing of ours is under the lease: drop it now rather than at TTL.
-                let _ = self.revoke(lease).await;
+                // Nothing is under the fresh lease: drop it now rather than at its TTL.
+                let _ = self.revoke_lease(lease).await;
                 other
             }
         }
     }
 
     async fn put_if_absent(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> Result<Outcome, OpError> {
+        let owner_key = self.owners.key(id);
         let txn = Txn::new()
             .when(vec![Compare::create_revision(key, CompareOp::Equal, 0)])
             .and_then(self.puts(id, d, key, lease))
-            .or_else(vec![TxnOp::get(key, None)]);
-        let mut kv = self.client.kv_client();
-        let resp = match self.call("txn", kv.txn(txn)).await {
+            .or_else(vec![TxnOp::get(key, None), TxnOp::get(owner_key.as_str(), None)]);
+        let resp = match self.txn(txn).await {
             Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => return Ok(Outcome::LeaseGone),
             r => r?,
         };
         if resp.succeeded() {
             return Ok(Outcome::Registered(Self::held(d, key.to_string(), lease)));
         }
-        let holder = resp.op_responses().into_iter().find_map(|r| match r {
-            TxnOpResponse::Get(g) => g.kvs().first().map(|kv| kv.lease()),
+        let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
+            TxnOpResponse::Get(g) => Some(g.kvs().first().cloned()),
             _ => None,
         });
-        Ok(conflict(key, holder))
+        let (existing, record) = (gets.next().flatten(), gets.next().flatten());
+        // Our own key from before (a restart, an etcd outage that outlived our bookkeeping):
+        // its ownership record names it under the same lease. Take it back instead of
+        // reporting a conflict with ourselves.
+        if let (Some(existing), Some(record)) = (&existing, &record)
+            && existing.lease() != 0
+            && existing.lease() == record.lease()
+            && let Ok(rec) = serde_json::from_slice::<OwnerRecord>(record.value())
+            && rec.key == key
+        {
+            return Ok(Outcome::Registered(Held {
+                lease: existing.lease(),
+                key: key.to_string(),
+                ttl: rec.ttl,
+                value_hash: rec.value_hash,
+                pod_uid: rec.pod_uid,
+                since: Timestamp::now(),
+            }));
+        }
+        Ok(conflict(key, existing.map(|kv| kv.lease())))
     }
 
     /// Rewrites the value (and record) in place under the held lease: watchers see a PUT,
@@ -136,8 +195,7 @@ impl Writer {
             .when(vec![Compare::lease(key.as_str(), CompareOp::Equal, held.lease)])
             .and_then(self.puts(id, d, &key, held.lease))
             .or_else(vec![TxnOp::get(key.as_str(), None)]);
-        let mut kv = self.client.kv_client();
-        let resp = match self.call("txn", kv.txn(txn)).await {
+        let resp = match self.txn(txn).await {
             Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => return Ok(Outcome::LeaseGone),
             r => r?,
         };
@@ -157,21 +215,33 @@ impl Writer {
                     Ok(Outcome::Registered(h))
                 }
                 other => {
-                    let _ = self.revoke(held.lease).await;
+                    self.revoke(id, held).await?;
                     Ok(other)
                 }
             },
             Some(holder) => {
                 // Someone replaced our key: leave theirs alone and let go of ours.
-                let _ = self.revoke(held.lease).await;
+                self.revoke(id, held).await?;
                 Ok(conflict(&key, Some(holder)))
             }
         }
     }
 
-    /// Revokes a lease: its key and ownership record vanish at once. An unknown lease is
-    /// already gone, which is what we wanted.
-    pub async fn revoke(&self, lease: i64) -> Result<Outcome, OpError> {
+    /// Ends an instance: deletes its key (if still under our lease) and its ownership record
+    /// in one fenced Txn, then revokes the lease. Watchers see one DELETE of the same key.
+    pub async fn revoke(&self, id: &InstanceId, held: &Held) -> Result<Outcome, OpError> {
+        let owner_key = self.owners.key(id);
+        let txn = Txn::new()
+            .when(vec![Compare::lease(held.key.as_str(), CompareOp::Equal, held.lease)])
+            .and_then(vec![TxnOp::delete(held.key.as_str(), None), TxnOp::delete(owner_key.as_str(), None)])
+            .or_else(vec![TxnOp::delete(owner_key.as_str(), None)]);
+        self.txn(txn).await?;
+        self.revoke_lease(held.lease).await
+    }
+
+    /// Revokes a lease: everything under it vanishes. An unknown lease is already gone,
+    /// which is what we wanted.
+    pub async fn revoke_lease(&self, lease: i64) -> Result<Outcome, OpError> {
         let mut lc = self.client.lease_client();
         match self.call("revoke", lc.revoke(lease)).await {
             Ok(_) => Ok(Outcome::Revoked),
@@ -188,4 +258,34 @@ fn conflict(key: &str, holder: Option<i64>) -> Outcome {
         None => format!("key {key} is held by another writer; podlease leaves it alone"),
     };
     Outcome::Conflict { key: key.to_string(), message }
+}
+
+/// Writes the fence key under a lease of its own; returns the fence and the lease.
+pub async fn establish_fence(w: &Writer, key: &str, identity: &str, ttl: i64) -> Result<(Fence, i64), OpError> {
+    let mut lc = w.client.lease_client();
+    let lease = w.call("grant", lc.grant(ttl.max(MIN_FENCE_TTL), None)).await?.id();
+    let mut kv = w.client.kv_client();
+    let resp = w.call("put", kv.put(key, identity, Some(PutOptions::new().with_lease(lease)))).await?;
+    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
+    Ok((Fence { key: key.to_string(), revision }, lease))
+}
+
+/// Which held instances no longer look as written: key gone, under another lease, or a
+/// different value. Reads in batches of Gets inside one Txn each.
+pub async fn drifted(w: &Writer, held: Vec<(InstanceId, Held)>) -> Result<Vec<InstanceId>, OpError> {
+    const BATCH: usize = 64;
+    let mut out = Vec::new();
+    for chunk in held.chunks(BATCH) {
+        let gets: Vec<TxnOp> = chunk.iter().map(|(_, h)| TxnOp::get(h.key.as_str(), None)).collect();
+        let mut kv = w.client.kv_client();
+        let resp = w.call("verify", kv.txn(Txn::new().and_then(gets))).await?;
+        for ((id, h), r) in chunk.iter().zip(resp.op_responses()) {
+            let TxnOpResponse::Get(g) = r else { continue };
+            let ok = g.kvs().first().is_some_and(|kv| kv.lease() == h.lease && value_hash(kv.value()) == h.value_hash);
+            if !ok {
+                out.push(id.clone());
+            }
+        }
+    }
+    Ok(out)
 }

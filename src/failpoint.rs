@@ -1,0 +1,13 @@
+//! Crash points for fault-injection tests: with `PODLEASE_FAILPOINT=<name>` set, the process
+//! aborts (as a SIGKILL would end it) the first time it reaches that point. Unset, a point
+//! costs one load of a cached value.
+
+use std::sync::OnceLock;
+
+pub fn hit(name: &str) {
+    static POINT: OnceLock<Option<String>> = OnceLock::new();
+    if POINT.get_or_init(|| std::env::var("PODLEASE_FAILPOINT").ok()).as_deref() == Some(name) {
+        eprintln!("podlease: failpoint {name} reached; aborting");
+        std::process::abort();
+    }
+}
