@@ -45,9 +45,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     let client = kube_client(&args).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(on_signal(shutdown.clone()));
-    let instance = std::env::var("POD_NAME").or_else(|_| std::env::var("HOSTNAME")).unwrap_or_else(|_| "podlease".into());
-    // Two replicas may share a name after a restart: the identity must still be unique.
-    let identity = format!("{instance}_{:08x}", rand::random::<u32>());
+    let pod_name = std::env::var("POD_NAME").ok().filter(|n| !n.is_empty());
+    let instance = pod_name.clone().or_else(|| std::env::var("HOSTNAME").ok()).unwrap_or_else(|| "podlease".into());
+    // The pod name is unique while the pod lives, and a restarted container keeps it: it
+    // takes its Lease back at once. Without one, a random suffix keeps identities apart.
+    let identity = pod_name.unwrap_or_else(|| format!("{instance}_{:08x}", rand::random::<u32>()));
     let leader = args.leader_elect.then(|| {
         let namespace = args
             .leader_election_namespace

@@ -327,12 +327,7 @@ async fn keepalive_streams(bed: &TestBed) -> u64 {
         .sum::<f64>() as u64
 }
 
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
-}
+use support::controller::metric;
 
 #[tokio::test]
 async fn every_lease_is_renewed_over_one_keepalive_stream() {

@@ -12,6 +12,8 @@ pub struct Controller {
     pub metrics_port: u16,
     pub log: PathBuf,
     args: Vec<String>,
+    /// Extra environment for the next start (e.g. a failpoint).
+    pub env: Vec<(String, String)>,
     name: String,
     kubeconfig: PathBuf,
     etcd: String,
@@ -27,6 +29,7 @@ impl Controller {
             metrics_port: 0,
             log: PathBuf::new(),
             args: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
             name: name.to_string(),
             kubeconfig: bed.kubeconfig.clone(),
             etcd: bed.etcd_endpoint(),
@@ -50,16 +53,17 @@ impl Controller {
         self.metrics_port = free_port();
         self.log = self.log_dir.join(format!("podlease-{}-{}.log", self.name, self.runs));
         let mut cmd = Command::new(binary());
-        cmd.arg("run")
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--etcd-endpoints")
-            .arg(&self.etcd)
-            .arg("--metrics-addr")
+        cmd.arg("run").arg("--kubeconfig").arg(&self.kubeconfig);
+        // The bed's registry etcd unless the test names its own (the flag accumulates).
+        if !self.args.iter().any(|a| a == "--etcd-endpoints") {
+            cmd.arg("--etcd-endpoints").arg(&self.etcd);
+        }
+        cmd.arg("--metrics-addr")
             .arg(format!("127.0.0.1:{}", self.metrics_port))
             .args(&self.args)
             .env("PODLEASE_LOG_LEVEL", "info,podlease=debug")
-            .env("POD_NAME", &self.name);
+            .env("POD_NAME", &self.name)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.child = Some(spawn_owned(&mut cmd, &self.log));
     }
 
@@ -117,12 +121,46 @@ impl Controller {
     pub async fn metrics(&self) -> String {
         http_get(&format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await.expect("metrics").1
     }
+
+    /// One sample of a metric without labels (0 when absent or unreachable).
+    pub async fn metric(&self, name: &str) -> f64 {
+        let Some((_, text)) = http_get(&format!("http://127.0.0.1:{}/metrics", self.metrics_port)).await else { return 0.0 };
+        metric(&text, name)
+    }
+
+    /// Whether this replica currently leads (runs a registry term).
+    pub async fn leads(&self) -> bool {
+        self.metric("podlease_leader").await == 1.0
+    }
+
+    /// Waits until the process has exited (e.g. at a failpoint) and returns its status.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(s)) = c.try_wait()
+            {
+                self.child = None;
+                return s;
+            }
+            assert!(start.elapsed() < DEADLINE, "podlease {} did not exit", self.name);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
 }
 
 impl Drop for Controller {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The value of an unlabelled sample `name` in a Prometheus text exposition.
+pub fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 /// The podlease binary: cargo's for tests, $PODLEASE_BIN for the demo example.

@@ -123,6 +123,7 @@ pub struct EtcdServer {
     log: PathBuf,
     initial_cluster: String,
     child: Option<Child>,
+    runs: usize,
 }
 
 impl EtcdServer {
@@ -165,9 +166,10 @@ impl EtcdServer {
             client_port,
             peer_port,
             data_dir: dir.join(format!("etcd-{name}")),
-            log: dir.join(format!("etcd-{name}.log")),
+            log: dir.join(format!("etcd-{name}")),
             initial_cluster,
             child: None,
+            runs: 0,
         }
     }
 
@@ -195,14 +197,15 @@ impl EtcdServer {
             .arg("--initial-cluster-state")
             .arg("new")
             .arg("--log-level")
-            .arg("warn")
+            .arg(std::env::var("PODLEASE_ETCD_LOG_LEVEL").unwrap_or_else(|_| "warn".into()))
             // Fast elections keep fault-injection tests short; defaults are 100ms/1000ms.
             .arg("--heartbeat-interval")
             .arg("50")
             .arg("--election-timeout")
             .arg("500");
-        // Append to the log across restarts.
-        let log = self.log.with_extension(format!("{}.log", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos()));
+        // One log per run: etcd-<name>-<run>.log.
+        self.runs += 1;
+        let log = PathBuf::from(format!("{}-{}.log", self.log.display(), self.runs));
         self.child = Some(spawn_owned(&mut cmd, &log));
     }
 
@@ -219,7 +222,7 @@ impl EtcdServer {
                     return;
                 }
             }
-            assert!(start.elapsed() < DEADLINE, "etcd {} did not become healthy; log in {}", self.name, self.log.display());
+            assert!(start.elapsed() < DEADLINE, "etcd {} did not become healthy; log in {}-{}.log", self.name, self.log.display(), self.runs);
             std::thread::sleep(Duration::from_millis(50));
         }
     }

@@ -1,0 +1,333 @@
+//! Fault injection with real processes on the test bed. Each test asserts on etcd contents
+//! and on the DELETE events an etcd watcher saw.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use kube::api::{Api, PostParams};
+use podlease::registration::ServiceRegistration;
+use serde_json::json;
+use support::etcd::{Recorder, keys, wait_absent, wait_key};
+use support::*;
+
+const NS: &str = "default";
+
+async fn create_sreg(bed: &TestBed, name: &str, spec: serde_json::Value) {
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    let obj: ServiceRegistration = serde_json::from_value(json!({
+        "apiVersion": "podlease.io/v1alpha1", "kind": "ServiceRegistration",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &obj).await.unwrap();
+}
+
+async fn ready_pods(bed: &TestBed, app: &str, n: usize) {
+    let kube = bed.kube.clone();
+    futures::future::join_all((0..n).map(|i| {
+        let kube = kube.clone();
+        async move {
+            let name = format!("{app}-{i}");
+            create_pod(&kube, NS, &PodSpec::new(&name).label("app", app)).await;
+            set_ready(&kube, NS, &name, &pod_ip(i + 1), true).await;
+        }
+    }))
+    .await;
+}
+
+async fn wait_count(bed: &TestBed, prefix: &str, n: usize) {
+    wait_until(&format!("{n} keys under {prefix}"), DEADLINE, || async { (keys(&bed.etcd, prefix).await.len() == n).then_some(()) }).await;
+}
+
+async fn wait_leader<'a>(replicas: &'a [&'a Controller]) -> usize {
+    wait_until("a leader", DEADLINE, || async {
+        for (i, c) in replicas.iter().enumerate() {
+            if c.leads().await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+}
+
+fn pod_deletes(r: &Recorder, prefix: &str) -> Vec<String> {
+    r.deletes().into_iter().map(|e| e.key).filter(|k| k.starts_with(prefix)).collect()
+}
+
+#[tokio::test]
+async fn killing_the_leader_hands_over_without_a_single_delete() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let args = ["--leader-lease-duration", "3"];
+    let mut a = Controller::start(&bed, "a", &args).await;
+    let mut b = Controller::start(&bed, "b", &args).await;
+    create_sreg(&bed, "roll", json!({"selector": {"matchLabels": {"app": "roll"}}, "ttlSeconds": 10})).await;
+    ready_pods(&bed, "roll", 100).await;
+    wait_count(&bed, "/services/roll/", 100).await;
+    let before: BTreeSet<(String, i64)> = keys(&bed.etcd, "/services/roll/").await.iter().map(|kv| (kv.key_str().unwrap().into(), kv.lease())).collect();
+
+    let leader = wait_leader(&[&a, &b]).await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+    let (dead, standby) = if leader == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let killed = Instant::now();
+    dead.kill();
+    wait_until("the standby leads", DEADLINE, || async { standby.leads().await.then_some(()) }).await;
+    // Leading includes adoption: /readyz says so once the registry has synced.
+    wait_until("the standby has adopted", DEADLINE, || async {
+        let (code, body) = support::controller::http_get(&format!("http://127.0.0.1:{}/readyz", standby.metrics_port)).await?;
+        (code == 200 && body.contains("leader")).then_some(())
+    })
+    .await;
+    let takeover = killed.elapsed();
+    println!("measured: takeover after SIGKILL of the leader (leader Lease 3 s): {takeover:?}");
+
+    // Outlive the 10 s TTL of the old leader's last renewals: only the new leader keeps them.
+    let target = standby.metric("podlease_keepalive_requests_total").await + 300.0;
+    wait_until("three renewal rounds by the new leader", Duration::from_secs(40), || async {
+        (standby.metric("podlease_keepalive_requests_total").await >= target).then_some(())
+    })
+    .await;
+    assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new(), "watchers saw DELETEs");
+    let after: BTreeSet<(String, i64)> = keys(&bed.etcd, "/services/roll/").await.iter().map(|kv| (kv.key_str().unwrap().into(), kv.lease())).collect();
+    assert_eq!(after, before, "every key still there, under the same (adopted) lease");
+}
+
+#[tokio::test]
+async fn a_graceful_rollout_hands_over_at_once_and_deletes_nothing() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let args = ["--leader-lease-duration", "15"];
+    let mut a = Controller::start(&bed, "a", &args).await;
+    create_sreg(&bed, "roll", json!({"selector": {"matchLabels": {"app": "roll"}}})).await;
+    ready_pods(&bed, "roll", 20).await;
+    wait_count(&bed, "/services/roll/", 20).await;
+    let b = Controller::start(&bed, "b", &args).await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+    let stopped = Instant::now();
+    assert!(a.terminate().success(), "SIGTERM exits cleanly");
+    // The Lease was released: the standby need not wait out the 15 s lease duration.
+    wait_until("b leads", Duration::from_secs(10), || async { b.leads().await.then_some(()) }).await;
+    println!("measured: takeover after SIGTERM (Lease released): {:?}", stopped.elapsed());
+    assert!(stopped.elapsed() < Duration::from_secs(10));
+    // A change after the handover is handled by the new leader.
+    set_ready(&bed.kube, NS, "roll-0", &pod_ip(1), false).await;
+    wait_absent(&bed.etcd, "/services/roll/default/roll-0", Duration::from_secs(10)).await;
+    assert_eq!(pod_deletes(&recorder, "/services/"), vec!["/services/roll/default/roll-0".to_string()], "only the pod that went unready");
+    assert_eq!(keys(&bed.etcd, "/services/roll/").await.len(), 19);
+}
+
+#[tokio::test]
+async fn revoke_on_shutdown_deregisters_everything() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let mut c = Controller::start(&bed, "c", &["--revoke-on-shutdown"]).await;
+    create_sreg(&bed, "gone", json!({"selector": {"matchLabels": {"app": "gone"}}})).await;
+    ready_pods(&bed, "gone", 5).await;
+    wait_count(&bed, "/services/gone/", 5).await;
+    assert!(c.terminate().success());
+    assert!(keys(&bed.etcd, "/services/").await.is_empty(), "everything revoked before exit");
+    assert!(keys(&bed.etcd, "/podlease/").await.is_empty(), "ownership records and fence too");
+}
+
+#[tokio::test]
+async fn a_crash_between_grant_and_txn_leaves_no_orphan() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let mut c = Controller::start(&bed, "c", &[]).await;
+    c.kill();
+    create_sreg(&bed, "crash", json!({"selector": {"matchLabels": {"app": "crash"}}, "ttlSeconds": 30})).await;
+    ready_pods(&bed, "crash", 1).await;
+
+    c.env = vec![("PODLEASE_FAILPOINT".into(), "after-grant".into())];
+    c.spawn();
+    let status = c.wait_exit().await;
+    assert!(!status.success(), "the failpoint aborted the process");
+    assert!(c.log_text().contains("failpoint after-grant reached"));
+    assert!(keys(&bed.etcd, "/services/").await.is_empty(), "nothing written after the grant");
+
+    c.env.clear();
+    c.restart().await;
+    let kv = wait_key(&bed.etcd, "/services/crash/default/crash-0").await;
+    // Every lease that holds keys is accounted for: the instance's and the leader fence's.
+    let mut lc = bed.etcd.lease_client();
+    let mut with_keys = BTreeSet::new();
+    for l in lc.leases().await.unwrap().leases() {
+        let ttl = lc.time_to_live(l.id(), Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())).await.unwrap();
+        if !ttl.keys().is_empty() {
+            with_keys.insert(l.id());
+        }
+    }
+    assert!(with_keys.contains(&kv.lease()));
+    assert_eq!(with_keys.len(), 2, "only the instance's lease and the fence's hold keys: {with_keys:?}");
+}
+
+#[tokio::test]
+async fn a_paused_leader_writes_nothing_after_it_wakes() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let args = ["--leader-lease-duration", "2"];
+    let a = Controller::start(&bed, "a", &args).await;
+    wait_until("a leads", DEADLINE, || async { a.leads().await.then_some(()) }).await;
+    let b = Controller::start(&bed, "b", &args).await;
+    create_sreg(&bed, "p", json!({"selector": {"matchLabels": {"app": "p"}}, "ttlSeconds": 6})).await;
+    ready_pods(&bed, "p", 5).await;
+    wait_count(&bed, "/services/p/", 5).await;
+
+    a.signal(libc::SIGSTOP);
+    let paused = Instant::now();
+    wait_until("b leads", DEADLINE, || async { b.leads().await.then_some(()) }).await;
+    // While a sleeps: one pod goes away, one arrives. b handles both.
+    set_ready(&bed.kube, NS, "p-0", &pod_ip(1), false).await;
+    create_pod(&bed.kube, NS, &PodSpec::new("p-new").label("app", "p")).await;
+    set_ready(&bed.kube, NS, "p-new", &pod_ip(50), true).await;
+    wait_absent(&bed.etcd, "/services/p/default/p-0", DEADLINE).await;
+    wait_key(&bed.etcd, "/services/p/default/p-new").await;
+    // Longer than the TTL in all.
+    let left = Duration::from_secs(7).saturating_sub(paused.elapsed());
+    tokio::time::sleep(left).await; // the pause itself is the fault being injected
+
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+    a.signal(libc::SIGCONT);
+    wait_until("a notices it no longer leads", DEADLINE, || async { (!a.leads().await).then_some(()) }).await;
+    // A marker write by the real leader: everything a could have written comes before it.
+    set_ready(&bed.kube, NS, "p-1", &pod_ip(2), false).await;
+    wait_absent(&bed.etcd, "/services/p/default/p-1", DEADLINE).await;
+    let events = recorder.all();
+    let marker = events.iter().position(|e| !e.put && e.key == "/services/p/default/p-1").expect("marker seen");
+    assert_eq!(&events[..marker], &[], "the woken old leader wrote to etcd: {:?}", &events[..marker]);
+    let mut now: Vec<String> = keys(&bed.etcd, "/services/p/").await.iter().map(|kv| kv.key_str().unwrap().to_string()).collect();
+    now.sort();
+    assert_eq!(now, ["/services/p/default/p-2", "/services/p/default/p-3", "/services/p/default/p-4", "/services/p/default/p-new"]);
+    assert!(b.leads().await);
+}
+
+#[tokio::test]
+async fn an_etcd_outage_longer_than_the_ttl_is_survived() {
+    let mut bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let c = Controller::start(&bed, "c", &["--leader-lease-duration", "5", "--etcd-timeout", "2"]).await;
+    create_sreg(&bed, "o", json!({"selector": {"matchLabels": {"app": "o"}}, "ttlSeconds": 5})).await;
+    ready_pods(&bed, "o", 20).await;
+    wait_count(&bed, "/services/o/", 20).await;
+
+    bed.registry.kill();
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    // Pods come and go while etcd is away.
+    for i in 0..3 {
+        force_delete(&bed.kube, NS, &format!("o-{i}")).await;
+    }
+    for i in 3..5 {
+        set_ready(&bed.kube, NS, &format!("o-{i}"), &pod_ip(i + 1), false).await;
+    }
+    wait_until("EtcdUnavailable on the status", DEADLINE, || async {
+        let st = api.get("o").await.ok()?.status?;
+        st.conditions.iter().any(|c| c.type_ == "EtcdUnavailable" && c.status == "True").then_some(())
+    })
+    .await;
+    let outage = Duration::from_secs(10); // 2 × TTL: the fault being injected
+    tokio::time::sleep(outage).await;
+    assert!(c.child.is_some(), "podlease kept running");
+
+    bed.registry.resume();
+    let back = Instant::now();
+    let etcd = etcd_client::Client::connect([bed.etcd_endpoint()], None).await.unwrap();
+    let want: BTreeSet<String> = (5..20).map(|i| format!("/services/o/default/o-{i}")).collect();
+    wait_until("exactly the ready pods registered again", DEADLINE, || async {
+        let got: BTreeSet<String> = keys(&etcd, "/services/o/").await.iter().map(|kv| kv.key_str().unwrap().to_string()).collect();
+        (got == want).then_some(())
+    })
+    .await;
+    println!("measured: etcd back → every ready pod registered, the rest gone: {:?}", back.elapsed());
+    wait_until("EtcdUnavailable cleared", DEADLINE, || async {
+        let st = api.get("o").await.ok()?.status?;
+        st.conditions.iter().any(|c| c.type_ == "EtcdUnavailable" && c.status == "False").then_some(st)
+    })
+    .await;
+    // And it stays that way past another TTL (leases are really kept alive again).
+    let target = c.metric("podlease_keepalive_requests_total").await + 45.0;
+    wait_until("renewals after the outage", DEADLINE, || async { (c.metric("podlease_keepalive_requests_total").await >= target).then_some(()) }).await;
+    assert_eq!(keys(&etcd, "/services/o/").await.len(), 15);
+}
+
+#[tokio::test]
+async fn a_three_member_etcd_cluster_loses_its_leader_and_no_registration() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let mut members = EtcdServer::start_cluster(bed.dir.path(), "m", 3);
+    let endpoints: Vec<String> = members.iter().map(|m| m.endpoint()).collect();
+    let c = Controller::start(&bed, "c", &["--etcd-endpoints", &endpoints.join(","), "--etcd-timeout", "2"]).await;
+    create_sreg(&bed, "h", json!({"selector": {"matchLabels": {"app": "h"}}, "ttlSeconds": 5})).await;
+    ready_pods(&bed, "h", 20).await;
+
+    // Which member leads etcd?
+    let mut leader_idx = None;
+    for (i, m) in members.iter().enumerate() {
+        let mut cl = etcd_client::Client::connect([m.endpoint()], None).await.unwrap();
+        let st = cl.status().await.unwrap();
+        if st.leader() == st.header().unwrap().member_id() {
+            leader_idx = Some(i);
+        }
+    }
+    let leader_idx = leader_idx.expect("an etcd leader");
+    let survivor = members[(leader_idx + 1) % 3].endpoint();
+    let etcd = etcd_client::Client::connect([survivor.clone()], None).await.unwrap();
+    wait_until("20 keys", DEADLINE, || async { (keys(&etcd, "/services/h/").await.len() == 20).then_some(()) }).await;
+
+    let recorder = Recorder::start(&etcd, "/services/").await;
+    members[leader_idx].kill();
+    // Three renewal rounds after the kill (each lease every TTL/3).
+    let target = c.metric("podlease_keepalive_requests_total").await + 60.0;
+    wait_until("renewals after losing the etcd leader", DEADLINE, || async {
+        (c.metric("podlease_keepalive_requests_total").await >= target).then_some(())
+    })
+    .await;
+    assert_eq!(keys(&etcd, "/services/h/").await.len(), 20, "no registration lost");
+    assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new());
+    // Writes still work through the survivors.
+    set_ready(&bed.kube, NS, "h-0", &pod_ip(1), false).await;
+    wait_absent(&etcd, "/services/h/default/h-0", DEADLINE).await;
+}
+
+#[tokio::test]
+async fn a_key_deleted_out_of_band_is_restored_and_a_foreign_key_is_left_alone() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let c = Controller::start(&bed, "c", &["--verify-interval", "1"]).await;
+    create_sreg(&bed, "d", json!({"selector": {"matchLabels": {"app": "d"}}})).await;
+    ready_pods(&bed, "d", 1).await;
+    let key = "/services/d/default/d-0";
+    let before = wait_key(&bed.etcd, key).await;
+
+    let etcdctl = |args: &[&str]| {
+        let out = std::process::Command::new(&Binaries::locate().etcdctl)
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", bed.etcd_endpoint()))
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    };
+    etcdctl(&["del", key]);
+    let restored = wait_until("key restored", DEADLINE, || async {
+        keys(&bed.etcd, key).await.into_iter().find(|kv| kv.key_str().unwrap() == key)
+    })
+    .await;
+    assert_eq!(restored.value(), before.value());
+    assert_eq!(restored.lease(), before.lease(), "restored under the same lease");
+    assert!(c.metric("podlease_drift_repairs_total").await >= 1.0);
+
+    // Someone else's value in the way: never clobbered, reported as a conflict.
+    etcdctl(&["put", key, "not-podlease"]);
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    wait_until("Conflict reported", DEADLINE, || async {
+        let st = api.get("d").await.ok()?.status?;
+        st.conditions.iter().any(|c| c.type_ == "Conflict" && c.status == "True" && c.message.contains(key)).then_some(())
+    })
+    .await;
+    let kv = keys(&bed.etcd, key).await.into_iter().next().unwrap();
+    assert_eq!(kv.value_str().unwrap(), "not-podlease");
+    assert_eq!(kv.lease(), 0);
+}
