@@ -18,10 +18,11 @@ build: testbed
 
 # The whole suite: unit tests plus integration and end-to-end tests on the real test bed.
 test: testbed
+	$(CARGO) build --examples
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --all-targets --no-fail-fast; \
+		$(CARGO) nextest run --lib --bins --tests --no-fail-fast; \
 	else \
-		$(CARGO) test --all-targets --no-fail-fast; \
+		$(CARGO) test --lib --bins --tests --no-fail-fast; \
 	fi
 
 # Test bed up, controller running, pods turning ready and keys appearing in etcd.
