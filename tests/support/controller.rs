@@ -40,6 +40,24 @@ impl Controller {
         c
     }
 
+    /// Starts `podlease run` authenticating with `kubeconfig` (e.g. a ServiceAccount token).
+    pub async fn start_as(bed: &TestBed, name: &str, kubeconfig: PathBuf, extra: &[&str]) -> Controller {
+        let mut c = Controller {
+            child: None,
+            metrics_port: 0,
+            log: PathBuf::new(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+            name: name.to_string(),
+            kubeconfig,
+            etcd: bed.etcd_endpoint(),
+            log_dir: bed.dir.path().to_path_buf(),
+            runs: 0,
+        };
+        c.restart().await;
+        c
+    }
+
     /// Starts the process again (after `kill`) and waits until it is ready.
     pub async fn restart(&mut self) {
         self.spawn();

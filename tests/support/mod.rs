@@ -9,6 +9,7 @@
 
 pub mod controller;
 pub mod etcd;
+pub mod helm;
 pub mod kubelet;
 
 use std::collections::{BTreeMap, HashSet};
@@ -40,6 +41,8 @@ pub struct Binaries {
     pub etcdctl: PathBuf,
     pub kube_apiserver: PathBuf,
     pub kube_controller_manager: PathBuf,
+    /// Python of the virtualenv with helm-python-sdk (real Helm rendering).
+    pub helm_python: PathBuf,
 }
 
 impl Binaries {
@@ -74,6 +77,7 @@ impl Binaries {
                 etcdctl: get("PODLEASE_ETCDCTL_BIN"),
                 kube_apiserver: get("PODLEASE_KUBE_APISERVER_BIN"),
                 kube_controller_manager: get("PODLEASE_KUBE_CONTROLLER_MANAGER_BIN"),
+                helm_python: get("PODLEASE_HELM_PYTHON"),
             }
         })
     }
@@ -307,6 +311,25 @@ impl TestBed {
     /// Starts etcd (apiserver storage), etcd (registry under test) and kube-apiserver, and
     /// waits until all three serve.
     pub async fn start() -> TestBed {
+        TestBed::start_with(false).await
+    }
+
+    /// The same, with the apiserver writing an audit log of every request (Metadata level)
+    /// to `audit_log()`.
+    pub async fn start_audited() -> TestBed {
+        TestBed::start_with(true).await
+    }
+
+    /// Every request the apiserver audited (one JSON object per line).
+    pub fn audit_events(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.dir.path().join("audit.log"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+
+    async fn start_with(audit: bool) -> TestBed {
         let dir = tempfile::Builder::new().prefix("podlease-testbed-").tempdir().expect("tempdir");
         let root = dir.path().to_path_buf();
         let bins = Binaries::locate();
@@ -338,6 +361,13 @@ impl TestBed {
             .arg("--insecure-port=0")
             .arg("--advertise-address=127.0.0.1")
             .arg("--v=1");
+        if audit {
+            let policy = root.join("audit-policy.yaml");
+            std::fs::write(&policy, "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n").unwrap();
+            cmd.arg(format!("--audit-policy-file={}", policy.display()))
+                .arg(format!("--audit-log-path={}", root.join("audit.log").display()))
+                .arg("--audit-log-format=json");
+        }
         let child = spawn_owned(&mut cmd, &root.join("kube-apiserver.log"));
         let apiserver = ApiServer { port, child };
 

@@ -1,0 +1,48 @@
+{{- define "podlease.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "podlease.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "podlease.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "podlease.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "podlease.labels" -}}
+{{ include "podlease.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{- define "podlease.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "podlease.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* What the controller does with pods, ServiceRegistrations and Events: exactly the
+     calls it makes (list+watch, merge patches, event create/patch). */}}
+{{- define "podlease.workloadRules" -}}
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [list, watch]
+- apiGroups: [podlease.io]
+  resources: [serviceregistrations]
+  verbs: [list, watch, patch]
+- apiGroups: [podlease.io]
+  resources: [serviceregistrations/status]
+  verbs: [patch]
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}

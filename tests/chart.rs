@@ -1,0 +1,258 @@
+//! The Helm chart as users meet it: rendered and linted by real Helm, its values validated
+//! by its schema, every object accepted by the real apiserver, and the controller doing its
+//! whole job under the chart's ServiceAccount with exactly the chart's RBAC.
+
+mod support;
+
+use std::collections::BTreeSet;
+
+use k8s_openapi::api::core::v1::ServiceAccount;
+use kube::api::{Api, DeleteParams, PostParams};
+use podlease::registration::ServiceRegistration;
+use serde_json::{Value, json};
+use support::etcd::{keys, wait_key};
+use support::helm::{apply, lint_problems, notes, render, validate};
+use support::*;
+
+const RELEASE: &str = "rel";
+const NS: &str = "podlease-system";
+
+fn value_sets() -> Vec<(&'static str, Value)> {
+    vec![
+        ("defaults", json!({})),
+        ("tls", json!({"etcd": {"endpoints": ["https://etcd-0.etcd:2379", "https://etcd-1.etcd:2379"], "tls": {"secretName": "etcd-client-tls"}}})),
+        ("auth", json!({"etcd": {"auth": {"username": "podlease", "secretName": "etcd-auth"}}})),
+        ("namespaces", json!({"watchNamespaces": ["team-a", "team-b"], "clusterId": "prod-eu-1"})),
+        ("monitoring", json!({"metrics": {"serviceMonitor": {"enabled": true}}, "networkPolicy": {"enabled": true}, "priorityClassName": "", "imagePullSecrets": [{"name": "regcred"}]})),
+    ]
+}
+
+fn kinds(objects: &[Value]) -> Vec<String> {
+    objects.iter().map(|o| format!("{}/{}", o["kind"].as_str().unwrap(), o["metadata"]["name"].as_str().unwrap())).collect()
+}
+
+fn find<'a>(objects: &'a [Value], kind: &str) -> Vec<&'a Value> {
+    objects.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+fn container_args(objects: &[Value]) -> Vec<String> {
+    let d = find(objects, "Deployment")[0];
+    d["spec"]["template"]["spec"]["containers"][0]["args"].as_array().unwrap().iter().map(|a| a.as_str().unwrap().to_string()).collect()
+}
+
+#[test]
+fn the_chart_lints_clean_for_every_value_set() {
+    for (name, values) in value_sets() {
+        assert_eq!(lint_problems(&values), Vec::<String>::new(), "{name}");
+    }
+}
+
+#[test]
+fn the_schema_rejects_bad_values() {
+    assert_eq!(validate(&json!({})), Ok(()));
+    for (bad, expect) in [
+        (json!({"defaults": {"ttlSeconds": 2}}), "ttlSeconds"),
+        (json!({"defaults": {"ttlSeconds": 4000}}), "ttlSeconds"),
+        (json!({"etcd": {"endpoints": []}}), "endpoints"),
+        (json!({"etcd": {"endpoints": [""]}}), "endpoints"),
+        (json!({"defaults": {"format": "zookeeper"}}), "format"),
+        (json!({"leaderElection": {"leaseDurationSeconds": 0}}), "leaseDurationSeconds"),
+        (json!({"watchNamespaces": ["Team_A"]}), "watchNamespaces"),
+        (json!({"log": {"format": "xml"}}), "format"),
+    ] {
+        let err = validate(&bad).expect_err(&format!("{bad} must be rejected"));
+        assert!(err.contains(expect), "{bad}: {err}");
+    }
+}
+
+#[test]
+fn the_charts_crd_is_the_generated_crd() {
+    let chart = std::fs::read_to_string(format!("{}/crds/serviceregistrations.podlease.io.yaml", support::helm::CHART)).unwrap();
+    assert!(chart == podlease::registration::crd_yaml(), "charts/podlease/crds drifted: run `make crd`");
+}
+
+#[test]
+fn rendered_objects_are_what_each_value_set_asks_for() {
+    for (name, values) in value_sets() {
+        let objects = render(&values, RELEASE, NS);
+        println!("{name}: {}", kinds(&objects).join(", "));
+        let args = container_args(&objects);
+        let deploy = find(&objects, "Deployment")[0];
+        let pod = &deploy["spec"]["template"]["spec"];
+        let c = &pod["containers"][0];
+        // Hardened by default, whatever the values.
+        assert_eq!(pod["securityContext"]["runAsNonRoot"], true, "{name}");
+        assert_eq!(pod["securityContext"]["seccompProfile"]["type"], "RuntimeDefault");
+        assert_eq!(c["securityContext"]["readOnlyRootFilesystem"], true);
+        assert_eq!(c["securityContext"]["allowPrivilegeEscalation"], false);
+        assert_eq!(c["securityContext"]["capabilities"]["drop"], json!(["ALL"]));
+        assert_eq!(c["livenessProbe"]["httpGet"]["path"], "/healthz");
+        assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
+        assert_eq!(deploy["spec"]["replicas"], 2);
+        assert!(args.contains(&"--leader-elect=true".to_string()));
+        // No secret ever lands in args or env.
+        assert!(!serde_json::to_string(c).unwrap().to_lowercase().contains("password="), "{name}");
+        match name {
+            "tls" => {
+                assert!(args.contains(&"--etcd-endpoints=https://etcd-0.etcd:2379,https://etcd-1.etcd:2379".to_string()));
+                assert!(args.contains(&"--etcd-ca=/etc/podlease/etcd-tls/ca.crt".to_string()));
+                assert!(args.contains(&"--etcd-key=/etc/podlease/etcd-tls/tls.key".to_string()));
+                assert_eq!(pod["volumes"][0]["secret"]["secretName"], "etcd-client-tls");
+            }
+            "auth" => {
+                assert!(args.contains(&"--etcd-username=podlease".to_string()));
+                assert!(args.contains(&"--etcd-password-file=/etc/podlease/etcd-auth/password".to_string()));
+                assert_eq!(pod["volumes"][0]["secret"]["secretName"], "etcd-auth");
+            }
+            "namespaces" => {
+                assert!(args.contains(&"--watch-namespace=team-a".to_string()) && args.contains(&"--watch-namespace=team-b".to_string()));
+                assert!(args.contains(&"--cluster-id=prod-eu-1".to_string()));
+                assert!(find(&objects, "ClusterRole").is_empty(), "no cluster-wide rights when namespaces are listed");
+                let roles: BTreeSet<&str> = find(&objects, "Role").iter().map(|r| r["metadata"]["namespace"].as_str().unwrap()).collect();
+                assert_eq!(roles, BTreeSet::from(["team-a", "team-b", NS]));
+            }
+            "monitoring" => {
+                assert_eq!(find(&objects, "ServiceMonitor").len(), 1);
+                assert_eq!(find(&objects, "NetworkPolicy").len(), 1);
+                assert_eq!(pod["imagePullSecrets"][0]["name"], "regcred");
+            }
+            _ => {
+                assert!(find(&objects, "ServiceMonitor").is_empty() && find(&objects, "NetworkPolicy").is_empty());
+                assert_eq!(find(&objects, "PodDisruptionBudget")[0]["apiVersion"], "policy/v1beta1", "1.20 has no policy/v1");
+            }
+        }
+    }
+    let n = notes(&json!({}));
+    assert!(n.contains("podlease.io/service") && n.contains("kubectl get serviceregistrations"), "{n}");
+}
+
+#[tokio::test]
+async fn every_rendered_object_is_accepted_by_the_api_server() {
+    let bed = TestBed::start().await;
+    // The ServiceMonitor kind comes from prometheus-operator; a stand-in CRD serves it here.
+    let stub: Value = json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
+        "spec": {"group": "monitoring.coreos.com", "scope": "Namespaced",
+            "names": {"kind": "ServiceMonitor", "plural": "servicemonitors", "singular": "servicemonitor"},
+            "versions": [{"name": "v1", "served": true, "storage": true,
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]},
+    });
+    apply(&bed.kube, &stub).await;
+    for ns in [NS, "team-a", "team-b"] {
+        ensure_namespace(&bed.kube, ns).await;
+    }
+    for (name, values) in value_sets() {
+        let objects = render(&values, &format!("{RELEASE}-{name}"), NS);
+        for obj in &objects {
+            apply(&bed.kube, obj).await;
+            if obj["kind"] == "CustomResourceDefinition" {
+                apply_crd(&bed.kube).await; // waits for Established before the rest
+            }
+        }
+    }
+}
+
+/// (apiGroup, resource[/subresource], verb) granted by the rendered RBAC objects.
+fn granted(objects: &[Value]) -> BTreeSet<(String, String, String)> {
+    let mut out = BTreeSet::new();
+    for role in objects.iter().filter(|o| o["kind"] == "ClusterRole" || o["kind"] == "Role") {
+        for rule in role["rules"].as_array().unwrap() {
+            for g in rule["apiGroups"].as_array().unwrap() {
+                for r in rule["resources"].as_array().unwrap() {
+                    for v in rule["verbs"].as_array().unwrap() {
+                        out.insert((g.as_str().unwrap().into(), r.as_str().unwrap().into(), v.as_str().unwrap().into()));
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn the_controller_does_its_whole_job_with_exactly_the_charts_rbac() {
+    let bed = TestBed::start_audited().await;
+    ensure_namespace(&bed.kube, NS).await;
+    let values = json!({"etcd": {"endpoints": [bed.etcd_endpoint()]}, "leaderElection": {"leaseDurationSeconds": 4}, "verifyIntervalSeconds": 1});
+    let objects = render(&values, RELEASE, NS);
+    for obj in &objects {
+        apply(&bed.kube, obj).await;
+        if obj["kind"] == "CustomResourceDefinition" {
+            apply_crd(&bed.kube).await;
+        }
+    }
+
+    // A token of the chart's ServiceAccount, as the kubelet would mount it.
+    let sa = find(&objects, "ServiceAccount")[0]["metadata"]["name"].as_str().unwrap().to_string();
+    let sas: Api<ServiceAccount> = Api::namespaced(bed.kube.clone(), NS);
+    let req = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}});
+    let tr: Value = sas
+        .create_subresource("token", &sa, &PostParams::default(), &req)
+        .await
+        .expect("TokenRequest");
+    let token = tr["status"]["token"].as_str().unwrap();
+    let kubeconfig = bed.kubeconfig_with_token("sa", token);
+
+    // The Deployment's own arguments, but for the metrics port (tests run side by side).
+    let args: Vec<String> = container_args(&objects).into_iter().skip(1).filter(|a| !a.starts_with("--metrics-addr")).collect();
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let c = Controller::start_as(&bed, "rel-podlease-0", kubeconfig, &arg_refs).await;
+
+    // The whole job: register, write status and finalizers, report problems, deregister.
+    let regs: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), "default");
+    let sreg: ServiceRegistration = serde_json::from_value(json!({
+        "apiVersion": "podlease.io/v1alpha1", "kind": "ServiceRegistration",
+        "metadata": {"name": "user"}, "spec": {"selector": {"matchLabels": {"app": "user"}}},
+    }))
+    .unwrap();
+    regs.create(&PostParams::default(), &sreg).await.unwrap();
+    for i in 0..2 {
+        create_pod(&bed.kube, "default", &PodSpec::new(&format!("user-{i}")).label("app", "user")).await;
+        set_ready(&bed.kube, "default", &format!("user-{i}"), &pod_ip(i + 1), true).await;
+    }
+    wait_key(&bed.etcd, "/services/user/default/user-0").await;
+    wait_until("status written", DEADLINE, || async { (regs.get("user").await.ok()?.status?.registered == 2).then_some(()) }).await;
+    // An invalid annotation, fixed, then broken the same way again: the Event is created,
+    // then updated (a series) the second time.
+    create_pod(&bed.kube, "default", &PodSpec::new("bad").annotation("podlease.io/service", "x").annotation("podlease.io/ttl", "1")).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(bed.kube.clone(), "default");
+    let invalid = || async {
+        events.list(&Default::default()).await.ok()?.items.into_iter().find(|e| e.reason.as_deref() == Some("InvalidAnnotation"))
+    };
+    wait_until("InvalidAnnotation event", DEADLINE, invalid).await;
+    patch_annotations(&bed.kube, "default", "bad", json!({"podlease.io/ttl": "10"})).await;
+    patch_annotations(&bed.kube, "default", "bad", json!({"podlease.io/ttl": "1"})).await;
+    wait_until("the event became a series", DEADLINE, || async { invalid().await?.series.map(|_| ()) }).await;
+    regs.delete("user", &DeleteParams::default()).await.unwrap();
+    wait_until("ServiceRegistration gone (finalizer released)", DEADLINE, || async { regs.get_opt("user").await.ok()?.is_none().then_some(()) }).await;
+    assert!(keys(&bed.etcd, "/services/user/").await.is_empty());
+    // At least one leader Lease renewal (an update) has happened by now.
+    wait_until("a Lease renewal", DEADLINE, || async {
+        let user = format!("system:serviceaccount:{NS}:{sa}");
+        bed.audit_events().iter().any(|e| e["user"]["username"] == user.as_str() && e["verb"] == "update" && e["objectRef"]["resource"] == "leases").then_some(())
+    })
+    .await;
+
+    let log = c.log_text();
+    assert!(!log.to_lowercase().contains("forbidden"), "RBAC refused something:\n{log}");
+
+    // What the controller actually asked for, from the apiserver's audit log.
+    let user = format!("system:serviceaccount:{NS}:{sa}");
+    let used: BTreeSet<(String, String, String)> = bed
+        .audit_events()
+        .iter()
+        .filter(|e| e["user"]["username"] == user.as_str() && e["objectRef"].is_object())
+        .map(|e| {
+            let r = &e["objectRef"];
+            let mut resource = r["resource"].as_str().unwrap_or_default().to_string();
+            if let Some(sub) = r["subresource"].as_str() {
+                resource = format!("{resource}/{sub}");
+            }
+            (r["apiGroup"].as_str().unwrap_or_default().to_string(), resource, e["verb"].as_str().unwrap().to_string())
+        })
+        .collect();
+    let granted = granted(&objects);
+    println!("RBAC rules granted (group, resource, verb): {granted:?}");
+    assert_eq!(used, granted, "the chart grants exactly what the controller uses");
+}
