@@ -197,6 +197,12 @@ impl Feed {
     }
 
     fn handle(&mut self, input: Input) {
+        let started = std::time::Instant::now();
+        self.apply(input);
+        self.metrics.reconcile_duration.observe(started.elapsed().as_secs_f64());
+    }
+
+    fn apply(&mut self, input: Input) {
         let changes = {
             let mut index = self.index.lock().unwrap();
             match input {

@@ -36,6 +36,8 @@ pub struct Metrics {
     pub leader: Gauge,
     pub fenced_writes: Counter,
     pub drift_repairs: Counter,
+    pub reconcile_duration: Histogram,
+    pub etcd_available: Gauge,
 }
 
 impl Default for Metrics {
@@ -78,6 +80,14 @@ impl Metrics {
         r.register("leader", "1 while this replica leads (writes to etcd)", leader.clone());
         let fenced_writes = Counter::default();
         r.register("fenced_writes", "Writes etcd refused because another replica had taken over", fenced_writes.clone());
+        let reconcile_duration = Histogram::new(exponential_buckets(0.000_01, 2.0, 16));
+        r.register(
+            "reconcile_duration_seconds",
+            "Applying one watch event to the desired state and handing the changes on",
+            reconcile_duration.clone(),
+        );
+        let etcd_available = Gauge::default();
+        r.register("etcd_available", "1 while the leader's last etcd operation succeeded (0 on followers)", etcd_available.clone());
         let drift_repairs = Counter::default();
         r.register("drift_repairs", "Managed keys found deleted or altered out of band and written again", drift_repairs.clone());
         Metrics {
@@ -96,6 +106,8 @@ impl Metrics {
             leader,
             fenced_writes,
             drift_repairs,
+            reconcile_duration,
+            etcd_available,
         }
     }
 

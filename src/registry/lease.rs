@@ -15,6 +15,17 @@ use tracing::{debug, info, warn};
 
 use crate::metrics::Metrics;
 
+/// What the driver tells the registry.
+#[derive(Debug)]
+pub enum Report {
+    /// etcd says the lease is gone (or it could not be renewed within its TTL).
+    Lost(i64),
+    /// The keepalive stream broke or could not be opened: etcd is unreachable.
+    Down(String),
+    /// The keepalive stream is open again.
+    Up,
+}
+
 #[derive(Debug)]
 enum Command {
     Track { lease: i64, ttl: i64 },
@@ -29,7 +40,7 @@ pub struct Keepalive {
 
 impl Keepalive {
     /// Starts the driver. Lost leases are sent on `lost`.
-    pub fn spawn(client: Client, lost: mpsc::UnboundedSender<i64>, metrics: Metrics, shutdown: CancellationToken) -> Keepalive {
+    pub fn spawn(client: Client, reports: mpsc::UnboundedSender<Report>, metrics: Metrics, shutdown: CancellationToken) -> Keepalive {
         let (tx, rx) = mpsc::unbounded_channel();
         let driver = Driver {
             client,
@@ -38,7 +49,7 @@ impl Keepalive {
             outbox: VecDeque::new(),
             keeper: None,
             responses: None,
-            lost,
+            reports,
             metrics,
             backoff: Backoff::default(),
         };
@@ -75,7 +86,7 @@ struct Driver {
     keeper: Option<LeaseKeeper>,
     /// ... and its answers.
     responses: Option<LeaseKeepAliveStream>,
-    lost: mpsc::UnboundedSender<i64>,
+    reports: mpsc::UnboundedSender<Report>,
     metrics: Metrics,
     backoff: Backoff,
 }
@@ -208,7 +219,7 @@ impl Driver {
     fn report_lost(&mut self, lease: i64, why: &str) {
         info!(lease = format!("{lease:x}"), why, "lease lost");
         self.metrics.leases_lost.inc();
-        let _ = self.lost.send(lease);
+        let _ = self.reports.send(Report::Lost(lease));
     }
 
     fn drop_stream(&mut self, why: &str) {
@@ -216,6 +227,7 @@ impl Driver {
         if self.keeper.take().is_some() {
             warn!(why, "keepalive stream ended; reopening");
             self.metrics.etcd_errors.get_or_create(&crate::metrics::OpLabels { op: "keepalive".into() }).inc();
+            let _ = self.reports.send(Report::Down(format!("keepalive stream: {why}")));
         }
         self.outbox.clear();
     }
@@ -233,6 +245,7 @@ impl Driver {
                     self.keeper = Some(keeper);
                     self.responses = Some(stream);
                     self.backoff.reset();
+                    let _ = self.reports.send(Report::Up);
                     // Fresh deadlines from now: every lease gets asked about again at once.
                     let now = Instant::now();
                     for t in self.leases.values_mut() {
@@ -251,9 +264,13 @@ impl Driver {
                 }
                 Ok(Err(e)) => {
                     debug!(error = %e, "opening keepalive stream failed");
+                    let _ = self.reports.send(Report::Down(format!("opening the keepalive stream: {e}")));
                     return Err(self.backoff.next());
                 }
-                Err(_) => return Err(self.backoff.next()),
+                Err(_) => {
+                    let _ = self.reports.send(Report::Down("opening the keepalive stream timed out".into()));
+                    return Err(self.backoff.next());
+                }
             }
         }
         Ok(())

@@ -23,7 +23,7 @@ use tracing::{debug, info, warn};
 
 use crate::desired::{Desired, InstanceId, Source, Update};
 use crate::metrics::{Metrics, OpLabels, StateLabels};
-use lease::{Backoff, Keepalive};
+use lease::{Backoff, Keepalive, Report};
 pub use owner::Owners;
 pub use write::Held;
 use write::{OpError, Outcome, Writer, drifted, establish_fence};
@@ -182,7 +182,7 @@ pub struct Registry {
     ops: JoinSet<(InstanceId, &'static str, Instant, Result<Outcome, OpError>)>,
     retries: DelayQueue<InstanceId>,
     keepalive: Keepalive,
-    lost: mpsc::UnboundedReceiver<i64>,
+    reports: mpsc::UnboundedReceiver<Report>,
     view: SharedView,
     notices: mpsc::UnboundedSender<Notice>,
     metrics: Metrics,
@@ -192,6 +192,8 @@ pub struct Registry {
     /// The fence key's own lease (its loss ends the term).
     fence_lease: Option<i64>,
     term: CancellationToken,
+    /// Ready transitions older than this were not seen live: they are not propagation.
+    term_started: Timestamp,
     verifying: bool,
     verify_done: Option<tokio::sync::oneshot::Receiver<Result<Vec<InstanceId>, OpError>>>,
 }
@@ -207,8 +209,8 @@ impl Registry {
         view: SharedView,
         term: CancellationToken,
     ) -> Registry {
-        let (lost_tx, lost) = mpsc::unbounded_channel();
-        let keepalive = Keepalive::spawn(client.clone(), lost_tx, metrics.clone(), term.clone());
+        let (reports_tx, reports) = mpsc::unbounded_channel();
+        let keepalive = Keepalive::spawn(client.clone(), reports_tx, metrics.clone(), term.clone());
         *view.write().unwrap() = View::default();
         metrics.instances.clear();
         let writer = Writer {
@@ -227,7 +229,7 @@ impl Registry {
             ops: JoinSet::new(),
             retries: DelayQueue::new(),
             keepalive,
-            lost,
+            reports,
             view: view.clone(),
             notices,
             metrics,
@@ -235,6 +237,7 @@ impl Registry {
             early: Vec::new(),
             fence_lease: None,
             term,
+            term_started: Timestamp::now(),
             verifying: false,
             verify_done: None,
         };
@@ -260,13 +263,15 @@ impl Registry {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break TermEnd::Stopped,
-                Some(lease) = self.lost.recv() => {
-                    if Some(lease) == self.fence_lease {
+                Some(report) = self.reports.recv() => match report {
+                    Report::Lost(lease) if Some(lease) == self.fence_lease => {
                         warn!("the fence lease lapsed; ending this term");
                         break TermEnd::Fenced;
                     }
-                    self.on_lease_lost(lease)
-                }
+                    Report::Lost(lease) => self.on_lease_lost(lease),
+                    Report::Down(why) => self.etcd_failed(why),
+                    Report::Up => self.etcd_ok(),
+                },
                 Some(done) = self.ops.join_next(), if !self.ops.is_empty() => match done {
                     Ok((_, _, _, Err(OpError::Fenced))) => {
                         self.metrics.fenced_writes.inc();
@@ -302,6 +307,7 @@ impl Registry {
             self.revoke_all().await;
         }
         self.view.write().unwrap().synced = false;
+        self.metrics.etcd_available.set(0);
         end
     }
 
@@ -320,7 +326,7 @@ impl Registry {
                     return true;
                 }
                 Err(e) => {
-                    self.etcd_failed(&e);
+                    self.etcd_failed(e.to_string());
                     let d = backoff.next();
                     warn!(error = %e, retry_in = ?d, "writing the fence key failed");
                     tokio::select! {
@@ -401,7 +407,7 @@ impl Registry {
                 match adopt::read_records(&self.writer).await {
                     Ok(r) => break r,
                     Err(e) => {
-                        self.etcd_failed(&e);
+                        self.etcd_failed(e.to_string());
                         let d = backoff.next();
                         warn!(error = %e, retry_in = ?d, "reading ownership records failed");
                         tokio::select! {
@@ -531,11 +537,14 @@ impl Registry {
                     }
                     self.by_lease.insert(held.lease, id.clone());
                     self.keepalive.track(held.lease, held.ttl);
-                    if let Some(since) = slot.desired.as_ref().and_then(|d| d.ready_since) {
+                    // metav1.Time has whole seconds: the figure is good to a second. A
+                    // clock ahead of ours on the pod's node would make it negative: 0.
+                    if op == "register"
+                        && let Some(since) = slot.desired.as_ref().and_then(|d| d.ready_since)
+                        && since.as_second() >= self.term_started.as_second()
+                    {
                         let lag = Timestamp::now().duration_since(since).as_secs_f64();
-                        if lag >= 0.0 && op == "register" {
-                            self.metrics.propagation.observe(lag);
-                        }
+                        self.metrics.propagation.observe(lag.max(0.0));
                     }
                 }
                 slot.failed = None;
@@ -588,7 +597,7 @@ impl Registry {
                 slot.failed = Some(e.to_string());
                 slot.retry = Some(self.retries.insert(id.clone(), delay));
                 let keep = slot.held.is_some();
-                self.etcd_failed(&e);
+                self.etcd_failed(e.to_string());
                 if !keep {
                     self.show(&id, Some(Shown::Failed { message: e.to_string() }));
                 }
@@ -634,16 +643,18 @@ impl Registry {
 
     fn etcd_ok(&mut self) {
         let was_down = self.view.write().unwrap().etcd_unavailable.take().is_some();
+        self.metrics.etcd_available.set(1);
         if was_down {
             info!("etcd is reachable again");
             let _ = self.notices.send(Notice::Etcd);
         }
     }
 
-    fn etcd_failed(&mut self, e: &OpError) {
-        let was_up = self.view.write().unwrap().etcd_unavailable.replace(e.to_string()).is_none();
+    fn etcd_failed(&mut self, why: String) {
+        let was_up = self.view.write().unwrap().etcd_unavailable.replace(why.clone()).is_none();
+        self.metrics.etcd_available.set(0);
         if was_up {
-            warn!(error = %e, "etcd unavailable");
+            warn!(error = why, "etcd unavailable");
             let _ = self.notices.send(Notice::Etcd);
         }
     }

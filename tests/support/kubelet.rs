@@ -87,7 +87,9 @@ pub fn pod_ip(i: usize) -> String {
 }
 
 fn now() -> String {
-    k8s_openapi::jiff::Timestamp::now().round(k8s_openapi::jiff::Unit::Second).unwrap().to_string()
+    // Whole seconds, truncated, as metav1.Time serializes.
+    let now = k8s_openapi::jiff::Timestamp::now().as_second();
+    k8s_openapi::jiff::Timestamp::from_second(now).unwrap().to_string()
 }
 
 /// Marks the pod Running with `ip` and its Ready condition `ready`, as the kubelet would.
