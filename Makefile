@@ -34,6 +34,10 @@ demo: testbed
 crd:
 	$(CARGO) run -q -- crd > crds/serviceregistrations.podlease.io.yaml
 
-# Propagation latency on the real test bed (release build; printed, not asserted).
+# Benchmarks on the real test bed (release build; printed and written to BENCHMARKS.md,
+# not asserted). About 10 minutes.
 bench: testbed
-	$(CARGO) bench --bench propagation
+	mkdir -p target/bench
+	BENCH_OUT=$(CURDIR)/target/bench/propagation.md $(CARGO) bench --bench propagation
+	BENCH_OUT=$(CURDIR)/target/bench/scale.md $(CARGO) bench --bench scale
+	bash scripts/benchmarks-md.sh target/bench/propagation.md target/bench/scale.md > BENCHMARKS.md

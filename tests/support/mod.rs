@@ -11,6 +11,7 @@ pub mod controller;
 pub mod etcd;
 pub mod helm;
 pub mod kubelet;
+pub mod proc;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;
@@ -308,6 +309,20 @@ impl Drop for TestBed {
 }
 
 impl TestBed {
+    /// Starts kube-controller-manager with only the EndpointSlice controller, the reference
+    /// podlease is measured against. It dies with the returned child.
+    pub fn start_endpointslice_controller(&self) -> Child {
+        let mut cmd = Command::new(&Binaries::locate().kube_controller_manager);
+        cmd.arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg("--controllers=endpointslice")
+            .arg("--leader-elect=false")
+            .arg("--bind-address=127.0.0.1")
+            .arg("--secure-port=0")
+            .arg("--port=0")
+            .arg("--v=1");
+        spawn_owned(&mut cmd, &self.dir.path().join("kube-controller-manager.log"))
+    }
+
     /// Starts etcd (apiserver storage), etcd (registry under test) and kube-apiserver, and
     /// waits until all three serve.
     pub async fn start() -> TestBed {
