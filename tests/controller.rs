@@ -6,7 +6,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use podlease::registration::{ServiceRegistration, ServiceRegistrationStatus};
 use serde_json::json;
 use support::etcd::{Recorder, granted_ttl, keys, wait_absent, wait_key};
@@ -22,13 +22,7 @@ async fn bed_and_controller(extra: &[&str]) -> (TestBed, Controller) {
 }
 
 async fn create_sreg(bed: &TestBed, name: &str, spec: serde_json::Value) -> ServiceRegistration {
-    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
-    let obj: ServiceRegistration = serde_json::from_value(json!({
-        "apiVersion": "podlease.io/v1alpha1", "kind": "ServiceRegistration",
-        "metadata": {"name": name}, "spec": spec,
-    }))
-    .unwrap();
-    api.create(&PostParams::default(), &obj).await.expect("create ServiceRegistration")
+    create_registration(&bed.kube, NS, name, spec).await
 }
 
 async fn wait_status(

@@ -6,7 +6,7 @@ mod support;
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use podlease::registration::ServiceRegistration;
 use serde_json::json;
 use support::etcd::{Recorder, keys, wait_absent, wait_key};
@@ -15,13 +15,7 @@ use support::*;
 const NS: &str = "default";
 
 async fn create_sreg(bed: &TestBed, name: &str, spec: serde_json::Value) {
-    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
-    let obj: ServiceRegistration = serde_json::from_value(json!({
-        "apiVersion": "podlease.io/v1alpha1", "kind": "ServiceRegistration",
-        "metadata": {"name": name}, "spec": spec,
-    }))
-    .unwrap();
-    api.create(&PostParams::default(), &obj).await.unwrap();
+    create_registration(&bed.kube, NS, name, spec).await;
 }
 
 async fn ready_pods(bed: &TestBed, app: &str, n: usize) {

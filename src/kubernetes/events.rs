@@ -59,24 +59,21 @@ fn truncate(mut s: String, max: usize) -> String {
     s
 }
 
-pub fn pod_ref(namespace: &str, name: &str, uid: &str) -> ObjectReference {
+fn object_ref(api_version: &str, kind: &str, namespace: &str, name: &str, uid: &str) -> ObjectReference {
     ObjectReference {
-        api_version: Some("v1".into()),
-        kind: Some("Pod".into()),
+        api_version: Some(api_version.into()),
+        kind: Some(kind.into()),
         namespace: Some(namespace.into()),
         name: Some(name.into()),
-        uid: Some(uid.into()).filter(|u: &String| !u.is_empty()),
+        uid: Some(uid.to_string()).filter(|u| !u.is_empty()),
         ..Default::default()
     }
 }
 
+pub fn pod_ref(namespace: &str, name: &str, uid: &str) -> ObjectReference {
+    object_ref("v1", "Pod", namespace, name, uid)
+}
+
 pub fn registration_ref(namespace: &str, name: &str, uid: &str) -> ObjectReference {
-    ObjectReference {
-        api_version: Some("podlease.io/v1alpha1".into()),
-        kind: Some("ServiceRegistration".into()),
-        namespace: Some(namespace.into()),
-        name: Some(name.into()),
-        uid: Some(uid.into()).filter(|u: &String| !u.is_empty()),
-        ..Default::default()
-    }
+    object_ref("podlease.io/v1alpha1", "ServiceRegistration", namespace, name, uid)
 }

@@ -24,20 +24,7 @@ pub struct Controller {
 impl Controller {
     /// Starts `podlease run` against the bed, with `extra` flags, and waits for /readyz.
     pub async fn start(bed: &TestBed, name: &str, extra: &[&str]) -> Controller {
-        let mut c = Controller {
-            child: None,
-            metrics_port: 0,
-            log: PathBuf::new(),
-            args: extra.iter().map(|s| s.to_string()).collect(),
-            env: Vec::new(),
-            name: name.to_string(),
-            kubeconfig: bed.kubeconfig.clone(),
-            etcd: bed.etcd_endpoint(),
-            log_dir: bed.dir.path().to_path_buf(),
-            runs: 0,
-        };
-        c.restart().await;
-        c
+        Controller::start_as(bed, name, bed.kubeconfig.clone(), extra).await
     }
 
     /// Starts `podlease run` authenticating with `kubeconfig` (e.g. a ServiceAccount token).

@@ -169,3 +169,14 @@ pub async fn ensure_namespace(client: &Client, name: &str) {
         Err(e) => panic!("create namespace {name}: {e}"),
     }
 }
+
+/// Creates a ServiceRegistration `name` in `ns` with the given spec.
+pub async fn create_registration(client: &Client, ns: &str, name: &str, spec: serde_json::Value) -> podlease::registration::ServiceRegistration {
+    let api: Api<podlease::registration::ServiceRegistration> = Api::namespaced(client.clone(), ns);
+    let obj = serde_json::from_value(json!({
+        "apiVersion": "podlease.io/v1alpha1", "kind": "ServiceRegistration",
+        "metadata": {"name": name}, "spec": spec,
+    }))
+    .unwrap();
+    api.create(&PostParams::default(), &obj).await.unwrap_or_else(|e| panic!("create ServiceRegistration {name}: {e}"))
+}
