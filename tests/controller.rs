@@ -102,8 +102,14 @@ async fn a_ready_pod_is_published_under_its_own_lease_and_revoked_when_not_ready
     set_ready(&bed.kube, NS, "user-1", "10.0.0.1", false).await;
     wait_absent(&bed.etcd, "/services/user/default/user-1", Duration::from_secs(5)).await;
     assert!(start.elapsed() < Duration::from_secs(5));
-    let mut lc = bed.etcd.lease_client();
-    assert!(lc.time_to_live(kv.lease(), None).await.unwrap().ttl() <= 0, "the lease was revoked, not left to expire");
+    // The key goes in a fenced Txn, the lease right after it: revoked, not left to expire.
+    let lc = bed.etcd.lease_client();
+    let lease = kv.lease();
+    wait_until("the lease revoked", Duration::from_secs(5), || {
+        let mut lc = lc.clone();
+        async move { (lc.time_to_live(lease, None).await.ok()?.ttl() <= 0).then_some(()) }
+    })
+    .await;
     let st = wait_status(&bed, "user", "0 registered", |s| s.registered == 0).await;
     assert_eq!((st.matching_pods, st.ready_pods), (1, 0));
     assert!(owner_records(&bed).await.is_empty(), "the ownership record went with the lease");
