@@ -186,9 +186,8 @@ pub struct Registry {
     view: SharedView,
     notices: mpsc::UnboundedSender<Notice>,
     metrics: Metrics,
+    /// Adoption is done (the first Resync is always the term's first command).
     synced: bool,
-    /// Updates that arrived before the first resync (applied after adoption).
-    early: Vec<Update>,
     /// The fence key's own lease (its loss ends the term).
     fence_lease: Option<i64>,
     term: CancellationToken,
@@ -234,7 +233,6 @@ impl Registry {
             notices,
             metrics,
             synced: false,
-            early: Vec::new(),
             fence_lease: None,
             term,
             term_started: Timestamp::now(),
@@ -290,7 +288,6 @@ impl Registry {
                 cmd = commands.recv() => match cmd {
                     None => break TermEnd::Stopped,
                     Some(Command::Resync(all)) => self.resync(all).await,
-                    Some(Command::Update(u)) if !self.synced => self.early.push(u),
                     Some(Command::Update(u)) => self.apply(u),
                 },
                 Some(expired) = self.retries.next(), if !self.retries.is_empty() => {
@@ -436,9 +433,6 @@ impl Registry {
         }
         self.synced = true;
         self.view.write().unwrap().synced = true;
-        for u in std::mem::take(&mut self.early) {
-            self.apply(u);
-        }
     }
 
     fn apply(&mut self, update: Update) {
