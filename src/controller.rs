@@ -45,7 +45,7 @@ pub struct Settings {
 
 pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    let etcd = settings.etcd.connect().await?;
+    let etcd = settings.etcd.connect_checked().await?;
 
     let mut registry_config = settings.registry.clone();
     registry_config.cluster_id = match &settings.cluster_id {

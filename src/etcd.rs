@@ -47,6 +47,8 @@ pub enum ConfigError {
     PlainEndpointWithTls(String),
     #[error("connecting to etcd: {0}")]
     Connect(#[from] etcd_client::Error),
+    #[error("the etcd endpoints belong to different clusters ({0}): list the members of one cluster")]
+    MixedClusters(String),
 }
 
 fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, ConfigError> {
@@ -98,6 +100,37 @@ impl EtcdConfig {
 
     /// Connects (lazily: an unreachable etcd is not an error here, calls fail later).
     pub async fn connect(&self) -> Result<Client, ConfigError> {
+        let (urls, opts) = self.options()?;
+        Ok(Client::connect(urls, Some(opts)).await?)
+    }
+
+    /// Connects after checking that every reachable endpoint reports the same cluster id:
+    /// requests are balanced over all endpoints, so a list mixing clusters would grant a
+    /// lease in one and write under it in another.
+    pub async fn connect_checked(&self) -> Result<Client, ConfigError> {
+        let (urls, opts) = self.options()?;
+        if urls.len() > 1 {
+            let ids = futures::future::join_all(urls.iter().map(|u| {
+                let opts = opts.clone();
+                async move {
+                    let probe = async {
+                        let mut c = Client::connect([u.as_str()], Some(opts)).await.ok()?;
+                        c.status().await.ok()?.header().map(|h| h.cluster_id())
+                    };
+                    (u.clone(), tokio::time::timeout(self.call_timeout, probe).await.ok().flatten())
+                }
+            }))
+            .await;
+            let known: Vec<(String, u64)> = ids.into_iter().filter_map(|(u, id)| id.map(|id| (u, id))).collect();
+            if known.iter().any(|(_, id)| *id != known[0].1) {
+                let list: Vec<String> = known.iter().map(|(u, id)| format!("{u} is in cluster {id:x}")).collect();
+                return Err(ConfigError::MixedClusters(list.join(", ")));
+            }
+        }
+        Ok(Client::connect(urls, Some(opts)).await?)
+    }
+
+    fn options(&self) -> Result<(Vec<String>, ConnectOptions), ConfigError> {
         let tls = self.tls()?;
         let urls = self.urls(tls.is_some())?;
         let mut opts = ConnectOptions::new()
@@ -116,7 +149,7 @@ impl EtcdConfig {
             (Some(_), None) => return Err(ConfigError::UserWithoutPassword),
             _ => {}
         }
-        Ok(Client::connect(urls, Some(opts)).await?)
+        Ok((urls, opts))
     }
 }
 

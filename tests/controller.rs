@@ -392,3 +392,16 @@ async fn only_watched_namespaces_are_published() {
     wait_key(&bed.etcd, "/services/svc/team-a/p").await;
     assert!(keys(&bed.etcd, "/services/svc/team-b/").await.is_empty());
 }
+
+#[tokio::test]
+async fn endpoints_of_two_different_etcd_clusters_are_refused_at_start() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let other = EtcdServer::start(bed.dir.path(), "other");
+    let endpoints = format!("{},{}", bed.etcd_endpoint(), other.endpoint());
+    let mut c = Controller::new(&bed, "c1", bed.kubeconfig.clone(), &["--etcd-endpoints", &endpoints]);
+    c.spawn();
+    let status = c.wait_exit().await;
+    assert!(!status.success());
+    assert!(c.log_text().contains("belong to different clusters"), "{}", c.log_text());
+}

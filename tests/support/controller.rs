@@ -29,7 +29,14 @@ impl Controller {
 
     /// Starts `podlease run` authenticating with `kubeconfig` (e.g. a ServiceAccount token).
     pub async fn start_as(bed: &TestBed, name: &str, kubeconfig: PathBuf, extra: &[&str]) -> Controller {
-        let mut c = Controller {
+        let mut c = Controller::new(bed, name, kubeconfig, extra);
+        c.restart().await;
+        c
+    }
+
+    /// A controller that is not started yet (`spawn` or `restart` it).
+    pub fn new(bed: &TestBed, name: &str, kubeconfig: PathBuf, extra: &[&str]) -> Controller {
+        Controller {
             child: None,
             metrics_port: 0,
             log: PathBuf::new(),
@@ -40,9 +47,7 @@ impl Controller {
             etcd: bed.etcd_endpoint(),
             log_dir: bed.dir.path().to_path_buf(),
             runs: 0,
-        };
-        c.restart().await;
-        c
+        }
     }
 
     /// Starts the process again (after `kill`) and waits until it is ready.
