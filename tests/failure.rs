@@ -87,6 +87,15 @@ async fn killing_the_leader_hands_over_without_a_single_delete() {
     assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new(), "watchers saw DELETEs");
     let after: BTreeSet<(String, i64)> = keys(&bed.etcd, "/services/roll/").await.iter().map(|kv| (kv.key_str().unwrap().into(), kv.lease())).collect();
     assert_eq!(after, before, "every key still there, under the same (adopted) lease");
+    // The new leader's status counts the adopted instances as registered (a change makes it
+    // write the status afresh).
+    set_ready(&bed.kube, NS, "roll-0", &pod_ip(1), false).await;
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    wait_until("status shows 99 registered", DEADLINE, || async {
+        let st = api.get("roll").await.ok()?.status?;
+        (st.registered == 99 && st.ready_pods == 99).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]

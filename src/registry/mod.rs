@@ -299,10 +299,16 @@ impl Registry {
                 }
             }
         };
-        self.ops.abort_all();
         if end == TermEnd::Stopped && self.config.revoke_on_shutdown {
+            // Let in-flight writes finish (each has a deadline) so their leases are revoked too.
+            while let Some(done) = self.ops.join_next().await {
+                if let Ok((id, op, started, result)) = done {
+                    self.on_done(id, op, started, result);
+                }
+            }
             self.revoke_all().await;
         }
+        self.ops.abort_all();
         self.view.write().unwrap().synced = false;
         self.metrics.etcd_available.set(0);
         end
@@ -489,7 +495,10 @@ impl Registry {
                     } else if owner::value_hash(&d.value) != h.value_hash {
                         Op::Update(d.clone(), h.clone())
                     } else {
-                        continue; // already as desired
+                        // Already as desired (adopted, or a retry that found nothing to do).
+                        let shown = Shown::Registered { key: h.key.clone(), lease: h.lease, since: h.since, address: d.address.clone() };
+                        self.show(&id, Some(shown));
+                        continue;
                     }
                 }
             };
