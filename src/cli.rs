@@ -41,13 +41,15 @@ pub struct LogArgs {
     /// Log level or tracing filter (e.g. `info`, `podlease=debug`).
     #[arg(long, global = true, env = "PODLEASE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+    /// Log format: text, or json (one JSON object per line).
     #[arg(long, global = true, env = "PODLEASE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 }
 
 #[derive(Debug, Args, Clone)]
 pub struct EtcdArgs {
-    /// etcd endpoints, comma separated (list every member of the cluster).
+    /// etcd endpoints, comma separated: every member of one cluster (endpoints of different
+    /// clusters are refused at start).
     #[arg(long, env = "PODLEASE_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     pub etcd_endpoints: Vec<String>,
     /// CA bundle that signed the etcd server certificates (enables TLS).

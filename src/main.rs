@@ -63,6 +63,13 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Duration::from_secs(args.leader_lease_duration.max(2)),
         )
     });
+    if args.leader_elect && args.default_ttl <= args.leader_lease_duration as i64 {
+        tracing::warn!(
+            default_ttl = args.default_ttl,
+            leader_lease_duration = args.leader_lease_duration,
+            "the default TTL is not above the leader Lease duration: keys may expire before a standby takes over"
+        );
+    }
     let settings = Settings {
         defaults: args.defaults(),
         etcd: args.etcd.config(),
