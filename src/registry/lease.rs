@@ -190,7 +190,10 @@ impl Driver {
             return;
         }
         t.timer = self.renewals.insert(lease, renew_interval(t.ttl));
-        self.outbox.push_back(lease);
+        // Without a stream there is nobody to send to; reopening it renews everyone anyway.
+        if self.keeper.is_some() {
+            self.outbox.push_back(lease);
+        }
     }
 
     fn on_response(&mut self, resp: Option<Result<etcd_client::LeaseKeepAliveResponse, etcd_client::Error>>) {
