@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod helm;
 pub mod kubelet;
 pub mod proc;
+pub mod tls;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;
@@ -129,6 +130,9 @@ pub struct EtcdServer {
     initial_cluster: String,
     child: Option<Child>,
     runs: usize,
+    /// Extra flags (TLS), and whether clients must use https.
+    extra: Vec<String>,
+    tls: bool,
 }
 
 impl EtcdServer {
@@ -175,11 +179,37 @@ impl EtcdServer {
             initial_cluster,
             child: None,
             runs: 0,
+            extra: Vec::new(),
+            tls: false,
         }
     }
 
+    /// A one-member cluster that only speaks TLS and requires client certificates signed
+    /// by `certs.ca`.
+    pub fn start_tls(dir: &Path, name: &str, certs: &tls::Certs) -> EtcdServer {
+        let client_port = free_port();
+        let peer_port = free_port();
+        let initial_cluster = format!("{name}=http://127.0.0.1:{peer_port}");
+        let mut s = EtcdServer::configured(dir, name, client_port, peer_port, initial_cluster);
+        s.tls = true;
+        s.extra = vec![
+            format!("--cert-file={}", certs.server_cert.display()),
+            format!("--key-file={}", certs.server_key.display()),
+            format!("--trusted-ca-file={}", certs.ca.display()),
+            "--client-cert-auth".into(),
+        ];
+        s.spawn();
+        let start = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", s.client_port)).is_err() {
+            assert!(start.elapsed() < DEADLINE, "etcd {name} did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        s
+    }
+
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     fn spawn(&mut self) {
@@ -207,7 +237,8 @@ impl EtcdServer {
             .arg("--heartbeat-interval")
             .arg("50")
             .arg("--election-timeout")
-            .arg("500");
+            .arg("500")
+            .args(&self.extra);
         // One log per run: etcd-<name>-<run>.log.
         self.runs += 1;
         let log = PathBuf::from(format!("{}-{}.log", self.log.display(), self.runs));
