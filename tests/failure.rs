@@ -304,15 +304,7 @@ async fn a_key_deleted_out_of_band_is_restored_and_a_foreign_key_is_left_alone()
     let key = "/services/d/default/d-0";
     let before = wait_key(&bed.etcd, key).await;
 
-    let etcdctl = |args: &[&str]| {
-        let out = std::process::Command::new(&Binaries::locate().etcdctl)
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", bed.etcd_endpoint()))
-            .args(args)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-    };
+    let etcdctl = |args: &[&str]| support::etcd::etcdctl_ok(&bed.etcd_endpoint(), None, args);
     etcdctl(&["del", key]);
     let restored = wait_until("key restored", DEADLINE, || async {
         keys(&bed.etcd, key).await.into_iter().find(|kv| kv.key_str().unwrap() == key)

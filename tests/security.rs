@@ -3,23 +3,12 @@
 
 mod support;
 
-use std::process::Command;
-
 use serde_json::json;
 use support::etcd::wait_key;
 use support::*;
 
 fn etcdctl(etcd: &EtcdServer, certs: &tls::Certs, args: &[&str]) {
-    let out = Command::new(&Binaries::locate().etcdctl)
-        .env("ETCDCTL_API", "3")
-        .arg(format!("--endpoints={}", etcd.endpoint()))
-        .arg(format!("--cacert={}", certs.ca.display()))
-        .arg(format!("--cert={}", certs.client_cert.display()))
-        .arg(format!("--key={}", certs.client_key.display()))
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    support::etcd::etcdctl_ok(&etcd.endpoint(), Some(certs), args);
 }
 
 #[tokio::test]
@@ -30,21 +19,7 @@ async fn podlease_registers_over_tls_with_auth_and_never_logs_the_password() {
     let etcd = EtcdServer::start_tls(bed.dir.path(), "secure", &certs);
     // Auth on: a root user, and a podlease user that may write everything under "/".
     let wait = std::time::Instant::now();
-    loop {
-        let ok = Command::new(&Binaries::locate().etcdctl)
-            .env("ETCDCTL_API", "3")
-            .arg(format!("--endpoints={}", etcd.endpoint()))
-            .arg(format!("--cacert={}", certs.ca.display()))
-            .arg(format!("--cert={}", certs.client_cert.display()))
-            .arg(format!("--key={}", certs.client_key.display()))
-            .args(["endpoint", "health"])
-            .output()
-            .unwrap()
-            .status
-            .success();
-        if ok {
-            break;
-        }
+    while !support::etcd::etcdctl(&etcd.endpoint(), Some(&certs), &["endpoint", "health"]).status.success() {
         assert!(wait.elapsed() < DEADLINE, "TLS etcd not healthy");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }

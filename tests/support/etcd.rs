@@ -93,3 +93,21 @@ impl Recorder {
         self.events.lock().unwrap().clone()
     }
 }
+
+/// Runs the real etcdctl against `endpoint` (with `certs` for a TLS etcd); the output.
+pub fn etcdctl(endpoint: &str, certs: Option<&super::tls::Certs>, args: &[&str]) -> std::process::Output {
+    let mut cmd = std::process::Command::new(&super::Binaries::locate().etcdctl);
+    cmd.env("ETCDCTL_API", "3").arg(format!("--endpoints={endpoint}"));
+    if let Some(c) = certs {
+        cmd.arg(format!("--cacert={}", c.ca.display()))
+            .arg(format!("--cert={}", c.client_cert.display()))
+            .arg(format!("--key={}", c.client_key.display()));
+    }
+    cmd.args(args).output().expect("run etcdctl")
+}
+
+/// etcdctl that must succeed.
+pub fn etcdctl_ok(endpoint: &str, certs: Option<&super::tls::Certs>, args: &[&str]) {
+    let out = etcdctl(endpoint, certs, args);
+    assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
