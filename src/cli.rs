@@ -138,8 +138,9 @@ pub struct RunArgs {
     /// Leader Lease duration in seconds: how long a dead leader's standby waits.
     #[arg(long, env = "PODLEASE_LEADER_LEASE_DURATION", default_value_t = 15)]
     pub leader_lease_duration: u64,
-    /// On SIGTERM, revoke every lease (deregister everything) instead of leaving them for
-    /// the next leader to adopt.
+    /// On SIGTERM of the leader, hand the leader Lease over and wait up to two retry periods:
+    /// if no other replica takes it, revoke every lease (deregister everything) before
+    /// exiting. A rollout (another replica takes over) and a leadership loss never revoke.
     #[arg(long, env = "PODLEASE_REVOKE_ON_SHUTDOWN")]
     pub revoke_on_shutdown: bool,
     /// Seconds between checks that every managed key is still in etcd as written.

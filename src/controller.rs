@@ -22,9 +22,9 @@ use crate::http;
 use crate::kubernetes::events::Events;
 use crate::kubernetes::status::{Signal, StatusWriter};
 use crate::kubernetes::watch::{Input, inputs as watch_inputs};
-use crate::leader::{Elector, LeaderConfig};
+use crate::leader::{Elector, Handover, LeaderConfig};
 use crate::metrics::Metrics;
-use crate::registry::{Command, Notice, Registry, RegistryConfig, SharedView, TermEnd};
+use crate::registry::{Command, Notice, Registry, RegistryConfig, SharedView, TermEnd, fence};
 
 /// Everything `podlease run` is configured with.
 #[derive(Debug, Clone)]
@@ -60,19 +60,28 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     let (notice_tx, notice_rx) = mpsc::unbounded_channel();
     let (signal_tx, signal_rx) = mpsc::unbounded_channel();
     let events = Events::spawn(client.clone(), settings.instance.clone());
-    let writer = StatusWriter::new(client.clone(), index.clone(), view.clone(), events);
+    let records = crate::registry::Records::new(etcd.clone(), registry_config.owners(), registry_config.call_timeout);
+    let writer = StatusWriter::new(client.clone(), index.clone(), view.clone(), events, records);
     let writer_task = tokio::spawn(writer.run(signal_rx, notice_rx, shutdown.clone()));
     let health: Arc<http::Health> = Arc::default();
     let http_task = tokio::spawn(http::serve(settings.metrics_addr, metrics.clone(), view.clone(), health.clone(), shutdown.clone()));
 
-    // Leadership: an elector, or always leading.
-    let (leader_tx, mut leader_rx) = watch::channel(settings.leader.is_none());
+    // Leadership: an elector (the epoch while leading), or always leading at epoch 0.
+    let (leader_tx, mut leader_rx) = watch::channel(settings.leader.is_none().then_some(0));
     let elector_shutdown = CancellationToken::new();
-    let elector_task = settings.leader.clone().map(|cfg| {
-        info!(lease = cfg.name, namespace = cfg.namespace, identity = cfg.identity, "leader election on");
-        let release = !registry_config.revoke_on_shutdown;
-        tokio::spawn(Elector::new(client.clone(), cfg).run(leader_tx, elector_shutdown.clone(), release))
-    });
+    let mut _always_leading = None;
+    let elector_task = match settings.leader.clone() {
+        Some(cfg) => {
+            info!(lease = cfg.name, namespace = cfg.namespace, identity = cfg.identity, "leader election on");
+            let eligible = fence::reachability(etcd.clone(), registry_config.fence_key(), elector_shutdown.clone());
+            let wait_for_taker = registry_config.revoke_on_shutdown;
+            Some(tokio::spawn(Elector::new(client.clone(), cfg).run(leader_tx, eligible, elector_shutdown.clone(), wait_for_taker)))
+        }
+        None => {
+            _always_leading = Some(leader_tx);
+            None
+        }
+    };
 
     let (mut inputs, scopes) = watch_inputs(&client, &settings.namespaces);
     let mut feed = Feed {
@@ -84,26 +93,41 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         seen: HashMap::new(),
         term: None,
     };
+    let revoke_on_shutdown = registry_config.revoke_on_shutdown;
     let terms = Terms { etcd, config: registry_config, notices: notice_tx, metrics: metrics.clone(), view: view.clone() };
     let retry = settings.leader.as_ref().map_or(Duration::from_secs(1), |l| l.retry_period);
     let mut restart_at: Option<tokio::time::Instant> = None;
     loop {
         health.caches_synced.store(feed.synced(), Ordering::Relaxed);
-        let want_term = *leader_rx.borrow() && feed.synced() && feed.term.is_none() && restart_at.is_none();
-        if want_term {
-            feed.term = Some(terms.start(&index, &signal_tx));
+        let epoch = *leader_rx.borrow();
+        // A caretaker term, or one of an older epoch, ends before this replica leads again:
+        // terms never overlap.
+        if let (Some(e), Some(t)) = (epoch, &feed.term)
+            && (!t.leading || t.epoch != e)
+            && let Some(t) = feed.term.take()
+        {
+            t.finish(false).await;
         }
-        health.leading.store(feed.term.is_some(), Ordering::Relaxed);
-        metrics.leader.set(i64::from(feed.term.is_some()));
+        if let Some(e) = epoch
+            && feed.synced()
+            && feed.term.is_none()
+            && restart_at.is_none()
+        {
+            feed.term = Some(terms.start(e, &index, &signal_tx));
+        }
+        let leading = feed.term.as_ref().is_some_and(|t| t.leading);
+        health.leading.store(leading, Ordering::Relaxed);
+        metrics.leader.set(i64::from(leading));
         tokio::select! {
             _ = shutdown.cancelled() => break,
             changed = leader_rx.changed() => {
                 if changed.is_err() {
                     break;
                 }
-                if !*leader_rx.borrow() && let Some(t) = feed.term.take() {
-                    // Stop writing at once; the next leader adopts what we held.
-                    t.cancel.cancel();
+                if leader_rx.borrow().is_none() && let Some(t) = feed.term.as_mut() {
+                    // Stop writing at once, keep the leases alive until another replica
+                    // has taken over (or this one leads again).
+                    t.step_down();
                 }
             }
             input = inputs.next() => match input {
@@ -123,23 +147,59 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         }
     }
     info!("shutting down");
-    if let Some(t) = feed.term.take() {
-        t.cancel.cancel();
-        let _ = t.task.await; // with --revoke-on-shutdown, the revokes happen here
+    // Stop writing before the Lease is handed over; then revoke only if this replica led and
+    // nobody takes over (--revoke-on-shutdown).
+    let was_leading = feed.term.as_ref().is_some_and(|t| t.leading);
+    if let Some(t) = feed.term.as_mut() {
+        t.step_down();
     }
     elector_shutdown.cancel();
-    if let Some(e) = elector_task {
-        let _ = e.await;
+    let handover = match elector_task {
+        Some(e) => e.await.unwrap_or(Handover::Unknown),
+        None => Handover::NoTaker, // a single replica: nobody else will take over
+    };
+    if let Some(t) = feed.term.take() {
+        let revoke = revoke_on_shutdown && was_leading && handover == Handover::NoTaker;
+        if revoke_on_shutdown && was_leading && !revoke {
+            info!(?handover, "not revoking on shutdown: another replica takes over (or that is unknown), and it adopts every lease");
+        }
+        t.finish(revoke).await;
     }
     let _ = tokio::join!(writer_task, http_task);
     Ok(())
 }
 
-/// One leadership term: a registry task and the channel that feeds it.
+/// One registry term: its task and the channel that feeds it.
 struct Term {
+    epoch: i64,
+    /// False once this replica stepped down (the term is a caretaker).
+    leading: bool,
     cancel: CancellationToken,
     cmd_tx: mpsc::UnboundedSender<Command>,
     task: JoinHandle<TermEnd>,
+}
+
+impl Term {
+    fn step_down(&mut self) {
+        if self.leading {
+            self.leading = false;
+            let _ = self.cmd_tx.send(Command::StepDown);
+        }
+    }
+
+    /// Ends the term and waits for it (a term stuck on an unreachable etcd is cut off after
+    /// a few seconds, unless it is revoking).
+    async fn finish(mut self, revoke: bool) {
+        let _ = self.cmd_tx.send(Command::Finish { revoke });
+        if revoke {
+            let _ = (&mut self.task).await;
+            return;
+        }
+        if tokio::time::timeout(Duration::from_secs(5), &mut self.task).await.is_err() {
+            self.cancel.cancel();
+            let _ = self.task.await;
+        }
+    }
 }
 
 /// What every term is started from.
@@ -153,26 +213,27 @@ struct Terms {
 
 impl Terms {
     /// Starts a registry with the complete desired state: it fences, adopts, converges.
-    fn start(&self, index: &Arc<Mutex<Index>>, signal_tx: &mpsc::UnboundedSender<Signal>) -> Term {
+    fn start(&self, epoch: i64, index: &Arc<Mutex<Index>>, signal_tx: &mpsc::UnboundedSender<Signal>) -> Term {
         let cancel = CancellationToken::new();
         let registry = Registry::new(
             self.etcd.clone(),
             self.config.clone(),
+            epoch,
             self.notices.clone(),
             self.metrics.clone(),
             self.view.clone(),
             cancel.clone(),
         );
         let (cmd_tx, cmd_rx) = mpsc::unbounded_channel();
-        let task = tokio::spawn(registry.run(cmd_rx, cancel.clone()));
+        let task = tokio::spawn(registry.run(cmd_rx));
         let index = index.lock().unwrap();
         let desired = index.desired();
-        info!(instances = desired.len(), "leading: adopting and converging");
+        info!(instances = desired.len(), epoch, "leading: adopting and converging");
         let _ = cmd_tx.send(Command::Resync(desired));
         for k in index.registrations() {
             let _ = signal_tx.send(Signal::Dirty(k.clone()));
         }
-        Term { cancel, cmd_tx, task }
+        Term { epoch, leading: true, cancel, cmd_tx, task }
     }
 }
 
@@ -240,10 +301,8 @@ impl Feed {
                     let stream = (false, scope.clone());
                     match ev {
                         Event::Apply(r) => index.apply_registration(&r),
-                        Event::Delete(r) => index.delete_registration(
-                            r.metadata.namespace.as_deref().unwrap_or_default(),
-                            r.metadata.name.as_deref().unwrap_or_default(),
-                        ),
+                        Event::Delete(r) => index
+                            .delete_registration(r.metadata.namespace.as_deref().unwrap_or_default(), r.metadata.name.as_deref().unwrap_or_default()),
                         Event::Init => {
                             self.seen.insert(stream, HashSet::new());
                             Changes::default()

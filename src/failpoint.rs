@@ -6,8 +6,21 @@ use std::sync::OnceLock;
 
 pub fn hit(name: &str) {
     static POINT: OnceLock<Option<String>> = OnceLock::new();
-    if POINT.get_or_init(|| std::env::var("PODLEASE_FAILPOINT").ok()).as_deref() == Some(name) {
+    if POINT
+        .get_or_init(|| std::env::var("PODLEASE_FAILPOINT").ok())
+        .as_deref()
+        == Some(name)
+    {
         eprintln!("podlease: failpoint {name} reached; aborting");
         std::process::abort();
     }
+}
+
+/// True the first time `name` is reached with `PODLEASE_FAILPOINT=<name>` set: the caller
+/// then fails in its own way (a panic in a task, say) instead of aborting the process.
+pub fn once(name: &str) -> bool {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static FIRED: AtomicBool = AtomicBool::new(false);
+    std::env::var("PODLEASE_FAILPOINT").ok().as_deref() == Some(name)
+        && !FIRED.swap(true, Ordering::Relaxed)
 }

@@ -2,15 +2,20 @@
 //! Lease by renewing it every retry period; anyone may take it once the holder has not been
 //! seen renewing for a whole lease duration (measured on the local clock from when the
 //! record last changed, so clock skew between replicas does not matter). A leader that
-//! cannot renew within the renew deadline steps down at once.
+//! cannot renew within the renew deadline steps down at once; so does a leader that cannot
+//! reach etcd (it releases the Lease so that a replica that can reach etcd takes over), and
+//! only a replica that reaches etcd tries to take the Lease.
+//!
+//! The Lease's `leaseTransitions` when this replica took it is the leadership epoch that
+//! fences its etcd writes (see `registry::fence`).
 
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, ObjectMeta, PostParams};
 use kube::Client;
+use kube::api::{Api, ObjectMeta, PostParams};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
@@ -49,6 +54,19 @@ struct Observed {
     at: Instant,
 }
 
+/// What happened to the Lease when this replica shut down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handover {
+    /// This replica did not lead.
+    NotLeader,
+    /// Another replica took the released Lease: it adopts every lease.
+    TakenOver,
+    /// Nobody took the Lease within the wait: no other replica will take over.
+    NoTaker,
+    /// The API server could not be asked: whether anyone takes over is unknown.
+    Unknown,
+}
+
 pub struct Elector {
     api: Api<Lease>,
     cfg: LeaderConfig,
@@ -60,57 +78,113 @@ impl Elector {
         Elector { api: Api::namespaced(client, &cfg.namespace), cfg, observed: None }
     }
 
-    /// Runs until `shutdown`, publishing leadership on `leader`. With `release`, a leader
-    /// hands the Lease back on shutdown so a standby takes over at once.
-    pub async fn run(mut self, leader: watch::Sender<bool>, shutdown: CancellationToken, release: bool) {
+    /// Runs until `shutdown`, publishing leadership on `leader` (the epoch while leading).
+    /// Only tries to lead while `eligible` (etcd reachable). On shutdown a leader hands the
+    /// Lease back so a standby takes over at once; with `wait_for_taker` it then waits up to
+    /// two retry periods to see whether one does.
+    pub async fn run(
+        mut self,
+        leader: watch::Sender<Option<i64>>,
+        mut eligible: watch::Receiver<bool>,
+        shutdown: CancellationToken,
+        wait_for_taker: bool,
+    ) -> Handover {
         loop {
-            // Follower: try to acquire every retry period.
-            loop {
-                match self.try_acquire_or_renew().await {
-                    Ok(true) => break,
-                    Ok(false) => {}
-                    Err(e) => warn!(error = %e, "leader election: reading or writing the Lease failed"),
+            // Follower: try to acquire every retry period, while etcd is reachable.
+            let epoch = loop {
+                if *eligible.borrow_and_update() {
+                    match self.try_acquire_or_renew().await {
+                        Ok(Some(epoch)) => break epoch,
+                        Ok(None) => {}
+                        Err(e) => {
+                            warn!(error = %e, "leader election: reading or writing the Lease failed")
+                        }
+                    }
                 }
                 tokio::select! {
-                    _ = shutdown.cancelled() => return,
+                    _ = shutdown.cancelled() => return Handover::NotLeader,
                     _ = tokio::time::sleep(self.cfg.retry_period) => {}
+                    _ = eligible.changed() => {}
                 }
-            }
-            info!(identity = self.cfg.identity, lease = self.cfg.name, "became leader");
-            let _ = leader.send(true);
+            };
+            info!(identity = self.cfg.identity, lease = self.cfg.name, epoch, "became leader");
+            let _ = leader.send(Some(epoch));
 
             // Leader: renew every retry period; give up when the renew deadline passes.
             let mut last_renew = Instant::now();
             loop {
                 tokio::select! {
                     _ = shutdown.cancelled() => {
-                        let _ = leader.send(false);
-                        if release {
-                            self.release().await;
-                        }
-                        return;
+                        let _ = leader.send(None);
+                        return self.hand_over(wait_for_taker).await;
                     }
                     _ = tokio::time::sleep(self.cfg.retry_period) => {}
+                    _ = eligible.changed() => {}
+                }
+                if !*eligible.borrow_and_update() {
+                    warn!(identity = self.cfg.identity, "etcd is unreachable from this replica: stepping down so that another replica takes over");
+                    let _ = leader.send(None);
+                    self.release().await;
+                    break;
                 }
                 // After a pause (SIGSTOP, a stalled node) the deadline may already be gone:
                 // step down before anything else.
                 if last_renew.elapsed() > self.cfg.renew_deadline {
+                    warn!(identity = self.cfg.identity, "lost leadership (renew deadline passed)");
+                    let _ = leader.send(None);
                     break;
                 }
                 let left = self.cfg.renew_deadline.saturating_sub(last_renew.elapsed());
                 match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
-                    Ok(Ok(true)) => last_renew = Instant::now(),
-                    Ok(Ok(false)) => break,
+                    Ok(Ok(Some(e))) if e == epoch => last_renew = Instant::now(),
+                    Ok(Ok(_)) => {
+                        warn!(identity = self.cfg.identity, "lost leadership (another replica holds the Lease)");
+                        let _ = leader.send(None);
+                        break;
+                    }
                     Ok(Err(e)) => warn!(error = %e, "renewing the leader Lease failed"),
                     Err(_) => {}
                 }
                 if last_renew.elapsed() > self.cfg.renew_deadline {
+                    warn!(identity = self.cfg.identity, "lost leadership (renew deadline passed)");
+                    let _ = leader.send(None);
                     break;
                 }
             }
-            warn!(identity = self.cfg.identity, "lost leadership");
-            let _ = leader.send(false);
         }
+    }
+
+    /// Releases the Lease and, if asked, waits to see whether another replica takes it.
+    async fn hand_over(&mut self, wait_for_taker: bool) -> Handover {
+        // Shutdown must not hang on an API server that does not answer.
+        if !tokio::time::timeout(Duration::from_secs(5), self.release()).await.unwrap_or(false) {
+            return Handover::Unknown;
+        }
+        if !wait_for_taker {
+            return Handover::Unknown;
+        }
+        let deadline = Instant::now() + self.cfg.retry_period * 2 + Duration::from_secs(1);
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            let Ok(got) = tokio::time::timeout(Duration::from_secs(2), self.api.get_opt(&self.cfg.name)).await else {
+                return Handover::Unknown;
+            };
+            match got {
+                Ok(Some(l)) => {
+                    let holder = l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+                    if !holder.is_empty() && holder != self.cfg.identity {
+                        info!(holder, "another replica took over the Lease");
+                        return Handover::TakenOver;
+                    }
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    warn!(error = %e, "reading the leader Lease after releasing it failed");
+                    return Handover::Unknown;
+                }
+            }
+        }
+        Handover::NoTaker
     }
 
     fn spec(&self, acquire: Option<MicroTime>, transitions: i32) -> LeaseSpec {
@@ -125,16 +199,14 @@ impl Elector {
         }
     }
 
-    /// Takes the Lease if it is free or expired, or renews it if we hold it.
-    async fn try_acquire_or_renew(&mut self) -> Result<bool, kube::Error> {
+    /// Takes the Lease if it is free or expired, or renews it if we hold it: Some(epoch)
+    /// while we hold it.
+    async fn try_acquire_or_renew(&mut self) -> Result<Option<i64>, kube::Error> {
         let Some(mut lease) = self.api.get_opt(&self.cfg.name).await? else {
-            let lease = Lease {
-                metadata: ObjectMeta { name: Some(self.cfg.name.clone()), ..Default::default() },
-                spec: Some(self.spec(None, 0)),
-            };
+            let lease = Lease { metadata: ObjectMeta { name: Some(self.cfg.name.clone()), ..Default::default() }, spec: Some(self.spec(None, 0)) };
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(true),
-                Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+                Ok(_) => Ok(Some(0)),
+                Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
                 Err(e) => Err(e),
             };
         };
@@ -142,10 +214,7 @@ impl Elector {
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let renew = spec.renew_time.as_ref().map(|t| t.0);
         let transitions = spec.lease_transitions.unwrap_or(0);
-        let changed = self
-            .observed
-            .as_ref()
-            .is_none_or(|o| o.holder != holder || o.renew != renew || o.transitions != transitions);
+        let changed = self.observed.as_ref().is_none_or(|o| o.holder != holder || o.renew != renew || o.transitions != transitions);
         if changed {
             self.observed = Some(Observed { holder: holder.clone(), renew, transitions, at: Instant::now() });
         }
@@ -154,35 +223,41 @@ impl Elector {
         let ours = holder == self.cfg.identity;
         let expired = holder.is_empty() || seen.elapsed() >= duration;
         if !ours && !expired {
-            return Ok(false);
+            return Ok(None);
         }
-        lease.spec = Some(if ours {
-            self.spec(spec.acquire_time.clone(), transitions)
-        } else {
-            self.spec(None, transitions + 1)
-        });
+        let epoch = if ours { transitions } else { transitions + 1 };
+        lease.spec = Some(if ours { self.spec(spec.acquire_time.clone(), epoch) } else { self.spec(None, epoch) });
         // The resourceVersion in `lease` makes this a compare-and-swap.
         match self.api.replace(&self.cfg.name, &PostParams::default(), &lease).await {
-            Ok(_) => Ok(true),
-            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Ok(_) => Ok(Some(i64::from(epoch))),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
             Err(e) => Err(e),
         }
     }
 
-    /// Gives the Lease up (empty holder, 1 s duration) so a standby need not wait.
-    async fn release(&mut self) {
-        let Ok(Some(mut lease)) = self.api.get_opt(&self.cfg.name).await else { return };
+    /// Gives the Lease up (empty holder, 1 s duration) so a standby need not wait. False
+    /// when the API server could not be reached.
+    async fn release(&mut self) -> bool {
+        let Ok(Some(mut lease)) = self.api.get_opt(&self.cfg.name).await else {
+            return false;
+        };
         let mut spec = lease.spec.clone().unwrap_or_default();
         if spec.holder_identity.as_deref() != Some(self.cfg.identity.as_str()) {
-            return;
+            return true;
         }
         spec.holder_identity = None;
         spec.lease_duration_seconds = Some(1);
         spec.renew_time = Some(MicroTime(Timestamp::now()));
         lease.spec = Some(spec);
         match self.api.replace(&self.cfg.name, &PostParams::default(), &lease).await {
-            Ok(_) => info!("released the leader Lease"),
-            Err(e) => warn!(error = %e, "releasing the leader Lease failed"),
+            Ok(_) => {
+                info!("released the leader Lease");
+                true
+            }
+            Err(e) => {
+                warn!(error = %e, "releasing the leader Lease failed");
+                false
+            }
         }
     }
 }

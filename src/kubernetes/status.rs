@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, Patch, PatchParams};
 use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -16,11 +16,9 @@ use tracing::{debug, warn};
 
 use super::events::{self, Events};
 use crate::desired::{Index, PodProblem, Source, Summary};
-use crate::registration::{
-    FINALIZER, MAX_STATUS_INSTANCES, RegisteredInstance, ServiceRegistration, ServiceRegistrationStatus, condition,
-};
+use crate::registration::{FINALIZER, MAX_STATUS_INSTANCES, RegisteredInstance, ServiceRegistration, ServiceRegistrationStatus, condition};
 use crate::registry::lease::Backoff;
-use crate::registry::{Notice, SharedView, Shown, View};
+use crate::registry::{Notice, Records, SharedView, Shown, View};
 
 type RegKey = (String, String);
 
@@ -47,13 +45,19 @@ pub struct StatusWriter {
     overlap: HashMap<RegKey, String>,
     /// Registrations whose last write failed: not before this instant again.
     retry: HashMap<RegKey, (std::time::Instant, Backoff)>,
+    /// What etcd holds, asked before a finalizer is released.
+    records: Records,
 }
+
+/// How often a deleted registration's finalizer is checked again while etcd still holds
+/// some of its keys.
+const RELEASE_RECHECK: Duration = Duration::from_millis(500);
 
 /// How long changes are gathered before a round of writes (bounds API calls under churn).
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
 impl StatusWriter {
-    pub fn new(client: Client, index: Arc<Mutex<Index>>, view: SharedView, events: Events) -> StatusWriter {
+    pub fn new(client: Client, index: Arc<Mutex<Index>>, view: SharedView, events: Events, records: Records) -> StatusWriter {
         StatusWriter {
             client,
             index,
@@ -64,6 +68,7 @@ impl StatusWriter {
             invalid: HashMap::new(),
             overlap: HashMap::new(),
             retry: HashMap::new(),
+            records,
         }
     }
 
@@ -110,8 +115,13 @@ impl StatusWriter {
             Notice::Conflict(id, message) => match &id.source {
                 Source::Registration(name) => {
                     let uid = self.index.lock().unwrap().summary(&id.namespace, name).map(|s| s.uid).unwrap_or_default();
-                    self.events.publish(true, events::REASON_CONFLICT, "Register", format!("pod {}: {message}", id.pod),
-                        events::registration_ref(&id.namespace, name, &uid));
+                    self.events.publish(
+                        true,
+                        events::REASON_CONFLICT,
+                        "Register",
+                        format!("pod {}: {message}", id.pod),
+                        events::registration_ref(&id.namespace, name, &uid),
+                    );
                     self.dirty.insert((id.namespace.clone(), name.clone()));
                 }
                 Source::Annotations => {
@@ -135,8 +145,12 @@ impl StatusWriter {
                 continue;
             };
             match self.write(&key, summary).await {
-                Ok(()) => {
+                Ok(true) => {
                     self.retry.remove(&key);
+                }
+                Ok(false) => {
+                    self.retry.insert(key.clone(), (now + RELEASE_RECHECK, Backoff::default()));
+                    self.dirty.insert(key);
                 }
                 // A stale resourceVersion: the watch brings the new one and marks it dirty.
                 Err(kube::Error::Api(e)) if e.code == 409 => {
@@ -154,7 +168,9 @@ impl StatusWriter {
         }
     }
 
-    async fn write(&mut self, key: &RegKey, summary: Summary) -> Result<(), kube::Error> {
+    /// Writes what the registration should show. Ok(false): not done yet (a finalizer
+    /// waits for etcd to hold none of its keys), look again shortly.
+    async fn write(&mut self, key: &RegKey, summary: Summary) -> Result<bool, kube::Error> {
         let api: Api<ServiceRegistration> = Api::namespaced(self.client.clone(), &key.0);
         let has_finalizer = summary.finalizers.iter().any(|f| f == FINALIZER);
         let computed = {
@@ -164,24 +180,27 @@ impl StatusWriter {
                 // Every lease is revoked once the registry shows nothing for it.
                 Err(group.is_none_or(|g| g.is_empty()))
             } else {
-                let pods: BTreeSet<String> = group
-                    .into_iter()
-                    .flatten()
-                    .filter(|(_, s)| matches!(s, Shown::Registered { .. }))
-                    .map(|(p, _)| p.clone())
-                    .collect();
+                let pods: BTreeSet<String> =
+                    group.into_iter().flatten().filter(|(_, s)| matches!(s, Shown::Registered { .. })).map(|(p, _)| p.clone()).collect();
                 Ok((compute(&summary, group, &view), pods))
             }
         };
         let (status, pods) = match computed {
             Ok(c) => c,
             Err(all_revoked) => {
-                if has_finalizer && all_revoked {
-                    let rest: Vec<&String> = summary.finalizers.iter().filter(|f| *f != FINALIZER).collect();
-                    let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": summary.resource_version}});
-                    api.patch(&key.1, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                if !has_finalizer {
+                    return Ok(true);
                 }
-                return Ok(());
+                // The view only says nothing is registered as far as this term knows; etcd
+                // must confirm that no key of the registration is left.
+                let released = all_revoked && matches!(self.records.any_left(&key.0, &key.1).await, Ok(false));
+                if !released {
+                    return Ok(false);
+                }
+                let rest: Vec<&String> = summary.finalizers.iter().filter(|f| *f != FINALIZER).collect();
+                let patch = json!({"metadata": {"finalizers": rest, "resourceVersion": summary.resource_version}});
+                api.patch(&key.1, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                return Ok(true);
             }
         };
 
@@ -215,7 +234,7 @@ impl StatusWriter {
             }
         }
         self.registered.insert(key.clone(), pods);
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -254,12 +273,8 @@ pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view:
                 registered += 1;
                 if instances.len() < MAX_STATUS_INSTANCES {
                     let lease_id = format!("{lease:x}");
-                    let since = previous
-                        .instances
-                        .iter()
-                        .find(|i| &i.pod == pod && i.lease_id == lease_id)
-                        .map(|i| i.since.clone())
-                        .unwrap_or(Time(*since));
+                    let since =
+                        previous.instances.iter().find(|i| &i.pod == pod && i.lease_id == lease_id).map(|i| i.since.clone()).unwrap_or(Time(*since));
                     instances.push(RegisteredInstance { pod: pod.clone(), address: address.clone(), key: key.clone(), lease_id, since });
                 }
             }

@@ -2,11 +2,13 @@
 //! podlease already holds. Leases that still match a desired instance are kept (no DELETE
 //! reaches any watcher); the rest are revoked.
 
-use etcd_client::{GetOptions, KeyValue};
+use std::time::Duration;
+
+use etcd_client::{Client, GetOptions, KeyValue};
 
 use super::owner::{OwnerRecord, Owners};
 use super::write::{Held, OpError, Writer};
-use crate::desired::InstanceId;
+use crate::desired::{InstanceId, Source};
 
 /// Records are read in pages so a large cluster never hits gRPC's message size limit.
 const PAGE: i64 = 1000;
@@ -14,25 +16,62 @@ const PAGE: i64 = 1000;
 /// Every ownership record of this cluster, with the lease it lives under.
 pub async fn read_records(w: &Writer) -> Result<Vec<(InstanceId, Held)>, OpError> {
     let root = w.owners.root().to_string();
-    let end = prefix_end(root.as_bytes());
-    let mut from = root.clone().into_bytes();
     let mut out = Vec::new();
+    scan(w, &root, false, |kv| {
+        if let Some(entry) = parse(&w.owners, kv) {
+            out.push(entry);
+        }
+    })
+    .await?;
+    Ok(out)
+}
+
+/// Calls `each` for every key under `prefix`, a page at a time.
+async fn scan(w: &Writer, prefix: &str, keys_only: bool, mut each: impl FnMut(&KeyValue)) -> Result<(), OpError> {
+    let end = prefix_end(prefix.as_bytes());
+    let mut from = prefix.as_bytes().to_vec();
     loop {
         let mut kv = w.client.kv_client();
-        let opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
-        let resp = w.call("get", kv.get(from.clone(), Some(opts))).await?;
-        for kv in resp.kvs() {
-            if let Some(entry) = parse(&w.owners, kv) {
-                out.push(entry);
-            }
+        let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);
+        if keys_only {
+            opts = opts.with_keys_only();
         }
+        let resp = w.call("get", kv.get(from.clone(), Some(opts))).await?;
+        resp.kvs().iter().for_each(&mut each);
         match resp.kvs().last() {
             Some(last) if resp.more() => {
                 from = last.key().to_vec();
                 from.push(0);
             }
-            _ => return Ok(out),
+            _ => return Ok(()),
         }
+    }
+}
+
+/// The ownership records in etcd, as the status writer asks about them: a finalizer is
+/// released only when etcd holds no record (hence no key: both go in one Txn) of the
+/// registration, never on the registry's in-memory view, which lags adoption and revokes
+/// in flight.
+#[derive(Clone)]
+pub struct Records {
+    w: Writer,
+}
+
+impl Records {
+    pub fn new(client: Client, owners: Owners, timeout: Duration) -> Records {
+        Records { w: Writer { client, owners, timeout, fence: None } }
+    }
+
+    /// Whether etcd still holds a record of registration `name` in `namespace`.
+    pub async fn any_left(&self, namespace: &str, name: &str) -> Result<bool, OpError> {
+        let prefix = format!("{}{namespace}/", self.w.owners.root());
+        let source = Source::Registration(name.to_string());
+        let mut found = false;
+        scan(&self.w, &prefix, true, |kv| {
+            found |= kv.key_str().ok().and_then(|k| self.w.owners.parse_key(k)).is_some_and(|id| id.source == source);
+        })
+        .await?;
+        Ok(found)
     }
 }
 

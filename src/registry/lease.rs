@@ -1,9 +1,11 @@
 //! The keepalive driver: every lease podlease holds is renewed over ONE LeaseKeepAlive
 //! stream, each at TTL/3 (as Go's clientv3 does), from one task that never waits on
 //! reconcile work. A TTL-0 answer, or a lease whose deadline passes unrenewed, is reported
-//! lost so the registry grants a new one and writes the key again.
+//! lost so the registry grants a new one and writes the key again. A lease whose remaining
+//! TTL is unknown (adopted) is renewed at once. A stream that stops answering (a silently
+//! dead path) is closed and reopened well before any lease can expire.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
@@ -13,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::time::{DelayQueue, delay_queue};
 use tracing::{debug, info, warn};
 
+use super::plan::Renew;
 use crate::metrics::Metrics;
 
 /// What the driver tells the registry.
@@ -28,7 +31,7 @@ pub enum Report {
 
 #[derive(Debug)]
 enum Command {
-    Track { lease: i64, ttl: i64 },
+    Track { lease: i64, ttl: i64, renew: Renew },
     Untrack(i64),
 }
 
@@ -51,15 +54,20 @@ impl Keepalive {
             responses: None,
             reports,
             metrics,
-            backoff: Backoff::default(),
+            // Reopening is cheap and every lease waits on it: try at least every second.
+            backoff: Backoff::capped(Duration::from_secs(1)),
+            ttls: BTreeMap::new(),
+            outstanding: 0,
+            progress_at: Instant::now(),
         };
         tokio::spawn(driver.run(rx, shutdown));
         Keepalive { tx }
     }
 
-    /// Keeps `lease` (just granted or just confirmed alive, with `ttl` seconds) alive.
-    pub fn track(&self, lease: i64, ttl: i64) {
-        let _ = self.tx.send(Command::Track { lease, ttl });
+    /// Keeps `lease` (granted with `ttl` seconds) alive; `renew` says whether its whole TTL
+    /// is known to be ahead or it must be renewed at once.
+    pub fn track(&self, lease: i64, ttl: i64, renew: Renew) {
+        let _ = self.tx.send(Command::Track { lease, ttl, renew });
     }
 
     /// Stops renewing `lease` (revoked, or no longer ours).
@@ -89,6 +97,19 @@ struct Driver {
     reports: mpsc::UnboundedSender<Report>,
     metrics: Metrics,
     backoff: Backoff,
+    /// How many tracked leases have each TTL (the smallest bounds the stall timeout).
+    ttls: BTreeMap<i64, usize>,
+    /// Requests sent on the current stream and not yet answered ...
+    outstanding: u64,
+    /// ... and when the stream last made progress (an answer, or the first request after
+    /// a quiet spell).
+    progress_at: Instant,
+}
+
+/// How long a stream may leave requests unanswered before it is recycled: a sixth of the
+/// smallest TTL (half of its renewal interval), between 1 s and 5 s.
+pub fn stall_timeout(min_ttl: i64) -> Duration {
+    Duration::from_millis((min_ttl.max(1) as u64 * 1000 / 6).clamp(1000, 5000))
 }
 
 fn renew_interval(ttl: i64) -> Duration {
@@ -104,6 +125,8 @@ fn request_like<T: Default>(_: &tokio::sync::mpsc::Sender<T>) -> T {
 impl Driver {
     async fn run(mut self, mut rx: mpsc::UnboundedReceiver<Command>, shutdown: CancellationToken) {
         let mut reconnect_at: Option<tokio::time::Instant> = None;
+        let mut stall_check = tokio::time::interval(Duration::from_millis(250));
+        stall_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             if self.keeper.is_none() && !self.leases.is_empty() && reconnect_at.is_none() {
                 reconnect_at = Some(tokio::time::Instant::now());
@@ -114,14 +137,15 @@ impl Driver {
                 _ = shutdown.cancelled() => return,
                 cmd = rx.recv() => match cmd {
                     None => return,
-                    Some(Command::Track { lease, ttl }) => self.track(lease, ttl),
-                    Some(Command::Untrack(lease)) => {
-                        if let Some(t) = self.leases.remove(&lease) {
-                            self.renewals.remove(&t.timer);
-                            self.metrics.leases_held.set(self.leases.len() as i64);
-                        }
-                    }
+                    Some(Command::Track { lease, ttl, renew }) => self.track(lease, ttl, renew),
+                    Some(Command::Untrack(lease)) => { self.forget(lease); }
                 },
+                _ = stall_check.tick(), if self.keeper.is_some() && self.outstanding > 0 => {
+                    let limit = stall_timeout(self.ttls.keys().next().copied().unwrap_or(1));
+                    if self.progress_at.elapsed() > limit {
+                        self.drop_stream(&format!("{} renewals unanswered for {limit:?}", self.outstanding));
+                    }
+                }
                 resp = next_response(&mut self.responses) => self.on_response(resp),
                 Some(expired) = self.renewals.next(), if !self.renewals.is_empty() => {
                     let lease = expired.into_inner();
@@ -155,6 +179,10 @@ impl Driver {
                     self.outbox.pop_front();
                     t.sent_at = Some(Instant::now());
                     self.metrics.keepalive_requests.inc();
+                    if self.outstanding == 0 {
+                        self.progress_at = Instant::now();
+                    }
+                    self.outstanding += 1;
                 }
                 Err(tokio::sync::mpsc::error::TrySendError::Full(_)) => return,
                 Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {
@@ -165,27 +193,47 @@ impl Driver {
         }
     }
 
-    fn track(&mut self, lease: i64, ttl: i64) {
-        if let Some(old) = self.leases.remove(&lease) {
-            self.renewals.remove(&old.timer);
-        }
-        let timer = self.renewals.insert(lease, renew_interval(ttl));
+    fn track(&mut self, lease: i64, ttl: i64, renew: Renew) {
+        self.forget(lease);
+        let first = match renew {
+            Renew::Granted => renew_interval(ttl),
+            Renew::Unknown => Duration::ZERO,
+        };
+        let timer = self.renewals.insert(lease, first);
         let deadline = Instant::now() + Duration::from_secs(ttl.max(1) as u64);
         self.leases.insert(lease, Tracked { ttl, deadline, sent_at: None, timer });
+        *self.ttls.entry(ttl).or_default() += 1;
         self.metrics.leases_held.set(self.leases.len() as i64);
+    }
+
+    /// The one place a lease stops being tracked.
+    fn forget(&mut self, lease: i64) -> bool {
+        let Some(t) = self.leases.remove(&lease) else {
+            return false;
+        };
+        self.renewals.remove(&t.timer);
+        if let Some(n) = self.ttls.get_mut(&t.ttl) {
+            *n -= 1;
+            if *n == 0 {
+                self.ttls.remove(&t.ttl);
+            }
+        }
+        self.metrics.leases_held.set(self.leases.len() as i64);
+        true
     }
 
     /// A lease's renewal time came: queue a request, schedule the next, and give up on it
     /// if etcd must already have expired it.
     fn due(&mut self, lease: i64) {
-        let Some(t) = self.leases.get_mut(&lease) else { return };
+        let Some(t) = self.leases.get_mut(&lease) else {
+            return;
+        };
         // Only a live stream that left renewals unanswered for a whole TTL proves the lease
         // gone. With etcd unreachable we cannot know (etcd extends leases across its own
         // restarts and leader changes): keep it, and ask again once the stream is back.
         if self.keeper.is_some() && Instant::now() >= t.deadline {
             // No renewal got through within the TTL: etcd has expired it (or will).
-            self.leases.remove(&lease);
-            self.metrics.leases_held.set(self.leases.len() as i64);
+            self.forget(lease);
             self.report_lost(lease, "not renewed within its TTL");
             return;
         }
@@ -200,11 +248,11 @@ impl Driver {
         match resp {
             Some(Ok(r)) => {
                 self.backoff.reset();
+                self.outstanding = self.outstanding.saturating_sub(1);
+                self.progress_at = Instant::now();
                 let lease = r.id();
                 if r.ttl() <= 0 {
-                    if let Some(t) = self.leases.remove(&lease) {
-                        self.renewals.remove(&t.timer);
-                        self.metrics.leases_held.set(self.leases.len() as i64);
+                    if self.forget(lease) {
                         self.report_lost(lease, "etcd answered TTL 0");
                     }
                 } else if let Some(t) = self.leases.get_mut(&lease) {
@@ -227,6 +275,7 @@ impl Driver {
 
     fn drop_stream(&mut self, why: &str) {
         self.responses = None;
+        self.outstanding = 0;
         if self.keeper.take().is_some() {
             warn!(why, "keepalive stream ended; reopening");
             self.metrics.etcd_errors.get_or_create(&crate::metrics::OpLabels { op: "keepalive".into() }).inc();
@@ -247,6 +296,9 @@ impl Driver {
                     debug!(lease = format!("{lease:x}"), "keepalive stream open");
                     self.keeper = Some(keeper);
                     self.responses = Some(stream);
+                    // Opening consumed the first answer: nothing is owed yet.
+                    self.outstanding = 0;
+                    self.progress_at = Instant::now();
                     self.backoff.reset();
                     let _ = self.reports.send(Report::Up);
                     // Fresh deadlines from now: every lease gets asked about again at once.
@@ -259,10 +311,7 @@ impl Driver {
                     return Ok(());
                 }
                 Ok(Err(etcd_client::Error::LeaseKeepAliveError(msg))) if msg.contains("not found") => {
-                    if let Some(t) = self.leases.remove(&lease) {
-                        self.renewals.remove(&t.timer);
-                        self.metrics.leases_held.set(self.leases.len() as i64);
-                    }
+                    self.forget(lease);
                     self.report_lost(lease, "not found when opening the keepalive stream");
                 }
                 Ok(Err(e)) => {
@@ -280,9 +329,7 @@ impl Driver {
     }
 }
 
-async fn next_response(
-    responses: &mut Option<LeaseKeepAliveStream>,
-) -> Option<Result<etcd_client::LeaseKeepAliveResponse, etcd_client::Error>> {
+async fn next_response(responses: &mut Option<LeaseKeepAliveStream>) -> Option<Result<etcd_client::LeaseKeepAliveResponse, etcd_client::Error>> {
     match responses {
         Some(s) => s.next().await,
         None => std::future::pending().await,
@@ -304,19 +351,41 @@ async fn sleep_until(at: Option<tokio::time::Instant>) {
     }
 }
 
-/// Exponential backoff with full jitter, 100 ms .. 5 s.
-#[derive(Default)]
+/// Exponential backoff with jitter, 100 ms .. 5 s (or a smaller cap).
+#[derive(Debug, Default)]
 pub struct Backoff {
     attempt: u32,
+    /// Longest wait in milliseconds (0: the default 5 s).
+    cap_ms: u64,
 }
 
 impl Backoff {
+    pub fn capped(cap: Duration) -> Backoff {
+        Backoff { attempt: 0, cap_ms: cap.as_millis() as u64 }
+    }
+
     pub fn next(&mut self) -> Duration {
-        let cap = 100u64.saturating_mul(1 << self.attempt.min(6)).min(5000);
+        let limit = if self.cap_ms == 0 { 5000 } else { self.cap_ms.max(100) };
+        let cap = 100u64.saturating_mul(1 << self.attempt.min(6)).min(limit);
         self.attempt += 1;
         Duration::from_millis(rand::random_range(cap / 2..=cap))
     }
     pub fn reset(&mut self) {
         self.attempt = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stalled_stream_is_recycled_well_before_the_first_renewal_is_late() {
+        assert_eq!(stall_timeout(30), Duration::from_secs(5));
+        assert_eq!(stall_timeout(12), Duration::from_secs(2));
+        assert_eq!(stall_timeout(2), Duration::from_secs(1));
+        for ttl in [5, 10, 30, 60, 3600] {
+            assert!(stall_timeout(ttl) < renew_interval(ttl), "ttl {ttl}");
+        }
     }
 }

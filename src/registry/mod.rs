@@ -2,38 +2,50 @@
 //! runs each instance's operation (register, update, replace, revoke) with bounded
 //! concurrency and at most one operation per instance at a time, keeps every lease alive
 //! through one keepalive driver, and publishes what it holds for the status writer.
+//!
+//! A term starts when this replica becomes leader: it takes the fence, adopts, converges.
+//! When leadership is lost the term does not end: it stops writing and keeps every lease
+//! alive ("caretaker") until a newer fence shows that another replica has taken over, so an
+//! API server outage of any length deregisters nothing. The decisions live in `plan`.
 
 mod adopt;
+pub mod fence;
 pub mod lease;
 pub mod owner;
+pub mod plan;
+pub mod view;
 mod write;
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::{Arc, RwLock};
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use etcd_client::Client;
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use tokio::sync::mpsc;
-use tokio::task::JoinSet;
+use tokio::task::{JoinHandle, JoinSet};
 use tokio_util::sync::CancellationToken;
 use tokio_util::time::{DelayQueue, delay_queue};
 use tracing::{debug, info, warn};
 
-use crate::desired::{Desired, InstanceId, Source, Update};
+use crate::desired::{Desired, InstanceId, Update};
 use crate::metrics::{Metrics, OpLabels, StateLabels};
+pub use adopt::Records;
 use lease::{Backoff, Keepalive, Report};
 pub use owner::Owners;
-pub use write::Held;
-use write::{OpError, Outcome, Writer, drifted, establish_fence};
+use plan::{Effect, Next, Op, Renew, Slot};
+pub use view::{Notice, SharedView, Shown, View};
+pub use write::{Held, OpError};
+use write::{Outcome, Writer, drifted};
 
 /// How a registry term ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TermEnd {
-    /// Shutdown, or leadership lost as the elector saw it.
+    /// Shutdown, or told to finish.
     Stopped,
-    /// etcd refused a write because another replica's fence is in place (or ours lapsed).
+    /// Another replica's fence is in place (or ours lapsed): a fresh look at the leader
+    /// Lease must come first.
     Fenced,
 }
 
@@ -56,8 +68,8 @@ pub struct RegistryConfig {
     pub identity: String,
     /// TTL of the fence key's lease.
     pub fence_ttl: i64,
-    /// Revoke every lease when the term ends by shutdown (default: leave them for the next
-    /// leader to adopt).
+    /// Revoke every lease when the process shuts down and no other replica takes over
+    /// (default: leave them for the next leader to adopt).
     pub revoke_on_shutdown: bool,
 }
 
@@ -78,108 +90,56 @@ impl Default for RegistryConfig {
     }
 }
 
+impl RegistryConfig {
+    /// The fence key: beside this cluster's ownership records, not among them.
+    pub fn fence_key(&self) -> String {
+        format!(
+            "{}/{}",
+            self.owner_prefix.trim_end_matches('/'),
+            self.cluster_id
+        )
+    }
+
+    pub fn owners(&self) -> Owners {
+        Owners::new(&self.owner_prefix, &self.cluster_id)
+    }
+}
+
 /// Messages to the registry.
 #[derive(Debug)]
 pub enum Command {
-    /// The complete desired state once the caches have synced: adopt, then converge.
+    /// The complete desired state: adopt (once per term), then converge.
     Resync(Vec<(InstanceId, Arc<Desired>)>),
     Update(Update),
+    /// Leadership is lost: write nothing more, keep every lease alive until a newer fence
+    /// appears (or the term is told to finish).
+    StepDown,
+    /// End the term; with `revoke`, revoke every lease first (process shutdown with
+    /// --revoke-on-shutdown and nobody to take over).
+    Finish {
+        revoke: bool,
+    },
 }
 
-/// What one instance looks like from outside.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Shown {
-    Registered { key: String, lease: i64, since: Timestamp, address: String },
-    Conflict { key: String, message: String },
-    Pending,
-    Failed { message: String },
-}
-
-/// What the registry holds, grouped by (namespace, source) and pod, for the status writer.
-#[derive(Debug, Default)]
-pub struct View {
-    pub groups: HashMap<(String, Source), BTreeMap<String, Shown>>,
-    /// The last etcd operation failed for a reason other than a conflict.
-    pub etcd_unavailable: Option<String>,
-    /// Adoption is done and the first desired state is being applied.
-    pub synced: bool,
-}
-
-impl View {
-    /// Instances of one registration, by pod.
-    pub fn group(&self, namespace: &str, source: &Source) -> Option<&BTreeMap<String, Shown>> {
-        self.groups.get(&(namespace.to_string(), source.clone()))
-    }
-
-    fn set(&mut self, id: &InstanceId, shown: Option<Shown>) {
-        let group = (id.namespace.clone(), id.source.clone());
-        match shown {
-            Some(s) => {
-                self.groups.entry(group).or_default().insert(id.pod.clone(), s);
-            }
-            None => {
-                if let Some(g) = self.groups.get_mut(&group) {
-                    g.remove(&id.pod);
-                    if g.is_empty() {
-                        self.groups.remove(&group);
-                    }
-                }
-            }
-        }
-    }
-}
-
-pub type SharedView = Arc<RwLock<View>>;
-
-/// What the registry tells the Kubernetes side.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Notice {
-    /// The instance's state changed (status may need rewriting).
-    Changed(InstanceId),
-    /// A write was refused because someone else holds the key.
-    Conflict(InstanceId, String),
-    /// etcd became unavailable or available again (every status shows it).
-    Etcd,
-}
-
+/// An instance's slot plus the actor's own bookkeeping for it.
 #[derive(Default)]
-struct Slot {
-    desired: Option<Arc<Desired>>,
-    held: Option<Held>,
-    conflict: Option<(String, String)>,
-    failed: Option<String>,
-    busy: bool,
-    backoff: Backoff,
+struct Entry {
+    slot: Slot,
     retry: Option<delay_queue::Key>,
 }
 
-enum Op {
-    Register(Arc<Desired>),
-    Update(Arc<Desired>, Held),
-    /// Revoke the held lease, then register the new desired state (key, TTL or pod changed).
-    Replace(Arc<Desired>, Held),
-    Revoke(Held),
-}
-
-impl Op {
-    fn label(&self) -> &'static str {
-        match self {
-            Op::Register(_) => "register",
-            Op::Update(..) => "update",
-            Op::Replace(..) => "replace",
-            Op::Revoke(_) => "revoke",
-        }
-    }
-}
+type OpResult = (InstanceId, &'static str, Instant, Result<Outcome, OpError>);
 
 pub struct Registry {
     writer: Writer,
     config: RegistryConfig,
-    slots: HashMap<InstanceId, Slot>,
+    /// The leadership epoch this term writes under (the fence value).
+    epoch: i64,
+    slots: HashMap<InstanceId, Entry>,
     by_lease: HashMap<i64, InstanceId>,
     queue: VecDeque<InstanceId>,
     queued: HashSet<InstanceId>,
-    ops: JoinSet<(InstanceId, &'static str, Instant, Result<Outcome, OpError>)>,
+    ops: JoinSet<OpResult>,
     retries: DelayQueue<InstanceId>,
     keepalive: Keepalive,
     reports: mpsc::UnboundedReceiver<Report>,
@@ -188,21 +148,24 @@ pub struct Registry {
     metrics: Metrics,
     /// Adoption is done (the first Resync is always the term's first command).
     synced: bool,
-    /// The fence key's own lease (its loss ends the term).
+    /// This replica leads: operations may run. False once stepped down (caretaker).
+    leading: bool,
+    /// The fence key's own lease.
     fence_lease: Option<i64>,
     term: CancellationToken,
     /// Ready transitions older than this were not seen live: they are not propagation.
     term_started: Timestamp,
-    verifying: bool,
-    verify_done: Option<tokio::sync::oneshot::Receiver<Result<Vec<InstanceId>, OpError>>>,
+    verify: Option<JoinHandle<Result<Vec<InstanceId>, OpError>>>,
+    fence_check: Option<JoinHandle<Result<Option<i64>, OpError>>>,
 }
 
 impl Registry {
-    /// A registry for one leadership term. `view` is reset and then kept current; the
-    /// keepalive driver lives as long as `term`.
+    /// A registry for one leadership term (`epoch`). `view` is reset and then kept current;
+    /// the keepalive driver lives as long as `term`.
     pub fn new(
         client: Client,
         config: RegistryConfig,
+        epoch: i64,
         notices: mpsc::UnboundedSender<Notice>,
         metrics: Metrics,
         view: SharedView,
@@ -214,13 +177,14 @@ impl Registry {
         metrics.instances.clear();
         let writer = Writer {
             client,
-            owners: Owners::new(&config.owner_prefix, &config.cluster_id),
+            owners: config.owners(),
             timeout: config.call_timeout,
             fence: None,
         };
-        let registry = Registry {
+        Registry {
             writer,
             config,
+            epoch,
             slots: HashMap::new(),
             by_lease: HashMap::new(),
             queue: VecDeque::new(),
@@ -229,116 +193,238 @@ impl Registry {
             retries: DelayQueue::new(),
             keepalive,
             reports,
-            view: view.clone(),
+            view,
             notices,
             metrics,
             synced: false,
+            leading: true,
             fence_lease: None,
             term,
             term_started: Timestamp::now(),
-            verifying: false,
-            verify_done: None,
-        };
-        registry
+            verify: None,
+            fence_check: None,
+        }
     }
 
-    /// The fence key: beside this cluster's ownership records, not among them.
-    fn fence_key(&self) -> String {
-        format!("{}/{}", self.config.owner_prefix.trim_end_matches('/'), self.config.cluster_id)
+    /// Runs until the term ends. Leases are revoked only on `Finish { revoke: true }`;
+    /// otherwise the next leader adopts them, so a rollout deregisters nothing.
+    pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>) -> TermEnd {
+        let term = self.term.clone();
+        let end = self.serve(&mut commands, &term).await;
+        self.ops.abort_all();
+        for task in [
+            self.verify.take().map(|t| t.abort_handle()),
+            self.fence_check.take().map(|t| t.abort_handle()),
+        ]
+        .into_iter()
+        .flatten()
+        {
+            task.abort();
+        }
+        self.view.write().unwrap().synced = false;
+        self.metrics.etcd_available.set(0);
+        self.term.cancel(); // stops the keepalive driver
+        end
     }
 
-    /// Runs until `shutdown`. Leases are NOT revoked on the way out: the next leader adopts
-    /// them, so a rollout deregisters nothing.
-    pub async fn run(mut self, mut commands: mpsc::UnboundedReceiver<Command>, shutdown: CancellationToken) -> TermEnd {
-        if self.config.fence && !self.fence(&shutdown).await {
-            return TermEnd::Stopped;
+    async fn serve(
+        &mut self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        term: &CancellationToken,
+    ) -> TermEnd {
+        if self.config.fence {
+            // Until the fence is ours nothing is written; commands wait in the channel.
+            match self.take_fence(commands, term).await {
+                Ok(()) => {}
+                Err(end) => return end,
+            }
         }
         let mut verify = tokio::time::interval(self.config.verify_interval);
         verify.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         verify.tick().await;
-        let end = loop {
-            self.dispatch();
+        let mut fence_tick = tokio::time::interval(fence::CHECK_INTERVAL);
+        fence_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        fence_tick.tick().await;
+        loop {
+            if self.leading {
+                self.dispatch();
+            }
             tokio::select! {
                 biased;
-                _ = shutdown.cancelled() => break TermEnd::Stopped,
+                _ = term.cancelled() => return TermEnd::Stopped,
                 Some(report) = self.reports.recv() => match report {
                     Report::Lost(lease) if Some(lease) == self.fence_lease => {
-                        warn!("the fence lease lapsed; ending this term");
-                        break TermEnd::Fenced;
+                        if self.leading {
+                            warn!("the fence lease lapsed; ending this term");
+                            return TermEnd::Fenced;
+                        }
+                        // A caretaker keeps the leases alive until a newer fence exists.
+                        self.fence_lease = None;
                     }
                     Report::Lost(lease) => self.on_lease_lost(lease),
                     Report::Down(why) => self.etcd_failed(why),
                     Report::Up => self.etcd_ok(),
                 },
                 Some(done) = self.ops.join_next(), if !self.ops.is_empty() => match done {
-                    Ok((_, _, _, Err(OpError::Fenced))) => {
-                        self.metrics.fenced_writes.inc();
-                        warn!("etcd refused a write: another replica leads now; ending this term");
-                        break TermEnd::Fenced;
+                    Ok((id, op, started, result)) => {
+                        if self.on_done(id, op, started, result) {
+                            self.metrics.fenced_writes.inc();
+                            warn!("etcd refused a write: another replica leads now; ending this term");
+                            return TermEnd::Fenced;
+                        }
                     }
-                    Ok((id, op, started, result)) => self.on_done(id, op, started, result),
                     Err(e) => warn!(error = %e, "registry operation panicked"),
                 },
-                _ = verify.tick(), if self.synced && !self.verifying => self.start_verify(),
-                Ok(result) = async { self.verify_done.as_mut().unwrap().await }, if self.verify_done.is_some() => {
-                    self.verify_done = None;
-                    self.verifying = false;
-                    self.on_verified(result);
+                _ = verify.tick(), if self.leading && self.synced && self.verify.is_none() => self.start_verify(),
+                done = join(&mut self.verify) => {
+                    self.verify = None;
+                    match done {
+                        Ok(result) => self.on_verified(result),
+                        Err(e) => {
+                            // Never leaves verification stuck: the next tick starts afresh.
+                            self.metrics.etcd_error("verify");
+                            warn!(error = %e, "verifying keys failed unexpectedly; retrying at the next interval");
+                        }
+                    }
+                }
+                _ = fence_tick.tick(), if self.config.fence && self.fence_check.is_none() => {
+                    let (writer, key) = (self.writer.clone(), self.config.fence_key());
+                    self.fence_check = Some(tokio::spawn(async move { fence::read(&writer, &key).await }));
+                }
+                done = join(&mut self.fence_check) => {
+                    self.fence_check = None;
+                    if let Ok(Ok(now)) = done && let Some(end) = self.on_fence_read(now) {
+                        return end;
+                    }
                 }
                 cmd = commands.recv() => match cmd {
-                    None => break TermEnd::Stopped,
+                    None => return TermEnd::Stopped,
                     Some(Command::Resync(all)) => self.resync(all).await,
                     Some(Command::Update(u)) => self.apply(u),
+                    Some(Command::StepDown) => self.step_down(),
+                    Some(Command::Finish { revoke }) => {
+                        if revoke {
+                            self.revoke_all().await;
+                        }
+                        return TermEnd::Stopped;
+                    }
                 },
                 Some(expired) = self.retries.next(), if !self.retries.is_empty() => {
                     let id = expired.into_inner();
-                    if let Some(slot) = self.slots.get_mut(&id) {
-                        slot.retry = None;
+                    if let Some(e) = self.slots.get_mut(&id) {
+                        e.retry = None;
                     }
                     self.enqueue(id);
                 }
             }
-        };
-        if end == TermEnd::Stopped && self.config.revoke_on_shutdown {
-            // Let in-flight writes finish (each has a deadline) so their leases are revoked too.
-            while let Some(done) = self.ops.join_next().await {
-                if let Ok((id, op, started, result)) = done {
-                    self.on_done(id, op, started, result);
-                }
-            }
-            self.revoke_all().await;
         }
-        self.ops.abort_all();
-        self.view.write().unwrap().synced = false;
-        self.metrics.etcd_available.set(0);
-        end
+    }
+
+    /// What the periodic read of the fence key means for this term.
+    fn on_fence_read(&mut self, now: Option<i64>) -> Option<TermEnd> {
+        let ours = self.writer.fence.as_ref().map(|f| f.revision);
+        match now {
+            Some(rev) if Some(rev) != ours => {
+                info!(
+                    revision = rev,
+                    "a newer fence is in place: another replica has taken over; ending this term"
+                );
+                Some(TermEnd::Fenced)
+            }
+            None if self.leading => {
+                warn!("the fence key is gone; ending this term");
+                Some(TermEnd::Fenced)
+            }
+            _ => None,
+        }
     }
 
     /// Takes the fence for this term: until it is written, nothing else is.
-    async fn fence(&mut self, shutdown: &CancellationToken) -> bool {
-        let key = self.fence_key();
+    async fn take_fence(
+        &mut self,
+        commands: &mut mpsc::UnboundedReceiver<Command>,
+        term: &CancellationToken,
+    ) -> Result<(), TermEnd> {
+        let key = self.config.fence_key();
         let mut backoff = Backoff::default();
-        loop {
-            match establish_fence(&self.writer, &key, &self.config.identity, self.config.fence_ttl).await {
+        let mut waiting = Vec::new();
+        let result = loop {
+            let (client, timeout) = (&self.writer.client, self.config.call_timeout);
+            match fence::take(
+                client,
+                timeout,
+                &key,
+                &self.config.identity,
+                self.epoch,
+                self.config.fence_ttl,
+            )
+            .await
+            {
                 Ok((fence, lease)) => {
-                    info!(key, revision = fence.revision, "fence taken");
-                    self.keepalive.track(lease, self.config.fence_ttl.max(write::MIN_FENCE_TTL));
+                    info!(
+                        key,
+                        revision = fence.revision,
+                        epoch = self.epoch,
+                        "fence taken"
+                    );
+                    self.keepalive.track(
+                        lease,
+                        self.config.fence_ttl.max(fence::MIN_FENCE_TTL),
+                        Renew::Granted,
+                    );
                     self.fence_lease = Some(lease);
                     self.writer.fence = Some(fence);
                     self.etcd_ok();
-                    return true;
+                    break Ok(());
+                }
+                Err(OpError::Fenced) => {
+                    warn!(
+                        key,
+                        epoch = self.epoch,
+                        "a newer leader holds the fence; not taking it"
+                    );
+                    break Err(TermEnd::Fenced);
                 }
                 Err(e) => {
                     self.etcd_failed(e.to_string());
                     let d = backoff.next();
                     warn!(error = %e, retry_in = ?d, "writing the fence key failed");
-                    tokio::select! {
-                        _ = shutdown.cancelled() => return false,
-                        _ = tokio::time::sleep(d) => {}
+                    let sleep = tokio::time::sleep(d);
+                    tokio::pin!(sleep);
+                    loop {
+                        tokio::select! {
+                            _ = term.cancelled() => return Err(TermEnd::Stopped),
+                            _ = &mut sleep => break,
+                            cmd = commands.recv() => match cmd {
+                                None | Some(Command::StepDown) | Some(Command::Finish { .. }) => return Err(TermEnd::Stopped),
+                                Some(c) => waiting.push(c),
+                            },
+                        }
                     }
                 }
             }
+        };
+        for c in waiting {
+            match c {
+                Command::Resync(all) => self.resync(all).await,
+                Command::Update(u) => self.apply(u),
+                Command::StepDown | Command::Finish { .. } => {}
+            }
         }
+        result
+    }
+
+    /// Leadership lost: write nothing more, keep the leases alive (caretaker).
+    fn step_down(&mut self) {
+        if !self.leading {
+            return;
+        }
+        info!(
+            leases = self.by_lease.len(),
+            "no longer leading: writing nothing, keeping every lease alive until another replica takes over"
+        );
+        self.leading = false;
+        self.view.write().unwrap().synced = false;
     }
 
     /// Checks every held key against etcd in the background.
@@ -346,19 +432,19 @@ impl Registry {
         let held: Vec<(InstanceId, Held)> = self
             .slots
             .iter()
-            .filter(|(_, s)| !s.busy && s.desired.is_some())
-            .filter_map(|(id, s)| s.held.clone().map(|h| (id.clone(), h)))
+            .filter(|(_, e)| !e.slot.busy && e.slot.desired.is_some())
+            .filter_map(|(id, e)| e.slot.held.clone().map(|h| (id.clone(), h)))
             .collect();
         if held.is_empty() {
             return;
         }
-        let (tx, rx) = tokio::sync::oneshot::channel();
         let writer = self.writer.clone();
-        tokio::spawn(async move {
-            let _ = tx.send(drifted(&writer, held).await);
-        });
-        self.verifying = true;
-        self.verify_done = Some(rx);
+        self.verify = Some(tokio::spawn(async move {
+            if crate::failpoint::once("verify-panic") {
+                panic!("failpoint verify-panic");
+            }
+            drifted(&writer, held).await
+        }));
     }
 
     /// Instances whose key was deleted or altered out of band are written again (or found
@@ -367,24 +453,46 @@ impl Registry {
         match result {
             Ok(ids) => {
                 for id in ids {
-                    if let Some(slot) = self.slots.get_mut(&id)
-                        && let Some(h) = slot.held.as_mut()
+                    if let Some(e) = self.slots.get_mut(&id)
+                        && e.slot.drifted()
                     {
-                        warn!(namespace = id.namespace, pod = id.pod, key = h.key, "key changed out of band; repairing");
+                        let key = e
+                            .slot
+                            .held
+                            .as_ref()
+                            .map(|h| h.key.clone())
+                            .unwrap_or_default();
+                        warn!(
+                            namespace = id.namespace,
+                            pod = id.pod,
+                            key,
+                            "key changed out of band; repairing"
+                        );
                         self.metrics.drift_repairs.inc();
-                        h.value_hash.clear(); // forces an update, which recreates or reports
                         self.enqueue(id);
                     }
                 }
             }
-            Err(e) => debug!(error = %e, "verifying keys failed"),
+            Err(e) => {
+                self.metrics.etcd_error(e.op());
+                debug!(error = %e, "verifying keys failed");
+            }
         }
     }
 
-    /// Revokes every held lease (shutdown with --revoke-on-shutdown).
+    /// Revokes every held lease (shutdown with --revoke-on-shutdown and nobody to take
+    /// over). In-flight writes finish first so that their leases are revoked too.
     async fn revoke_all(&mut self) {
-        let held: Vec<(InstanceId, Held)> =
-            self.slots.iter().filter_map(|(id, s)| s.held.clone().map(|h| (id.clone(), h))).collect();
+        while let Some(done) = self.ops.join_next().await {
+            if let Ok((id, op, started, result)) = done {
+                self.on_done(id, op, started, result);
+            }
+        }
+        let held: Vec<(InstanceId, Held)> = self
+            .slots
+            .iter()
+            .filter_map(|(id, e)| e.slot.held.clone().map(|h| (id.clone(), h)))
+            .collect();
         info!(leases = held.len(), "revoking every lease before exit");
         let writer = self.writer.clone();
         futures::stream::iter(held)
@@ -402,7 +510,8 @@ impl Registry {
         }
     }
 
-    /// Adopts what the ownership records say we hold, then converges on `all`.
+    /// Adopts what the ownership records say we hold (once per term), then converges on
+    /// `all`.
     async fn resync(&mut self, all: Vec<(InstanceId, Arc<Desired>)>) {
         if !self.synced {
             let mut backoff = Backoff::default();
@@ -420,17 +529,23 @@ impl Registry {
                     }
                 }
             };
-            info!(records = records.len(), desired = all.len(), "adopting existing registrations");
+            info!(
+                records = records.len(),
+                desired = all.len(),
+                "adopting existing registrations"
+            );
             for (id, held) in records {
-                self.by_lease.insert(held.lease, id.clone());
-                self.keepalive.track(held.lease, held.ttl);
-                let slot = self.slots.entry(id.clone()).or_default();
-                slot.held = Some(held);
-                self.enqueue(id);
+                let fx = self.slots.entry(id.clone()).or_default().slot.adopt(held);
+                self.perform(&id, fx);
             }
         }
         let wanted: HashSet<&InstanceId> = all.iter().map(|(id, _)| id).collect();
-        let stale: Vec<InstanceId> = self.slots.keys().filter(|id| !wanted.contains(id)).cloned().collect();
+        let stale: Vec<InstanceId> = self
+            .slots
+            .keys()
+            .filter(|id| !wanted.contains(id))
+            .cloned()
+            .collect();
         for id in stale {
             self.apply(Update::Remove(id));
         }
@@ -438,31 +553,28 @@ impl Registry {
             self.apply(Update::Upsert(id, d));
         }
         self.synced = true;
-        self.view.write().unwrap().synced = true;
+        self.view.write().unwrap().synced = self.leading;
     }
 
     fn apply(&mut self, update: Update) {
-        let id = match update {
-            Update::Upsert(id, d) => {
-                let slot = self.slots.entry(id.clone()).or_default();
-                slot.desired = Some(d);
-                // A new desire deserves a prompt try even after a conflict or failure.
-                if let Some(k) = slot.retry.take() {
-                    self.retries.remove(&k);
-                }
-                slot.backoff.reset();
-                id
-            }
+        let (id, desired) = match update {
+            Update::Upsert(id, d) => (id, Some(d)),
             Update::Remove(id) => {
-                let Some(slot) = self.slots.get_mut(&id) else { return };
-                slot.desired = None;
-                if let Some(k) = slot.retry.take() {
-                    self.retries.remove(&k);
+                if !self.slots.contains_key(&id) {
+                    return;
                 }
-                id
+                (id, None)
             }
         };
-        self.enqueue(id);
+        let entry = self.slots.entry(id.clone()).or_default();
+        if desired.is_some() || entry.slot.desired.is_some() {
+            // A changed desire deserves a prompt try even after a conflict or failure.
+            if let Some(k) = entry.retry.take() {
+                self.retries.remove(&k);
+            }
+        }
+        let fx = entry.slot.desire(desired);
+        self.perform(&id, fx);
     }
 
     fn enqueue(&mut self, id: InstanceId) {
@@ -474,38 +586,30 @@ impl Registry {
     /// Starts operations for queued instances while there is room.
     fn dispatch(&mut self) {
         while self.ops.len() < self.config.concurrency {
-            let Some(id) = self.queue.pop_front() else { return };
+            let Some(id) = self.queue.pop_front() else {
+                return;
+            };
             self.queued.remove(&id);
-            let Some(slot) = self.slots.get_mut(&id) else { continue };
-            if slot.busy || slot.retry.is_some() {
+            let Some(entry) = self.slots.get_mut(&id) else {
+                continue;
+            };
+            if entry.slot.busy || entry.retry.is_some() {
                 continue; // re-enqueued when the op finishes or the retry fires
             }
-            let op = match (&slot.desired, &slot.held) {
-                (None, None) => {
+            let op = match entry.slot.next() {
+                Next::Forget => {
                     self.slots.remove(&id);
                     self.show(&id, None);
                     continue;
                 }
-                (None, Some(h)) => Op::Revoke(h.clone()),
-                (Some(d), None) => Op::Register(d.clone()),
-                (Some(d), Some(h)) => {
-                    let same_place = d.key.matches(&h.key) && d.ttl == h.ttl && d.pod_uid == h.pod_uid;
-                    if !same_place {
-                        Op::Replace(d.clone(), h.clone())
-                    } else if owner::value_hash(&d.value) != h.value_hash {
-                        Op::Update(d.clone(), h.clone())
-                    } else {
-                        // Already as desired (adopted, or a retry that found nothing to do).
-                        let shown = Shown::Registered { key: h.key.clone(), lease: h.lease, since: h.since, address: d.address.clone() };
-                        self.show(&id, Some(shown));
-                        continue;
-                    }
+                Next::Hold(shown) => {
+                    self.show(&id, Some(shown));
+                    continue;
                 }
+                Next::Run(op) => op,
             };
-            slot.busy = true;
-            if matches!(op, Op::Register(_)) && slot.conflict.is_none() {
-                self.show(&id, Some(Shown::Pending));
-            }
+            let fx = entry.slot.start(&op);
+            self.perform(&id, fx);
             let writer = self.writer.clone();
             let label = op.label();
             let task_id = id.clone();
@@ -525,115 +629,135 @@ impl Registry {
         }
     }
 
-    fn on_done(&mut self, id: InstanceId, op: &'static str, started: Instant, result: Result<Outcome, OpError>) {
-        self.metrics.etcd_op_duration.get_or_create(&OpLabels { op: op.into() }).observe(started.elapsed().as_secs_f64());
-        let Some(slot) = self.slots.get_mut(&id) else { return };
-        slot.busy = false;
-        // Whatever lease the slot held before is replaced or gone unless the op says otherwise.
-        let old = slot.held.as_ref().map(|h| h.lease);
-        match result {
-            Ok(Outcome::Registered(held)) => {
-                if old != Some(held.lease) {
-                    if let Some(l) = old {
-                        self.by_lease.remove(&l);
-                        self.keepalive.untrack(l);
-                    }
-                    self.by_lease.insert(held.lease, id.clone());
-                    self.keepalive.track(held.lease, held.ttl);
-                    // metav1.Time has whole seconds: the figure is good to a second. A
-                    // clock ahead of ours on the pod's node would make it negative: 0.
-                    if op == "register"
-                        && let Some(since) = slot.desired.as_ref().and_then(|d| d.ready_since)
-                        && since.as_second() >= self.term_started.as_second()
-                    {
-                        let lag = Timestamp::now().duration_since(since).as_secs_f64();
-                        self.metrics.propagation.observe(lag.max(0.0));
-                    }
-                }
-                slot.failed = None;
-                slot.conflict = None;
-                slot.backoff.reset();
-                let address = slot.desired.as_ref().map(|d| d.address.clone()).unwrap_or_default();
-                let shown = Shown::Registered { key: held.key.clone(), lease: held.lease, since: held.since, address };
-                slot.held = Some(held);
-                self.etcd_ok();
-                self.show(&id, Some(shown));
-            }
-            Ok(Outcome::Revoked) => {
-                if let Some(l) = old {
-                    self.by_lease.remove(&l);
-                    self.keepalive.untrack(l);
-                }
-                slot.held = None;
-                slot.failed = None;
-                self.etcd_ok();
-                self.show(&id, None);
-            }
-            Ok(Outcome::LeaseGone) => {
-                if let Some(l) = old {
-                    self.by_lease.remove(&l);
-                    self.keepalive.untrack(l);
-                }
-                slot.held = None;
-            }
-            Ok(Outcome::Conflict { key, message }) => {
-                if let Some(l) = old {
-                    self.by_lease.remove(&l);
-                    self.keepalive.untrack(l);
-                }
-                slot.held = None;
-                self.metrics.conflicts.inc();
-                let first = slot.conflict.as_ref().map(|(_, m)| m) != Some(&message);
-                slot.conflict = Some((key.clone(), message.clone()));
-                slot.retry = Some(self.retries.insert(id.clone(), self.config.conflict_retry));
-                self.etcd_ok();
-                self.show(&id, Some(Shown::Conflict { key, message: message.clone() }));
-                if first {
-                    warn!(namespace = id.namespace, pod = id.pod, registration = id.source.segment(), "{message}");
-                    let _ = self.notices.send(Notice::Conflict(id.clone(), message));
-                }
-            }
-            Err(e) => {
-                self.metrics.etcd_error(e.op());
-                let delay = slot.backoff.next();
-                debug!(namespace = id.namespace, pod = id.pod, error = %e, retry_in = ?delay, "etcd operation failed");
-                slot.failed = Some(e.to_string());
-                slot.retry = Some(self.retries.insert(id.clone(), delay));
-                let keep = slot.held.is_some();
-                self.etcd_failed(e.to_string());
-                if !keep {
-                    self.show(&id, Some(Shown::Failed { message: e.to_string() }));
-                }
-            }
-        }
-        self.enqueue(id);
+    /// Feeds an operation's result to the planner. True when the write was fenced.
+    fn on_done(
+        &mut self,
+        id: InstanceId,
+        op: &'static str,
+        started: Instant,
+        result: Result<Outcome, OpError>,
+    ) -> bool {
+        self.metrics
+            .etcd_op_duration
+            .get_or_create(&OpLabels { op: op.into() })
+            .observe(started.elapsed().as_secs_f64());
+        let Some(entry) = self.slots.get_mut(&id) else {
+            return false;
+        };
+        let fx = entry.slot.done(op, result);
+        let fenced = fx.contains(&Effect::Fenced);
+        self.perform(&id, fx);
+        fenced
     }
 
     fn on_lease_lost(&mut self, lease: i64) {
-        let Some(id) = self.by_lease.remove(&lease) else { return };
-        if let Some(slot) = self.slots.get_mut(&id)
-            && slot.held.as_ref().map(|h| h.lease) == Some(lease)
-        {
-            slot.held = None;
-            if slot.desired.is_some() {
-                self.metrics.leases_regranted.inc();
+        let Some(id) = self.by_lease.get(&lease).cloned() else {
+            return;
+        };
+        if let Some(e) = self.slots.get_mut(&id) {
+            let fx = e.slot.lease_lost(lease);
+            self.perform(&id, fx);
+        }
+    }
+
+    /// Carries out the planner's effects for one instance.
+    fn perform(&mut self, id: &InstanceId, effects: Vec<Effect>) {
+        for effect in effects {
+            match effect {
+                Effect::Track { lease, ttl, renew } => {
+                    self.by_lease.insert(lease, id.clone());
+                    self.keepalive.track(lease, ttl, renew);
+                }
+                Effect::Untrack(lease) => {
+                    self.by_lease.remove(&lease);
+                    self.keepalive.untrack(lease);
+                }
+                Effect::Show(shown) => self.show(id, shown),
+                Effect::Conflicted { message, first } => {
+                    self.metrics.conflicts.inc();
+                    self.schedule_retry(id, self.config.conflict_retry);
+                    if first {
+                        warn!(
+                            namespace = id.namespace,
+                            pod = id.pod,
+                            registration = id.source.segment(),
+                            "{message}"
+                        );
+                        let _ = self.notices.send(Notice::Conflict(id.clone(), message));
+                    }
+                }
+                Effect::RetryBackoff => {
+                    if let Some(e) = self.slots.get_mut(id) {
+                        let delay = e.slot.backoff.next();
+                        self.schedule_retry(id, delay);
+                    }
+                }
+                Effect::Regrant => {
+                    self.metrics.leases_regranted.inc();
+                }
+                Effect::EtcdOk => self.etcd_ok(),
+                Effect::EtcdFailed { op, message } => {
+                    self.metrics.etcd_error(op);
+                    debug!(
+                        namespace = id.namespace,
+                        pod = id.pod,
+                        error = message,
+                        "etcd operation failed"
+                    );
+                    self.etcd_failed(message);
+                }
+                Effect::Propagated => self.observe_propagation(id),
+                Effect::Fenced => {}
+                Effect::Enqueue => self.enqueue(id.clone()),
             }
-            self.show(&id, Some(Shown::Pending));
-            self.enqueue(id);
+        }
+    }
+
+    fn schedule_retry(&mut self, id: &InstanceId, after: Duration) {
+        if let Some(e) = self.slots.get_mut(id) {
+            if let Some(k) = e.retry.take() {
+                self.retries.remove(&k);
+            }
+            e.retry = Some(self.retries.insert(id.clone(), after));
+        }
+    }
+
+    /// metav1.Time has whole seconds: the figure is good to a second. A clock ahead of ours
+    /// on the pod's node would make it negative: 0.
+    fn observe_propagation(&self, id: &InstanceId) {
+        if let Some(since) = self
+            .slots
+            .get(id)
+            .and_then(|e| e.slot.desired.as_ref())
+            .and_then(|d| d.ready_since)
+            && since.as_second() >= self.term_started.as_second()
+        {
+            let lag = Timestamp::now().duration_since(since).as_secs_f64();
+            self.metrics.propagation.observe(lag.max(0.0));
         }
     }
 
     fn show(&mut self, id: &InstanceId, shown: Option<Shown>) {
         let changed = {
             let mut view = self.view.write().unwrap();
-            let before = view.group(&id.namespace, &id.source).and_then(|g| g.get(&id.pod)).cloned();
+            let before = view.get(id).cloned();
             let changed = before != shown;
             if changed {
                 if let Some(b) = &before {
-                    self.metrics.instances.get_or_create(&StateLabels { state: state_name(b).into() }).dec();
+                    self.metrics
+                        .instances
+                        .get_or_create(&StateLabels {
+                            state: b.state_name().into(),
+                        })
+                        .dec();
                 }
                 if let Some(s) = &shown {
-                    self.metrics.instances.get_or_create(&StateLabels { state: state_name(s).into() }).inc();
+                    self.metrics
+                        .instances
+                        .get_or_create(&StateLabels {
+                            state: s.state_name().into(),
+                        })
+                        .inc();
                 }
                 view.set(id, shown);
             }
@@ -654,7 +778,13 @@ impl Registry {
     }
 
     fn etcd_failed(&mut self, why: String) {
-        let was_up = self.view.write().unwrap().etcd_unavailable.replace(why.clone()).is_none();
+        let was_up = self
+            .view
+            .write()
+            .unwrap()
+            .etcd_unavailable
+            .replace(why.clone())
+            .is_none();
         self.metrics.etcd_available.set(0);
         if was_up {
             warn!(error = why, "etcd unavailable");
@@ -663,11 +793,10 @@ impl Registry {
     }
 }
 
-fn state_name(s: &Shown) -> &'static str {
-    match s {
-        Shown::Registered { .. } => "registered",
-        Shown::Conflict { .. } => "conflict",
-        Shown::Pending => "pending",
-        Shown::Failed { .. } => "failed",
+/// Waits for a background task if there is one (never resolves otherwise).
+async fn join<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(t) => t.await,
+        None => std::future::pending().await,
     }
 }

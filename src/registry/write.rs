@@ -7,10 +7,9 @@ use std::time::Duration;
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use k8s_openapi::jiff::Timestamp;
 
+use super::fence::Fence;
 use super::owner::{OwnerRecord, Owners, value_hash};
-
-/// Leases podlease itself needs (the leader fence) are granted with this TTL at least.
-pub const MIN_FENCE_TTL: i64 = 5;
+use super::plan::Renew;
 use crate::desired::{Desired, InstanceId};
 
 /// What the registry holds in etcd for one instance.
@@ -27,9 +26,16 @@ pub struct Held {
 /// The result of one operation.
 #[derive(Debug)]
 pub enum Outcome {
-    Registered(Held),
+    /// The key is ours under `held.lease`; `renew` says how much of its TTL is known left.
+    Registered {
+        held: Held,
+        renew: Renew,
+    },
     /// Someone else's key is in the way; nothing was written.
-    Conflict { key: String, message: String },
+    Conflict {
+        key: String,
+        message: String,
+    },
     Revoked,
     /// The lease expired under us: register anew.
     LeaseGone,
@@ -55,14 +61,6 @@ impl OpError {
     }
 }
 
-/// The leader's fence: every write Txn requires the fence key to be at the revision this
-/// leader wrote it at. A new leader rewrites the key, so a deposed leader's writes fail.
-#[derive(Debug, Clone)]
-pub struct Fence {
-    pub key: String,
-    pub revision: i64,
-}
-
 /// Everything an operation needs; cheap to clone into a task.
 #[derive(Clone)]
 pub struct Writer {
@@ -76,17 +74,18 @@ fn is_lease_not_found(e: &etcd_client::Error) -> bool {
     e.to_string().contains("requested lease not found")
 }
 
+/// One etcd call under a deadline.
+pub async fn call<T>(timeout: Duration, op: &'static str, f: impl std::future::Future<Output = Result<T, etcd_client::Error>>) -> Result<T, OpError> {
+    match tokio::time::timeout(timeout, f).await {
+        Ok(Ok(v)) => Ok(v),
+        Ok(Err(source)) => Err(OpError::Etcd { op, source }),
+        Err(_) => Err(OpError::Timeout { op, after: timeout }),
+    }
+}
+
 impl Writer {
-    pub(super) async fn call<T>(
-        &self,
-        op: &'static str,
-        f: impl std::future::Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, OpError> {
-        match tokio::time::timeout(self.timeout, f).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(source)) => Err(OpError::Etcd { op, source }),
-            Err(_) => Err(OpError::Timeout { op, after: self.timeout }),
-        }
+    pub(super) async fn call<T>(&self, op: &'static str, f: impl std::future::Future<Output = Result<T, etcd_client::Error>>) -> Result<T, OpError> {
+        call(self.timeout, op, f).await
     }
 
     /// Runs `inner` only while this replica's fence holds.
@@ -95,14 +94,15 @@ impl Writer {
             let mut kv = self.client.kv_client();
             return self.call("txn", kv.txn(inner)).await;
         };
-        let outer = Txn::new()
-            .when(vec![Compare::mod_revision(fence.key.as_str(), CompareOp::Equal, fence.revision)])
-            .and_then(vec![TxnOp::txn(inner)]);
+        let outer =
+            Txn::new().when(vec![Compare::mod_revision(fence.key.as_str(), CompareOp::Equal, fence.revision)]).and_then(vec![TxnOp::txn(inner)]);
         let mut kv = self.client.kv_client();
         let resp = self.call("txn", kv.txn(outer)).await?;
         if !resp.succeeded() {
             return Err(OpError::Fenced);
         }
+        // The fault suite checks from these lines that no two replicas wrote in one epoch.
+        tracing::debug!(fence_revision = fence.revision, "write applied under fence");
         resp.op_responses()
             .into_iter()
             .find_map(|r| match r {
@@ -114,18 +114,11 @@ impl Writer {
 
     fn owner_put(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> TxnOp {
         let record = OwnerRecord { key: key.to_string(), ttl: d.ttl, value_hash: value_hash(&d.value), pod_uid: d.pod_uid.clone() };
-        TxnOp::put(
-            self.owners.key(id),
-            serde_json::to_vec(&record).expect("serializes"),
-            Some(PutOptions::new().with_lease(lease)),
-        )
+        TxnOp::put(self.owners.key(id), serde_json::to_vec(&record).expect("serializes"), Some(PutOptions::new().with_lease(lease)))
     }
 
     fn puts(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> Vec<TxnOp> {
-        vec![
-            TxnOp::put(key, d.value.clone(), Some(PutOptions::new().with_lease(lease))),
-            self.owner_put(id, d, key, lease),
-        ]
+        vec![TxnOp::put(key, d.value.clone(), Some(PutOptions::new().with_lease(lease))), self.owner_put(id, d, key, lease)]
     }
 
     fn held(d: &Desired, key: String, lease: i64) -> Held {
@@ -139,7 +132,7 @@ impl Writer {
         crate::failpoint::hit("after-grant");
         let key = d.key.with_lease(lease);
         match self.put_if_absent(id, d, &key, lease).await {
-            Ok(Outcome::Registered(h)) if h.lease == lease => Ok(Outcome::Registered(h)),
+            Ok(Outcome::Registered { held, .. }) if held.lease == lease => Ok(Outcome::Registered { held, renew: Renew::Granted }),
             other => {
                 // Nothing is under the fresh lease: drop it now rather than at its TTL.
                 let _ = self.revoke_lease(lease).await;
@@ -155,11 +148,13 @@ impl Writer {
             .and_then(self.puts(id, d, key, lease))
             .or_else(vec![TxnOp::get(key, None), TxnOp::get(owner_key.as_str(), None)]);
         let resp = match self.txn(txn).await {
-            Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => return Ok(Outcome::LeaseGone),
+            Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => {
+                return Ok(Outcome::LeaseGone);
+            }
             r => r?,
         };
         if resp.succeeded() {
-            return Ok(Outcome::Registered(Self::held(d, key.to_string(), lease)));
+            return Ok(Outcome::Registered { held: Self::held(d, key.to_string(), lease), renew: Renew::Granted });
         }
         let mut gets = resp.op_responses().into_iter().filter_map(|r| match r {
             TxnOpResponse::Get(g) => Some(g.kvs().first().cloned()),
@@ -175,14 +170,16 @@ impl Writer {
             && let Ok(rec) = serde_json::from_slice::<OwnerRecord>(record.value())
             && rec.key == key
         {
-            return Ok(Outcome::Registered(Held {
+            // How much of its TTL is left is unknown: it is renewed at once.
+            let held = Held {
                 lease: existing.lease(),
                 key: key.to_string(),
                 ttl: rec.ttl,
                 value_hash: rec.value_hash,
                 pod_uid: rec.pod_uid,
                 since: Timestamp::now(),
-            }));
+            };
+            return Ok(Outcome::Registered { held, renew: Renew::Unknown });
         }
         Ok(conflict(key, existing.map(|kv| kv.lease())))
     }
@@ -196,13 +193,15 @@ impl Writer {
             .and_then(self.puts(id, d, &key, held.lease))
             .or_else(vec![TxnOp::get(key.as_str(), None)]);
         let resp = match self.txn(txn).await {
-            Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => return Ok(Outcome::LeaseGone),
+            Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => {
+                return Ok(Outcome::LeaseGone);
+            }
             r => r?,
         };
         if resp.succeeded() {
             let mut h = Self::held(d, key, held.lease);
             h.since = held.since;
-            return Ok(Outcome::Registered(h));
+            return Ok(Outcome::Registered { held: h, renew: Renew::Granted });
         }
         let existing = resp.op_responses().into_iter().find_map(|r| match r {
             TxnOpResponse::Get(g) => Some(g.kvs().first().map(|kv| kv.lease())),
@@ -210,9 +209,9 @@ impl Writer {
         });
         match existing.flatten() {
             None => match self.put_if_absent(id, d, &key, held.lease).await? {
-                Outcome::Registered(mut h) => {
+                Outcome::Registered { held: mut h, renew } => {
                     h.since = held.since;
-                    Ok(Outcome::Registered(h))
+                    Ok(Outcome::Registered { held: h, renew })
                 }
                 other => {
                     self.revoke(id, held).await?;
@@ -253,21 +252,13 @@ impl Writer {
 
 fn conflict(key: &str, holder: Option<i64>) -> Outcome {
     let message = match holder {
-        Some(0) => format!("key {key} already exists in etcd without a lease; podlease leaves it alone"),
+        Some(0) => {
+            format!("key {key} already exists in etcd without a lease; podlease leaves it alone")
+        }
         Some(l) => format!("key {key} already exists in etcd under lease {l:x}, not this registration's; podlease leaves it alone"),
         None => format!("key {key} is held by another writer; podlease leaves it alone"),
     };
     Outcome::Conflict { key: key.to_string(), message }
-}
-
-/// Writes the fence key under a lease of its own; returns the fence and the lease.
-pub async fn establish_fence(w: &Writer, key: &str, identity: &str, ttl: i64) -> Result<(Fence, i64), OpError> {
-    let mut lc = w.client.lease_client();
-    let lease = w.call("grant", lc.grant(ttl.max(MIN_FENCE_TTL), None)).await?.id();
-    let mut kv = w.client.kv_client();
-    let resp = w.call("put", kv.put(key, identity, Some(PutOptions::new().with_lease(lease)))).await?;
-    let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-    Ok((Fence { key: key.to_string(), revision }, lease))
 }
 
 /// Which held instances no longer look as written: key gone, under another lease, or a

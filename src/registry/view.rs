@@ -1,0 +1,96 @@
+//! What the registry shows the rest of the process: each instance's state, grouped by
+//! registration, for the status writer and /readyz; and the notices that say what changed.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, RwLock};
+
+use k8s_openapi::jiff::Timestamp;
+
+use crate::desired::{InstanceId, Source};
+
+/// What one instance looks like from outside.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Shown {
+    Registered {
+        key: String,
+        lease: i64,
+        since: Timestamp,
+        address: String,
+    },
+    Conflict {
+        key: String,
+        message: String,
+    },
+    Pending,
+    Failed {
+        message: String,
+    },
+}
+
+impl Shown {
+    /// The label of the `podlease_instances` gauge.
+    pub fn state_name(&self) -> &'static str {
+        match self {
+            Shown::Registered { .. } => "registered",
+            Shown::Conflict { .. } => "conflict",
+            Shown::Pending => "pending",
+            Shown::Failed { .. } => "failed",
+        }
+    }
+}
+
+/// What the registry holds, grouped by (namespace, source) and pod, for the status writer.
+#[derive(Debug, Default)]
+pub struct View {
+    pub groups: HashMap<(String, Source), BTreeMap<String, Shown>>,
+    /// The last etcd operation failed for a reason other than a conflict.
+    pub etcd_unavailable: Option<String>,
+    /// This replica leads, adoption is done and the desired state is being applied: only
+    /// then may status (and finalizers) be written from this view.
+    pub synced: bool,
+}
+
+impl View {
+    /// Instances of one registration, by pod.
+    pub fn group(&self, namespace: &str, source: &Source) -> Option<&BTreeMap<String, Shown>> {
+        self.groups.get(&(namespace.to_string(), source.clone()))
+    }
+
+    pub(super) fn get(&self, id: &InstanceId) -> Option<&Shown> {
+        self.group(&id.namespace, &id.source)
+            .and_then(|g| g.get(&id.pod))
+    }
+
+    pub(super) fn set(&mut self, id: &InstanceId, shown: Option<Shown>) {
+        let group = (id.namespace.clone(), id.source.clone());
+        match shown {
+            Some(s) => {
+                self.groups
+                    .entry(group)
+                    .or_default()
+                    .insert(id.pod.clone(), s);
+            }
+            None => {
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.remove(&id.pod);
+                    if g.is_empty() {
+                        self.groups.remove(&group);
+                    }
+                }
+            }
+        }
+    }
+}
+
+pub type SharedView = Arc<RwLock<View>>;
+
+/// What the registry tells the Kubernetes side.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Notice {
+    /// The instance's state changed (status may need rewriting).
+    Changed(InstanceId),
+    /// A write was refused because someone else holds the key.
+    Conflict(InstanceId, String),
+    /// etcd became unavailable or available again (every status shows it).
+    Etcd,
+}
