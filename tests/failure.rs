@@ -14,6 +14,10 @@ use support::*;
 
 const NS: &str = "default";
 
+/// Waits that span a takeover or a TTL at the defaults (leader Lease 15 s, TTL 30 s,
+/// verify every 30 s): longer than any of them plus slack.
+const TAKEOVER: Duration = Duration::from_secs(60);
+
 async fn create_sreg(bed: &TestBed, name: &str, spec: serde_json::Value) {
     create_registration(&bed.kube, NS, name, spec).await;
 }
@@ -32,7 +36,10 @@ async fn ready_pods(bed: &TestBed, app: &str, n: usize) {
 }
 
 async fn wait_count(bed: &TestBed, prefix: &str, n: usize) {
-    wait_until(&format!("{n} keys under {prefix}"), DEADLINE, || async { (keys(&bed.etcd, prefix).await.len() == n).then_some(()) }).await;
+    wait_until(&format!("{n} keys under {prefix}"), DEADLINE, || async {
+        (keys(&bed.etcd, prefix).await.len() == n).then_some(())
+    })
+    .await;
 }
 
 async fn wait_leader<'a>(replicas: &'a [&'a Controller]) -> usize {
@@ -48,45 +55,84 @@ async fn wait_leader<'a>(replicas: &'a [&'a Controller]) -> usize {
 }
 
 fn pod_deletes(r: &Recorder, prefix: &str) -> Vec<String> {
-    r.deletes().into_iter().map(|e| e.key).filter(|k| k.starts_with(prefix)).collect()
+    r.deletes()
+        .into_iter()
+        .map(|e| e.key)
+        .filter(|k| k.starts_with(prefix))
+        .collect()
 }
 
 #[tokio::test]
 async fn killing_the_leader_hands_over_without_a_single_delete() {
     let bed = TestBed::start().await;
     bed.apply_crd().await;
-    let args = ["--leader-lease-duration", "3"];
-    let mut a = Controller::start(&bed, "a", &args).await;
-    let mut b = Controller::start(&bed, "b", &args).await;
-    create_sreg(&bed, "roll", json!({"selector": {"matchLabels": {"app": "roll"}}, "ttlSeconds": 10})).await;
+    // The defaults a user gets: TTL 30 s, leader Lease 15 s.
+    let mut a = Controller::start(&bed, "a", &[]).await;
+    let mut b = Controller::start(&bed, "b", &[]).await;
+    create_sreg(
+        &bed,
+        "roll",
+        json!({"selector": {"matchLabels": {"app": "roll"}}}),
+    )
+    .await;
     ready_pods(&bed, "roll", 100).await;
     wait_count(&bed, "/services/roll/", 100).await;
-    let before: BTreeSet<(String, i64)> = keys(&bed.etcd, "/services/roll/").await.iter().map(|kv| (kv.key_str().unwrap().into(), kv.lease())).collect();
+    let before: BTreeSet<(String, i64)> = keys(&bed.etcd, "/services/roll/")
+        .await
+        .iter()
+        .map(|kv| (kv.key_str().unwrap().into(), kv.lease()))
+        .collect();
 
     let leader = wait_leader(&[&a, &b]).await;
     let recorder = Recorder::start(&bed.etcd, "/").await;
-    let (dead, standby) = if leader == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let (dead, standby) = if leader == 0 {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
     let killed = Instant::now();
     dead.kill();
-    wait_until("the standby leads", DEADLINE, || async { standby.leads().await.then_some(()) }).await;
+    wait_until("the standby leads", TAKEOVER, || async {
+        standby.leads().await.then_some(())
+    })
+    .await;
     // Leading includes adoption: /readyz says so once the registry has synced.
     wait_until("the standby has adopted", DEADLINE, || async {
-        let (code, body) = support::controller::http_get(&format!("http://127.0.0.1:{}/readyz", standby.metrics_port)).await?;
+        let (code, body) = support::controller::http_get(&format!(
+            "http://127.0.0.1:{}/readyz",
+            standby.metrics_port
+        ))
+        .await?;
         (code == 200 && body.contains("leader")).then_some(())
     })
     .await;
     let takeover = killed.elapsed();
-    println!("measured: takeover after SIGKILL of the leader (leader Lease 3 s): {takeover:?}");
+    println!("measured: takeover after SIGKILL of the leader (leader Lease 15 s): {takeover:?}");
 
-    // Outlive the 10 s TTL of the old leader's last renewals: only the new leader keeps them.
+    // Outlive the 30 s TTL of the old leader's last renewals: only the new leader keeps them.
     let target = standby.metric("podlease_keepalive_requests_total").await + 300.0;
-    wait_until("three renewal rounds by the new leader", Duration::from_secs(40), || async {
-        (standby.metric("podlease_keepalive_requests_total").await >= target).then_some(())
-    })
+    wait_until(
+        "three renewal rounds by the new leader",
+        Duration::from_secs(45),
+        || async {
+            (standby.metric("podlease_keepalive_requests_total").await >= target).then_some(())
+        },
+    )
     .await;
-    assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new(), "watchers saw DELETEs");
-    let after: BTreeSet<(String, i64)> = keys(&bed.etcd, "/services/roll/").await.iter().map(|kv| (kv.key_str().unwrap().into(), kv.lease())).collect();
-    assert_eq!(after, before, "every key still there, under the same (adopted) lease");
+    assert_eq!(
+        pod_deletes(&recorder, "/services/"),
+        Vec::<String>::new(),
+        "watchers saw DELETEs"
+    );
+    let after: BTreeSet<(String, i64)> = keys(&bed.etcd, "/services/roll/")
+        .await
+        .iter()
+        .map(|kv| (kv.key_str().unwrap().into(), kv.lease()))
+        .collect();
+    assert_eq!(
+        after, before,
+        "every key still there, under the same (adopted) lease"
+    );
     // The new leader's status counts the adopted instances as registered (a change makes it
     // write the status afresh).
     set_ready(&bed.kube, NS, "roll-0", &pod_ip(1), false).await;
@@ -102,9 +148,14 @@ async fn killing_the_leader_hands_over_without_a_single_delete() {
 async fn a_graceful_rollout_hands_over_at_once_and_deletes_nothing() {
     let bed = TestBed::start().await;
     bed.apply_crd().await;
-    let args = ["--leader-lease-duration", "15"];
+    let args: [&str; 0] = [];
     let mut a = Controller::start(&bed, "a", &args).await;
-    create_sreg(&bed, "roll", json!({"selector": {"matchLabels": {"app": "roll"}}})).await;
+    create_sreg(
+        &bed,
+        "roll",
+        json!({"selector": {"matchLabels": {"app": "roll"}}}),
+    )
+    .await;
     ready_pods(&bed, "roll", 20).await;
     wait_count(&bed, "/services/roll/", 20).await;
     let b = Controller::start(&bed, "b", &args).await;
@@ -112,13 +163,28 @@ async fn a_graceful_rollout_hands_over_at_once_and_deletes_nothing() {
     let stopped = Instant::now();
     assert!(a.terminate().success(), "SIGTERM exits cleanly");
     // The Lease was released: the standby need not wait out the 15 s lease duration.
-    wait_until("b leads", Duration::from_secs(10), || async { b.leads().await.then_some(()) }).await;
-    println!("measured: takeover after SIGTERM (Lease released): {:?}", stopped.elapsed());
+    wait_until("b leads", Duration::from_secs(10), || async {
+        b.leads().await.then_some(())
+    })
+    .await;
+    println!(
+        "measured: takeover after SIGTERM (Lease released): {:?}",
+        stopped.elapsed()
+    );
     assert!(stopped.elapsed() < Duration::from_secs(10));
     // A change after the handover is handled by the new leader.
     set_ready(&bed.kube, NS, "roll-0", &pod_ip(1), false).await;
-    wait_absent(&bed.etcd, "/services/roll/default/roll-0", Duration::from_secs(10)).await;
-    assert_eq!(pod_deletes(&recorder, "/services/"), vec!["/services/roll/default/roll-0".to_string()], "only the pod that went unready");
+    wait_absent(
+        &bed.etcd,
+        "/services/roll/default/roll-0",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert_eq!(
+        pod_deletes(&recorder, "/services/"),
+        vec!["/services/roll/default/roll-0".to_string()],
+        "only the pod that went unready"
+    );
     assert_eq!(keys(&bed.etcd, "/services/roll/").await.len(), 19);
 }
 
@@ -127,12 +193,23 @@ async fn revoke_on_shutdown_deregisters_everything() {
     let bed = TestBed::start().await;
     bed.apply_crd().await;
     let mut c = Controller::start(&bed, "c", &["--revoke-on-shutdown"]).await;
-    create_sreg(&bed, "gone", json!({"selector": {"matchLabels": {"app": "gone"}}})).await;
+    create_sreg(
+        &bed,
+        "gone",
+        json!({"selector": {"matchLabels": {"app": "gone"}}}),
+    )
+    .await;
     ready_pods(&bed, "gone", 5).await;
     wait_count(&bed, "/services/gone/", 5).await;
     assert!(c.terminate().success());
-    assert!(keys(&bed.etcd, "/services/").await.is_empty(), "everything revoked before exit");
-    assert!(keys(&bed.etcd, "/podlease/").await.is_empty(), "ownership records and fence too");
+    assert!(
+        keys(&bed.etcd, "/services/").await.is_empty(),
+        "everything revoked before exit"
+    );
+    assert!(
+        keys(&bed.etcd, "/podlease/").await.is_empty(),
+        "ownership records and fence too"
+    );
 }
 
 #[tokio::test]
@@ -141,7 +218,12 @@ async fn a_crash_between_grant_and_txn_leaves_no_orphan() {
     bed.apply_crd().await;
     let mut c = Controller::start(&bed, "c", &[]).await;
     c.kill();
-    create_sreg(&bed, "crash", json!({"selector": {"matchLabels": {"app": "crash"}}, "ttlSeconds": 30})).await;
+    create_sreg(
+        &bed,
+        "crash",
+        json!({"selector": {"matchLabels": {"app": "crash"}}, "ttlSeconds": 30}),
+    )
+    .await;
     ready_pods(&bed, "crash", 1).await;
 
     c.env = vec![("PODLEASE_FAILPOINT".into(), "after-grant".into())];
@@ -149,7 +231,10 @@ async fn a_crash_between_grant_and_txn_leaves_no_orphan() {
     let status = c.wait_exit().await;
     assert!(!status.success(), "the failpoint aborted the process");
     assert!(c.log_text().contains("failpoint after-grant reached"));
-    assert!(keys(&bed.etcd, "/services/").await.is_empty(), "nothing written after the grant");
+    assert!(
+        keys(&bed.etcd, "/services/").await.is_empty(),
+        "nothing written after the grant"
+    );
 
     c.env.clear();
     c.restart().await;
@@ -158,52 +243,95 @@ async fn a_crash_between_grant_and_txn_leaves_no_orphan() {
     let mut lc = bed.etcd.lease_client();
     let mut with_keys = BTreeSet::new();
     for l in lc.leases().await.unwrap().leases() {
-        let ttl = lc.time_to_live(l.id(), Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys())).await.unwrap();
+        let ttl = lc
+            .time_to_live(
+                l.id(),
+                Some(etcd_client::LeaseTimeToLiveOptions::new().with_keys()),
+            )
+            .await
+            .unwrap();
         if !ttl.keys().is_empty() {
             with_keys.insert(l.id());
         }
     }
     assert!(with_keys.contains(&kv.lease()));
-    assert_eq!(with_keys.len(), 2, "only the instance's lease and the fence's hold keys: {with_keys:?}");
+    assert_eq!(
+        with_keys.len(),
+        2,
+        "only the instance's lease and the fence's hold keys: {with_keys:?}"
+    );
 }
 
 #[tokio::test]
 async fn a_paused_leader_writes_nothing_after_it_wakes() {
     let bed = TestBed::start().await;
     bed.apply_crd().await;
-    let args = ["--leader-lease-duration", "2"];
-    let a = Controller::start(&bed, "a", &args).await;
-    wait_until("a leads", DEADLINE, || async { a.leads().await.then_some(()) }).await;
-    let b = Controller::start(&bed, "b", &args).await;
-    create_sreg(&bed, "p", json!({"selector": {"matchLabels": {"app": "p"}}, "ttlSeconds": 6})).await;
+    let a = Controller::start(&bed, "a", &[]).await;
+    wait_until("a leads", DEADLINE, || async {
+        a.leads().await.then_some(())
+    })
+    .await;
+    let b = Controller::start(&bed, "b", &[]).await;
+    create_sreg(
+        &bed,
+        "p",
+        json!({"selector": {"matchLabels": {"app": "p"}}}),
+    )
+    .await;
     ready_pods(&bed, "p", 5).await;
     wait_count(&bed, "/services/p/", 5).await;
 
     a.signal(libc::SIGSTOP);
     let paused = Instant::now();
-    wait_until("b leads", DEADLINE, || async { b.leads().await.then_some(()) }).await;
+    wait_until("b leads", TAKEOVER, || async {
+        b.leads().await.then_some(())
+    })
+    .await;
     // While a sleeps: one pod goes away, one arrives. b handles both.
     set_ready(&bed.kube, NS, "p-0", &pod_ip(1), false).await;
     create_pod(&bed.kube, NS, &PodSpec::new("p-new").label("app", "p")).await;
     set_ready(&bed.kube, NS, "p-new", &pod_ip(50), true).await;
     wait_absent(&bed.etcd, "/services/p/default/p-0", DEADLINE).await;
     wait_key(&bed.etcd, "/services/p/default/p-new").await;
-    // Longer than the TTL in all.
-    let left = Duration::from_secs(7).saturating_sub(paused.elapsed());
+    // Longer than the 30 s TTL in all.
+    let left = Duration::from_secs(31).saturating_sub(paused.elapsed());
     tokio::time::sleep(left).await; // the pause itself is the fault being injected
 
     let recorder = Recorder::start(&bed.etcd, "/").await;
     a.signal(libc::SIGCONT);
-    wait_until("a notices it no longer leads", DEADLINE, || async { (!a.leads().await).then_some(()) }).await;
+    wait_until("a notices it no longer leads", DEADLINE, || async {
+        (!a.leads().await).then_some(())
+    })
+    .await;
     // A marker write by the real leader: everything a could have written comes before it.
     set_ready(&bed.kube, NS, "p-1", &pod_ip(2), false).await;
     wait_absent(&bed.etcd, "/services/p/default/p-1", DEADLINE).await;
     let events = recorder.all();
-    let marker = events.iter().position(|e| !e.put && e.key == "/services/p/default/p-1").expect("marker seen");
-    assert_eq!(&events[..marker], &[], "the woken old leader wrote to etcd: {:?}", &events[..marker]);
-    let mut now: Vec<String> = keys(&bed.etcd, "/services/p/").await.iter().map(|kv| kv.key_str().unwrap().to_string()).collect();
+    let marker = events
+        .iter()
+        .position(|e| !e.put && e.key == "/services/p/default/p-1")
+        .expect("marker seen");
+    assert_eq!(
+        &events[..marker],
+        &[],
+        "the woken old leader wrote to etcd: {:?}",
+        &events[..marker]
+    );
+    let mut now: Vec<String> = keys(&bed.etcd, "/services/p/")
+        .await
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_string())
+        .collect();
     now.sort();
-    assert_eq!(now, ["/services/p/default/p-2", "/services/p/default/p-3", "/services/p/default/p-4", "/services/p/default/p-new"]);
+    assert_eq!(
+        now,
+        [
+            "/services/p/default/p-2",
+            "/services/p/default/p-3",
+            "/services/p/default/p-4",
+            "/services/p/default/p-new"
+        ]
+    );
     assert!(b.leads().await);
 }
 
@@ -211,8 +339,13 @@ async fn a_paused_leader_writes_nothing_after_it_wakes() {
 async fn an_etcd_outage_longer_than_the_ttl_is_survived() {
     let mut bed = TestBed::start().await;
     bed.apply_crd().await;
-    let c = Controller::start(&bed, "c", &["--leader-lease-duration", "5", "--etcd-timeout", "2"]).await;
-    create_sreg(&bed, "o", json!({"selector": {"matchLabels": {"app": "o"}}, "ttlSeconds": 5})).await;
+    let c = Controller::start(&bed, "c", &[]).await;
+    create_sreg(
+        &bed,
+        "o",
+        json!({"selector": {"matchLabels": {"app": "o"}}}),
+    )
+    .await;
     ready_pods(&bed, "o", 20).await;
     wait_count(&bed, "/services/o/", 20).await;
 
@@ -227,31 +360,55 @@ async fn an_etcd_outage_longer_than_the_ttl_is_survived() {
     }
     wait_until("EtcdUnavailable on the status", DEADLINE, || async {
         let st = api.get("o").await.ok()?.status?;
-        st.conditions.iter().any(|c| c.type_ == "EtcdUnavailable" && c.status == "True").then_some(())
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "EtcdUnavailable" && c.status == "True")
+            .then_some(())
     })
     .await;
-    let outage = Duration::from_secs(10); // 2 × TTL: the fault being injected
+    let outage = Duration::from_secs(45); // 1.5 × the 30 s TTL: the fault being injected
     tokio::time::sleep(outage).await;
     assert!(c.child.is_some(), "podlease kept running");
 
     bed.registry.resume();
     let back = Instant::now();
-    let etcd = etcd_client::Client::connect([bed.etcd_endpoint()], None).await.unwrap();
-    let want: BTreeSet<String> = (5..20).map(|i| format!("/services/o/default/o-{i}")).collect();
-    wait_until("exactly the ready pods registered again", DEADLINE, || async {
-        let got: BTreeSet<String> = keys(&etcd, "/services/o/").await.iter().map(|kv| kv.key_str().unwrap().to_string()).collect();
-        (got == want).then_some(())
-    })
+    let etcd = etcd_client::Client::connect([bed.etcd_endpoint()], None)
+        .await
+        .unwrap();
+    let want: BTreeSet<String> = (5..20)
+        .map(|i| format!("/services/o/default/o-{i}"))
+        .collect();
+    wait_until(
+        "exactly the ready pods registered again",
+        TAKEOVER,
+        || async {
+            let got: BTreeSet<String> = keys(&etcd, "/services/o/")
+                .await
+                .iter()
+                .map(|kv| kv.key_str().unwrap().to_string())
+                .collect();
+            (got == want).then_some(())
+        },
+    )
     .await;
-    println!("measured: etcd back → every ready pod registered, the rest gone: {:?}", back.elapsed());
+    println!(
+        "measured: etcd back → every ready pod registered, the rest gone: {:?}",
+        back.elapsed()
+    );
     wait_until("EtcdUnavailable cleared", DEADLINE, || async {
         let st = api.get("o").await.ok()?.status?;
-        st.conditions.iter().any(|c| c.type_ == "EtcdUnavailable" && c.status == "False").then_some(st)
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "EtcdUnavailable" && c.status == "False")
+            .then_some(st)
     })
     .await;
     // And it stays that way past another TTL (leases are really kept alive again).
     let target = c.metric("podlease_keepalive_requests_total").await + 45.0;
-    wait_until("renewals after the outage", DEADLINE, || async { (c.metric("podlease_keepalive_requests_total").await >= target).then_some(()) }).await;
+    wait_until("renewals after the outage", TAKEOVER, || async {
+        (c.metric("podlease_keepalive_requests_total").await >= target).then_some(())
+    })
+    .await;
     assert_eq!(keys(&etcd, "/services/o/").await.len(), 15);
 }
 
@@ -261,14 +418,21 @@ async fn a_three_member_etcd_cluster_loses_its_leader_and_no_registration() {
     bed.apply_crd().await;
     let mut members = EtcdServer::start_cluster(bed.dir.path(), "m", 3);
     let endpoints: Vec<String> = members.iter().map(|m| m.endpoint()).collect();
-    let c = Controller::start(&bed, "c", &["--etcd-endpoints", &endpoints.join(","), "--etcd-timeout", "2"]).await;
-    create_sreg(&bed, "h", json!({"selector": {"matchLabels": {"app": "h"}}, "ttlSeconds": 5})).await;
+    let c = Controller::start(&bed, "c", &["--etcd-endpoints", &endpoints.join(",")]).await;
+    create_sreg(
+        &bed,
+        "h",
+        json!({"selector": {"matchLabels": {"app": "h"}}}),
+    )
+    .await;
     ready_pods(&bed, "h", 20).await;
 
     // Which member leads etcd?
     let mut leader_idx = None;
     for (i, m) in members.iter().enumerate() {
-        let mut cl = etcd_client::Client::connect([m.endpoint()], None).await.unwrap();
+        let mut cl = etcd_client::Client::connect([m.endpoint()], None)
+            .await
+            .unwrap();
         let st = cl.status().await.unwrap();
         if st.leader() == st.header().unwrap().member_id() {
             leader_idx = Some(i);
@@ -276,18 +440,29 @@ async fn a_three_member_etcd_cluster_loses_its_leader_and_no_registration() {
     }
     let leader_idx = leader_idx.expect("an etcd leader");
     let survivor = members[(leader_idx + 1) % 3].endpoint();
-    let etcd = etcd_client::Client::connect([survivor.clone()], None).await.unwrap();
-    wait_until("20 keys", DEADLINE, || async { (keys(&etcd, "/services/h/").await.len() == 20).then_some(()) }).await;
+    let etcd = etcd_client::Client::connect([survivor.clone()], None)
+        .await
+        .unwrap();
+    wait_until("20 keys", DEADLINE, || async {
+        (keys(&etcd, "/services/h/").await.len() == 20).then_some(())
+    })
+    .await;
 
     let recorder = Recorder::start(&etcd, "/services/").await;
     members[leader_idx].kill();
     // Three renewal rounds after the kill (each lease every TTL/3).
     let target = c.metric("podlease_keepalive_requests_total").await + 60.0;
-    wait_until("renewals after losing the etcd leader", DEADLINE, || async {
-        (c.metric("podlease_keepalive_requests_total").await >= target).then_some(())
-    })
+    wait_until(
+        "renewals after losing the etcd leader",
+        TAKEOVER,
+        || async { (c.metric("podlease_keepalive_requests_total").await >= target).then_some(()) },
+    )
     .await;
-    assert_eq!(keys(&etcd, "/services/h/").await.len(), 20, "no registration lost");
+    assert_eq!(
+        keys(&etcd, "/services/h/").await.len(),
+        20,
+        "no registration lost"
+    );
     assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new());
     // Writes still work through the survivors.
     set_ready(&bed.kube, NS, "h-0", &pod_ip(1), false).await;
@@ -298,31 +473,334 @@ async fn a_three_member_etcd_cluster_loses_its_leader_and_no_registration() {
 async fn a_key_deleted_out_of_band_is_restored_and_a_foreign_key_is_left_alone() {
     let bed = TestBed::start().await;
     bed.apply_crd().await;
-    let c = Controller::start(&bed, "c", &["--verify-interval", "1"]).await;
-    create_sreg(&bed, "d", json!({"selector": {"matchLabels": {"app": "d"}}})).await;
+    let c = Controller::start(&bed, "c", &[]).await;
+    create_sreg(
+        &bed,
+        "d",
+        json!({"selector": {"matchLabels": {"app": "d"}}}),
+    )
+    .await;
     ready_pods(&bed, "d", 1).await;
     let key = "/services/d/default/d-0";
     let before = wait_key(&bed.etcd, key).await;
 
     let etcdctl = |args: &[&str]| support::etcd::etcdctl_ok(&bed.etcd_endpoint(), None, args);
     etcdctl(&["del", key]);
-    let restored = wait_until("key restored", DEADLINE, || async {
-        keys(&bed.etcd, key).await.into_iter().find(|kv| kv.key_str().unwrap() == key)
+    // Within one verify interval (30 s by default).
+    let restored = wait_until("key restored", TAKEOVER, || async {
+        keys(&bed.etcd, key)
+            .await
+            .into_iter()
+            .find(|kv| kv.key_str().unwrap() == key)
     })
     .await;
     assert_eq!(restored.value(), before.value());
-    assert_eq!(restored.lease(), before.lease(), "restored under the same lease");
+    assert_eq!(
+        restored.lease(),
+        before.lease(),
+        "restored under the same lease"
+    );
     assert!(c.metric("podlease_drift_repairs_total").await >= 1.0);
 
     // Someone else's value in the way: never clobbered, reported as a conflict.
     etcdctl(&["put", key, "not-podlease"]);
     let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
-    wait_until("Conflict reported", DEADLINE, || async {
+    wait_until("Conflict reported", TAKEOVER, || async {
         let st = api.get("d").await.ok()?.status?;
-        st.conditions.iter().any(|c| c.type_ == "Conflict" && c.status == "True" && c.message.contains(key)).then_some(())
+        st.conditions
+            .iter()
+            .any(|c| c.type_ == "Conflict" && c.status == "True" && c.message.contains(key))
+            .then_some(())
     })
     .await;
     let kv = keys(&bed.etcd, key).await.into_iter().next().unwrap();
     assert_eq!(kv.value_str().unwrap(), "not-podlease");
     assert_eq!(kv.lease(), 0);
+}
+
+// ---- The failure model at the defaults: one test per defect the fault suite is built on.
+
+/// Keys and leases under a prefix, to compare before and after a fault.
+async fn leases_under(etcd: &etcd_client::Client, prefix: &str) -> BTreeSet<(String, i64)> {
+    keys(etcd, prefix)
+        .await
+        .iter()
+        .map(|kv| (kv.key_str().unwrap().to_string(), kv.lease()))
+        .collect()
+}
+
+/// Waits until `c` leads and has adopted (/readyz says "leader").
+async fn wait_adopted(c: &Controller, within: Duration) {
+    wait_until("the replica leads and has adopted", within, || async {
+        let (code, body) =
+            support::controller::http_get(&format!("http://127.0.0.1:{}/readyz", c.metrics_port))
+                .await?;
+        (code == 200 && body.contains("leader")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_api_server_outage_longer_than_the_ttl_deregisters_nothing() {
+    let mut bed = TestBed::start().await;
+    bed.apply_crd().await;
+    // One replica, leader election on, and revoke-on-shutdown: losing the leader Lease must
+    // neither revoke nor let the keys expire.
+    let c = Controller::start(&bed, "c", &["--revoke-on-shutdown"]).await;
+    create_sreg(
+        &bed,
+        "api",
+        json!({"selector": {"matchLabels": {"app": "api"}}}),
+    )
+    .await;
+    ready_pods(&bed, "api", 10).await;
+    wait_count(&bed, "/services/api/", 10).await;
+    let before = leases_under(&bed.etcd, "/services/api/").await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+
+    bed.stall_apiserver();
+    let stalled = Instant::now();
+    wait_until(
+        "leadership lost while the API server is stalled",
+        TAKEOVER,
+        || async { (!c.leads().await).then_some(()) },
+    )
+    .await;
+    println!(
+        "measured: leadership lost {:?} into the API server stall",
+        stalled.elapsed()
+    );
+    // 50 s in all: longer than the 30 s TTL. The stall itself is the fault being injected.
+    tokio::time::sleep(Duration::from_secs(50).saturating_sub(stalled.elapsed())).await;
+    assert_eq!(
+        leases_under(&bed.etcd, "/services/api/").await,
+        before,
+        "every key still there under its lease during the stall"
+    );
+    bed.resume_apiserver();
+
+    wait_adopted(&c, TAKEOVER).await;
+    assert_eq!(
+        pod_deletes(&recorder, "/services/"),
+        Vec::<String>::new(),
+        "watchers saw DELETEs"
+    );
+    assert_eq!(leases_under(&bed.etcd, "/services/api/").await, before);
+    assert!(
+        !c.log_text().contains("revoking every lease"),
+        "nothing revoked on leadership loss"
+    );
+    // And it writes again at once.
+    set_ready(&bed.kube, NS, "api-0", &pod_ip(1), false).await;
+    wait_absent(&bed.etcd, "/services/api/default/api-0", DEADLINE).await;
+}
+
+#[tokio::test]
+async fn a_rollout_with_revoke_on_shutdown_deregisters_nothing() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let mut a = Controller::start(&bed, "a", &["--revoke-on-shutdown"]).await;
+    wait_adopted(&a, DEADLINE).await;
+    let b = Controller::start(&bed, "b", &["--revoke-on-shutdown"]).await;
+    create_sreg(
+        &bed,
+        "ro",
+        json!({"selector": {"matchLabels": {"app": "ro"}}}),
+    )
+    .await;
+    ready_pods(&bed, "ro", 10).await;
+    wait_count(&bed, "/services/ro/", 10).await;
+    let before = leases_under(&bed.etcd, "/services/ro/").await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+    assert!(a.terminate().success());
+    wait_adopted(&b, DEADLINE).await;
+    assert!(
+        a.log_text().contains("not revoking on shutdown"),
+        "the leader saw the standby take over"
+    );
+    assert_eq!(
+        pod_deletes(&recorder, "/services/"),
+        Vec::<String>::new(),
+        "watchers saw DELETEs"
+    );
+    assert_eq!(
+        leases_under(&bed.etcd, "/services/ro/").await,
+        before,
+        "every key adopted under its lease"
+    );
+}
+
+#[tokio::test]
+async fn a_stale_term_can_never_take_the_fence_from_a_live_leader() {
+    use podlease::registry::{OpError, fence};
+    let bed = TestBed::start().await;
+    let t = Duration::from_secs(5);
+    let key = "/podlease/owners/fence-test";
+    // The live leader took the Lease at epoch 7; a deposed term of epoch 6 wakes and tries.
+    let (live, _) = fence::take(&bed.etcd, t, key, "b", 7, 15)
+        .await
+        .expect("the live leader fences");
+    let stale = fence::take(&bed.etcd, t, key, "a", 6, 15).await;
+    assert!(
+        matches!(stale, Err(OpError::Fenced)),
+        "a stale epoch is refused: {stale:?}"
+    );
+    let now = keys(&bed.etcd, key).await;
+    assert_eq!(
+        now[0].mod_revision(),
+        live.revision,
+        "the live leader's fence is untouched"
+    );
+    assert_eq!(now[0].value_str().unwrap(), fence::value(7, "b"));
+    // The same holder may take it again (a restarted container with the same pod name), and
+    // a newer epoch takes it over.
+    fence::take(&bed.etcd, t, key, "b", 7, 15)
+        .await
+        .expect("same epoch and holder");
+    let (newer, _) = fence::take(&bed.etcd, t, key, "a", 8, 15)
+        .await
+        .expect("a newer epoch");
+    assert_eq!(keys(&bed.etcd, key).await[0].mod_revision(), newer.revision);
+}
+
+#[tokio::test]
+async fn a_registration_deleted_while_podlease_is_down_keeps_its_finalizer_until_etcd_holds_none_of_its_keys()
+ {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let mut c = Controller::start(&bed, "c", &[]).await;
+    create_sreg(
+        &bed,
+        "fin",
+        json!({"selector": {"matchLabels": {"app": "fin"}}}),
+    )
+    .await;
+    ready_pods(&bed, "fin", 60).await;
+    wait_count(&bed, "/services/fin/", 60).await;
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    wait_until("the finalizer is on", DEADLINE, || async {
+        api.get("fin")
+            .await
+            .ok()?
+            .metadata
+            .finalizers?
+            .iter()
+            .any(|f| f == podlease::registration::FINALIZER)
+            .then_some(())
+    })
+    .await;
+    c.kill();
+    api.delete("fin", &Default::default())
+        .await
+        .expect("delete");
+
+    // Watch the registration from here on: the moment it is gone from the API, etcd must
+    // hold no record and no key of it.
+    let (gone_tx, gone_rx) = tokio::sync::oneshot::channel();
+    let etcd = bed.etcd.clone();
+    let watcher = {
+        use futures::StreamExt;
+        use kube::runtime::watcher;
+        let api = api.clone();
+        tokio::spawn(async move {
+            let mut events = std::pin::pin!(watcher(
+                api,
+                watcher::Config::default().fields("metadata.name=fin")
+            ));
+            while let Some(ev) = events.next().await {
+                if let Ok(watcher::Event::Delete(_)) = ev {
+                    let left = keys(&etcd, "/services/fin/").await.len()
+                        + keys(&etcd, "/podlease/owners/")
+                            .await
+                            .iter()
+                            .filter(|kv| kv.key_str().unwrap().ends_with("/fin"))
+                            .count();
+                    let _ = gone_tx.send(left);
+                    return;
+                }
+            }
+        })
+    };
+    c.restart().await;
+    let left = tokio::time::timeout(TAKEOVER, gone_rx)
+        .await
+        .expect("the registration is released")
+        .unwrap();
+    watcher.abort();
+    assert_eq!(
+        left, 0,
+        "keys or ownership records left in etcd when the finalizer was released"
+    );
+}
+
+#[tokio::test]
+async fn a_verify_task_that_panics_does_not_stop_drift_repair() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let mut c = Controller::new(&bed, "c", bed.kubeconfig.clone(), &[]);
+    c.env = vec![("PODLEASE_FAILPOINT".into(), "verify-panic".into())];
+    c.restart().await;
+    create_sreg(
+        &bed,
+        "v",
+        json!({"selector": {"matchLabels": {"app": "v"}}}),
+    )
+    .await;
+    ready_pods(&bed, "v", 1).await;
+    let key = "/services/v/default/v-0";
+    let before = wait_key(&bed.etcd, key).await;
+    // The first verification (one default interval, 30 s, after the term starts) panics.
+    wait_until("the verify task panicked", TAKEOVER, || async {
+        c.log_text()
+            .contains("verifying keys failed unexpectedly")
+            .then_some(())
+    })
+    .await;
+    support::etcd::etcdctl_ok(&bed.etcd_endpoint(), None, &["del", key]);
+    // The next one repairs.
+    let restored = wait_until("key restored after the panic", TAKEOVER, || async {
+        keys(&bed.etcd, key)
+            .await
+            .into_iter()
+            .find(|kv| kv.key_str().unwrap() == key)
+    })
+    .await;
+    assert_eq!(restored.lease(), before.lease());
+}
+
+#[tokio::test]
+async fn a_partition_from_etcd_longer_than_the_fence_ttl_loses_no_key() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let proxy = support::proxy::FaultProxy::to_url(&bed.etcd_endpoint());
+    let c = Controller::start(&bed, "c", &["--etcd-endpoints", &proxy.endpoint("http")]).await;
+    create_sreg(
+        &bed,
+        "part",
+        json!({"selector": {"matchLabels": {"app": "part"}}}),
+    )
+    .await;
+    ready_pods(&bed, "part", 20).await;
+    wait_count(&bed, "/services/part/", 20).await;
+    let before = leases_under(&bed.etcd, "/services/part/").await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+    // Longer than the fence key's 15 s lease, shorter than what is left of the 30 s TTL of
+    // keys renewed up to 10 s before the cut.
+    proxy.set_mode(support::proxy::Mode::Blackhole);
+    tokio::time::sleep(Duration::from_secs(18)).await; // the partition is the fault
+    proxy.set_mode(support::proxy::Mode::Pass);
+    proxy.reset_all();
+    wait_adopted(&c, TAKEOVER).await;
+    // Past the TTL of every renewal made before the cut.
+    let target = c.metric("podlease_keepalive_requests_total").await + 40.0;
+    wait_until("renewals after the partition", TAKEOVER, || async {
+        (c.metric("podlease_keepalive_requests_total").await >= target).then_some(())
+    })
+    .await;
+    assert_eq!(
+        pod_deletes(&recorder, "/services/"),
+        Vec::<String>::new(),
+        "watchers saw DELETEs"
+    );
+    assert_eq!(leases_under(&bed.etcd, "/services/part/").await, before);
 }

@@ -11,7 +11,9 @@ pub mod controller;
 pub mod etcd;
 pub mod helm;
 pub mod kubelet;
+pub mod observer;
 pub mod proc;
+pub mod proxy;
 pub mod tls;
 
 use std::collections::{BTreeMap, HashSet};
@@ -85,13 +87,34 @@ impl Binaries {
     }
 }
 
+/// A runtime of its own for the test support's background work (fault proxies, the
+/// observer), so that a test blocking its own runtime's thread, or a current-thread test
+/// runtime, never stalls the bytes a proxy forwards or the times the observer records.
+pub fn background() -> tokio::runtime::Handle {
+    static RT: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    RT.get_or_init(|| {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("test-support")
+            .enable_all()
+            .build()
+            .expect("background runtime")
+    })
+    .handle()
+    .clone()
+}
+
 /// A free TCP port on 127.0.0.1, never handed out twice by this process (so two test beds
 /// started at once cannot pick the same one).
 pub fn free_port() -> u16 {
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     let given = GIVEN.get_or_init(Default::default);
     loop {
-        let port = TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         if given.lock().unwrap().insert(port) {
             return port;
         }
@@ -112,7 +135,8 @@ pub fn spawn_owned(cmd: &mut Command, log: &Path) -> Child {
             Ok(())
         });
     }
-    cmd.spawn().unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()))
+    cmd.spawn()
+        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()))
 }
 
 fn kill_child(child: &mut Child) {
@@ -158,7 +182,9 @@ impl EtcdServer {
         let mut members: Vec<EtcdServer> = ports
             .iter()
             .enumerate()
-            .map(|(i, (c, p))| EtcdServer::configured(dir, &format!("{prefix}{i}"), *c, *p, initial.clone()))
+            .map(|(i, (c, p))| {
+                EtcdServer::configured(dir, &format!("{prefix}{i}"), *c, *p, initial.clone())
+            })
             .collect();
         for m in &mut members {
             m.spawn();
@@ -169,7 +195,13 @@ impl EtcdServer {
         members
     }
 
-    fn configured(dir: &Path, name: &str, client_port: u16, peer_port: u16, initial_cluster: String) -> EtcdServer {
+    fn configured(
+        dir: &Path,
+        name: &str,
+        client_port: u16,
+        peer_port: u16,
+        initial_cluster: String,
+    ) -> EtcdServer {
         EtcdServer {
             name: name.to_string(),
             client_port,
@@ -254,11 +286,20 @@ impl EtcdServer {
                 let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
                 let req = format!("GET /health HTTP/1.0\r\nHost: {url}\r\n\r\n");
                 let mut body = String::new();
-                if s.write_all(req.as_bytes()).is_ok() && s.read_to_string(&mut body).is_ok() && body.contains("\"health\":\"true\"") {
+                if s.write_all(req.as_bytes()).is_ok()
+                    && s.read_to_string(&mut body).is_ok()
+                    && body.contains("\"health\":\"true\"")
+                {
                     return;
                 }
             }
-            assert!(start.elapsed() < DEADLINE, "etcd {} did not become healthy; log in {}-{}.log", self.name, self.log.display(), self.runs);
+            assert!(
+                start.elapsed() < DEADLINE,
+                "etcd {} did not become healthy; log in {}-{}.log",
+                self.name,
+                self.log.display(),
+                self.runs
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -275,7 +316,11 @@ impl EtcdServer {
         if self.initial_cluster.contains(',') {
             let start = Instant::now();
             while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
-                assert!(start.elapsed() < DEADLINE, "etcd {} did not listen", self.name);
+                assert!(
+                    start.elapsed() < DEADLINE,
+                    "etcd {} did not listen",
+                    self.name
+                );
                 std::thread::sleep(Duration::from_millis(20));
             }
         } else {
@@ -309,11 +354,60 @@ impl Drop for EtcdServer {
 pub struct ApiServer {
     pub port: u16,
     child: Child,
+    /// The program and flags it was started with, so a restart is the same server.
+    program: PathBuf,
+    args: Vec<std::ffi::OsString>,
+    dir: PathBuf,
+    runs: usize,
+    stopped: bool,
 }
 
 impl Drop for ApiServer {
     fn drop(&mut self) {
+        self.resume();
         kill_child(&mut self.child);
+    }
+}
+
+impl ApiServer {
+    fn spawn(program: &Path, args: &[std::ffi::OsString], log: &Path) -> Child {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        spawn_owned(&mut cmd, log)
+    }
+
+    /// SIGKILLs the apiserver and starts it again on the same port with the same flags,
+    /// without waiting for it to serve (`TestBed::restart_apiserver` waits). The first run
+    /// logs to kube-apiserver.log, run n to kube-apiserver-n.log.
+    pub fn respawn(&mut self) {
+        self.resume();
+        kill_child(&mut self.child);
+        self.runs += 1;
+        let log = self.dir.join(format!("kube-apiserver-{}.log", self.runs));
+        self.child = ApiServer::spawn(&self.program, &self.args, &log);
+    }
+
+    /// SIGSTOP: the process keeps its sockets open and answers nothing (a hung apiserver).
+    pub fn stall(&mut self) {
+        // SAFETY: signalling our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
+        self.stopped = true;
+    }
+
+    /// SIGCONT after `stall` (a no-op otherwise).
+    pub fn resume(&mut self) {
+        if std::mem::take(&mut self.stopped) {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGCONT) };
+        }
+    }
+
+    pub fn is_stalled(&self) -> bool {
+        self.stopped
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 
@@ -323,6 +417,9 @@ pub struct TestBed {
     pub kube: Client,
     pub etcd: etcd_client::Client,
     pub registry: EtcdServer,
+    /// The other members when the registry is a cluster (`start_with_registry_cluster`):
+    /// member 0 is `registry`, members 1.. are here. Empty for a one-member registry.
+    pub registry_cluster: Vec<EtcdServer>,
     pub apiserver: ApiServer,
     storage: EtcdServer,
     pub kubeconfig: PathBuf,
@@ -351,7 +448,10 @@ impl TestBed {
             .arg("--secure-port=0")
             .arg("--port=0")
             .arg("--v=1");
-        spawn_owned(&mut cmd, &self.dir.path().join("kube-controller-manager.log"))
+        spawn_owned(
+            &mut cmd,
+            &self.dir.path().join("kube-controller-manager.log"),
+        )
     }
 
     /// Starts etcd (apiserver storage), etcd (registry under test) and kube-apiserver, and
@@ -366,6 +466,12 @@ impl TestBed {
         TestBed::start_with(true).await
     }
 
+    /// The same, with a registry etcd of `members` members (`registry` is member 0, the rest
+    /// are in `registry_cluster`); `bed.etcd` talks to all of them.
+    pub async fn start_with_registry_cluster(members: usize) -> TestBed {
+        TestBed::start_full(false, members).await
+    }
+
     /// Every request the apiserver audited (one JSON object per line).
     pub fn audit_events(&self) -> Vec<serde_json::Value> {
         std::fs::read_to_string(self.dir.path().join("audit.log"))
@@ -376,20 +482,44 @@ impl TestBed {
     }
 
     async fn start_with(audit: bool) -> TestBed {
-        let dir = tempfile::Builder::new().prefix("podlease-testbed-").tempdir().expect("tempdir");
+        TestBed::start_full(audit, 1).await
+    }
+
+    async fn start_full(audit: bool, registry_members: usize) -> TestBed {
+        let dir = tempfile::Builder::new()
+            .prefix("podlease-testbed-")
+            .tempdir()
+            .expect("tempdir");
         let root = dir.path().to_path_buf();
         let bins = Binaries::locate();
 
         let storage = EtcdServer::start(&root, "storage");
-        let registry = EtcdServer::start(&root, "registry");
+        let (registry, registry_cluster) = if registry_members > 1 {
+            let mut members = EtcdServer::start_cluster(&root, "registry", registry_members);
+            let rest = members.split_off(1);
+            (members.pop().unwrap(), rest)
+        } else {
+            (EtcdServer::start(&root, "registry"), Vec::new())
+        };
 
         // Keys and tokens for the apiserver.
         let sa_key = root.join("sa.key");
         let sa_pub = root.join("sa.pub");
-        run(Command::new("openssl").args(["genrsa", "-out"]).arg(&sa_key).arg("2048"));
-        run(Command::new("openssl").args(["rsa", "-in"]).arg(&sa_key).args(["-pubout", "-out"]).arg(&sa_pub));
+        run(Command::new("openssl")
+            .args(["genrsa", "-out"])
+            .arg(&sa_key)
+            .arg("2048"));
+        run(Command::new("openssl")
+            .args(["rsa", "-in"])
+            .arg(&sa_key)
+            .args(["-pubout", "-out"])
+            .arg(&sa_pub));
         let tokens = root.join("tokens.csv");
-        std::fs::write(&tokens, format!("{ADMIN_TOKEN},admin,admin,system:masters\n")).unwrap();
+        std::fs::write(
+            &tokens,
+            format!("{ADMIN_TOKEN},admin,admin,system:masters\n"),
+        )
+        .unwrap();
 
         let port = free_port();
         let mut cmd = Command::new(&bins.kube_apiserver);
@@ -401,7 +531,10 @@ impl TestBed {
             .arg("--authorization-mode=RBAC")
             .arg("--service-account-issuer=https://kubernetes.default.svc")
             .arg(format!("--service-account-key-file={}", sa_pub.display()))
-            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
+            .arg(format!(
+                "--service-account-signing-key-file={}",
+                sa_key.display()
+            ))
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--disable-admission-plugins=ServiceAccount")
             .arg("--insecure-port=0")
@@ -409,25 +542,115 @@ impl TestBed {
             .arg("--v=1");
         if audit {
             let policy = root.join("audit-policy.yaml");
-            std::fs::write(&policy, "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n").unwrap();
+            std::fs::write(
+                &policy,
+                "apiVersion: audit.k8s.io/v1\nkind: Policy\nrules:\n- level: Metadata\n",
+            )
+            .unwrap();
             cmd.arg(format!("--audit-policy-file={}", policy.display()))
-                .arg(format!("--audit-log-path={}", root.join("audit.log").display()))
+                .arg(format!(
+                    "--audit-log-path={}",
+                    root.join("audit.log").display()
+                ))
                 .arg("--audit-log-format=json");
         }
+        let program = cmd.get_program().into();
+        let args: Vec<std::ffi::OsString> = cmd.get_args().map(|a| a.to_os_string()).collect();
         let child = spawn_owned(&mut cmd, &root.join("kube-apiserver.log"));
-        let apiserver = ApiServer { port, child };
+        let apiserver = ApiServer {
+            port,
+            child,
+            program,
+            args,
+            dir: root.clone(),
+            runs: 1,
+            stopped: false,
+        };
 
         let kubeconfig = root.join("kubeconfig");
         std::fs::write(&kubeconfig, kubeconfig_yaml(port, ADMIN_TOKEN)).unwrap();
         let kube = wait_apiserver_ready(&kubeconfig, &root).await;
 
-        let etcd = etcd_client::Client::connect([registry.endpoint()], None).await.expect("connect registry etcd");
+        let endpoints: Vec<String> = std::iter::once(&registry)
+            .chain(&registry_cluster)
+            .map(|m| m.endpoint())
+            .collect();
+        let etcd = etcd_client::Client::connect(endpoints, None)
+            .await
+            .expect("connect registry etcd");
 
-        TestBed { kube, etcd, registry, apiserver, storage, kubeconfig, dir }
+        TestBed {
+            kube,
+            etcd,
+            registry,
+            registry_cluster,
+            apiserver,
+            storage,
+            kubeconfig,
+            dir,
+        }
     }
 
     pub fn etcd_endpoint(&self) -> String {
         self.registry.endpoint()
+    }
+
+    /// Every member of the registry etcd (one unless started with a cluster).
+    pub fn etcd_endpoints(&self) -> Vec<String> {
+        self.registry_members().map(|m| m.endpoint()).collect()
+    }
+
+    pub fn registry_members(&self) -> impl Iterator<Item = &EtcdServer> {
+        std::iter::once(&self.registry).chain(&self.registry_cluster)
+    }
+
+    /// Registry member `i` (0 is `registry`).
+    pub fn registry_member(&mut self, i: usize) -> &mut EtcdServer {
+        if i == 0 {
+            &mut self.registry
+        } else {
+            &mut self.registry_cluster[i - 1]
+        }
+    }
+
+    /// SIGKILLs registry member `i` (its data stays for `resume_registry_member`).
+    pub fn kill_registry_member(&mut self, i: usize) {
+        self.registry_member(i).kill();
+    }
+
+    /// Starts registry member `i` again with its data (waits for its port only: a member
+    /// alone cannot tell whether it is healthy).
+    pub fn resume_registry_member(&mut self, i: usize) {
+        self.registry_member(i).resume();
+    }
+
+    /// Restarts the apiserver on the same port with the same flags and waits until it serves.
+    pub async fn restart_apiserver(&mut self) {
+        self.apiserver.respawn();
+        self.wait_apiserver_ready().await;
+    }
+
+    /// Waits until the apiserver serves (/readyz ok and the bootstrap namespaces there).
+    pub async fn wait_apiserver_ready(&self) {
+        wait_apiserver_ready(&self.kubeconfig, self.dir.path()).await;
+    }
+
+    /// SIGSTOPs the apiserver: connections stay open, nothing answers.
+    pub fn stall_apiserver(&mut self) {
+        self.apiserver.stall();
+    }
+
+    /// SIGCONTs the apiserver after `stall_apiserver`.
+    pub fn resume_apiserver(&mut self) {
+        self.apiserver.resume();
+    }
+
+    /// A kubeconfig (admin token) for an apiserver reachable on `port`, e.g. a fault proxy
+    /// in front of the bed's apiserver (TLS is not verified, so a byte proxy works).
+    pub fn kubeconfig_for_port(&self, name: &str, port: u16) -> PathBuf {
+        let path = self.dir.path().join(format!("kubeconfig-{name}"));
+        std::fs::write(&path, kubeconfig_yaml(port, ADMIN_TOKEN)).unwrap();
+        path
     }
 
     pub fn apiserver_url(&self) -> String {
@@ -453,8 +676,15 @@ impl TestBed {
 }
 
 fn run(cmd: &mut Command) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("run {:?}: {e}", cmd.get_program()));
-    assert!(out.status.success(), "{:?} failed: {}", cmd, String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("run {:?}: {e}", cmd.get_program()));
+    assert!(
+        out.status.success(),
+        "{:?} failed: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 pub fn kubeconfig_yaml(port: u16, token: &str) -> String {
@@ -483,7 +713,9 @@ current-context: testbed
 /// A kube client from a kubeconfig file.
 pub async fn client_from(kubeconfig: &Path) -> Client {
     let kc = Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await.expect("kubeconfig");
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig");
     Client::try_from(config).expect("kube client")
 }
 
@@ -500,13 +732,26 @@ async fn wait_apiserver_ready(kubeconfig: &Path, root: &Path) -> Client {
         // The bootstrap controller creates these; pods can only be created once they exist.
         if ready
             && namespaces.get_opt("default").await.ok().flatten().is_some()
-            && namespaces.get_opt("kube-system").await.ok().flatten().is_some()
+            && namespaces
+                .get_opt("kube-system")
+                .await
+                .ok()
+                .flatten()
+                .is_some()
         {
             return client;
         }
         if start.elapsed() > Duration::from_secs(60) {
             let log = std::fs::read_to_string(root.join("kube-apiserver.log")).unwrap_or_default();
-            let tail: String = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+            let tail: String = log
+                .lines()
+                .rev()
+                .take(30)
+                .collect::<Vec<_>>()
+                .into_iter()
+                .rev()
+                .collect::<Vec<_>>()
+                .join("\n");
             panic!("kube-apiserver did not become ready within 60s; log tail:\n{tail}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -519,9 +764,13 @@ pub async fn apply_crd(client: &Client) {
     let crd = podlease::registration::ServiceRegistration::crd();
     let name = crd.metadata.name.clone().unwrap();
     let api: Api<CustomResourceDefinition> = Api::all(client.clone());
-    api.patch(&name, &PatchParams::apply("podlease-tests").force(), &Patch::Apply(&crd))
-        .await
-        .expect("apply CRD");
+    api.patch(
+        &name,
+        &PatchParams::apply("podlease-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply CRD");
     wait_until("CRD established", DEADLINE, || async {
         let crd = api.get(&name).await.ok()?;
         let established = crd
@@ -545,7 +794,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(start.elapsed() < deadline, "timed out after {deadline:?} waiting for: {what}");
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for: {what}"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
 }
@@ -559,6 +811,11 @@ pub async fn etcd_dump(etcd: &etcd_client::Client, prefix: &str) -> BTreeMap<Str
         .expect("etcd get");
     resp.kvs()
         .iter()
-        .map(|kv| (kv.key_str().unwrap().to_string(), kv.value_str().unwrap().to_string()))
+        .map(|kv| {
+            (
+                kv.key_str().unwrap().to_string(),
+                kv.value_str().unwrap().to_string(),
+            )
+        })
         .collect()
 }
