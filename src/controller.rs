@@ -53,6 +53,7 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         None => wait_cluster_id(&client, &shutdown).await?,
     };
     registry_config.fence = settings.leader.is_some();
+    registry_config.keepalive_etcd = Some(settings.etcd.clone());
     info!(cluster_id = registry_config.cluster_id, "starting");
 
     let view: SharedView = Arc::default();
@@ -69,13 +70,14 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     // Leadership: an elector (the epoch while leading), or always leading at epoch 0.
     let (leader_tx, mut leader_rx) = watch::channel(settings.leader.is_none().then_some(0));
     let elector_shutdown = CancellationToken::new();
+    // What this replica sees of etcd and the fence: who may lead, and whether nobody does.
+    let mut probe = fence::probe(etcd.clone(), registry_config.fence_key(), elector_shutdown.clone());
     let mut _always_leading = None;
     let elector_task = match settings.leader.clone() {
         Some(cfg) => {
             info!(lease = cfg.name, namespace = cfg.namespace, identity = cfg.identity, "leader election on");
-            let eligible = fence::reachability(etcd.clone(), registry_config.fence_key(), elector_shutdown.clone());
             let wait_for_taker = registry_config.revoke_on_shutdown;
-            Some(tokio::spawn(Elector::new(client.clone(), cfg).run(leader_tx, eligible, elector_shutdown.clone(), wait_for_taker)))
+            Some(tokio::spawn(Elector::new(client.clone(), cfg).run(leader_tx, probe.clone(), elector_shutdown.clone(), wait_for_taker)))
         }
         None => {
             _always_leading = Some(leader_tx);
@@ -103,17 +105,21 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         // A caretaker term, or one of an older epoch, ends before this replica leads again:
         // terms never overlap.
         if let (Some(e), Some(t)) = (epoch, &feed.term)
-            && (!t.leading || t.epoch != e)
+            && (!t.leading || t.epoch != Some(e))
             && let Some(t) = feed.term.take()
         {
             t.finish(false).await;
         }
-        if let Some(e) = epoch
-            && feed.synced()
-            && feed.term.is_none()
-            && restart_at.is_none()
-        {
-            feed.term = Some(terms.start(e, &index, &signal_tx));
+        if feed.synced() && feed.term.is_none() {
+            if let Some(e) = epoch {
+                if restart_at.is_none() {
+                    feed.term = Some(terms.start(Some(e), &index, &signal_tx));
+                }
+            } else if settings.leader.is_some() && probe.borrow().reachable && probe.borrow().fence == Some(false) {
+                // Nobody holds the fence (the leader died while no replica could take the
+                // Lease, e.g. during an API server outage): keep the leases alive meanwhile.
+                feed.term = Some(terms.start(None, &index, &signal_tx));
+            }
         }
         let leading = feed.term.as_ref().is_some_and(|t| t.leading);
         health.leading.store(leading, Ordering::Relaxed);
@@ -134,9 +140,10 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
                 Some(input) => feed.handle(input),
                 None => break,
             },
+            _ = probe.changed() => {}
             end = async { (&mut feed.term.as_mut().unwrap().task).await }, if feed.term.is_some() => {
-                feed.term = None;
-                if matches!(end, Ok(TermEnd::Fenced)) {
+                let was_leading = feed.term.take().is_some_and(|t| t.leading);
+                if was_leading && matches!(end, Ok(TermEnd::Fenced)) {
                     // Only a fresh look at the Lease may start another term.
                     restart_at = Some(tokio::time::Instant::now() + retry);
                 }
@@ -171,7 +178,8 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
 
 /// One registry term: its task and the channel that feeds it.
 struct Term {
-    epoch: i64,
+    /// None for a caretaker started without leadership.
+    epoch: Option<i64>,
     /// False once this replica stepped down (the term is a caretaker).
     leading: bool,
     cancel: CancellationToken,
@@ -213,7 +221,7 @@ struct Terms {
 
 impl Terms {
     /// Starts a registry with the complete desired state: it fences, adopts, converges.
-    fn start(&self, epoch: i64, index: &Arc<Mutex<Index>>, signal_tx: &mpsc::UnboundedSender<Signal>) -> Term {
+    fn start(&self, epoch: Option<i64>, index: &Arc<Mutex<Index>>, signal_tx: &mpsc::UnboundedSender<Signal>) -> Term {
         let cancel = CancellationToken::new();
         let registry = Registry::new(
             self.etcd.clone(),
@@ -228,12 +236,14 @@ impl Terms {
         let task = tokio::spawn(registry.run(cmd_rx));
         let index = index.lock().unwrap();
         let desired = index.desired();
-        info!(instances = desired.len(), epoch, "leading: adopting and converging");
         let _ = cmd_tx.send(Command::Resync(desired));
-        for k in index.registrations() {
-            let _ = signal_tx.send(Signal::Dirty(k.clone()));
+        if let Some(epoch) = epoch {
+            info!(epoch, "leading: adopting and converging");
+            for k in index.registrations() {
+                let _ = signal_tx.send(Signal::Dirty(k.clone()));
+            }
         }
-        Term { epoch, leading: true, cancel, cmd_tx, task }
+        Term { epoch, leading: epoch.is_some(), cancel, cmd_tx, task }
     }
 }
 

@@ -6,11 +6,7 @@ use std::sync::OnceLock;
 
 pub fn hit(name: &str) {
     static POINT: OnceLock<Option<String>> = OnceLock::new();
-    if POINT
-        .get_or_init(|| std::env::var("PODLEASE_FAILPOINT").ok())
-        .as_deref()
-        == Some(name)
-    {
+    if POINT.get_or_init(|| std::env::var("PODLEASE_FAILPOINT").ok()).as_deref() == Some(name) {
         eprintln!("podlease: failpoint {name} reached; aborting");
         std::process::abort();
     }
@@ -21,6 +17,5 @@ pub fn hit(name: &str) {
 pub fn once(name: &str) -> bool {
     use std::sync::atomic::{AtomicBool, Ordering};
     static FIRED: AtomicBool = AtomicBool::new(false);
-    std::env::var("PODLEASE_FAILPOINT").ok().as_deref() == Some(name)
-        && !FIRED.swap(true, Ordering::Relaxed)
+    std::env::var("PODLEASE_FAILPOINT").ok().as_deref() == Some(name) && !FIRED.swap(true, Ordering::Relaxed)
 }

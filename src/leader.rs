@@ -85,14 +85,14 @@ impl Elector {
     pub async fn run(
         mut self,
         leader: watch::Sender<Option<i64>>,
-        mut eligible: watch::Receiver<bool>,
+        mut eligible: watch::Receiver<crate::registry::fence::Probe>,
         shutdown: CancellationToken,
         wait_for_taker: bool,
     ) -> Handover {
         loop {
             // Follower: try to acquire every retry period, while etcd is reachable.
             let epoch = loop {
-                if *eligible.borrow_and_update() {
+                if eligible.borrow_and_update().reachable {
                     match self.try_acquire_or_renew().await {
                         Ok(Some(epoch)) => break epoch,
                         Ok(None) => {}
@@ -121,7 +121,7 @@ impl Elector {
                     _ = tokio::time::sleep(self.cfg.retry_period) => {}
                     _ = eligible.changed() => {}
                 }
-                if !*eligible.borrow_and_update() {
+                if !eligible.borrow_and_update().reachable {
                     warn!(identity = self.cfg.identity, "etcd is unreachable from this replica: stepping down so that another replica takes over");
                     let _ = leader.send(None);
                     self.release().await;

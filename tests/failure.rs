@@ -804,3 +804,30 @@ async fn a_partition_from_etcd_longer_than_the_fence_ttl_loses_no_key() {
     );
     assert_eq!(leases_under(&bed.etcd, "/services/part/").await, before);
 }
+
+#[tokio::test]
+async fn a_leader_killed_during_an_api_server_outage_loses_no_key() {
+    let mut bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let mut a = Controller::start(&bed, "a", &[]).await;
+    wait_adopted(&a, DEADLINE).await;
+    let b = Controller::start(&bed, "b", &[]).await;
+    create_sreg(&bed, "out", json!({"selector": {"matchLabels": {"app": "out"}}})).await;
+    ready_pods(&bed, "out", 10).await;
+    wait_count(&bed, "/services/out/", 10).await;
+    let before = leases_under(&bed.etcd, "/services/out/").await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+
+    // Nobody can take the leader Lease while the API server is stalled, and then the leader
+    // dies: the standby must keep the leases alive without being leader.
+    bed.stall_apiserver();
+    a.kill();
+    let killed = Instant::now();
+    tokio::time::sleep(Duration::from_secs(45)).await; // 1.5 × TTL: the fault being injected
+    assert_eq!(leases_under(&bed.etcd, "/services/out/").await, before, "every key alive {:?} after the leader died", killed.elapsed());
+    assert!(b.log_text().contains("no leader holds the fence"), "the standby kept the leases alive");
+    bed.resume_apiserver();
+    wait_adopted(&b, TAKEOVER).await;
+    assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new(), "watchers saw DELETEs");
+    assert_eq!(leases_under(&bed.etcd, "/services/out/").await, before, "adopted under the same leases");
+}

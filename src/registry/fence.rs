@@ -44,32 +44,19 @@ pub fn value(epoch: i64, identity: &str) -> String {
 /// Takes the fence for `epoch` unless a newer epoch holds it; returns the fence and the
 /// fence key's own lease. `Err(Fenced)` when a newer leader holds it. Every call has
 /// `timeout` as its deadline.
-pub async fn take(
-    client: &Client,
-    timeout: Duration,
-    key: &str,
-    identity: &str,
-    epoch: i64,
-    ttl: i64,
-) -> Result<(Fence, i64), OpError> {
+pub async fn take(client: &Client, timeout: Duration, key: &str, identity: &str, epoch: i64, ttl: i64) -> Result<(Fence, i64), OpError> {
     let drop_lease = |lease: i64| async move {
         let mut lc = client.lease_client();
         let _ = call(timeout, "revoke", lc.revoke(lease)).await;
     };
     let mut lc = client.lease_client();
-    let lease = call(timeout, "grant", lc.grant(ttl.max(MIN_FENCE_TTL), None))
-        .await?
-        .id();
+    let lease = call(timeout, "grant", lc.grant(ttl.max(MIN_FENCE_TTL), None)).await?.id();
     let mine = value(epoch, identity);
     // A Value comparison on a missing key is false in etcd: an absent fence is taken too.
     let txn = Txn::new()
         .when(vec![Compare::value(key, CompareOp::Greater, mine.as_str())])
         .and_then(vec![TxnOp::get(key, None)])
-        .or_else(vec![TxnOp::put(
-            key,
-            mine.as_str(),
-            Some(PutOptions::new().with_lease(lease)),
-        )]);
+        .or_else(vec![TxnOp::put(key, mine.as_str(), Some(PutOptions::new().with_lease(lease)))]);
     let mut kv = client.kv_client();
     let resp = match call(timeout, "fence", kv.txn(txn)).await {
         Ok(r) => r,
@@ -83,13 +70,7 @@ pub async fn take(
         return Err(OpError::Fenced);
     }
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
-    Ok((
-        Fence {
-            key: key.to_string(),
-            revision,
-        },
-        lease,
-    ))
+    Ok((Fence { key: key.to_string(), revision }, lease))
 }
 
 /// What the fence key holds now: Some(mod revision) or None when absent.
@@ -99,17 +80,24 @@ pub async fn read(w: &Writer, key: &str) -> Result<Option<i64>, OpError> {
     Ok(resp.kvs().first().map(|kv| kv.mod_revision()))
 }
 
+/// What this replica last saw of etcd and the fence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Probe {
+    /// The last successful read is recent (within UNREACHABLE_AFTER): only such a replica
+    /// may lead.
+    pub reachable: bool,
+    /// Whether the fence key exists, from the last successful read (None before the first).
+    /// No fence means no live leader term: any replica may then keep the leases alive.
+    pub fence: Option<bool>,
+}
+
 /// Probes etcd every CHECK_INTERVAL with a linearizable read of the fence key (it needs a
-/// quorum, as writes do). The receiver says whether the last success is recent
-/// (within UNREACHABLE_AFTER): only such a replica may lead.
-pub fn reachability(
-    client: Client,
-    key: String,
-    shutdown: CancellationToken,
-) -> watch::Receiver<bool> {
-    let (tx, rx) = watch::channel(true);
+/// quorum, as writes do).
+pub fn probe(client: Client, key: String, shutdown: CancellationToken) -> watch::Receiver<Probe> {
+    let (tx, rx) = watch::channel(Probe { reachable: true, fence: None });
     tokio::spawn(async move {
         let mut last_ok = tokio::time::Instant::now();
+        let mut fence = None;
         let mut tick = tokio::time::interval(CHECK_INTERVAL);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -119,19 +107,21 @@ pub fn reachability(
             }
             let mut kv = client.kv_client();
             let opts = etcd_client::GetOptions::new().with_count_only();
-            if let Ok(Ok(_)) =
-                tokio::time::timeout(CHECK_INTERVAL, kv.get(key.as_str(), Some(opts))).await
-            {
+            if let Ok(Ok(resp)) = tokio::time::timeout(CHECK_INTERVAL, kv.get(key.as_str(), Some(opts))).await {
                 last_ok = tokio::time::Instant::now();
+                fence = Some(resp.count() > 0);
             }
-            let ok = last_ok.elapsed() < UNREACHABLE_AFTER;
-            if *tx.borrow() != ok {
-                if ok {
+            let now = Probe { reachable: last_ok.elapsed() < UNREACHABLE_AFTER, fence };
+            let before = *tx.borrow();
+            if before.reachable != now.reachable {
+                if now.reachable {
                     info!("etcd is reachable from this replica again");
                 } else {
                     warn!(after = ?UNREACHABLE_AFTER, "etcd unreachable from this replica");
                 }
-                let _ = tx.send(ok);
+            }
+            if before != now {
+                let _ = tx.send(now);
             }
         }
     });

@@ -43,10 +43,22 @@ pub struct Keepalive {
 
 impl Keepalive {
     /// Starts the driver. Lost leases are sent on `lost`.
-    pub fn spawn(client: Client, reports: mpsc::UnboundedSender<Report>, metrics: Metrics, shutdown: CancellationToken) -> Keepalive {
+    /// Starts the driver on `client`; with `own`, on a connection of its own made from that
+    /// configuration instead, replaced by a fresh one whenever the stream stalls (the old
+    /// connection may be the silently dead path, and its HTTP/2 pings take up to 15 s to
+    /// tell).
+    pub fn spawn(
+        client: Client,
+        own: Option<crate::etcd::EtcdConfig>,
+        reports: mpsc::UnboundedSender<Report>,
+        metrics: Metrics,
+        shutdown: CancellationToken,
+    ) -> Keepalive {
         let (tx, rx) = mpsc::unbounded_channel();
         let driver = Driver {
             client,
+            own,
+            fresh_connection: true,
             leases: HashMap::new(),
             renewals: DelayQueue::new(),
             outbox: VecDeque::new(),
@@ -86,6 +98,9 @@ struct Tracked {
 
 struct Driver {
     client: Client,
+    own: Option<crate::etcd::EtcdConfig>,
+    /// The next stream opens on a new connection (first open, or after a stall).
+    fresh_connection: bool,
     leases: HashMap<i64, Tracked>,
     renewals: DelayQueue<i64>,
     /// Renewal requests waiting for room in the stream's send buffer (never block the loop).
@@ -144,6 +159,7 @@ impl Driver {
                     let limit = stall_timeout(self.ttls.keys().next().copied().unwrap_or(1));
                     if self.progress_at.elapsed() > limit {
                         self.drop_stream(&format!("{} renewals unanswered for {limit:?}", self.outstanding));
+                        self.fresh_connection = true;
                     }
                 }
                 resp = next_response(&mut self.responses) => self.on_response(resp),
@@ -287,6 +303,21 @@ impl Driver {
     /// Opens the one stream, with any live lease as its first request. On failure returns
     /// how long to wait before trying again.
     async fn open_stream(&mut self) -> Result<(), Duration> {
+        if self.fresh_connection
+            && let Some(config) = &self.own
+        {
+            // Connecting is lazy: this only builds the channel.
+            match config.connect().await {
+                Ok(c) => {
+                    self.client = c;
+                    self.fresh_connection = false;
+                }
+                Err(e) => {
+                    let _ = self.reports.send(Report::Down(format!("connecting for keepalives: {e}")));
+                    return Err(self.backoff.next());
+                }
+            }
+        }
         let mut candidates: Vec<i64> = self.leases.keys().copied().collect();
         candidates.sort_unstable();
         for lease in candidates {

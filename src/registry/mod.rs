@@ -6,7 +6,10 @@
 //! A term starts when this replica becomes leader: it takes the fence, adopts, converges.
 //! When leadership is lost the term does not end: it stops writing and keeps every lease
 //! alive ("caretaker") until a newer fence shows that another replica has taken over, so an
-//! API server outage of any length deregisters nothing. The decisions live in `plan`.
+//! API server outage of any length deregisters nothing. A standby starts a caretaker term
+//! of its own when no fence exists at all (the leader died while nobody could take the
+//! Lease): renewing a lease changes no key, so it is safe from any replica. The decisions
+//! live in `plan`.
 
 mod adopt;
 pub mod fence;
@@ -71,6 +74,10 @@ pub struct RegistryConfig {
     /// Revoke every lease when the process shuts down and no other replica takes over
     /// (default: leave them for the next leader to adopt).
     pub revoke_on_shutdown: bool,
+    /// Where the keepalive driver connects on its own (None: it shares the registry's
+    /// client), so keepalives never queue behind other calls and a stalled stream can move
+    /// to a fresh connection.
+    pub keepalive_etcd: Option<crate::etcd::EtcdConfig>,
 }
 
 impl Default for RegistryConfig {
@@ -86,6 +93,7 @@ impl Default for RegistryConfig {
             identity: "podlease".into(),
             fence_ttl: 15,
             revoke_on_shutdown: false,
+            keepalive_etcd: None,
         }
     }
 }
@@ -93,11 +101,7 @@ impl Default for RegistryConfig {
 impl RegistryConfig {
     /// The fence key: beside this cluster's ownership records, not among them.
     pub fn fence_key(&self) -> String {
-        format!(
-            "{}/{}",
-            self.owner_prefix.trim_end_matches('/'),
-            self.cluster_id
-        )
+        format!("{}/{}", self.owner_prefix.trim_end_matches('/'), self.cluster_id)
     }
 
     pub fn owners(&self) -> Owners {
@@ -133,8 +137,9 @@ type OpResult = (InstanceId, &'static str, Instant, Result<Outcome, OpError>);
 pub struct Registry {
     writer: Writer,
     config: RegistryConfig,
-    /// The leadership epoch this term writes under (the fence value).
-    epoch: i64,
+    /// The leadership epoch this term writes under (the fence value); None for a caretaker
+    /// started without leadership.
+    epoch: Option<i64>,
     slots: HashMap<InstanceId, Entry>,
     by_lease: HashMap<i64, InstanceId>,
     queue: VecDeque<InstanceId>,
@@ -160,27 +165,23 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// A registry for one leadership term (`epoch`). `view` is reset and then kept current;
-    /// the keepalive driver lives as long as `term`.
+    /// A registry for one leadership term (`epoch`), or a caretaker that only keeps the
+    /// recorded leases alive (`None`). `view` is reset and then kept current; the keepalive
+    /// driver lives as long as `term`.
     pub fn new(
         client: Client,
         config: RegistryConfig,
-        epoch: i64,
+        epoch: Option<i64>,
         notices: mpsc::UnboundedSender<Notice>,
         metrics: Metrics,
         view: SharedView,
         term: CancellationToken,
     ) -> Registry {
         let (reports_tx, reports) = mpsc::unbounded_channel();
-        let keepalive = Keepalive::spawn(client.clone(), reports_tx, metrics.clone(), term.clone());
+        let keepalive = Keepalive::spawn(client.clone(), config.keepalive_etcd.clone(), reports_tx, metrics.clone(), term.clone());
         *view.write().unwrap() = View::default();
         metrics.instances.clear();
-        let writer = Writer {
-            client,
-            owners: config.owners(),
-            timeout: config.call_timeout,
-            fence: None,
-        };
+        let writer = Writer { client, owners: config.owners(), timeout: config.call_timeout, fence: None };
         Registry {
             writer,
             config,
@@ -197,7 +198,7 @@ impl Registry {
             notices,
             metrics,
             synced: false,
-            leading: true,
+            leading: epoch.is_some(),
             fence_lease: None,
             term,
             term_started: Timestamp::now(),
@@ -212,13 +213,7 @@ impl Registry {
         let term = self.term.clone();
         let end = self.serve(&mut commands, &term).await;
         self.ops.abort_all();
-        for task in [
-            self.verify.take().map(|t| t.abort_handle()),
-            self.fence_check.take().map(|t| t.abort_handle()),
-        ]
-        .into_iter()
-        .flatten()
-        {
+        for task in [self.verify.take().map(|t| t.abort_handle()), self.fence_check.take().map(|t| t.abort_handle())].into_iter().flatten() {
             task.abort();
         }
         self.view.write().unwrap().synced = false;
@@ -227,12 +222,10 @@ impl Registry {
         end
     }
 
-    async fn serve(
-        &mut self,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
-        term: &CancellationToken,
-    ) -> TermEnd {
-        if self.config.fence {
+    async fn serve(&mut self, commands: &mut mpsc::UnboundedReceiver<Command>, term: &CancellationToken) -> TermEnd {
+        if !self.leading {
+            info!("no leader holds the fence: keeping every recorded lease alive until one does");
+        } else if self.config.fence {
             // Until the fence is ours nothing is written; commands wait in the channel.
             match self.take_fence(commands, term).await {
                 Ok(()) => {}
@@ -325,10 +318,7 @@ impl Registry {
         let ours = self.writer.fence.as_ref().map(|f| f.revision);
         match now {
             Some(rev) if Some(rev) != ours => {
-                info!(
-                    revision = rev,
-                    "a newer fence is in place: another replica has taken over; ending this term"
-                );
+                info!(revision = rev, "a newer fence is in place: another replica has taken over; ending this term");
                 Some(TermEnd::Fenced)
             }
             None if self.leading => {
@@ -340,49 +330,24 @@ impl Registry {
     }
 
     /// Takes the fence for this term: until it is written, nothing else is.
-    async fn take_fence(
-        &mut self,
-        commands: &mut mpsc::UnboundedReceiver<Command>,
-        term: &CancellationToken,
-    ) -> Result<(), TermEnd> {
+    async fn take_fence(&mut self, commands: &mut mpsc::UnboundedReceiver<Command>, term: &CancellationToken) -> Result<(), TermEnd> {
         let key = self.config.fence_key();
         let mut backoff = Backoff::default();
         let mut waiting = Vec::new();
+        let epoch = self.epoch.unwrap_or(0);
         let result = loop {
             let (client, timeout) = (&self.writer.client, self.config.call_timeout);
-            match fence::take(
-                client,
-                timeout,
-                &key,
-                &self.config.identity,
-                self.epoch,
-                self.config.fence_ttl,
-            )
-            .await
-            {
+            match fence::take(client, timeout, &key, &self.config.identity, epoch, self.config.fence_ttl).await {
                 Ok((fence, lease)) => {
-                    info!(
-                        key,
-                        revision = fence.revision,
-                        epoch = self.epoch,
-                        "fence taken"
-                    );
-                    self.keepalive.track(
-                        lease,
-                        self.config.fence_ttl.max(fence::MIN_FENCE_TTL),
-                        Renew::Granted,
-                    );
+                    info!(key, revision = fence.revision, epoch, "fence taken");
+                    self.keepalive.track(lease, self.config.fence_ttl.max(fence::MIN_FENCE_TTL), Renew::Granted);
                     self.fence_lease = Some(lease);
                     self.writer.fence = Some(fence);
                     self.etcd_ok();
                     break Ok(());
                 }
                 Err(OpError::Fenced) => {
-                    warn!(
-                        key,
-                        epoch = self.epoch,
-                        "a newer leader holds the fence; not taking it"
-                    );
+                    warn!(key, epoch, "a newer leader holds the fence; not taking it");
                     break Err(TermEnd::Fenced);
                 }
                 Err(e) => {
@@ -419,10 +384,7 @@ impl Registry {
         if !self.leading {
             return;
         }
-        info!(
-            leases = self.by_lease.len(),
-            "no longer leading: writing nothing, keeping every lease alive until another replica takes over"
-        );
+        info!(leases = self.by_lease.len(), "no longer leading: writing nothing, keeping every lease alive until another replica takes over");
         self.leading = false;
         self.view.write().unwrap().synced = false;
     }
@@ -456,18 +418,8 @@ impl Registry {
                     if let Some(e) = self.slots.get_mut(&id)
                         && e.slot.drifted()
                     {
-                        let key = e
-                            .slot
-                            .held
-                            .as_ref()
-                            .map(|h| h.key.clone())
-                            .unwrap_or_default();
-                        warn!(
-                            namespace = id.namespace,
-                            pod = id.pod,
-                            key,
-                            "key changed out of band; repairing"
-                        );
+                        let key = e.slot.held.as_ref().map(|h| h.key.clone()).unwrap_or_default();
+                        warn!(namespace = id.namespace, pod = id.pod, key, "key changed out of band; repairing");
                         self.metrics.drift_repairs.inc();
                         self.enqueue(id);
                     }
@@ -488,11 +440,7 @@ impl Registry {
                 self.on_done(id, op, started, result);
             }
         }
-        let held: Vec<(InstanceId, Held)> = self
-            .slots
-            .iter()
-            .filter_map(|(id, e)| e.slot.held.clone().map(|h| (id.clone(), h)))
-            .collect();
+        let held: Vec<(InstanceId, Held)> = self.slots.iter().filter_map(|(id, e)| e.slot.held.clone().map(|h| (id.clone(), h))).collect();
         info!(leases = held.len(), "revoking every lease before exit");
         let writer = self.writer.clone();
         futures::stream::iter(held)
@@ -529,23 +477,14 @@ impl Registry {
                     }
                 }
             };
-            info!(
-                records = records.len(),
-                desired = all.len(),
-                "adopting existing registrations"
-            );
+            info!(records = records.len(), desired = all.len(), "adopting existing registrations");
             for (id, held) in records {
                 let fx = self.slots.entry(id.clone()).or_default().slot.adopt(held);
                 self.perform(&id, fx);
             }
         }
         let wanted: HashSet<&InstanceId> = all.iter().map(|(id, _)| id).collect();
-        let stale: Vec<InstanceId> = self
-            .slots
-            .keys()
-            .filter(|id| !wanted.contains(id))
-            .cloned()
-            .collect();
+        let stale: Vec<InstanceId> = self.slots.keys().filter(|id| !wanted.contains(id)).cloned().collect();
         for id in stale {
             self.apply(Update::Remove(id));
         }
@@ -630,17 +569,8 @@ impl Registry {
     }
 
     /// Feeds an operation's result to the planner. True when the write was fenced.
-    fn on_done(
-        &mut self,
-        id: InstanceId,
-        op: &'static str,
-        started: Instant,
-        result: Result<Outcome, OpError>,
-    ) -> bool {
-        self.metrics
-            .etcd_op_duration
-            .get_or_create(&OpLabels { op: op.into() })
-            .observe(started.elapsed().as_secs_f64());
+    fn on_done(&mut self, id: InstanceId, op: &'static str, started: Instant, result: Result<Outcome, OpError>) -> bool {
+        self.metrics.etcd_op_duration.get_or_create(&OpLabels { op: op.into() }).observe(started.elapsed().as_secs_f64());
         let Some(entry) = self.slots.get_mut(&id) else {
             return false;
         };
@@ -677,12 +607,7 @@ impl Registry {
                     self.metrics.conflicts.inc();
                     self.schedule_retry(id, self.config.conflict_retry);
                     if first {
-                        warn!(
-                            namespace = id.namespace,
-                            pod = id.pod,
-                            registration = id.source.segment(),
-                            "{message}"
-                        );
+                        warn!(namespace = id.namespace, pod = id.pod, registration = id.source.segment(), "{message}");
                         let _ = self.notices.send(Notice::Conflict(id.clone(), message));
                     }
                 }
@@ -698,12 +623,7 @@ impl Registry {
                 Effect::EtcdOk => self.etcd_ok(),
                 Effect::EtcdFailed { op, message } => {
                     self.metrics.etcd_error(op);
-                    debug!(
-                        namespace = id.namespace,
-                        pod = id.pod,
-                        error = message,
-                        "etcd operation failed"
-                    );
+                    debug!(namespace = id.namespace, pod = id.pod, error = message, "etcd operation failed");
                     self.etcd_failed(message);
                 }
                 Effect::Propagated => self.observe_propagation(id),
@@ -725,11 +645,7 @@ impl Registry {
     /// metav1.Time has whole seconds: the figure is good to a second. A clock ahead of ours
     /// on the pod's node would make it negative: 0.
     fn observe_propagation(&self, id: &InstanceId) {
-        if let Some(since) = self
-            .slots
-            .get(id)
-            .and_then(|e| e.slot.desired.as_ref())
-            .and_then(|d| d.ready_since)
+        if let Some(since) = self.slots.get(id).and_then(|e| e.slot.desired.as_ref()).and_then(|d| d.ready_since)
             && since.as_second() >= self.term_started.as_second()
         {
             let lag = Timestamp::now().duration_since(since).as_secs_f64();
@@ -744,20 +660,10 @@ impl Registry {
             let changed = before != shown;
             if changed {
                 if let Some(b) = &before {
-                    self.metrics
-                        .instances
-                        .get_or_create(&StateLabels {
-                            state: b.state_name().into(),
-                        })
-                        .dec();
+                    self.metrics.instances.get_or_create(&StateLabels { state: b.state_name().into() }).dec();
                 }
                 if let Some(s) = &shown {
-                    self.metrics
-                        .instances
-                        .get_or_create(&StateLabels {
-                            state: s.state_name().into(),
-                        })
-                        .inc();
+                    self.metrics.instances.get_or_create(&StateLabels { state: s.state_name().into() }).inc();
                 }
                 view.set(id, shown);
             }
@@ -778,13 +684,7 @@ impl Registry {
     }
 
     fn etcd_failed(&mut self, why: String) {
-        let was_up = self
-            .view
-            .write()
-            .unwrap()
-            .etcd_unavailable
-            .replace(why.clone())
-            .is_none();
+        let was_up = self.view.write().unwrap().etcd_unavailable.replace(why.clone()).is_none();
         self.metrics.etcd_available.set(0);
         if was_up {
             warn!(error = why, "etcd unavailable");

@@ -118,11 +118,7 @@ impl Slot {
     /// `op` is being started.
     pub fn start(&mut self, op: &Op) -> Vec<Effect> {
         self.busy = true;
-        if matches!(op, Op::Register(_)) && self.conflict.is_none() {
-            vec![Effect::Show(Some(Shown::Pending))]
-        } else {
-            Vec::new()
-        }
+        if matches!(op, Op::Register(_)) && self.conflict.is_none() { vec![Effect::Show(Some(Shown::Pending))] } else { Vec::new() }
     }
 
     /// A new desired state (None: the instance should not exist).
@@ -178,17 +174,8 @@ impl Slot {
                 if new_lease && op == "register" {
                     fx.push(Effect::Propagated);
                 }
-                let address = self
-                    .desired
-                    .as_ref()
-                    .map(|d| d.address.clone())
-                    .unwrap_or_default();
-                let shown = Shown::Registered {
-                    key: held.key.clone(),
-                    lease: held.lease,
-                    since: held.since,
-                    address,
-                };
+                let address = self.desired.as_ref().map(|d| d.address.clone()).unwrap_or_default();
+                let shown = Shown::Registered { key: held.key.clone(), lease: held.lease, since: held.since, address };
                 fx.extend(self.set_held(Some(held), renew));
                 self.failed = None;
                 self.conflict = None;
@@ -207,10 +194,7 @@ impl Slot {
                 fx.extend(self.set_held(None, Renew::Granted));
                 let first = self.conflict.as_ref().map(|(_, m)| m) != Some(&message);
                 self.conflict = Some((key.clone(), message.clone()));
-                fx.push(Effect::Conflicted {
-                    message: message.clone(),
-                    first,
-                });
+                fx.push(Effect::Conflicted { message: message.clone(), first });
                 fx.push(Effect::EtcdOk);
                 fx.push(Effect::Show(Some(Shown::Conflict { key, message })));
             }
@@ -218,15 +202,10 @@ impl Slot {
             Err(e) => {
                 self.failed = Some(e.to_string());
                 fx.push(Effect::RetryBackoff);
-                fx.push(Effect::EtcdFailed {
-                    op: e.op(),
-                    message: e.to_string(),
-                });
+                fx.push(Effect::EtcdFailed { op: e.op(), message: e.to_string() });
                 // A held key stays registered as far as anyone can tell.
                 if self.held.is_none() {
-                    fx.push(Effect::Show(Some(Shown::Failed {
-                        message: e.to_string(),
-                    })));
+                    fx.push(Effect::Show(Some(Shown::Failed { message: e.to_string() })));
                 }
             }
         }
@@ -244,11 +223,7 @@ impl Slot {
                 fx.push(Effect::Untrack(l));
             }
             if let Some(h) = &new {
-                fx.push(Effect::Track {
-                    lease: h.lease,
-                    ttl: h.ttl,
-                    renew,
-                });
+                fx.push(Effect::Track { lease: h.lease, ttl: h.ttl, renew });
             }
         }
         self.held = new;
@@ -257,12 +232,7 @@ impl Slot {
 }
 
 fn registered(h: &Held, d: &Desired) -> Shown {
-    Shown::Registered {
-        key: h.key.clone(),
-        lease: h.lease,
-        since: h.since,
-        address: d.address.clone(),
-    }
+    Shown::Registered { key: h.key.clone(), lease: h.lease, since: h.since, address: d.address.clone() }
 }
 
 #[cfg(test)]
@@ -305,34 +275,16 @@ mod tests {
         let d = desired("/s/a", "v", 30);
         let mut s = Slot::default();
         assert_eq!(s.desire(Some(d.clone())), vec![Effect::Enqueue]);
-        let Next::Run(op) = s.next() else {
-            panic!("expected an operation")
-        };
+        let Next::Run(op) = s.next() else { panic!("expected an operation") };
         assert_eq!(op, Op::Register(d.clone()));
         assert_eq!(s.start(&op), vec![Effect::Show(Some(Shown::Pending))]);
-        let fx = s.done(
-            "register",
-            registered_outcome(held_for(&d, 7), Renew::Granted),
-        );
+        let fx = s.done("register", registered_outcome(held_for(&d, 7), Renew::Granted));
         assert_eq!(fx[0], Effect::Propagated);
-        assert_eq!(
-            fx[1],
-            Effect::Track {
-                lease: 7,
-                ttl: 30,
-                renew: Renew::Granted
-            }
-        );
+        assert_eq!(fx[1], Effect::Track { lease: 7, ttl: 30, renew: Renew::Granted });
         assert!(fx.contains(&Effect::EtcdOk));
-        assert!(matches!(
-            fx.iter().find(|e| matches!(e, Effect::Show(_))),
-            Some(Effect::Show(Some(Shown::Registered { lease: 7, .. })))
-        ));
+        assert!(matches!(fx.iter().find(|e| matches!(e, Effect::Show(_))), Some(Effect::Show(Some(Shown::Registered { lease: 7, .. })))));
         assert!(!s.busy);
-        assert!(matches!(
-            s.next(),
-            Next::Hold(Shown::Registered { lease: 7, .. })
-        ));
+        assert!(matches!(s.next(), Next::Hold(Shown::Registered { lease: 7, .. })));
     }
 
     #[test]
@@ -340,22 +292,9 @@ mod tests {
         let d = desired("/s/a", "v", 30);
         let mut s = Slot::default();
         let fx = s.adopt(held_for(&d, 9));
-        assert_eq!(
-            fx,
-            vec![
-                Effect::Track {
-                    lease: 9,
-                    ttl: 30,
-                    renew: Renew::Unknown
-                },
-                Effect::Enqueue
-            ]
-        );
+        assert_eq!(fx, vec![Effect::Track { lease: 9, ttl: 30, renew: Renew::Unknown }, Effect::Enqueue]);
         s.desire(Some(d));
-        assert!(matches!(
-            s.next(),
-            Next::Hold(Shown::Registered { lease: 9, .. })
-        ));
+        assert!(matches!(s.next(), Next::Hold(Shown::Registered { lease: 9, .. })));
     }
 
     #[test]
@@ -367,15 +306,7 @@ mod tests {
         assert_eq!(op, Op::Revoke(held_for(&d, 9)));
         assert_eq!(s.start(&op), vec![]);
         let fx = s.done("revoke", Ok(Outcome::Revoked));
-        assert_eq!(
-            fx,
-            vec![
-                Effect::Untrack(9),
-                Effect::EtcdOk,
-                Effect::Show(None),
-                Effect::Enqueue
-            ]
-        );
+        assert_eq!(fx, vec![Effect::Untrack(9), Effect::EtcdOk, Effect::Show(None), Effect::Enqueue]);
         assert_eq!(s.next(), Next::Forget);
     }
 
@@ -385,15 +316,8 @@ mod tests {
         let mut s = Slot::default();
         s.desire(Some(d.clone()));
         s.start(&Op::Register(d.clone()));
-        let fx = s.done(
-            "register",
-            registered_outcome(held_for(&d, 5), Renew::Unknown),
-        );
-        assert!(fx.contains(&Effect::Track {
-            lease: 5,
-            ttl: 30,
-            renew: Renew::Unknown
-        }));
+        let fx = s.done("register", registered_outcome(held_for(&d, 5), Renew::Unknown));
+        assert!(fx.contains(&Effect::Track { lease: 5, ttl: 30, renew: Renew::Unknown }));
     }
 
     #[test]
@@ -406,17 +330,8 @@ mod tests {
         let Next::Run(op) = s.next() else { panic!() };
         assert_eq!(op, Op::Update(d2.clone(), held_for(&d, 3)));
         s.start(&op);
-        let fx = s.done(
-            "update",
-            registered_outcome(held_for(&d2, 3), Renew::Granted),
-        );
-        assert!(
-            !fx.iter().any(|e| matches!(
-                e,
-                Effect::Track { .. } | Effect::Untrack(_) | Effect::Propagated
-            )),
-            "{fx:?}"
-        );
+        let fx = s.done("update", registered_outcome(held_for(&d2, 3), Renew::Granted));
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Track { .. } | Effect::Untrack(_) | Effect::Propagated)), "{fx:?}");
     }
 
     #[test]
@@ -426,31 +341,13 @@ mod tests {
         s.adopt(held_for(&d, 3));
         for d2 in [desired("/s/a", "v", 10), desired("/s/b", "v", 30)] {
             s.desire(Some(d2.clone()));
-            let Next::Run(Op::Replace(new, old)) = s.next() else {
-                panic!("expected a replace")
-            };
-            assert_eq!(
-                (new, old.lease),
-                (d2.clone(), s.held.as_ref().unwrap().lease)
-            );
+            let Next::Run(Op::Replace(new, old)) = s.next() else { panic!("expected a replace") };
+            assert_eq!((new, old.lease), (d2.clone(), s.held.as_ref().unwrap().lease));
         }
         let d2 = desired("/s/b", "v", 30);
         s.start(&Op::Replace(d2.clone(), held_for(&d, 3)));
-        let fx = s.done(
-            "replace",
-            registered_outcome(held_for(&d2, 4), Renew::Granted),
-        );
-        assert_eq!(
-            &fx[..2],
-            &[
-                Effect::Untrack(3),
-                Effect::Track {
-                    lease: 4,
-                    ttl: 30,
-                    renew: Renew::Granted
-                }
-            ]
-        );
+        let fx = s.done("replace", registered_outcome(held_for(&d2, 4), Renew::Granted));
+        assert_eq!(&fx[..2], &[Effect::Untrack(3), Effect::Track { lease: 4, ttl: 30, renew: Renew::Granted }]);
     }
 
     #[test]
@@ -461,15 +358,7 @@ mod tests {
         s.adopt(held_for(&d, 3));
         assert_eq!(s.lease_lost(99), vec![], "another lease: nothing to do");
         let fx = s.lease_lost(3);
-        assert_eq!(
-            fx,
-            vec![
-                Effect::Untrack(3),
-                Effect::Regrant,
-                Effect::Show(Some(Shown::Pending)),
-                Effect::Enqueue
-            ]
-        );
+        assert_eq!(fx, vec![Effect::Untrack(3), Effect::Regrant, Effect::Show(Some(Shown::Pending)), Effect::Enqueue]);
         assert_eq!(s.next(), Next::Run(Op::Register(d)));
     }
 
@@ -479,31 +368,14 @@ mod tests {
         let mut s = Slot::default();
         s.desire(Some(d.clone()));
         s.adopt(held_for(&d, 3));
-        let conflict = || {
-            Ok(Outcome::Conflict {
-                key: "/s/a".into(),
-                message: "someone else".into(),
-            })
-        };
+        let conflict = || Ok(Outcome::Conflict { key: "/s/a".into(), message: "someone else".into() });
         let fx = s.done("update", conflict());
         assert_eq!(fx[0], Effect::Untrack(3));
-        assert!(fx.contains(&Effect::Conflicted {
-            message: "someone else".into(),
-            first: true
-        }));
-        assert!(fx.contains(&Effect::Show(Some(Shown::Conflict {
-            key: "/s/a".into(),
-            message: "someone else".into()
-        }))));
+        assert!(fx.contains(&Effect::Conflicted { message: "someone else".into(), first: true }));
+        assert!(fx.contains(&Effect::Show(Some(Shown::Conflict { key: "/s/a".into(), message: "someone else".into() }))));
         // The retry keeps the conflict shown (no Pending flicker) and reports it no more.
         assert_eq!(s.start(&Op::Register(d)), vec![]);
-        assert!(
-            s.done("register", conflict())
-                .contains(&Effect::Conflicted {
-                    message: "someone else".into(),
-                    first: false
-                })
-        );
+        assert!(s.done("register", conflict()).contains(&Effect::Conflicted { message: "someone else".into(), first: false }));
     }
 
     #[test]
@@ -519,31 +391,16 @@ mod tests {
     #[test]
     fn a_failure_keeps_a_held_key_registered_and_backs_off() {
         let d = desired("/s/a", "v", 30);
-        let timeout = || {
-            Err(OpError::Timeout {
-                op: "txn",
-                after: Duration::from_secs(5),
-            })
-        };
+        let timeout = || Err(OpError::Timeout { op: "txn", after: Duration::from_secs(5) });
         let mut s = Slot::default();
         s.desire(Some(d.clone()));
         let fx = s.done("register", timeout());
         assert!(fx.contains(&Effect::RetryBackoff));
-        assert!(
-            fx.iter()
-                .any(|e| matches!(e, Effect::Show(Some(Shown::Failed { .. }))))
-        );
+        assert!(fx.iter().any(|e| matches!(e, Effect::Show(Some(Shown::Failed { .. })))));
         s.adopt(held_for(&d, 3));
         let fx = s.done("update", timeout());
-        assert!(
-            !fx.iter()
-                .any(|e| matches!(e, Effect::Show(_) | Effect::Untrack(_))),
-            "{fx:?}"
-        );
-        assert!(fx.contains(&Effect::EtcdFailed {
-            op: "txn",
-            message: "etcd txn timed out after 5s".into()
-        }));
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Show(_) | Effect::Untrack(_))), "{fx:?}");
+        assert!(fx.contains(&Effect::EtcdFailed { op: "txn", message: "etcd txn timed out after 5s".into() }));
     }
 
     #[test]

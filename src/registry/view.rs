@@ -11,20 +11,10 @@ use crate::desired::{InstanceId, Source};
 /// What one instance looks like from outside.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Shown {
-    Registered {
-        key: String,
-        lease: i64,
-        since: Timestamp,
-        address: String,
-    },
-    Conflict {
-        key: String,
-        message: String,
-    },
+    Registered { key: String, lease: i64, since: Timestamp, address: String },
+    Conflict { key: String, message: String },
     Pending,
-    Failed {
-        message: String,
-    },
+    Failed { message: String },
 }
 
 impl Shown {
@@ -57,18 +47,14 @@ impl View {
     }
 
     pub(super) fn get(&self, id: &InstanceId) -> Option<&Shown> {
-        self.group(&id.namespace, &id.source)
-            .and_then(|g| g.get(&id.pod))
+        self.group(&id.namespace, &id.source).and_then(|g| g.get(&id.pod))
     }
 
     pub(super) fn set(&mut self, id: &InstanceId, shown: Option<Shown>) {
         let group = (id.namespace.clone(), id.source.clone());
         match shown {
             Some(s) => {
-                self.groups
-                    .entry(group)
-                    .or_default()
-                    .insert(id.pod.clone(), s);
+                self.groups.entry(group).or_default().insert(id.pod.clone(), s);
             }
             None => {
                 if let Some(g) = self.groups.get_mut(&group) {

@@ -173,11 +173,13 @@ pub fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// The podlease binary: cargo's for tests, $PODLEASE_BIN for the demo example.
+/// The podlease binary: $PODLEASE_BIN when set (the demo example; or another build, to see
+/// a test fail on it), else cargo's.
 pub fn binary() -> PathBuf {
-    match option_env!("CARGO_BIN_EXE_podlease") {
-        Some(p) => PathBuf::from(p),
-        None => std::env::var_os("PODLEASE_BIN").map(PathBuf::from).expect("set PODLEASE_BIN to the podlease binary"),
+    match (std::env::var_os("PODLEASE_BIN"), option_env!("CARGO_BIN_EXE_podlease")) {
+        (Some(p), _) => PathBuf::from(p),
+        (None, Some(p)) => PathBuf::from(p),
+        (None, None) => panic!("set PODLEASE_BIN to the podlease binary"),
     }
 }
 
