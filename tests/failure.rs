@@ -831,3 +831,39 @@ async fn a_leader_killed_during_an_api_server_outage_loses_no_key() {
     assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new(), "watchers saw DELETEs");
     assert_eq!(leases_under(&bed.etcd, "/services/out/").await, before, "adopted under the same leases");
 }
+
+#[tokio::test]
+async fn a_stalled_keepalive_stream_moves_to_a_fresh_connection_within_seconds() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let proxy = support::proxy::FaultProxy::to_url(&bed.etcd_endpoint());
+    // No leader election: nothing else (no new term, no standby) would ever rescue it.
+    let c = Controller::start(&bed, "c", &["--leader-elect=false", "--etcd-endpoints", &proxy.endpoint("http")]).await;
+    create_sreg(&bed, "st", json!({"selector": {"matchLabels": {"app": "st"}}})).await;
+    ready_pods(&bed, "st", 20).await;
+    wait_count(&bed, "/services/st/", 20).await;
+    let leases: Vec<i64> = keys(&bed.etcd, "/services/st/").await.iter().map(|kv| kv.lease()).collect();
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+
+    // Every connection podlease has dies silently; new ones would work.
+    proxy.freeze_existing();
+    let frozen = Instant::now();
+    let lc = bed.etcd.lease_client();
+    // A lease renewed after the freeze has more left than any renewal before it can give.
+    wait_until("every lease renewed after the freeze", TAKEOVER, || async {
+        let e = frozen.elapsed().as_secs() as i64;
+        for l in &leases {
+            let left = lc.clone().time_to_live(*l, None).await.ok()?.ttl();
+            if left < 30 - e + 2 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    let recovered = frozen.elapsed();
+    println!("measured: keepalives answered again {recovered:?} after the connection froze");
+    assert!(recovered < Duration::from_secs(10), "renewals resumed only after {recovered:?} (stall timeout 5 s at TTL 30 s)");
+    assert!(c.log_text().contains("renewals unanswered"), "the stream was recycled for the stall");
+    assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new());
+}

@@ -121,6 +121,9 @@ struct Driver {
     progress_at: Instant,
 }
 
+/// A stream with nothing to say for this long renews one lease early, as a heartbeat.
+const HEARTBEAT: Duration = Duration::from_secs(2);
+
 /// How long a stream may leave requests unanswered before it is recycled: a sixth of the
 /// smallest TTL (half of its renewal interval), between 1 s and 5 s.
 pub fn stall_timeout(min_ttl: i64) -> Duration {
@@ -155,11 +158,17 @@ impl Driver {
                     Some(Command::Track { lease, ttl, renew }) => self.track(lease, ttl, renew),
                     Some(Command::Untrack(lease)) => { self.forget(lease); }
                 },
-                _ = stall_check.tick(), if self.keeper.is_some() && self.outstanding > 0 => {
+                _ = stall_check.tick(), if self.keeper.is_some() => {
                     let limit = stall_timeout(self.ttls.keys().next().copied().unwrap_or(1));
-                    if self.progress_at.elapsed() > limit {
+                    if self.outstanding > 0 && self.progress_at.elapsed() > limit {
                         self.drop_stream(&format!("{} renewals unanswered for {limit:?}", self.outstanding));
                         self.fresh_connection = true;
+                    } else if self.outstanding == 0 && self.progress_at.elapsed() > HEARTBEAT
+                        && let Some(&lease) = self.leases.keys().next()
+                    {
+                        // A quiet stream proves nothing: renew one lease early so that a dead
+                        // path shows within HEARTBEAT + the stall timeout, not a TTL/3 later.
+                        self.outbox.push_back(lease);
                     }
                 }
                 resp = next_response(&mut self.responses) => self.on_response(resp),

@@ -8,6 +8,9 @@
 //!   forwarding resumes where it stopped, as TCP does after a partition heals.
 //! - `Latency(d)`: every chunk is delayed by `d` in both directions, order preserved.
 //! - `reset_all()`: every current connection is closed with RST (SO_LINGER 0), both sides.
+//! - `freeze_existing()`: every current connection stops forwarding for good and stays
+//!   open, while new connections pass: a connection that died silently (a NAT entry
+//!   dropped) beside a network that works.
 //!
 //! The proxy runs on the support's background runtime; its tasks end when it is dropped.
 
@@ -40,6 +43,8 @@ struct Conn {
     tasks: Vec<AbortHandle>,
     /// Directions that have seen EOF and passed it on.
     closed_directions: u8,
+    /// Forwards nothing ever again (`freeze_existing`).
+    frozen: bool,
 }
 
 struct Shared {
@@ -59,6 +64,17 @@ impl Shared {
     async fn open_path(&self) {
         let mut rx = self.mode.subscribe();
         let _ = rx.wait_for(|m| *m != Mode::Blackhole).await;
+    }
+
+    fn frozen(&self, id: u64) -> bool {
+        self.conns.lock().unwrap().get(&id).is_some_and(|c| c.frozen)
+    }
+
+    /// A frozen connection's pumps park here for good.
+    async fn unless_frozen(&self, id: u64) {
+        if self.frozen(id) {
+            std::future::pending::<()>().await;
+        }
     }
 
     fn add_socket(&self, id: u64, s: Arc<TcpStream>) -> bool {
@@ -205,6 +221,14 @@ impl FaultProxy {
         }
     }
 
+    /// Stops every current connection for good (both directions, no FIN, no RST); new
+    /// connections are served as the mode says.
+    pub fn freeze_existing(&self) {
+        for c in self.shared.conns.lock().unwrap().values_mut() {
+            c.frozen = true;
+        }
+    }
+
     /// Connections open right now.
     pub fn connections(&self) -> usize {
         self.shared.conns.lock().unwrap().len()
@@ -299,6 +323,7 @@ async fn read_side(
                 return;
             }
             Ok(n) => {
+                shared.unless_frozen(id).await;
                 let delay = match shared.mode() {
                     Mode::Latency(d) => d,
                     _ => Duration::ZERO,
@@ -323,6 +348,7 @@ async fn write_side(
             Chunk::Data(due, data) => {
                 tokio::time::sleep_until(due).await;
                 shared.open_path().await;
+                shared.unless_frozen(id).await;
                 let mut rest = &data[..];
                 while !rest.is_empty() {
                     if to.writable().await.is_err() {
