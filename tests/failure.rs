@@ -75,7 +75,20 @@ async fn killing_the_leader_hands_over_without_a_single_delete() {
         json!({"selector": {"matchLabels": {"app": "roll"}}}),
     )
     .await;
-    ready_pods(&bed, "roll", 100).await;
+    // 100 pods whose leases are granted over a few seconds, as a real rollout does.
+    let kube = bed.kube.clone();
+    futures::future::join_all((0..100).map(|i| {
+        let kube = kube.clone();
+        async move {
+            let name = format!("roll-{i}");
+            create_pod(&kube, NS, &PodSpec::new(&name).label("app", "roll")).await;
+            tokio::time::sleep(Duration::from_millis(30 * i as u64)).await; // spreads the grants
+            set_ready(&kube, NS, &name, &pod_ip(i + 1), true).await;
+        }
+    }))
+    .await;
+    let first = wait_key(&bed.etcd, "/services/roll/default/roll-0").await;
+    let granted = Instant::now();
     wait_count(&bed, "/services/roll/", 100).await;
     let before: BTreeSet<(String, i64)> = keys(&bed.etcd, "/services/roll/")
         .await
@@ -90,6 +103,10 @@ async fn killing_the_leader_hands_over_without_a_single_delete() {
     } else {
         (&mut b, &mut a)
     };
+    // The worst moment: just before the first leases' first renewal (TTL/3 = 10 s after
+    // their grant), so they have the least TTL left (20 s) when the leader dies.
+    let _ = first;
+    tokio::time::sleep(Duration::from_millis(9500).saturating_sub(granted.elapsed())).await; // the fault's timing
     let killed = Instant::now();
     dead.kill();
     wait_until("the standby leads", TAKEOVER, || async {
