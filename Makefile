@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build testbed test demo crd bench
+.PHONY: all build testbed test demo crd bench soak
 
 all: build
 
@@ -20,7 +20,7 @@ build: testbed
 test: testbed
 	$(CARGO) build --examples
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --lib --bins --tests --no-fail-fast; \
+		$(CARGO) nextest run --lib --bins --tests --no-fail-fast -E 'not (binary(faults) & test(=soak))'; \
 	else \
 		$(CARGO) test --lib --bins --tests --no-fail-fast; \
 	fi
@@ -29,6 +29,12 @@ test: testbed
 demo: testbed
 	$(CARGO) build --bin podlease --example demo
 	PODLEASE_BIN=$(CURDIR)/target/debug/podlease $(CURDIR)/target/debug/examples/demo
+
+# Random fault schedules at the defaults for SOAK_SECS seconds (default 1800), then a
+# summary: schedules, faults by kind, invariant violations, worst convergence time.
+SOAK_SECS ?= 1800
+soak: testbed
+	PODLEASE_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --test faults soak -- --exact --nocapture
 
 # Regenerates the checked-in CRD from the Rust types.
 crd:

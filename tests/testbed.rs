@@ -97,3 +97,47 @@ async fn dropping_the_bed_stops_its_processes() {
 fn is_zombie_or_gone(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z ")).unwrap_or(true)
 }
+
+#[tokio::test]
+async fn the_apiserver_restarts_on_its_port_and_can_be_stalled() {
+    let mut bed = TestBed::start().await;
+    let (port, pid) = (bed.apiserver.port, bed.apiserver.pid());
+    create_pod(&bed.kube, "default", &PodSpec::new("before")).await;
+    bed.restart_apiserver().await;
+    assert_eq!(bed.apiserver.port, port, "same port");
+    assert_ne!(bed.apiserver.pid(), pid, "a new process");
+    let pods: Api<Pod> = Api::namespaced(bed.kube.clone(), "default");
+    assert!(pods.get_opt("before").await.unwrap().is_some(), "same storage");
+
+    bed.stall_apiserver();
+    let stalled = tokio::time::timeout(Duration::from_secs(2), pods.get("before")).await;
+    assert!(stalled.is_err(), "a stalled apiserver answered: {stalled:?}");
+    bed.resume_apiserver();
+    wait_until("the apiserver answers again", DEADLINE, || async { pods.get("before").await.ok() }).await;
+}
+
+#[tokio::test]
+async fn a_registry_cluster_serves_with_a_member_down_and_takes_it_back() {
+    let mut bed = TestBed::start_with_registry_cluster(3).await;
+    assert_eq!(bed.etcd_endpoints().len(), 3);
+    let kv = bed.etcd.kv_client();
+    kv.clone().put("/c/1", "a", None).await.unwrap();
+    bed.kill_registry_member(1);
+    assert!(!bed.registry_member(1).is_running());
+    wait_until("a write with a member down", DEADLINE, || {
+        let mut kv = kv.clone();
+        async move { kv.put("/c/2", "b", None).await.ok() }
+    })
+    .await;
+    bed.resume_registry_member(1);
+    // The restarted member catches up: read from it alone.
+    let alone = etcd_client::Client::connect([bed.registry_member(1).endpoint()], None).await.unwrap();
+    wait_until("member 1 caught up", DEADLINE, || {
+        let mut kv = alone.kv_client();
+        async move {
+            let n = kv.get("/c/", Some(etcd_client::GetOptions::new().with_prefix())).await.ok()?.kvs().len();
+            (n == 2).then_some(())
+        }
+    })
+    .await;
+}

@@ -1,0 +1,247 @@
+//! The fault suite's observer checked on its own: with no podlease running, the test plays
+//! podlease by hand and plants each kind of violation; every invariant check must flag its
+//! own and let the harmless cases pass. Also: the observer's etcd watch misses no event while
+//! registry members die one after another.
+
+mod support;
+
+use std::time::Duration;
+
+use etcd_client::{LeaseGrantOptions, PutOptions};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use podlease::registration::{FINALIZER, ServiceRegistration};
+use serde_json::json;
+use support::observer::{Observer, ObserverConfig, cut_excuses_expiry_after, fenced_writes};
+use support::*;
+
+const NS: &str = "default";
+
+async fn observer(bed: &TestBed) -> Observer {
+    Observer::start(ObserverConfig::new(bed.etcd_endpoints(), bed.kubeconfig.clone(), NS, "c1")).await
+}
+
+async fn ready_pod(bed: &TestBed, name: &str, app: &str, i: usize) {
+    create_pod(&bed.kube, NS, &PodSpec::new(name).label("app", app)).await;
+    set_ready(&bed.kube, NS, name, &pod_ip(i), true).await;
+}
+
+fn value(pod: &str, i: usize) -> String {
+    json!({"addr": format!("{}:8080", pod_ip(i)), "namespace": NS, "pod": pod, "node": NODE, "metadata": {}}).to_string()
+}
+
+/// Waits until the observer has seen the pod in the given publishable state.
+async fn seen_publishable(obs: &Observer, pod: &str, publishable: bool) {
+    wait_until(&format!("observer sees {pod} publishable={publishable}"), DEADLINE, || async {
+        (obs.current().0.get(pod)?.publishable() == publishable).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn i1_flags_only_the_delete_of_a_key_whose_pod_stayed_publishable() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    create_registration(&bed.kube, NS, "r", json!({"service": "svc-r", "selector": {"matchLabels": {"app": "r"}}, "ttlSeconds": 5})).await;
+    for i in 0..3 {
+        ready_pod(&bed, &format!("r-{i}"), "r", i + 1).await;
+    }
+    let obs = observer(&bed).await;
+    obs.track_replica("x");
+    for i in 0..3 {
+        seen_publishable(&obs, &format!("r-{i}"), true).await;
+    }
+    let mut kv = bed.etcd.kv_client();
+    for i in 0..3 {
+        kv.put(format!("/services/svc-r/{NS}/r-{i}"), value(&format!("r-{i}"), i + 1), None).await.unwrap();
+    }
+    // r-0: deleted while ready. The violation.
+    kv.delete(format!("/services/svc-r/{NS}/r-0"), None).await.unwrap();
+    // r-1: the pod stopped being ready first. Fine.
+    set_ready(&bed.kube, NS, "r-1", &pod_ip(2), false).await;
+    seen_publishable(&obs, "r-1", false).await;
+    kv.delete(format!("/services/svc-r/{NS}/r-1"), None).await.unwrap();
+    // r-2: every replica cut from etcd for long enough that a 5 s lease may expire. Fine.
+    obs.set_cut("x", true);
+    tokio::time::sleep(cut_excuses_expiry_after(5) + Duration::from_millis(300)).await; // the cut itself
+    kv.delete(format!("/services/svc-r/{NS}/r-2"), None).await.unwrap();
+    obs.set_cut("x", false);
+    assert!(obs.catch_up(DEADLINE).await);
+
+    let violations = obs.check_i1();
+    assert_eq!(violations.len(), 1, "{}", obs.explain(&violations));
+    assert!(violations[0].message.contains("/services/svc-r/default/r-0"), "{}", violations[0]);
+    let explained = obs.explain(&violations);
+    assert!(explained.contains("etcd DELETE") && explained.contains("pod  r-0"), "the log around it:\n{explained}");
+    let fine: Vec<String> = obs.deletes_explained().into_iter().map(|(_, k, why)| format!("{k}: {why}")).collect();
+    assert_eq!(fine.len(), 2, "{fine:?}");
+    assert!(fine[0].starts_with("/services/svc-r/default/r-1: not published"), "{fine:?}");
+    assert!(fine[1].starts_with("/services/svc-r/default/r-2: every replica cut"), "{fine:?}");
+}
+
+#[tokio::test]
+async fn i2_lists_every_difference_until_etcd_holds_exactly_the_desired_state() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    create_registration(&bed.kube, NS, "r", json!({"service": "svc-r", "selector": {"matchLabels": {"app": "r"}}, "ttlSeconds": 40})).await;
+    ready_pod(&bed, "r-0", "r", 1).await;
+    create_pod(&bed.kube, NS, &PodSpec::new("r-1").label("app", "r")).await; // never ready
+    create_pod(&bed.kube, NS, &PodSpec::new("g-0").annotation("podlease.io/service", "svc-g")).await;
+    set_ready(&bed.kube, NS, "g-0", &pod_ip(3), true).await;
+    let obs = observer(&bed).await;
+    obs.seed_foreign(&[("/foreign/k", "v")]).await;
+    seen_publishable(&obs, "g-0", true).await;
+    let replicas = vec!["a".to_string()];
+
+    let diff = obs.diff_i2(&bed.etcd, &replicas).await;
+    let text = diff.join("\n");
+    assert!(text.contains("missing /services/svc-r/default/r-0"), "{text}");
+    assert!(text.contains("missing /services/svc-g/default/g-0"), "{text}");
+    assert!(text.contains("missing fence key /podlease/owners/c1"), "{text}");
+    assert!(!text.contains("r-1"), "r-1 is not ready: {text}");
+    assert!(obs.wait_converged(&bed.etcd, &replicas, Duration::from_secs(1)).await.is_err());
+
+    // Play podlease: keys and records under leases of the right TTLs, and the fence.
+    let mut lc = bed.etcd.lease_client();
+    let mut kv = bed.etcd.kv_client();
+    let l40 = lc.grant(40, None).await.unwrap().id();
+    let l30 = lc.grant(30, None).await.unwrap().id();
+    let fence = lc.grant(15, Some(LeaseGrantOptions::new())).await.unwrap().id();
+    let under = |l| Some(PutOptions::new().with_lease(l));
+    kv.put("/services/svc-r/default/r-0", value("r-0", 1), under(l40)).await.unwrap();
+    kv.put("/podlease/owners/c1/default/r-0/r", "{}", under(l40)).await.unwrap();
+    kv.put("/services/svc-g/default/g-0", value("g-0", 3), under(l30)).await.unwrap();
+    kv.put("/podlease/owners/c1/default/g-0/@annotations", "{}", under(l30)).await.unwrap();
+    kv.put("/podlease/owners/c1", "7/a", under(fence)).await.unwrap();
+    let took = obs.wait_converged(&bed.etcd, &replicas, DEADLINE).await.unwrap_or_else(|v| panic!("{v}"));
+    println!("converged after {took:?}");
+
+    // Each kind of drift is reported.
+    kv.put("/services/svc-r/default/r-1", value("r-1", 2), under(l40)).await.unwrap();
+    kv.put("/services/svc-g/default/g-0", value("g-0", 99), under(l30)).await.unwrap();
+    kv.put("/podlease/owners/c1/default/r-0/r", "{}", under(l30)).await.unwrap();
+    kv.put("/foreign/k", "changed", None).await.unwrap();
+    kv.put("/podlease/owners/c1", "7/stranger", under(fence)).await.unwrap();
+    let text = obs.diff_i2(&bed.etcd, &replicas).await.join("\n");
+    for want in [
+        "unexpected key /services/svc-r/default/r-1",
+        "/services/svc-g/default/g-0 = ",
+        "ownership record /podlease/owners/c1/default/r-0/r under lease",
+        "foreign key /foreign/k",
+        "names \"stranger\"",
+    ] {
+        assert!(text.contains(want), "{want:?} not in:\n{text}");
+    }
+    // A lease of the wrong TTL.
+    let l10 = lc.grant(10, None).await.unwrap().id();
+    kv.put("/services/svc-r/default/r-0", value("r-0", 1), under(l10)).await.unwrap();
+    let text = obs.diff_i2(&bed.etcd, &replicas).await.join("\n");
+    assert!(text.contains("granted 10 s, want 40 s"), "{text}");
+}
+
+#[tokio::test]
+async fn i3_i4_i5_catch_a_shared_fence_a_touched_foreign_key_and_an_early_finalizer_release() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let obs = observer(&bed).await;
+    let mut kv = bed.etcd.kv_client();
+
+    // I4: one foreign key overwritten, one left alone.
+    obs.seed_foreign(&[("/services/svc-d/foreign/x", "mine"), ("/elsewhere", "mine")]).await;
+    kv.put("/elsewhere", "clobbered", None).await.unwrap();
+
+    // I5: "d" releases its finalizer while its key and record are still there; "e" releases
+    // it with nothing left.
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    for (name, svc) in [("d", "svc-d"), ("e", "svc-e")] {
+        create_registration(&bed.kube, NS, name, json!({"service": svc, "selector": {"matchLabels": {"app": name}}})).await;
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"finalizers": [FINALIZER]}}))).await.unwrap();
+    }
+    kv.put("/services/svc-d/default/p", "{}", None).await.unwrap();
+    kv.put("/podlease/owners/c1/default/p/d", "{}", None).await.unwrap();
+    for name in ["d", "e"] {
+        api.delete(name, &DeleteParams::default()).await.unwrap();
+        api.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"finalizers": null}}))).await.unwrap();
+    }
+    wait_until("both releases checked", DEADLINE, || async { (obs.i5_checks() == 2).then_some(()) }).await;
+
+    // I3: a and b both wrote under the fence a took; and a write under a revision that was
+    // no fence write at all.
+    let put = kv.put("/podlease/owners/c1", "3/a", None).await.unwrap();
+    let fence_rev = put.header().unwrap().revision();
+    let stray = kv.put("/unrelated", "x", None).await.unwrap().header().unwrap().revision();
+    let dir = tempfile::tempdir().unwrap();
+    let line = |rev: i64| format!("\u{1b}[2m2026-01-01T00:00:00Z\u{1b}[0m \u{1b}[34mDEBUG\u{1b}[0m \u{1b}[2mpodlease::registry::write\u{1b}[0m\u{1b}[2m:\u{1b}[0m write applied under fence \u{1b}[3mfence_revision\u{1b}[0m\u{1b}[2m=\u{1b}[0m{rev}\n");
+    std::fs::write(dir.path().join("podlease-a-1.log"), line(fence_rev) + &line(fence_rev)).unwrap();
+    std::fs::write(dir.path().join("podlease-b-1.log"), line(fence_rev)).unwrap();
+    std::fs::write(dir.path().join("podlease-a2-1.log"), line(stray)).unwrap();
+    assert_eq!(fenced_writes(&line(42)), vec![42]);
+    assert!(obs.catch_up(DEADLINE).await);
+
+    let logs = support::observer::replica_logs(dir.path());
+    let ids: Vec<&str> = logs.iter().map(|(id, _)| id.as_str()).collect();
+    assert_eq!(ids, ["a", "a2", "b"]);
+    let (i3, lines) = obs.check_i3(&logs);
+    assert_eq!(lines, 4);
+    let i3: Vec<String> = i3.iter().map(|v| v.to_string()).collect();
+    assert_eq!(i3.len(), 3, "{i3:#?}");
+    assert!(i3.iter().any(|v| v.contains(&format!("replicas {{\"a\", \"b\"}} all applied writes under fence revision {fence_rev}"))), "{i3:#?}");
+    assert!(i3.iter().any(|v| v.contains(&format!("\"b\" wrote under fence revision {fence_rev}, where the fence key names \"a\""))), "{i3:#?}");
+    assert!(i3.iter().any(|v| v.contains(&format!("revision {stray}, but the fence key"))), "{i3:#?}");
+    let (none, _) = obs.check_i3(&[]);
+    assert!(none[0].message.contains("saw nothing"), "an empty check is not a pass");
+
+    let i4 = obs.check_i4();
+    assert_eq!(i4.len(), 1, "{i4:?}");
+    assert!(i4[0].message.contains("/elsewhere overwritten"), "{}", i4[0]);
+
+    let i5 = obs.check_i5();
+    assert_eq!(i5.len(), 1, "{i5:?}");
+    assert!(i5[0].message.contains("ServiceRegistration d released its finalizer"), "{}", i5[0]);
+    assert!(i5[0].message.contains("/podlease/owners/c1/default/p/d") && i5[0].message.contains("/services/svc-d/default/p"), "{}", i5[0]);
+    assert!(!i5[0].message.contains("foreign"), "foreign keys are not the registration's: {}", i5[0]);
+}
+
+#[tokio::test]
+async fn the_observer_misses_no_etcd_event_while_members_die_one_after_another() {
+    let mut bed = TestBed::start_with_registry_cluster(3).await;
+    bed.apply_crd().await;
+    let obs = observer(&bed).await;
+    let writer = {
+        let kv = bed.etcd.kv_client();
+        tokio::spawn(async move {
+            let mut revisions = Vec::new();
+            for i in 0..600 {
+                let rev = wait_until("a write", DEADLINE, || {
+                    let mut kv = kv.clone();
+                    async move { Some(kv.put(format!("/w/{i:04}"), "x", None).await.ok()?.header()?.revision()) }
+                })
+                .await;
+                revisions.push(rev);
+            }
+            revisions
+        })
+    };
+    for m in 0..3 {
+        // Kill each member after some writes went through; the others keep a quorum.
+        let target = obs.last_revision() + 50;
+        assert!(obs.caught_up_to(target, DEADLINE).await);
+        bed.kill_registry_member(m);
+        let target = obs.last_revision() + 50;
+        assert!(obs.caught_up_to(target, DEADLINE).await, "the observer stalled with member {m} down");
+        bed.resume_registry_member(m);
+    }
+    let revisions = writer.await.unwrap();
+    assert!(obs.caught_up_to(*revisions.last().unwrap(), DEADLINE).await);
+    let seen: Vec<(i64, String)> = obs.etcd_events().into_iter().map(|(_, e)| (e.revision, e.key)).filter(|(_, k)| k.starts_with("/w/")).collect();
+    // Only the writer writes: its revisions are contiguous, and so must be what was seen (a
+    // put retried after an error that had applied it after all shows up too, and fills its
+    // own revision).
+    let revs: Vec<i64> = seen.iter().map(|(r, _)| *r).collect();
+    let first = revs[0];
+    assert_eq!(revs, (first..first + revs.len() as i64).collect::<Vec<_>>(), "events missed, doubled or out of order");
+    for (i, r) in revisions.iter().enumerate() {
+        assert!(seen.contains(&(*r, format!("/w/{i:04}"))), "the write of /w/{i:04} at revision {r} was not seen");
+    }
+    let watch_lines: Vec<String> = obs.entries().iter().filter(|e| matches!(e.what, support::observer::Record::Watch(_))).map(support::observer::render).collect();
+    println!("the observer's watch trouble and recoveries:\n{}", watch_lines.join("\n"));
+}
