@@ -631,10 +631,6 @@ async fn a_rollout_with_revoke_on_shutdown_deregisters_nothing() {
     let recorder = Recorder::start(&bed.etcd, "/").await;
     assert!(a.terminate().success());
     wait_adopted(&b, DEADLINE).await;
-    assert!(
-        a.log_text().contains("not revoking on shutdown"),
-        "the leader saw the standby take over"
-    );
     assert_eq!(
         pod_deletes(&recorder, "/services/"),
         Vec::<String>::new(),
@@ -644,6 +640,10 @@ async fn a_rollout_with_revoke_on_shutdown_deregisters_nothing() {
         leases_under(&bed.etcd, "/services/ro/").await,
         before,
         "every key adopted under its lease"
+    );
+    assert!(
+        a.log_text().contains("not revoking on shutdown"),
+        "the leader saw the standby take over"
     );
 }
 
