@@ -34,7 +34,8 @@ APT_UPDATED=0
 apt_install() {
   local missing=()
   for p in "$@"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+    # No pipe into grep -q: under pipefail its early exit can fail the pipeline (SIGPIPE).
+    [ "$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null)" = "install ok installed" ] || missing+=("$p")
   done
   [ ${#missing[@]} -eq 0 ] && return 0
   if [ $APT_UPDATED = 0 ]; then
@@ -63,7 +64,11 @@ if [ ! -x "$ETCD" ] || [ ! -x "$ETCDCTL" ]; then
   (cd "$CACHE/etcd" && rm -f ./*.deb && apt-get "${A[@]}" download etcd-server etcd-client >&2 \
     && for f in *.deb; do dpkg -x "$f" root; done)
 fi
-"$ETCD" --version | head -1 | grep -q '3\.5\.' || { log "etcd is not 3.5: $("$ETCD" --version | head -1)"; exit 1; }
+ETCD_VERSION=$("$ETCD" --version)
+case "$ETCD_VERSION" in
+  *"etcd Version: 3.5."*) ;;
+  *) log "etcd is not 3.5: $ETCD_VERSION"; exit 1 ;;
+esac
 
 # --- kube-apiserver + kube-controller-manager v1.20.2 from Debian bookworm's source ------------
 KBIN="$CACHE/kube/bin"
