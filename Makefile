@@ -30,10 +30,12 @@ demo: testbed
 	$(CARGO) build --bin podlease --example demo
 	PODLEASE_BIN=$(CURDIR)/target/debug/podlease $(CURDIR)/target/debug/examples/demo
 
-# Random fault schedules at the defaults for SOAK_SECS seconds (default 1800), then a
-# summary: schedules, faults by kind, invariant violations, worst convergence time.
+# The hostile-input property test with 10,000 cases, then random fault schedules at the
+# defaults for SOAK_SECS seconds (default 1800) and a summary: schedules, faults by kind,
+# invariant violations, worst convergence time.
 SOAK_SECS ?= 1800
 soak: testbed
+	PROPTEST_CASES=10000 $(CARGO) test --lib proptests
 	PODLEASE_SOAK_SECS=$(SOAK_SECS) $(CARGO) test --test faults soak -- --exact --nocapture
 
 # Regenerates the checked-in CRD from the Rust types.

@@ -1,5 +1,9 @@
 //! Annotation mode: `podlease.io/service` on a pod publishes it with the controller's
 //! defaults, overridable per pod by the other `podlease.io/` annotations.
+//!
+//! Parsing here reads the values (numbers, the format, the metadata JSON) and bounds their
+//! size; `desired` validates what reaches a key or value with the same grammar as a
+//! ServiceRegistration's spec ([`crate::validate`]).
 
 use std::collections::BTreeMap;
 
@@ -7,6 +11,7 @@ use thiserror::Error;
 
 use crate::format::{Format, FormatOptions};
 use crate::registration::{MAX_TTL_SECONDS, MIN_TTL_SECONDS};
+use crate::validate::{self, cut};
 
 pub const ANNOTATION_PREFIX: &str = "podlease.io/";
 pub const SERVICE: &str = "podlease.io/service";
@@ -20,6 +25,18 @@ pub const PROTOCOL: &str = "podlease.io/protocol";
 pub const WEIGHT: &str = "podlease.io/weight";
 pub const ZONE: &str = "podlease.io/zone";
 pub const DNS_TTL: &str = "podlease.io/dns-ttl";
+
+/// Every annotation podlease reads; a pod keeps no other.
+pub const ALL: [&str; 11] = [SERVICE, PORT, FORMAT, PREFIX, TTL, METADATA, VERSION, PROTOCOL, WEIGHT, ZONE, DNS_TTL];
+
+/// The longest value podlease accepts for annotation `key`: the metadata limit for
+/// `podlease.io/metadata`, 1 KiB for the others (whose grammars allow at most 256
+/// characters). A pod's copy keeps at most one byte more (see [`crate::pod`]), so a pod
+/// with a 256 KiB annotation costs a bounded amount of memory and is still refused as
+/// too long.
+pub fn max_len(key: &str) -> usize {
+    if key == METADATA { validate::MAX_METADATA_BYTES } else { 1024 }
+}
 
 /// A container port by name or number.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -63,6 +80,8 @@ pub enum AnnotationError {
     Metadata(String),
     #[error("annotation {0}={1:?} is not a non-negative number")]
     Number(&'static str, String),
+    #[error("annotation {0} is longer than {1} bytes")]
+    TooLong(&'static str, usize),
 }
 
 /// Reads the annotation spec of a pod: `Ok(None)` when it has no `podlease.io/service`.
@@ -70,6 +89,12 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<Annotation
     let Some(service) = annotations.get(SERVICE) else {
         return Ok(None);
     };
+    // Sizes first: nothing below reads more than a bounded value.
+    for name in ALL {
+        if annotations.get(name).is_some_and(|v| v.len() > max_len(name)) {
+            return Err(AnnotationError::TooLong(name, max_len(name)));
+        }
+    }
     let service = service.trim();
     if service.is_empty() {
         return Err(AnnotationError::EmptyService);
@@ -77,10 +102,8 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<Annotation
     let port = match annotations.get(PORT).map(|s| s.trim()) {
         None => None,
         Some(s) => match PortRef::parse(s) {
-            PortRef::Number(n) if !(1..=65535).contains(&n) => return Err(AnnotationError::Port(s.into())),
-            PortRef::Name(n) if n.is_empty() || n.contains(char::is_whitespace) => {
-                return Err(AnnotationError::Port(s.into()));
-            }
+            PortRef::Number(n) if !(1..=65535).contains(&n) => return Err(AnnotationError::Port(cut(s))),
+            PortRef::Name(n) if validate::port_name(&n).is_err() => return Err(AnnotationError::Port(cut(s))),
             p => Some(p),
         },
     };
@@ -96,7 +119,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<Annotation
                 .parse::<i64>()
                 .ok()
                 .filter(|t| (MIN_TTL_SECONDS..=MAX_TTL_SECONDS).contains(t))
-                .ok_or_else(|| AnnotationError::Ttl(s.clone()))
+                .ok_or_else(|| AnnotationError::Ttl(cut(s)))
         })
         .transpose()?;
     let metadata = match annotations.get(METADATA) {
@@ -106,7 +129,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<Annotation
     let number = |name: &'static str| -> Result<Option<u32>, AnnotationError> {
         annotations
             .get(name)
-            .map(|s| s.trim().parse::<u32>().map_err(|_| AnnotationError::Number(name, s.clone())))
+            .map(|s| s.trim().parse::<u32>().map_err(|_| AnnotationError::Number(name, cut(s))))
             .transpose()
     };
     let text = |name: &str| annotations.get(name).map(|s| s.trim().to_string()).filter(|s| !s.is_empty());
@@ -183,5 +206,22 @@ mod tests {
         assert!(matches!(e, AnnotationError::Metadata(_)));
         assert_eq!(parse(&ann(&[(SERVICE, "s"), (PORT, "70000")])), Err(AnnotationError::Port("70000".into())));
         assert_eq!(parse(&ann(&[(SERVICE, " ")])), Err(AnnotationError::EmptyService));
+    }
+
+    #[test]
+    fn values_are_bounded_before_they_are_read() {
+        let huge = "x".repeat(256 * 1024);
+        assert_eq!(parse(&ann(&[(SERVICE, "s"), (METADATA, &huge)])), Err(AnnotationError::TooLong(METADATA, 16384)));
+        assert_eq!(parse(&ann(&[(SERVICE, &huge)])), Err(AnnotationError::TooLong(SERVICE, 1024)));
+        let e = parse(&ann(&[(SERVICE, "s"), (TTL, &"9".repeat(1000))])).unwrap_err().to_string();
+        assert!(e.len() < 200, "the message quotes a bounded part of the value: {e}");
+    }
+
+    #[test]
+    fn port_names_follow_the_container_port_grammar() {
+        assert_eq!(parse(&ann(&[(SERVICE, "s"), (PORT, "grpc-web")])).unwrap().unwrap().port, Some(PortRef::Name("grpc-web".into())));
+        for bad in ["a/b", "GRPC", "a b", "-x", "toolongportname1"] {
+            assert_eq!(parse(&ann(&[(SERVICE, "s"), (PORT, bad)])), Err(AnnotationError::Port(bad.into())), "{bad}");
+        }
     }
 }

@@ -10,6 +10,7 @@ use crate::desired::Defaults;
 use crate::etcd::EtcdConfig;
 use crate::format::Format;
 use crate::registration::{MAX_TTL_SECONDS, MIN_TTL_SECONDS};
+use crate::validate::{AllowedPrefix, Prefix};
 
 #[derive(Debug, Parser)]
 #[command(name = "podlease", version, about = "Publishes Kubernetes pod readiness into etcd: one lease per ready pod, kept alive, revoked the moment the pod stops being ready.")]
@@ -103,16 +104,23 @@ pub struct RunArgs {
     #[arg(long, env = "PODLEASE_DEFAULT_FORMAT", default_value = "json")]
     pub default_format: Format,
     /// Key prefix for the default format (default: that format's own, `/services` for json).
+    /// Always allowed for the default format.
     #[arg(long, env = "PODLEASE_DEFAULT_PREFIX")]
-    pub default_prefix: Option<String>,
+    pub default_prefix: Option<Prefix>,
+    /// Key prefixes podlease may write under, repeatable or comma separated: `FORMAT=PREFIX`
+    /// for one format (`json=/services`, `etcd-naming=` for the empty prefix) or `PREFIX`
+    /// for every format. A registration or annotation naming another prefix is refused.
+    /// Default: each format's own prefix, for that format only. A list replaces the default.
+    #[arg(long = "allowed-prefix", env = "PODLEASE_ALLOWED_PREFIXES", value_delimiter = ',')]
+    pub allowed_prefix: Vec<AllowedPrefix>,
     /// Lease TTL in seconds where neither a registration nor an annotation sets one.
     #[arg(long, env = "PODLEASE_DEFAULT_TTL", default_value = "30", value_parser = parse_ttl)]
     pub default_ttl: i64,
-    /// Where ownership records live in etcd.
+    /// Where ownership records live in etcd (absolute; never writable by a registration).
     #[arg(long, env = "PODLEASE_OWNER_PREFIX", default_value = "/podlease/owners")]
-    pub owner_prefix: String,
+    pub owner_prefix: Prefix,
     /// Cluster id in ownership records (default: the UID of namespace kube-system).
-    #[arg(long, env = "PODLEASE_CLUSTER_ID")]
+    #[arg(long, env = "PODLEASE_CLUSTER_ID", value_parser = parse_cluster_id)]
     pub cluster_id: Option<String>,
     /// Namespace to watch (repeatable, or comma separated); default: all namespaces.
     #[arg(long, env = "PODLEASE_WATCH_NAMESPACE", value_delimiter = ',')]
@@ -138,7 +146,7 @@ pub struct RunArgs {
     /// Leader Lease duration in seconds: how long a dead leader's standby waits.
     #[arg(long, env = "PODLEASE_LEADER_LEASE_DURATION", default_value_t = 15)]
     pub leader_lease_duration: u64,
-    /// On SIGTERM of the leader, hand the leader Lease over and wait up to two retry periods:
+    /// On SIGTERM of the leader, hand the leader Lease over and wait up to one Lease duration:
     /// if no other replica takes it, revoke every lease (deregister everything) before
     /// exiting. A rollout (another replica takes over) and a leadership loss never revoke.
     #[arg(long, env = "PODLEASE_REVOKE_ON_SHUTDOWN")]
@@ -148,14 +156,16 @@ pub struct RunArgs {
     pub verify_interval: u64,
 }
 
+/// One key segment: the cluster id sits between the owner prefix and the namespace.
+pub fn parse_cluster_id(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) && s != "." && s != "..";
+    if ok { Ok(s.to_string()) } else { Err("a cluster id is 1..128 of [A-Za-z0-9._-] (it is one key segment)".into()) }
+}
+
 impl RunArgs {
-    pub fn defaults(&self) -> Defaults {
-        Defaults {
-            format: self.default_format,
-            prefix: self.default_prefix.clone(),
-            ttl: self.default_ttl,
-            owner_prefix: self.owner_prefix.clone(),
-        }
+    /// The defaults and the key space, or why the flags contradict each other.
+    pub fn defaults(&self) -> Result<Defaults, String> {
+        Defaults::new(self.default_format, self.default_prefix.clone(), self.default_ttl, self.allowed_prefix.clone(), self.owner_prefix.clone())
     }
 }
 
@@ -177,4 +187,49 @@ pub struct GetArgs {
     /// After listing, follow changes (Get, then Watch from the next revision).
     #[arg(long)]
     pub watch: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(args: &[&str]) -> Result<RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["podlease", "run"].iter().chain(args))?;
+        let Commands::Run(run) = cli.command else { unreachable!() };
+        Ok(run)
+    }
+
+    fn allowed(args: &[&str]) -> Vec<String> {
+        run(args).unwrap().defaults().unwrap().key_space.allowed().iter().map(|a| a.to_string()).collect()
+    }
+
+    #[test]
+    fn the_allowlist_defaults_to_each_formats_own_prefix() {
+        assert_eq!(
+            allowed(&[]),
+            ["json=/services", "etcd-naming=", "go-zero=", "kratos=/microservices", "go-micro=/micro/registry", "kitex=kitex/registry-etcd", "hertz=hertz/registry-etcd", "skydns=/skydns"]
+        );
+        assert_eq!(allowed(&["--default-format", "kratos", "--default-prefix", "/ms/"]).last().unwrap(), "kratos=/ms");
+    }
+
+    #[test]
+    fn allowed_prefixes_repeat_or_come_comma_separated_and_replace_the_default() {
+        assert_eq!(allowed(&["--allowed-prefix", "json=/services,/registry", "--allowed-prefix=etcd-naming="]), ["json=/services", "/registry", "etcd-naming="]);
+    }
+
+    #[test]
+    fn bad_prefixes_are_refused_at_start() {
+        for args in [
+            &["--allowed-prefix", "/a/../b"][..],
+            &["--allowed-prefix", "zk=/x"],
+            &["--default-prefix", "/a b"],
+            &["--owner-prefix", "/a//b"],
+            &["--cluster-id", "a/b"],
+        ] {
+            assert!(run(args).is_err(), "{args:?} accepted");
+        }
+        let e = run(&["--allowed-prefix", "/podlease/owners/x"]).unwrap().defaults().unwrap_err();
+        assert!(e.contains("inside the owner prefix"), "{e}");
+        assert!(run(&["--owner-prefix", "podlease"]).unwrap().defaults().is_err(), "the owner prefix is absolute");
+    }
 }

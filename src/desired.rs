@@ -1,6 +1,11 @@
 //! Desired state, pure: pods × registrations × defaults → what each (pod, registration)
 //! pair should have in etcd. The index only applies and deletes objects and returns the
 //! resulting changes; the registry and the status writer do the I/O.
+//!
+//! Registrations and annotated pods are untrusted: both go through one validating path
+//! (`plan`) into typed key parts, and every key is made by [`format::build`], which checks
+//! it against the admin's key space. What fails is reported (InvalidSpec on the registration,
+//! an InvalidAnnotation Event on the pod) and nothing of it is written.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -12,29 +17,40 @@ use kube::ResourceExt;
 use kube::core::{Selector, SelectorExt};
 
 use crate::annotations::{self, AnnotationSpec, PortRef};
-use crate::format::{Format, FormatOptions, Instance, Key};
+use crate::format::{self, Format, FormatOptions, Instance, Key};
 use crate::pod::PodInfo;
-use crate::registration::ServiceRegistration;
+use crate::registration::{MAX_TTL_SECONDS, MIN_TTL_SECONDS, ServiceRegistration};
+use crate::validate::{self, AllowedPrefix, KeySpace, Prefix, ServiceName, shown};
 
-/// The controller-wide defaults (flags), used where a registration or annotation is silent.
+/// The controller-wide defaults (flags), used where a registration or annotation is silent,
+/// and the key space the admin allows.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Defaults {
     pub format: Format,
     /// Prefix for the default format; other formats use their own default prefix.
-    pub prefix: Option<String>,
+    pub prefix: Option<Prefix>,
     pub ttl: i64,
-    /// Where ownership records live: no service's keys may cover them.
-    pub owner_prefix: String,
+    /// The prefixes podlease may write under, and the owner prefix (where ownership records
+    /// live: no service's keys may lie in it, and none should cover it).
+    pub key_space: KeySpace,
+}
+
+impl Defaults {
+    /// The defaults with their key space: the `allowed` prefixes (none: each format's own,
+    /// for that format only), plus `prefix` for `format` (the admin set it, so the default
+    /// format may always use it).
+    pub fn new(format: Format, prefix: Option<Prefix>, ttl: i64, allowed: Vec<AllowedPrefix>, owner: Prefix) -> Result<Defaults, String> {
+        let mut allowed = if allowed.is_empty() { KeySpace::default_allowlist(format, None) } else { allowed };
+        if let Some(p) = &prefix {
+            allowed.push(AllowedPrefix { format: Some(format), prefix: p.clone() });
+        }
+        Ok(Defaults { format, prefix, ttl, key_space: KeySpace::new(allowed, owner)? })
+    }
 }
 
 impl Default for Defaults {
     fn default() -> Self {
-        Defaults {
-            format: Format::Json,
-            prefix: None,
-            ttl: crate::registration::DEFAULT_TTL_SECONDS,
-            owner_prefix: "/podlease/owners".into(),
-        }
+        Defaults { format: Format::Json, prefix: None, ttl: crate::registration::DEFAULT_TTL_SECONDS, key_space: KeySpace::default() }
     }
 }
 
@@ -113,12 +129,12 @@ pub struct Changes {
 /// How to publish the pods of one registration (or of one annotated pod).
 #[derive(Debug, Clone, PartialEq)]
 struct Plan {
-    service: String,
+    service: ServiceName,
     /// The prefix this service's consumers read (Get with prefix, then Watch).
     read_prefix: String,
     port: Option<PortRef>,
     format: Format,
-    prefix: String,
+    prefix: Prefix,
     ttl: i64,
     metadata: BTreeMap<String, String>,
     metadata_from_labels: Vec<String>,
@@ -175,6 +191,9 @@ pub struct Index {
     read_prefixes: BTreeMap<String, usize>,
     /// The read prefix of each annotated pod's service.
     annotation_prefixes: HashMap<PodKey, String>,
+    /// Why a registration (by name) publishes nothing for a pod it selects (a port the pod
+    /// does not declare, a key outside the key space), for its InvalidSpec condition.
+    failures: HashMap<PodKey, BTreeMap<String, String>>,
 }
 
 impl Index {
@@ -209,7 +228,7 @@ impl Index {
     pub fn apply_registration(&mut self, sreg: &ServiceRegistration) -> Changes {
         let ns = sreg.metadata.namespace.clone().unwrap_or_default();
         let name = sreg.metadata.name.clone().unwrap_or_default();
-        let (selector, plan) = match compile(sreg) {
+        let (selector, plan) = match compile(sreg, &self.defaults) {
             Ok((s, p)) => (Some(s), Ok(p)),
             Err(e) => (None, Err(e)),
         };
@@ -234,7 +253,7 @@ impl Index {
         self.move_prefix(old_prefix, new_prefix, &mut changes);
         changes.registrations.insert(key);
         if !same_plan {
-            self.recompute_namespace(&ns, &mut changes);
+            self.recompute_selected(&ns, &name, &mut changes);
         }
         changes
     }
@@ -244,7 +263,7 @@ impl Index {
         let mut changes = Changes::default();
         if let Some(old) = self.registrations.remove(&(namespace.to_string(), name.to_string())) {
             self.move_prefix(old.plan.ok().map(|p| p.read_prefix), None, &mut changes);
-            self.recompute_namespace(namespace, &mut changes);
+            self.recompute_selected(namespace, name, &mut changes);
         }
         changes
     }
@@ -277,7 +296,7 @@ impl Index {
 
     /// Why consumers reading `mine` would see keys that are not this service's.
     fn overlap(&self, mine: &str) -> Option<String> {
-        let owners = format!("{}/", self.defaults.owner_prefix.trim_end_matches('/'));
+        let owners = format!("{}/", self.defaults.key_space.owner().as_str());
         if owners.starts_with(mine) {
             return Some(format!(
                 "consumers of this service read the prefix {mine:?}, which also holds podlease's ownership records ({owners}); use another prefix"
@@ -325,24 +344,27 @@ impl Index {
                 return Some(s);
             }
         };
-        s.service = plan.service.clone();
+        s.service = plan.service.to_string();
         s.overlap = self.overlap(&plan.read_prefix);
         let selector = entry.selector.as_ref().expect("a valid plan has a selector");
-        let mut port_problems: Vec<String> = Vec::new();
-        for pod in self.pods_in(namespace) {
+        let mut first: Option<&String> = None;
+        let mut more = 0;
+        for ((_, pod_name), pod) in self.pods.range((namespace.to_string(), String::new())..).take_while(|((ns, _), _)| ns == namespace) {
             if !selector.matches(&pod.labels) {
                 continue;
             }
             s.matching += 1;
             if pod.publishable(plan.publish_not_ready) {
                 s.ready += 1;
-                if let Err(e) = resolve_port(plan.port.as_ref(), pod) {
-                    port_problems.push(e);
+                let failure = self.failures.get(&(namespace.to_string(), pod_name.clone())).and_then(|f| f.get(name));
+                match (failure, first) {
+                    (Some(f), None) => first = Some(f),
+                    (Some(_), Some(_)) => more += 1,
+                    _ => {}
                 }
             }
         }
-        if let Some(first) = port_problems.first() {
-            let more = port_problems.len() - 1;
+        if let Some(first) = first {
             s.invalid = Some(if more == 0 { first.clone() } else { format!("{first} (and {more} more pods)") });
         }
         Some(s)
@@ -365,12 +387,80 @@ impl Index {
             .map(|(_, p)| p)
     }
 
-    fn recompute_namespace(&mut self, namespace: &str, changes: &mut Changes) {
-        let keys: Vec<PodKey> = self.pods_in(namespace).map(|p| (p.namespace.clone(), p.name.clone())).collect();
+    /// Recomputes this registration's instance of each pod it selects now or selected
+    /// before: nothing else can change. A registration change costs one pass over the
+    /// namespace's pods and one instance per selected pod, however many other
+    /// registrations the namespace or the pods have (a pod in 1,000 registrations is not
+    /// re-derived 1,000 times when one of them changes).
+    fn recompute_selected(&mut self, namespace: &str, name: &str, changes: &mut Changes) {
+        let selector = self.registrations.get(&(namespace.to_string(), name.to_string())).and_then(|e| e.selector.as_ref());
+        let keys: Vec<PodKey> = self
+            .pods_in(namespace)
+            .map(|p| (p, (p.namespace.clone(), p.name.clone())))
+            .filter(|(p, key)| selector.is_some_and(|s| s.matches(&p.labels)) || self.matched.get(key).is_some_and(|m| m.contains(name)))
+            .map(|(_, key)| key)
+            .collect();
         for key in keys {
-            self.recompute_pod(&key, changes);
+            self.recompute_pair(&key, name, changes);
         }
         // Instances of pods that are gone were removed with the pod; nothing else to do.
+    }
+
+    /// Recomputes one pod's instance of one registration (what [`Index::recompute_pod`]
+    /// does for that source alone).
+    fn recompute_pair(&mut self, key: &PodKey, name: &str, changes: &mut Changes) {
+        let source = Source::Registration(name.to_string());
+        let mut selected = false;
+        let mut now: Option<Result<Desired, String>> = None;
+        if let (Some(pod), Some(entry)) = (self.pods.get(key), self.registrations.get(&(key.0.clone(), name.to_string())))
+            && let (Some(selector), Ok(plan)) = (&entry.selector, &entry.plan)
+            && selector.matches(&pod.labels)
+        {
+            selected = true;
+            if !entry.deleting && pod.publishable(plan.publish_not_ready) {
+                now = Some(desire(plan, pod, &self.defaults.key_space));
+            }
+        }
+        changes.registrations.insert((key.0.clone(), name.to_string()));
+        let matched = self.matched.entry(key.clone()).or_default();
+        if selected {
+            matched.insert(name.to_string());
+        } else {
+            matched.remove(name);
+        }
+        if matched.is_empty() {
+            self.matched.remove(key);
+        }
+        let failures = self.failures.entry(key.clone()).or_default();
+        match &now {
+            Some(Err(e)) => {
+                failures.insert(name.to_string(), e.clone());
+            }
+            _ => {
+                failures.remove(name);
+            }
+        }
+        if failures.is_empty() {
+            self.failures.remove(key);
+        }
+        let emitted = self.emitted.entry(key.clone()).or_default();
+        match now {
+            Some(Ok(d)) => {
+                if emitted.get(&source).is_none_or(|o| **o != d) {
+                    let d = Arc::new(d);
+                    emitted.insert(source.clone(), d.clone());
+                    changes.updates.push(Update::Upsert(id(key, &source), d));
+                }
+            }
+            _ => {
+                if emitted.remove(&source).is_some() {
+                    changes.updates.push(Update::Remove(id(key, &source)));
+                }
+            }
+        }
+        if emitted.is_empty() {
+            self.emitted.remove(key);
+        }
     }
 
     /// Recomputes one pod's instances and records the difference to what was emitted.
@@ -378,6 +468,7 @@ impl Index {
         let mut now: BTreeMap<Source, Arc<Desired>> = BTreeMap::new();
         let mut annotation_prefix: Option<String> = None;
         let mut matched: BTreeSet<String> = BTreeSet::new();
+        let mut failed: BTreeMap<String, String> = BTreeMap::new();
         if let Some(pod) = self.pods.get(key) {
             // ServiceRegistrations in the pod's namespace.
             for ((_, name), entry) in self
@@ -393,19 +484,26 @@ impl Index {
                 if entry.deleting || !pod.publishable(plan.publish_not_ready) {
                     continue;
                 }
-                if let Ok(d) = desire(plan, pod) {
-                    now.insert(Source::Registration(name.clone()), Arc::new(d));
+                match desire(plan, pod, &self.defaults.key_space) {
+                    Ok(d) => {
+                        now.insert(Source::Registration(name.clone()), Arc::new(d));
+                    }
+                    Err(e) => {
+                        failed.insert(name.clone(), e);
+                    }
                 }
             }
             // Annotation mode.
-            match annotations::parse(&pod.annotations) {
+            let plan = annotations::parse(&pod.annotations)
+                .map_err(|e| e.to_string())
+                .and_then(|spec| spec.map(|spec| annotation_plan(&spec, &pod.namespace, &self.defaults)).transpose());
+            match plan {
                 Ok(None) => {
                     self.problems.remove(key);
                 }
-                Ok(Some(spec)) => {
-                    let plan = annotation_plan(&spec, &pod.namespace, &self.defaults);
+                Ok(Some(plan)) => {
                     annotation_prefix = Some(plan.read_prefix.clone());
-                    let result = if pod.publishable(false) { desire(&plan, pod).map(Some) } else { Ok(None) };
+                    let result = if pod.publishable(false) { desire(&plan, pod, &self.defaults.key_space).map(Some) } else { Ok(None) };
                     match result {
                         Ok(d) => {
                             self.problems.remove(key);
@@ -416,8 +514,13 @@ impl Index {
                         Err(message) => self.report(key, message, changes),
                     }
                 }
-                Err(e) => self.report(key, e.to_string(), changes),
+                Err(message) => self.report(key, message, changes),
             }
+        }
+        if failed.is_empty() {
+            self.failures.remove(key);
+        } else {
+            self.failures.insert(key.clone(), failed);
         }
         let old_prefix = self.annotation_prefixes.remove(key);
         if let Some(p) = &annotation_prefix {
@@ -469,64 +572,186 @@ fn id(key: &PodKey, source: &Source) -> InstanceId {
     InstanceId { namespace: key.0.clone(), pod: key.1.clone(), source: source.clone() }
 }
 
-fn annotation_plan(spec: &AnnotationSpec, namespace: &str, defaults: &Defaults) -> Plan {
-    let format = spec.format.unwrap_or(defaults.format);
-    let prefix = effective_prefix(spec.prefix.as_deref(), format, defaults);
-    Plan {
-        read_prefix: format.layout().service_prefix(&prefix, &spec.service, namespace, &spec.options),
-        service: spec.service.clone(),
-        port: spec.port.clone(),
-        format,
-        prefix,
-        ttl: spec.ttl.unwrap_or(defaults.ttl),
-        metadata: spec.metadata.clone(),
-        metadata_from_labels: Vec::new(),
-        publish_not_ready: false,
-        options: spec.options.clone(),
+/// Where a plan's settings come from, to name the offending field in a message.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Origin {
+    Annotations,
+    Spec,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Field {
+    Service,
+    Prefix,
+    Metadata,
+    MetadataFromLabels,
+    Version,
+    Protocol,
+    Zone,
+    Weight,
+    DnsTtl,
+}
+
+impl Origin {
+    fn name(self, field: Field) -> &'static str {
+        match (self, field) {
+            (Origin::Annotations, Field::Service) => "annotation podlease.io/service",
+            (Origin::Annotations, Field::Prefix) => "annotation podlease.io/prefix",
+            (Origin::Annotations, Field::Metadata) => "annotation podlease.io/metadata",
+            (Origin::Annotations, Field::Version) => "annotation podlease.io/version",
+            (Origin::Annotations, Field::Protocol) => "annotation podlease.io/protocol",
+            (Origin::Annotations, Field::Zone) => "annotation podlease.io/zone",
+            (Origin::Annotations, Field::Weight) => "annotation podlease.io/weight",
+            (Origin::Annotations, Field::DnsTtl) => "annotation podlease.io/dns-ttl",
+            (_, Field::MetadataFromLabels) => "spec.metadataFromLabels",
+            (Origin::Spec, Field::Service) => "spec.service",
+            (Origin::Spec, Field::Prefix) => "spec.prefix",
+            (Origin::Spec, Field::Metadata) => "spec.metadata",
+            (Origin::Spec, Field::Version) => "spec.options.version",
+            (Origin::Spec, Field::Protocol) => "spec.options.protocol",
+            (Origin::Spec, Field::Zone) => "spec.options.zone",
+            (Origin::Spec, Field::Weight) => "spec.options.weight",
+            (Origin::Spec, Field::DnsTtl) => "spec.options.dnsTtl",
+        }
     }
 }
 
-fn effective_prefix(explicit: Option<&str>, format: Format, defaults: &Defaults) -> String {
-    match explicit {
-        Some(p) => p.to_string(),
-        None if format == defaults.format && defaults.prefix.is_some() => defaults.prefix.clone().unwrap(),
-        None => format.layout().default_prefix().to_string(),
+/// What a registration or an annotated pod asks for, before validation.
+struct Request<'a> {
+    origin: Origin,
+    service: &'a str,
+    port: Option<PortRef>,
+    format: Format,
+    /// None: the default prefix.
+    prefix: Option<&'a str>,
+    ttl: i64,
+    metadata: &'a BTreeMap<String, String>,
+    metadata_from_labels: &'a [String],
+    publish_not_ready: bool,
+    options: &'a FormatOptions,
+}
+
+/// Validates a request into a plan: the one path from what a namespace user wrote to the
+/// parts of a key or value. Specs and annotations share it, so they share the grammar.
+fn plan(req: Request, namespace: &str, defaults: &Defaults) -> Result<Plan, String> {
+    let o = req.origin;
+    let bad = |field: Field, value: &str, e: String| format!("{} {}: {e}", o.name(field), shown(value));
+    let format = req.format;
+    let service = ServiceName::parse(req.service, format).map_err(|e| bad(Field::Service, req.service, e))?;
+    let prefix = match req.prefix {
+        Some(p) => Prefix::parse(p).map_err(|e| bad(Field::Prefix, p, e))?,
+        None => match &defaults.prefix {
+            Some(p) if o == Origin::Annotations && format == defaults.format => p.clone(),
+            _ => Prefix::parse(format.layout().default_prefix()).expect("every format's default prefix is valid"),
+        },
+    };
+    defaults.key_space.permit(format, &prefix).map_err(|e| match req.prefix {
+        Some(p) => bad(Field::Prefix, p, e),
+        None => format!("the default prefix of format {format}: {e}"),
+    })?;
+    if !(MIN_TTL_SECONDS..=MAX_TTL_SECONDS).contains(&req.ttl) {
+        return Err(format!("ttlSeconds {} is not in {MIN_TTL_SECONDS}..{MAX_TTL_SECONDS}", req.ttl));
     }
+    validate::metadata(req.metadata).map_err(|e| format!("{}: {e}", o.name(Field::Metadata)))?;
+    validate::label_keys(req.metadata_from_labels).map_err(|e| format!("{}: {e}", o.name(Field::MetadataFromLabels)))?;
+    // Empty strings mean the format's default, as if unset.
+    let mut options = req.options.clone();
+    options.version = options.version.filter(|s| !s.is_empty());
+    options.protocol = options.protocol.filter(|s| !s.is_empty());
+    options.zone = options.zone.filter(|s| !s.is_empty());
+    if let Some(v) = &options.version {
+        validate::version(v).map_err(|e| bad(Field::Version, v, e))?;
+    }
+    if let Some(p) = &options.protocol {
+        validate::protocol(p).map_err(|e| bad(Field::Protocol, p, e))?;
+    }
+    if let Some(w) = options.weight
+        && w < 0
+    {
+        return Err(format!("{} {w}: a weight is not negative", o.name(Field::Weight)));
+    }
+    if options.dns_ttl == Some(0) {
+        return Err(format!("{} 0: a DNS TTL is at least 1 second", o.name(Field::DnsTtl)));
+    }
+    if options.zone.is_some() || format == Format::Skydns {
+        let z = options.zone.as_deref().unwrap_or(format::DEFAULT_ZONE);
+        let zone = validate::zone(z, &service, namespace).map_err(|e| bad(Field::Zone, z, e))?;
+        options.zone = options.zone.map(|_| zone);
+    }
+    let read_prefix = format.layout().service_prefix(&prefix, &service, namespace, &options);
+    // The keys of this service lie below what its consumers read: check that path now, so
+    // a name that reaches into another allowed prefix is refused before there is any pod.
+    defaults.key_space.check_key(&prefix, read_prefix.trim_end_matches('/')).map_err(|e| bad(Field::Service, service.as_str(), e))?;
+    Ok(Plan {
+        read_prefix,
+        service,
+        port: req.port,
+        format,
+        prefix,
+        ttl: req.ttl,
+        metadata: req.metadata.clone(),
+        metadata_from_labels: req.metadata_from_labels.to_vec(),
+        publish_not_ready: req.publish_not_ready,
+        options,
+    })
+}
+
+fn annotation_plan(spec: &AnnotationSpec, namespace: &str, defaults: &Defaults) -> Result<Plan, String> {
+    plan(
+        Request {
+            origin: Origin::Annotations,
+            service: &spec.service,
+            port: spec.port.clone(),
+            format: spec.format.unwrap_or(defaults.format),
+            prefix: spec.prefix.as_deref(),
+            ttl: spec.ttl.unwrap_or(defaults.ttl),
+            metadata: &spec.metadata,
+            metadata_from_labels: &[],
+            publish_not_ready: false,
+            options: &spec.options,
+        },
+        namespace,
+        defaults,
+    )
 }
 
 /// Validates a ServiceRegistration into its selector and plan, or says what is wrong.
-fn compile(sreg: &ServiceRegistration) -> Result<(Selector, Plan), String> {
+fn compile(sreg: &ServiceRegistration, defaults: &Defaults) -> Result<(Selector, Plan), String> {
     let spec = &sreg.spec;
+    // The name is a segment of ownership records; the API server checks it too.
+    validate::object_name(sreg.metadata.name.as_deref().unwrap_or_default(), true).map_err(|e| format!("metadata.name {e}"))?;
     let selector = compile_selector(&spec.selector)?;
-    let service = sreg.service_name();
-    if service.is_empty() || service.chars().any(char::is_whitespace) || service.starts_with('/') {
-        return Err(format!("service {service:?} must be non-empty, without spaces, and not start with '/'"));
-    }
     let port = match &spec.port {
         None => None,
         Some(IntOrString::Int(n)) if (1..=65535).contains(n) => Some(PortRef::Number(*n)),
         Some(IntOrString::Int(n)) => return Err(format!("port {n} is not in 1..65535")),
-        Some(IntOrString::String(s)) if s.is_empty() => return Err("port is an empty string".into()),
-        Some(IntOrString::String(s)) => Some(PortRef::parse(s)),
+        Some(IntOrString::String(s)) => match PortRef::parse(s) {
+            PortRef::Number(n) if !(1..=65535).contains(&n) => return Err(format!("port {n} is not in 1..65535")),
+            PortRef::Name(n) => {
+                validate::port_name(&n).map_err(|e| format!("spec.port {}: {e}", shown(&n)))?;
+                Some(PortRef::Name(n))
+            }
+            p => Some(p),
+        },
     };
-    let ttl = spec.ttl_seconds;
-    if !(crate::registration::MIN_TTL_SECONDS..=crate::registration::MAX_TTL_SECONDS).contains(&ttl) {
-        return Err(format!("ttlSeconds {ttl} is not in 5..3600"));
-    }
-    let prefix = spec.prefix.clone().unwrap_or_else(|| spec.format.layout().default_prefix().to_string());
+    let service = sreg.service_name();
     let namespace = sreg.metadata.namespace.as_deref().unwrap_or_default();
-    let plan = Plan {
-        read_prefix: spec.format.layout().service_prefix(&prefix, &service, namespace, &spec.options),
-        service,
-        port,
-        format: spec.format,
-        prefix,
-        ttl,
-        metadata: spec.metadata.clone(),
-        metadata_from_labels: spec.metadata_from_labels.clone(),
-        publish_not_ready: spec.publish_not_ready,
-        options: spec.options.clone(),
-    };
+    let plan = plan(
+        Request {
+            origin: Origin::Spec,
+            service: &service,
+            port,
+            format: spec.format,
+            prefix: spec.prefix.as_deref(),
+            ttl: spec.ttl_seconds,
+            metadata: &spec.metadata,
+            metadata_from_labels: &spec.metadata_from_labels,
+            publish_not_ready: spec.publish_not_ready,
+            options: &spec.options,
+        },
+        namespace,
+        defaults,
+    )?;
     Ok((selector, plan))
 }
 
@@ -577,7 +802,7 @@ fn resolve_port(port: Option<&PortRef>, pod: &PodInfo) -> Result<u16, String> {
     u16::try_from(n).ok().filter(|p| *p > 0).ok_or_else(|| format!("port {n} of pod {} is out of range", pod.name))
 }
 
-fn desire(plan: &Plan, pod: &PodInfo) -> Result<Desired, String> {
+fn desire(plan: &Plan, pod: &PodInfo, space: &KeySpace) -> Result<Desired, String> {
     let port = resolve_port(plan.port.as_ref(), pod)?;
     let ip = pod.ip.expect("publishable pods have an IP");
     let mut metadata = plan.metadata.clone();
@@ -596,12 +821,12 @@ fn desire(plan: &Plan, pod: &PodInfo) -> Result<Desired, String> {
         metadata: &metadata,
         options: &plan.options,
     };
-    let layout = plan.format.layout();
+    let built = format::build(plan.format, &plan.prefix, &inst, space)?;
     Ok(Desired {
-        service: plan.service.clone(),
+        service: plan.service.to_string(),
         format: plan.format,
-        key: layout.key(&plan.prefix, &inst),
-        value: layout.value(&inst),
+        key: built.key,
+        value: built.value,
         ttl: plan.ttl,
         address: inst.addr(),
         pod_uid: pod.uid.clone(),
@@ -609,5 +834,7 @@ fn desire(plan: &Plan, pod: &PodInfo) -> Result<Desired, String> {
     })
 }
 
+#[cfg(test)]
+mod proptests;
 #[cfg(test)]
 mod tests;

@@ -7,12 +7,15 @@ use etcd_client::{EventType, GetOptions, WatchOptions};
 
 use crate::cli::GetArgs;
 use crate::format::FormatOptions;
+use crate::validate::{Prefix, ServiceName, shown};
 
 pub async fn run(args: GetArgs) -> anyhow::Result<()> {
     let client = args.etcd.config().connect().await?;
     let layout = args.format.layout();
-    let prefix = args.prefix.clone().unwrap_or_else(|| layout.default_prefix().to_string());
-    let service_prefix = layout.service_prefix(&prefix, &args.service, &args.namespace, &FormatOptions::default());
+    let prefix = args.prefix.as_deref().unwrap_or(layout.default_prefix());
+    let prefix = Prefix::parse(prefix).map_err(|e| anyhow::anyhow!("--prefix {}: {e}", shown(prefix)))?;
+    let service = ServiceName::parse(&args.service, args.format).map_err(|e| anyhow::anyhow!("--service {}: {e}", shown(&args.service)))?;
+    let service_prefix = layout.service_prefix(&prefix, &service, &args.namespace, &FormatOptions::default());
     let timeout = args.etcd.config().call_timeout;
 
     let mut kv = client.kv_client();

@@ -1,7 +1,8 @@
 //! podlease: publishes Kubernetes pod readiness into etcd, one lease per ready pod.
 //!
 //! Layout: `registration` (the CRD), `annotations` and `pod` (inputs), `desired` (pure
-//! desired state), `format` (consumer key/value layouts), `registry` (the only etcd
+//! desired state), `validate` (the grammar of every string that reaches etcd, and the key
+//! space podlease may write in), `format` (consumer key/value layouts), `registry` (the only etcd
 //! writer: leases, keepalive, ownership, adoption), `kubernetes` (watches, status, events),
 //! `controller` (wiring), `http` and `metrics`, `cli` and `get`.
 
@@ -20,3 +21,4 @@ pub mod metrics;
 pub mod pod;
 pub mod registration;
 pub mod registry;
+pub mod validate;

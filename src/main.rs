@@ -70,16 +70,20 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             "the default TTL is not above the leader Lease duration: keys may expire before a standby takes over"
         );
     }
+    let defaults = args.defaults().map_err(anyhow::Error::msg)?;
+    let implicit = defaults.prefix.clone().unwrap_or_else(|| defaults.format.layout().default_prefix().parse().expect("valid"));
+    if let Err(e) = defaults.key_space.permit(defaults.format, &implicit) {
+        tracing::warn!("annotated pods without podlease.io/prefix will be refused: {e}");
+    }
     let settings = Settings {
-        defaults: args.defaults(),
+        defaults,
         etcd: args.etcd.config(),
         registry: RegistryConfig {
-            owner_prefix: args.owner_prefix.clone(),
+            owner_prefix: args.owner_prefix.as_str().to_string(),
             call_timeout: args.etcd.config().call_timeout,
             concurrency: args.concurrency.max(1),
             verify_interval: Duration::from_secs(args.verify_interval.max(1)),
             identity,
-            fence_ttl: args.leader_lease_duration.max(2) as i64,
             revoke_on_shutdown: args.revoke_on_shutdown,
             ..Default::default()
         },

@@ -7,7 +7,7 @@ use std::net::IpAddr;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
-use crate::annotations::ANNOTATION_PREFIX;
+use crate::annotations;
 
 /// What podlease needs of a pod; everything else (managedFields, spec, most status) is dropped.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,7 +16,8 @@ pub struct PodInfo {
     pub name: String,
     pub uid: String,
     pub labels: BTreeMap<String, String>,
-    /// Only the `podlease.io/` annotations.
+    /// Only the `podlease.io/` annotations podlease reads, each cut just past its limit
+    /// ([`annotations::max_len`]): a hostile pod costs bounded memory and is still refused.
     pub annotations: BTreeMap<String, String>,
     pub ip: Option<IpAddr>,
     pub node: String,
@@ -57,8 +58,8 @@ impl PodInfo {
                 .annotations
                 .iter()
                 .flatten()
-                .filter(|(k, _)| k.starts_with(ANNOTATION_PREFIX))
-                .map(|(k, v)| (k.clone(), v.clone()))
+                .filter(|(k, _)| annotations::ALL.contains(&k.as_str()))
+                .map(|(k, v)| (k.clone(), bounded(v, annotations::max_len(k))))
                 .collect(),
             ip,
             node: pod.spec.as_ref().and_then(|s| s.node_name.clone()).unwrap_or_default(),
@@ -78,13 +79,25 @@ impl PodInfo {
     }
 }
 
+/// `v`, or its first bytes just past `max` (enough to tell it is too long).
+fn bounded(v: &str, max: usize) -> String {
+    if v.len() <= max {
+        return v.to_string();
+    }
+    let mut end = max + 1;
+    while !v.is_char_boundary(end) {
+        end += 1;
+    }
+    v[..end].to_string()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use serde_json::json;
 
     fn pod(status: serde_json::Value, deleting: bool) -> PodInfo {
-        let mut meta = json!({"name": "p", "namespace": "ns", "uid": "u1", "annotations": {"podlease.io/service": "s", "other": "x"}});
+        let mut meta = json!({"name": "p", "namespace": "ns", "uid": "u1", "annotations": {"podlease.io/service": "s", "other": "x", "podlease.io/unknown": "y"}});
         if deleting {
             meta["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
         }
@@ -106,7 +119,7 @@ mod tests {
         let p = pod(ready("True"), false);
         assert!(p.publishable(false));
         assert_eq!(p.ports, vec![(Some("http".into()), 80), (None, 81)]);
-        assert_eq!(p.annotations.len(), 1, "only podlease.io/ annotations are kept");
+        assert_eq!(p.annotations.len(), 1, "only the podlease.io/ annotations podlease reads are kept");
         assert_eq!(p.node, "n1");
     }
 
@@ -138,5 +151,22 @@ mod tests {
     fn pod_ips_is_used_when_pod_ip_is_missing() {
         let p = pod(json!({"phase": "Running", "podIPs": [{"ip": "fd00::5"}], "conditions": [{"type": "Ready", "status": "True"}]}), false);
         assert_eq!(p.ip, Some("fd00::5".parse().unwrap()));
+    }
+
+    #[test]
+    fn a_huge_annotation_is_kept_only_just_past_its_limit() {
+        let huge = "x".repeat(256 * 1024);
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p", "namespace": "ns", "annotations": {"podlease.io/service": "s", "podlease.io/metadata": huge, "podlease.io/zone": "é".repeat(2000)}},
+        }))
+        .unwrap();
+        let info = PodInfo::from_pod(&p);
+        assert_eq!(info.annotations["podlease.io/metadata"].len(), crate::validate::MAX_METADATA_BYTES + 1);
+        assert!(info.annotations["podlease.io/zone"].len() > annotations::max_len("podlease.io/zone"));
+        assert!(info.annotations["podlease.io/zone"].len() <= annotations::max_len("podlease.io/zone") + 2, "cut on a char boundary");
+        assert_eq!(
+            annotations::parse(&info.annotations).unwrap_err().to_string(),
+            "annotation podlease.io/metadata is longer than 16384 bytes"
+        );
     }
 }

@@ -10,6 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::format::{Format, FormatOptions};
+use crate::validate::{self, pattern};
 
 /// Lease TTL when neither the registration nor an annotation sets one.
 pub const DEFAULT_TTL_SECONDS: i64 = 30;
@@ -39,8 +40,10 @@ pub const MAX_STATUS_INSTANCES: usize = 100;
 )]
 #[serde(rename_all = "camelCase")]
 pub struct ServiceRegistrationSpec {
-    /// Service name consumers look up. Default: the ServiceRegistration's name.
+    /// Service name consumers look up: DNS-1123 labels joined by '.' (etcd-naming and go-zero
+    /// also take '/'). Default: the ServiceRegistration's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = pattern::service()), length(max = validate::MAX_SERVICE))]
     pub service: Option<String>,
     /// Pods in this namespace to publish.
     pub selector: LabelSelector,
@@ -50,18 +53,23 @@ pub struct ServiceRegistrationSpec {
     /// Key and value layout, named after the consumer that reads them.
     #[serde(default)]
     pub format: Format,
-    /// Key prefix. Default: the format's own (e.g. `/services` for json).
+    /// Key prefix, one the cluster admin allows (podlease --allowed-prefix). Default: the
+    /// format's own (e.g. `/services` for json).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = pattern::prefix()), length(max = validate::MAX_PREFIX))]
     pub prefix: Option<String>,
     /// Lease TTL: how long a key outlives podlease itself. Deregistration never waits for it.
     #[serde(default = "default_ttl")]
     #[schemars(range(min = 5, max = 3600))]
     pub ttl_seconds: i64,
-    /// Static metadata published with every instance.
+    /// Static metadata published with every instance: at most 64 entries, keys are label
+    /// keys, values at most 4 KiB, all together at most 16 KiB.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(transform = bounded_metadata)]
     pub metadata: BTreeMap<String, String>,
-    /// Pod label keys whose values are copied into the metadata.
+    /// Pod label keys whose values are copied into the metadata (at most 32).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = validate::MAX_LABEL_KEYS), inner(regex(pattern = pattern::label_key()), length(max = validate::MAX_LABEL_KEY)))]
     pub metadata_from_labels: Vec<String>,
     /// Publish pods that have an IP and are not terminating, ready or not.
     #[serde(default)]
@@ -73,6 +81,14 @@ pub struct ServiceRegistrationSpec {
 
 fn default_ttl() -> i64 {
     DEFAULT_TTL_SECONDS
+}
+
+/// What the API server can check of the metadata map (no schema names its keys).
+fn bounded_metadata(schema: &mut schemars::Schema) {
+    schema.insert("maxProperties".into(), validate::MAX_METADATA_ENTRIES.into());
+    if let Some(values) = schema.get_mut("additionalProperties").and_then(|v| v.as_object_mut()) {
+        values.insert("maxLength".into(), validate::MAX_METADATA_VALUE.into());
+    }
 }
 
 /// What podlease last observed and did for a ServiceRegistration.

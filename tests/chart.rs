@@ -6,6 +6,7 @@ mod support;
 
 use std::collections::BTreeSet;
 
+use clap::Parser;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use kube::api::{Api, DeleteParams, PostParams};
 use podlease::registration::ServiceRegistration;
@@ -24,6 +25,7 @@ fn value_sets() -> Vec<(&'static str, Value)> {
         ("auth", json!({"etcd": {"auth": {"username": "podlease", "secretName": "etcd-auth"}}})),
         ("namespaces", json!({"watchNamespaces": ["team-a", "team-b"], "clusterId": "prod-eu-1"})),
         ("monitoring", json!({"metrics": {"serviceMonitor": {"enabled": true}}, "networkPolicy": {"enabled": true}, "priorityClassName": "", "imagePullSecrets": [{"name": "regcred"}]})),
+        ("allowlist", json!({"allowedPrefixes": ["json=/services", "etcd-naming=", "/registry/team-a"], "defaults": {"prefix": "/svc/"}})),
     ]
 }
 
@@ -59,6 +61,11 @@ fn the_schema_rejects_bad_values() {
         (json!({"leaderElection": {"leaseDurationSeconds": 0}}), "leaseDurationSeconds"),
         (json!({"watchNamespaces": ["Team_A"]}), "watchNamespaces"),
         (json!({"log": {"format": "xml"}}), "format"),
+        (json!({"allowedPrefixes": ["/a/../b"]}), "allowedPrefixes"),
+        (json!({"allowedPrefixes": ["zk=/x"]}), "allowedPrefixes"),
+        (json!({"allowedPrefixes": ["/a b"]}), "allowedPrefixes"),
+        (json!({"defaults": {"prefix": "/config//x"}}), "prefix"),
+        (json!({"ownerPrefix": "podlease/owners"}), "ownerPrefix"),
     ] {
         let err = validate(&bad).expect_err(&format!("{bad} must be rejected"));
         assert!(err.contains(expect), "{bad}: {err}");
@@ -110,6 +117,17 @@ fn rendered_objects_are_what_each_value_set_asks_for() {
                 assert!(find(&objects, "ClusterRole").is_empty(), "no cluster-wide rights when namespaces are listed");
                 let roles: BTreeSet<&str> = find(&objects, "Role").iter().map(|r| r["metadata"]["namespace"].as_str().unwrap()).collect();
                 assert_eq!(roles, BTreeSet::from(["team-a", "team-b", NS]));
+            }
+            "allowlist" => {
+                for a in ["--allowed-prefix=json=/services", "--allowed-prefix=etcd-naming=", "--allowed-prefix=/registry/team-a", "--default-prefix=/svc/"] {
+                    assert!(args.contains(&a.to_string()), "{a} not in {args:?}");
+                }
+                // The binary takes the rendered arguments as they are.
+                let cli = podlease::cli::Cli::try_parse_from(std::iter::once("podlease".to_string()).chain(args.iter().cloned())).expect("podlease accepts the chart's args");
+                let podlease::cli::Commands::Run(run) = cli.command else { panic!("not run") };
+                let defaults = run.defaults().unwrap();
+                let allowed: Vec<String> = defaults.key_space.allowed().iter().map(|a| a.to_string()).collect();
+                assert_eq!(allowed, ["json=/services", "etcd-naming=", "/registry/team-a", "json=/svc"]);
             }
             "monitoring" => {
                 assert_eq!(find(&objects, "ServiceMonitor").len(), 1);

@@ -146,7 +146,7 @@ fn a_named_port_and_metadata_from_labels_are_used() {
 
 #[test]
 fn annotated_pods_use_the_defaults_and_report_bad_values_once() {
-    let mut idx = Index::new(Defaults { format: Format::Json, prefix: Some("/svc".into()), ttl: 12, ..Default::default() });
+    let mut idx = Index::new(Defaults::new(Format::Json, Some(Prefix::parse("/svc").unwrap()), 12, vec![], Prefix::parse("/podlease/owners").unwrap()).unwrap());
     let mut p = pod("a1", &[], true);
     p.annotations.insert("podlease.io/service".into(), "cart".into());
     let c = idx.apply_pod(p.clone());
@@ -209,9 +209,16 @@ fn a_service_whose_consumers_read_another_services_keys_is_reported() {
     assert_eq!(idx.summary("shop", "user").unwrap().overlap, None);
 }
 
+/// Defaults whose allowlist also holds `extra` (`[FORMAT=]PREFIX` entries).
+fn allowing(extra: &[&str]) -> Defaults {
+    let mut allowed = crate::validate::KeySpace::default_allowlist(Format::Json, None);
+    allowed.extend(extra.iter().map(|e| e.parse().unwrap()));
+    Defaults::new(Format::Json, None, 30, allowed, Prefix::parse("/podlease/owners").unwrap()).unwrap()
+}
+
 #[test]
 fn a_prefix_covering_the_ownership_records_is_reported() {
-    let mut idx = Index::new(Defaults::default());
+    let mut idx = Index::new(allowing(&["/"]));
     idx.apply_registration(&sreg("p", json!({"selector": {"matchLabels": {"a": "1"}}, "service": "podlease", "prefix": "/"})));
     let o = idx.summary("shop", "p").unwrap().overlap.expect("overlap reported");
     assert!(o.contains("ownership records"), "{o}");
@@ -223,4 +230,124 @@ fn two_registrations_of_the_same_service_do_not_overlap() {
     idx.apply_registration(&sreg("a", json!({"selector": {"matchLabels": {"a": "1"}}, "service": "user", "format": "kitex"})));
     idx.apply_registration(&sreg("b", json!({"selector": {"matchLabels": {"a": "2"}}, "service": "user", "format": "kitex"})));
     assert_eq!(idx.summary("shop", "a").unwrap().overlap, None);
+}
+
+fn annotated(name: &str, annotations: &[(&str, &str)]) -> PodInfo {
+    let mut p = pod(name, &[], true);
+    p.annotations = annotations.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    p
+}
+
+fn invalid(idx: &Index, name: &str) -> String {
+    idx.summary("shop", name).unwrap().invalid.unwrap_or_else(|| panic!("{name} is not reported invalid"))
+}
+
+#[test]
+fn the_reported_hostile_annotations_are_refused_and_a_good_pod_still_published() {
+    let mut idx = Index::new(Defaults::default());
+    for (name, annotations, why) in [
+        ("a", &[("podlease.io/service", "../../etc/passwd")][..], "annotation podlease.io/service \"../../etc/passwd\": a service name may not have \".\" or \"..\" segments"),
+        ("b", &[("podlease.io/service", "a b\nc")][..], "annotation podlease.io/service \"a b\\nc\": a service name may not contain whitespace or control characters"),
+        ("c", &[("podlease.io/service", "evil/../../podlease/owners")][..], "\"..\" segments"),
+        ("c2", &[("podlease.io/service", "evil/podlease/owners"), ("podlease.io/format", "go-zero")][..], ""),
+        ("d", &[("podlease.io/service", "x"), ("podlease.io/prefix", "/config/payments")][..], "annotation podlease.io/prefix \"/config/payments\": prefix \"/config/payments\" is not allowed for format json; the cluster admin allows \"/services\""),
+    ] {
+        let c = idx.apply_pod(annotated(name, annotations));
+        if why.is_empty() {
+            // A path service name is fine for go-zero: relative keys never reach the owner prefix.
+            assert_eq!(upserted(&c)[0].1, "evil/podlease/owners/1");
+            continue;
+        }
+        assert!(c.updates.is_empty(), "{name}: {:?}", c.updates);
+        assert_eq!(c.problems.len(), 1, "{name}");
+        assert!(c.problems[0].message.contains(why), "{name}: {}", c.problems[0].message);
+    }
+    let c = idx.apply_pod(annotated("good", &[("podlease.io/service", "cart")]));
+    assert_eq!(upserted(&c), vec![("good".into(), "/services/cart/shop/good".into())]);
+}
+
+#[test]
+fn the_same_inputs_in_a_registration_are_an_invalid_spec() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_pod(pod("u1", &[("app", "user")], true));
+    for (name, spec, why) in [
+        ("a", json!({"service": "../../etc/passwd"}), "spec.service \"../../etc/passwd\""),
+        ("b", json!({"service": "a b\nc"}), "whitespace"),
+        ("c", json!({"service": "evil/../../podlease/owners", "format": "etcd-naming"}), "\"..\" segments"),
+        ("d", json!({"prefix": "/config/payments"}), "spec.prefix \"/config/payments\": prefix \"/config/payments\" is not allowed for format json"),
+        ("e", json!({"prefix": "/podlease/owners"}), "lies inside podlease's owner prefix"),
+        ("f", json!({"format": "etcd-naming", "service": "kitex/registry-etcd/victim"}), "another allowed prefix"),
+        ("g", json!({"metadata": {"../k": "v"}}), "spec.metadata: key \"../k\" is not a label key"),
+        ("h", json!({"metadataFromLabels": ["a b"]}), "spec.metadataFromLabels"),
+        ("i", json!({"options": {"version": "1\n2"}}), "spec.options.version"),
+        ("j", json!({"options": {"protocol": "grpc://x"}}), "spec.options.protocol"),
+        ("k", json!({"format": "skydns", "options": {"zone": "../corp"}}), "spec.options.zone"),
+        ("l", json!({"port": "a/b"}), "spec.port \"a/b\""),
+        ("m", json!({"options": {"weight": -1}}), "spec.options.weight -1"),
+        ("n", json!({"ttlSeconds": 1}), "ttlSeconds 1"),
+    ] {
+        let mut spec = spec;
+        spec["selector"] = json!({"matchLabels": {"app": "user"}});
+        let c = idx.apply_registration(&sreg(name, spec));
+        assert!(c.updates.is_empty(), "{name}: {:?}", c.updates);
+        let msg = invalid(&idx, name);
+        assert!(msg.contains(why), "{name}: {msg}");
+    }
+    assert!(idx.desired().is_empty());
+}
+
+#[test]
+fn a_prefix_in_the_allowlist_is_accepted_and_one_outside_refused() {
+    let mut idx = Index::new(allowing(&["json=/config/payments", "/shared"]));
+    idx.apply_pod(pod("u1", &[("app", "user")], true));
+    let c = idx.apply_registration(&sreg("p", json!({"selector": {"matchLabels": {"app": "user"}}, "prefix": "/config/payments/"})));
+    assert_eq!(upserted(&c), vec![("u1".into(), "/config/payments/p/shop/u1".into())]);
+    let c = idx.apply_registration(&sreg("k", json!({"selector": {"matchLabels": {"app": "user"}}, "prefix": "/shared", "format": "kitex"})));
+    assert_eq!(upserted(&c), vec![("u1".into(), "/shared/k/10.0.0.7:8080".into())], "an entry without a format allows every format");
+    let c = idx.apply_registration(&sreg("q", json!({"selector": {"matchLabels": {"app": "user"}}, "prefix": "/config/payments", "format": "kitex"})));
+    assert!(c.updates.is_empty());
+    assert!(invalid(&idx, "q").contains("not allowed for format kitex"));
+    let c = idx.apply_pod(annotated("a1", &[("podlease.io/service", "x"), ("podlease.io/prefix", "/config")]));
+    assert!(c.updates.is_empty() && c.problems[0].message.contains("not allowed"), "{c:?}");
+}
+
+#[test]
+fn the_owner_prefix_is_not_writable_through_a_prefix_that_covers_it() {
+    let mut idx = Index::new(allowing(&["/", "/podlease"]));
+    idx.apply_pod(pod("u1", &[("app", "user")], true));
+    idx.apply_registration(&sreg("a", json!({"selector": {"matchLabels": {"app": "user"}}, "prefix": "/", "service": "podlease/owners", "format": "etcd-naming"})));
+    assert!(invalid(&idx, "a").contains("owner prefix"), "{}", invalid(&idx, "a"));
+    idx.apply_registration(&sreg("b", json!({"selector": {"matchLabels": {"app": "user"}}, "prefix": "/podlease", "service": "owners", "format": "go-zero"})));
+    assert!(invalid(&idx, "b").contains("owner prefix"), "{}", invalid(&idx, "b"));
+    // json under "/podlease": /podlease/owners/<ns>/<pod> only if the service is named "owners".
+    let c = idx.apply_registration(&sreg("c", json!({"selector": {"matchLabels": {"app": "user"}}, "prefix": "/podlease", "service": "owners"})));
+    assert!(c.updates.is_empty());
+    assert!(invalid(&idx, "c").contains("owner prefix"));
+    assert!(idx.desired().is_empty());
+}
+
+#[test]
+fn a_per_pod_failure_shows_in_the_registrations_summary() {
+    let mut idx = Index::new(Defaults::default());
+    let mut p = pod("u1", &[("app", "user")], true);
+    p.name = "Not_A_Name".into();
+    idx.apply_pod(p);
+    idx.apply_pod(pod("u2", &[("app", "user")], true));
+    let c = idx.apply_registration(&sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}})));
+    assert_eq!(upserted(&c), vec![("u2".into(), "/services/user/shop/u2".into())]);
+    assert!(invalid(&idx, "user").contains("pod \"Not_A_Name\" is not a valid Kubernetes name"));
+}
+
+#[test]
+fn a_registration_change_touches_only_the_pods_it_selects_or_selected() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_registration(&sreg("a", json!({"selector": {"matchLabels": {"app": "a"}}})));
+    idx.apply_pod(pod("a1", &[("app", "a")], true));
+    idx.apply_pod(pod("b1", &[("app", "b")], true));
+    let c = idx.apply_registration(&sreg("a", json!({"selector": {"matchLabels": {"app": "b"}}})));
+    assert_eq!(upserted(&c), vec![("b1".into(), "/services/a/shop/b1".into())]);
+    assert_eq!(removed(&c), vec!["a1"]);
+    let c = idx.delete_registration("shop", "a");
+    assert_eq!(removed(&c), vec!["b1"]);
+    assert!(idx.desired().is_empty());
 }

@@ -3,6 +3,7 @@
 //! versions panic on object metadata.
 
 use super::{FormatOptions, Instance, Key, Layout, join};
+use crate::validate::{Prefix, ServiceName};
 
 pub struct EtcdNaming;
 
@@ -10,12 +11,12 @@ impl Layout for EtcdNaming {
     fn default_prefix(&self) -> &'static str {
         ""
     }
-    fn service_prefix(&self, prefix: &str, service: &str, _: &str, _: &FormatOptions) -> String {
+    fn service_prefix(&self, prefix: &Prefix, service: &ServiceName, _: &str, _: &FormatOptions) -> String {
         // endpoints.NewWatchChannel reads the target with no trailing slash.
-        join(prefix, service)
+        join(prefix.as_str(), service.as_str())
     }
-    fn key(&self, prefix: &str, i: &Instance) -> Key {
-        Key::Fixed(join(prefix, &format!("{}/{}", i.service, i.addr())))
+    fn key(&self, prefix: &Prefix, i: &Instance) -> Key {
+        Key::Fixed(join(prefix.as_str(), &format!("{}/{}", i.service, i.addr())))
     }
     fn value(&self, i: &Instance) -> Vec<u8> {
         format!(r#"{{"Op":0,"Addr":{},"Metadata":null}}"#, serde_json::to_string(&i.addr()).unwrap()).into_bytes()

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{FormatOptions, Instance, Key, Layout, join};
+use crate::validate::{Prefix, ServiceName};
 
 pub struct GoMicro;
 
@@ -26,25 +27,25 @@ struct Node<'a> {
 }
 
 fn node_id(i: &Instance) -> String {
-    format!("{}-{}", i.service.replace('/', "-"), i.id())
+    format!("{}-{}", i.service.as_str().replace('/', "-"), i.id())
 }
 
 impl Layout for GoMicro {
     fn default_prefix(&self) -> &'static str {
         "/micro/registry"
     }
-    fn service_prefix(&self, prefix: &str, service: &str, _: &str, _: &FormatOptions) -> String {
+    fn service_prefix(&self, prefix: &Prefix, service: &ServiceName, _: &str, _: &FormatOptions) -> String {
         // GetService reads servicePath(name) + "/".
-        join(prefix, &format!("{}/", service.replace('/', "-")))
+        join(prefix.as_str(), &format!("{}/", service.as_str().replace('/', "-")))
     }
-    fn key(&self, prefix: &str, i: &Instance) -> Key {
-        Key::Fixed(join(prefix, &format!("{}/{}", i.service.replace('/', "-"), node_id(i))))
+    fn key(&self, prefix: &Prefix, i: &Instance) -> Key {
+        Key::Fixed(join(prefix.as_str(), &format!("{}/{}", i.service.as_str().replace('/', "-"), node_id(i))))
     }
     fn value(&self, i: &Instance) -> Vec<u8> {
         let mut metadata: BTreeMap<&str, &str> = i.metadata.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
         metadata.entry("protocol").or_insert(i.options.protocol.as_deref().unwrap_or("grpc"));
         let v = Value {
-            name: i.service,
+            name: i.service.as_str(),
             version: i.options.version.as_deref().unwrap_or("latest"),
             metadata: None,
             endpoints: [],

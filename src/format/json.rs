@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{FormatOptions, Instance, Key, Layout, join};
+use crate::validate::{Prefix, ServiceName};
 
 pub struct Json;
 
@@ -21,11 +22,11 @@ impl Layout for Json {
     fn default_prefix(&self) -> &'static str {
         "/services"
     }
-    fn service_prefix(&self, prefix: &str, service: &str, _: &str, _: &FormatOptions) -> String {
-        join(prefix, &format!("{service}/"))
+    fn service_prefix(&self, prefix: &Prefix, service: &ServiceName, _: &str, _: &FormatOptions) -> String {
+        join(prefix.as_str(), &format!("{service}/"))
     }
-    fn key(&self, prefix: &str, i: &Instance) -> Key {
-        Key::Fixed(join(prefix, &format!("{}/{}/{}", i.service, i.namespace, i.pod)))
+    fn key(&self, prefix: &Prefix, i: &Instance) -> Key {
+        Key::Fixed(join(prefix.as_str(), &format!("{}/{}/{}", i.service, i.namespace, i.pod)))
     }
     fn value(&self, i: &Instance) -> Vec<u8> {
         let v = Value { addr: i.addr(), namespace: i.namespace, pod: i.pod, node: i.node, metadata: i.metadata };

@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use super::{FormatOptions, Instance, Key, Layout, join};
+use crate::validate::{Prefix, ServiceName};
 
 pub struct Kitex {
     root: &'static str,
@@ -31,12 +32,12 @@ impl Layout for Kitex {
     fn default_prefix(&self) -> &'static str {
         self.root
     }
-    fn service_prefix(&self, prefix: &str, service: &str, _: &str, _: &FormatOptions) -> String {
+    fn service_prefix(&self, prefix: &Prefix, service: &ServiceName, _: &str, _: &FormatOptions) -> String {
         // The resolvers read `<root>/<svc>` with no trailing slash.
-        join(prefix, service)
+        join(prefix.as_str(), service.as_str())
     }
-    fn key(&self, prefix: &str, i: &Instance) -> Key {
-        Key::Fixed(join(prefix, &format!("{}/{}", i.service, i.addr())))
+    fn key(&self, prefix: &Prefix, i: &Instance) -> Key {
+        Key::Fixed(join(prefix.as_str(), &format!("{}/{}", i.service, i.addr())))
     }
     fn value(&self, i: &Instance) -> Vec<u8> {
         let v = Value {

@@ -2,6 +2,9 @@
 //!
 //! One small module per format behind [`Layout`]. A key is fixed by the instance, except
 //! go-zero's, which ends in the lease id and so is only known once the lease is granted.
+//! Keys are made in one place, [`build`], from validated parts only (a [`ServiceName`] and a
+//! [`Prefix`] by type, the pod's names checked there), and checked against the key space
+//! before anyone can write them.
 
 mod etcd_naming;
 mod go_micro;
@@ -18,6 +21,10 @@ use std::str::FromStr;
 
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+use crate::validate::{self, KeySpace, Prefix, ServiceName};
+
+pub use skydns::DEFAULT_ZONE;
 
 /// Which consumer reads the keys.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize, JsonSchema, PartialOrd, Ord)]
@@ -93,7 +100,7 @@ impl FromStr for Format {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         Format::ALL.into_iter().find(|f| f.as_str() == s).ok_or_else(|| {
             let names: Vec<_> = Format::ALL.iter().map(|f| f.as_str()).collect();
-            format!("unknown format {s:?}; expected one of {}", names.join(", "))
+            format!("unknown format {}; expected one of {}", validate::shown(s), names.join(", "))
         })
     }
 }
@@ -104,10 +111,12 @@ impl FromStr for Format {
 pub struct FormatOptions {
     /// Service version (kratos `version`, go-micro `version`; default "" and "latest").
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = validate::pattern::VERSION), length(max = validate::MAX_VERSION))]
     pub version: Option<String>,
     /// Endpoint scheme for kratos (`grpc` or `http`; default `grpc`) and go-micro node
     /// metadata `protocol` (default `grpc`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = validate::pattern::PROTOCOL), length(max = validate::MAX_PROTOCOL))]
     pub protocol: Option<String>,
     /// Kitex / Hertz instance weight (default 10).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -115,6 +124,7 @@ pub struct FormatOptions {
     pub weight: Option<i32>,
     /// DNS zone for skydns (default `cluster.local`): the name is `<svc>.<namespace>.<zone>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = validate::pattern::zone()), length(max = validate::MAX_SERVICE))]
     pub zone: Option<String>,
     /// DNS record TTL for skydns, seconds (default 30).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -131,7 +141,7 @@ impl FormatOptions {
 /// Everything a format may put into a key or value for one (pod, registration).
 #[derive(Debug, Clone, Copy)]
 pub struct Instance<'a> {
-    pub service: &'a str,
+    pub service: &'a ServiceName,
     pub namespace: &'a str,
     pub pod: &'a str,
     pub node: &'a str,
@@ -190,11 +200,35 @@ pub trait Layout: Sync {
     /// The key root used when the registration sets no prefix.
     fn default_prefix(&self) -> &'static str;
     /// The prefix a consumer of `service` reads (Get with prefix, then Watch).
-    fn service_prefix(&self, prefix: &str, service: &str, namespace: &str, options: &FormatOptions) -> String;
-    /// The instance's key.
-    fn key(&self, prefix: &str, inst: &Instance) -> Key;
+    fn service_prefix(&self, prefix: &Prefix, service: &ServiceName, namespace: &str, options: &FormatOptions) -> String;
+    /// The instance's key (only [`build`] calls it: it checks the result).
+    fn key(&self, prefix: &Prefix, inst: &Instance) -> Key;
     /// The value bytes.
     fn value(&self, inst: &Instance) -> Vec<u8>;
+}
+
+/// An instance's key and value, as [`build`] made and checked them.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Built {
+    pub key: Key,
+    pub value: Vec<u8>,
+}
+
+/// The one place keys and values are made: validated parts in, a key checked against the
+/// key space (well formed, below `prefix`, outside the owner prefix and other allowed
+/// prefixes) and a bounded value out.
+pub fn build(format: Format, prefix: &Prefix, inst: &Instance, space: &KeySpace) -> Result<Built, String> {
+    validate::object_name(inst.namespace, false).map_err(|e| format!("namespace {e}"))?;
+    validate::object_name(inst.pod, true).map_err(|e| format!("pod {e}"))?;
+    let layout = format.layout();
+    let key = layout.key(prefix, inst);
+    // A go-zero key ends in a lease id: decimal digits, which cannot spoil a key.
+    space.check_key(prefix, &key.with_lease(1))?;
+    let value = layout.value(inst);
+    if value.len() > validate::MAX_VALUE {
+        return Err(format!("the value would be {} bytes; at most {} (metadata too large)", value.len(), validate::MAX_VALUE));
+    }
+    Ok(Built { key, value })
 }
 
 /// Joins a prefix and a relative path with exactly one `/` (an empty prefix adds nothing).

@@ -4,10 +4,11 @@
 use serde::Serialize;
 
 use super::{FormatOptions, Instance, Key, Layout, join};
+use crate::validate::{Prefix, ServiceName};
 
 pub struct Skydns;
 
-const DEFAULT_ZONE: &str = "cluster.local";
+pub const DEFAULT_ZONE: &str = "cluster.local";
 
 /// DNS TTL when the registration sets none.
 const DEFAULT_DNS_TTL: u32 = 30;
@@ -21,7 +22,7 @@ struct Value {
 }
 
 /// `user.shop.cluster.local` → `local/cluster/shop/user`.
-fn reversed(service: &str, namespace: &str, options: &FormatOptions) -> String {
+fn reversed(service: &ServiceName, namespace: &str, options: &FormatOptions) -> String {
     let zone = options.zone.as_deref().unwrap_or(DEFAULT_ZONE);
     let name = format!("{service}.{namespace}.{}", zone.trim_matches('.'));
     let mut labels: Vec<&str> = name.split('.').filter(|l| !l.is_empty()).collect();
@@ -33,14 +34,14 @@ impl Layout for Skydns {
     fn default_prefix(&self) -> &'static str {
         "/skydns"
     }
-    fn service_prefix(&self, prefix: &str, service: &str, namespace: &str, options: &FormatOptions) -> String {
+    fn service_prefix(&self, prefix: &Prefix, service: &ServiceName, namespace: &str, options: &FormatOptions) -> String {
         // Etcd.get appends "/" for a recursive lookup.
-        join(prefix, &format!("{}/", reversed(service, namespace, options)))
+        join(prefix.as_str(), &format!("{}/", reversed(service, namespace, options)))
     }
-    fn key(&self, prefix: &str, i: &Instance) -> Key {
+    fn key(&self, prefix: &Prefix, i: &Instance) -> Key {
         // A dot would add a DNS label; pod names may contain dots.
         let id = i.pod.replace('.', "-");
-        Key::Fixed(join(prefix, &format!("{}/{id}", reversed(i.service, i.namespace, i.options))))
+        Key::Fixed(join(prefix.as_str(), &format!("{}/{id}", reversed(i.service, i.namespace, i.options))))
     }
     fn value(&self, i: &Instance) -> Vec<u8> {
         // Always set ttl: CoreDNS takes min(uint32(lease id), ttl) as the record TTL, and a

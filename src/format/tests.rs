@@ -4,10 +4,20 @@ use std::collections::BTreeMap;
 
 use super::*;
 
+fn prefix(f: Format) -> Prefix {
+    Prefix::parse(f.layout().default_prefix()).unwrap()
+}
+
+fn user(f: Format) -> ServiceName {
+    ServiceName::parse("user", f).unwrap()
+}
+
+/// Through [`build`], the one way to a key.
 fn golden(format: Format, ip: &str, options: FormatOptions, metadata: &[(&str, &str)]) -> (String, String) {
     let metadata: BTreeMap<String, String> = metadata.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    let service = user(format);
     let inst = Instance {
-        service: "user",
+        service: &service,
         namespace: "shop",
         pod: "user-7f9c",
         node: "node-a",
@@ -16,9 +26,8 @@ fn golden(format: Format, ip: &str, options: FormatOptions, metadata: &[(&str, &
         metadata: &metadata,
         options: &options,
     };
-    let layout = format.layout();
-    let key = layout.key(layout.default_prefix(), &inst).with_lease(7587869279418537229);
-    (key, String::from_utf8(layout.value(&inst)).unwrap())
+    let built = build(format, &prefix(format), &inst, &KeySpace::default()).unwrap();
+    (built.key.with_lease(7587869279418537229), String::from_utf8(built.value).unwrap())
 }
 
 #[test]
@@ -125,7 +134,7 @@ fn join_adds_exactly_one_slash() {
 #[test]
 fn service_prefixes_are_what_each_consumer_reads() {
     let o = FormatOptions::default();
-    let read = |f: Format| f.layout().service_prefix(f.layout().default_prefix(), "user", "shop", &o);
+    let read = |f: Format| f.layout().service_prefix(&prefix(f), &user(f), "shop", &o);
     assert_eq!(read(Format::Json), "/services/user/");
     assert_eq!(read(Format::EtcdNaming), "user");
     assert_eq!(read(Format::GoZero), "user/");
@@ -141,10 +150,32 @@ fn every_key_lies_under_its_service_prefix() {
     let metadata = BTreeMap::new();
     let o = FormatOptions::default();
     for f in Format::ALL {
-        let inst = Instance { service: "user", namespace: "shop", pod: "p.1", node: "n", ip: "10.0.0.1".parse().unwrap(), port: 80, metadata: &metadata, options: &o };
+        let service = user(f);
+        let inst = Instance { service: &service, namespace: "shop", pod: "p.1", node: "n", ip: "10.0.0.1".parse().unwrap(), port: 80, metadata: &metadata, options: &o };
         let l = f.layout();
-        let key = l.key(l.default_prefix(), &inst).with_lease(42);
-        let prefix = l.service_prefix(l.default_prefix(), "user", "shop", &o);
+        let key = build(f, &prefix(f), &inst, &KeySpace::default()).unwrap().key.with_lease(42);
+        let prefix = l.service_prefix(&prefix(f), &user(f), "shop", &o);
         assert!(key.starts_with(&prefix), "{f}: {key} not under {prefix}");
     }
+}
+
+#[test]
+fn build_refuses_keys_outside_the_key_space_and_oversized_values() {
+    let metadata: BTreeMap<String, String> = BTreeMap::new();
+    let o = FormatOptions::default();
+    let space = KeySpace::default();
+    // The empty prefix (etcd-naming's) must not reach into kitex's.
+    let service = ServiceName::parse("kitex/registry-etcd/victim", Format::EtcdNaming).unwrap();
+    let inst = Instance { service: &service, namespace: "shop", pod: "p", node: "n", ip: "10.0.0.1".parse().unwrap(), port: 80, metadata: &metadata, options: &o };
+    let e = build(Format::EtcdNaming, &prefix(Format::EtcdNaming), &inst, &space).unwrap_err();
+    assert!(e.contains("another allowed prefix"), "{e}");
+    // A pod name the API server would never accept is refused all the same.
+    let service = user(Format::Json);
+    let inst = Instance { pod: "../x", ..inst };
+    let inst = Instance { service: &service, ..inst };
+    assert!(build(Format::Json, &prefix(Format::Json), &inst, &space).unwrap_err().contains("pod \"../x\""));
+    // Metadata past the value limit (only reachable by skipping validation) is refused.
+    let big: BTreeMap<String, String> = (0..20).map(|i| (format!("k{i}"), "v".repeat(4000))).collect();
+    let inst = Instance { pod: "p", metadata: &big, ..inst };
+    assert!(build(Format::Json, &prefix(Format::Json), &inst, &space).unwrap_err().contains("at most 65536"));
 }
