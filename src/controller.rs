@@ -50,7 +50,8 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     let mut registry_config = settings.registry.clone();
     registry_config.cluster_id = match &settings.cluster_id {
         Some(id) => id.clone(),
-        None => wait_cluster_id(&client, &shutdown).await?,
+        // The kube-system UID is one key segment too: checked like the flag.
+        None => crate::cli::parse_cluster_id(&wait_cluster_id(&client, &shutdown).await?).map_err(anyhow::Error::msg)?,
     };
     registry_config.fence = settings.leader.is_some();
     registry_config.keepalive_etcd = Some(settings.etcd.clone());
@@ -77,7 +78,8 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         Some(cfg) => {
             info!(lease = cfg.name, namespace = cfg.namespace, identity = cfg.identity, "leader election on");
             let wait_for_taker = registry_config.revoke_on_shutdown;
-            Some(tokio::spawn(Elector::new(client.clone(), cfg).run(leader_tx, probe.clone(), elector_shutdown.clone(), wait_for_taker)))
+            let elector = Elector::new(client.clone(), cfg).with_fence(etcd.clone(), registry_config.fence_key(), registry_config.call_timeout);
+            Some(tokio::spawn(elector.run(leader_tx, probe.clone(), elector_shutdown.clone(), wait_for_taker)))
         }
         None => {
             _always_leading = Some(leader_tx);
@@ -94,6 +96,7 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         synced_streams: HashSet::new(),
         seen: HashMap::new(),
         term: None,
+        listed_at: None,
     };
     let revoke_on_shutdown = registry_config.revoke_on_shutdown;
     let terms = Terms { etcd, config: registry_config, notices: notice_tx, metrics: metrics.clone(), view: view.clone() };
@@ -104,20 +107,38 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         let epoch = *leader_rx.borrow();
         // A caretaker term, or one of an older epoch, ends before this replica leads again:
         // terms never overlap.
+        // (Only once a leading term can start at once: until then the caretaker renews.)
         if let (Some(e), Some(t)) = (epoch, &feed.term)
             && (!t.leading || t.epoch != Some(e))
-            && let Some(t) = feed.term.take()
+            && feed.synced()
+            && restart_at.is_none()
         {
-            t.finish(false).await;
+            if feed.fresh() {
+                if let Some(t) = feed.term.take() {
+                    t.finish(false).await;
+                }
+            } else {
+                info!("relisting pods and registrations before leading");
+                inputs = watch_inputs(&client, &settings.namespaces).0;
+                feed.relist();
+            }
         }
-        if feed.synced() && feed.term.is_none() {
+        if feed.term.is_none() {
             if let Some(e) = epoch {
-                if restart_at.is_none() {
-                    feed.term = Some(terms.start(Some(e), &index, &signal_tx));
+                if feed.synced() && restart_at.is_none() {
+                    if feed.fresh() {
+                        feed.term = Some(terms.start(Some(e), &index, &signal_tx));
+                    } else {
+                        info!("relisting pods and registrations before leading");
+                        inputs = watch_inputs(&client, &settings.namespaces).0;
+                        feed.relist();
+                    }
                 }
             } else if settings.leader.is_some() && probe.borrow().reachable && probe.borrow().fence == Some(false) {
                 // Nobody holds the fence (the leader died while no replica could take the
-                // Lease, e.g. during an API server outage): keep the leases alive meanwhile.
+                // Lease, e.g. during an API server outage): keep the recorded leases alive
+                // meanwhile. That needs no cache: a replica that started during the outage
+                // can do it too.
                 feed.term = Some(terms.start(None, &index, &signal_tx));
             }
         }
@@ -259,9 +280,26 @@ struct Feed {
     seen: HashMap<(bool, Option<String>), HashSet<(String, String)>>,
     /// The registry term, while leading.
     term: Option<Term>,
+    /// When every stream last finished a list.
+    listed_at: Option<std::time::Instant>,
 }
 
+/// A new leader's caches must be this fresh: adoption revokes what they do not show, and a
+/// watch that went quiet (a silently dead connection) can lag by minutes.
+const FRESH_LIST: Duration = Duration::from_secs(2);
+
 impl Feed {
+    /// Starts every watch again (a fresh quorum list) before a term may start.
+    fn relist(&mut self) {
+        self.synced_streams.clear();
+        self.seen.clear();
+        self.listed_at = None;
+    }
+
+    fn fresh(&self) -> bool {
+        self.synced() && self.listed_at.is_some_and(|t| t.elapsed() < FRESH_LIST)
+    }
+
     /// Every watch has listed once: adoption may now tell live registrations from stale ones.
     fn synced(&self) -> bool {
         self.synced_streams.len() == self.scopes
@@ -303,6 +341,9 @@ impl Feed {
                                 }
                             }
                             self.synced_streams.insert(stream);
+                            if self.synced() {
+                                self.listed_at = Some(std::time::Instant::now());
+                            }
                             all
                         }
                     }
@@ -335,6 +376,9 @@ impl Feed {
                                 merge(&mut all, index.delete_registration(&ns, &name));
                             }
                             self.synced_streams.insert(stream);
+                            if self.synced() {
+                                self.listed_at = Some(std::time::Instant::now());
+                            }
                             all
                         }
                     }

@@ -71,17 +71,20 @@ pub struct Elector {
     api: Api<Lease>,
     cfg: LeaderConfig,
     observed: Option<Observed>,
+    /// Where the fence lives (etcd client, key, call deadline): a Lease created afresh
+    /// starts its epochs above the fence's.
+    fence: Option<(etcd_client::Client, String, Duration)>,
 }
 
 impl Elector {
     pub fn new(client: Client, cfg: LeaderConfig) -> Elector {
-        Elector { api: Api::namespaced(client, &cfg.namespace), cfg, observed: None }
+        Elector { api: Api::namespaced(client, &cfg.namespace), cfg, observed: None, fence: None }
     }
 
     /// Runs until `shutdown`, publishing leadership on `leader` (the epoch while leading).
     /// Only tries to lead while `eligible` (etcd reachable). On shutdown a leader hands the
     /// Lease back so a standby takes over at once; with `wait_for_taker` it then waits up to
-    /// two retry periods to see whether one does.
+    /// one Lease duration to see whether one does.
     pub async fn run(
         mut self,
         leader: watch::Sender<Option<i64>>,
@@ -124,7 +127,7 @@ impl Elector {
                 if !eligible.borrow_and_update().reachable {
                     warn!(identity = self.cfg.identity, "etcd is unreachable from this replica: stepping down so that another replica takes over");
                     let _ = leader.send(None);
-                    self.release().await;
+                    let _ = tokio::time::timeout(self.cfg.retry_period * 2, self.release()).await;
                     break;
                 }
                 // After a pause (SIGSTOP, a stalled node) the deadline may already be gone:
@@ -154,6 +157,12 @@ impl Elector {
         }
     }
 
+    /// Epochs of a Lease this elector creates start above the fence in etcd (`key`).
+    pub fn with_fence(mut self, client: etcd_client::Client, key: String, timeout: Duration) -> Elector {
+        self.fence = Some((client, key, timeout));
+        self
+    }
+
     /// Releases the Lease and, if asked, waits to see whether another replica takes it.
     async fn hand_over(&mut self, wait_for_taker: bool) -> Handover {
         // Shutdown must not hang on an API server that does not answer.
@@ -163,7 +172,8 @@ impl Elector {
         if !wait_for_taker {
             return Handover::Unknown;
         }
-        let deadline = Instant::now() + self.cfg.retry_period * 2 + Duration::from_secs(1);
+        // A live standby tries every retry period; a slow API server gets the rest.
+        let deadline = Instant::now() + self.cfg.lease_duration.max(self.cfg.retry_period * 3);
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;
             let Ok(got) = tokio::time::timeout(Duration::from_secs(2), self.api.get_opt(&self.cfg.name)).await else {
@@ -203,9 +213,25 @@ impl Elector {
     /// while we hold it.
     async fn try_acquire_or_renew(&mut self) -> Result<Option<i64>, kube::Error> {
         let Some(mut lease) = self.api.get_opt(&self.cfg.name).await? else {
-            let lease = Lease { metadata: ObjectMeta { name: Some(self.cfg.name.clone()), ..Default::default() }, spec: Some(self.spec(None, 0)) };
+            // A new Lease (first install, or someone deleted it): its epochs must continue
+            // above the fence's, or no holder could ever take the fence again.
+            let epoch = match &self.fence {
+                Some((client, key, timeout)) => match crate::registry::fence::current_epoch(client, *timeout, key).await {
+                    Ok(e) => e.map_or(0, |e| e + 1),
+                    Err(e) => {
+                        warn!(error = %e, "reading the fence before creating the leader Lease failed");
+                        return Ok(None);
+                    }
+                },
+                None => 0,
+            };
+            let transitions = i32::try_from(epoch).unwrap_or(i32::MAX);
+            let lease = Lease {
+                metadata: ObjectMeta { name: Some(self.cfg.name.clone()), ..Default::default() },
+                spec: Some(self.spec(None, transitions)),
+            };
             return match self.api.create(&PostParams::default(), &lease).await {
-                Ok(_) => Ok(Some(0)),
+                Ok(_) => Ok(Some(i64::from(transitions))),
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
                 Err(e) => Err(e),
             };

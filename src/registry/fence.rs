@@ -19,6 +19,11 @@ use super::write::{OpError, Writer, call};
 /// Leases podlease itself needs (the leader fence) are granted with this TTL at least.
 pub const MIN_FENCE_TTL: i64 = 5;
 
+/// The fence key's lease TTL. Short, so that a dead leader's fence is gone within seconds
+/// and a standby keeps the leases alive long before any key TTL runs out (a leader that
+/// loses its fence for a moment only starts a new term: no key changes).
+pub const FENCE_TTL: i64 = 6;
+
 /// How often the fence is read back (a term notices a newer one within this) and etcd's
 /// reachability is probed.
 pub const CHECK_INTERVAL: Duration = Duration::from_secs(2);
@@ -39,6 +44,19 @@ pub struct Fence {
 /// epochs numerically, then the holder.
 pub fn value(epoch: i64, identity: &str) -> String {
     format!("{:020}/{identity}", epoch.max(0))
+}
+
+/// The epoch a fence value names.
+pub fn epoch_of(value: &[u8]) -> Option<i64> {
+    std::str::from_utf8(value).ok()?.split('/').next()?.parse().ok()
+}
+
+/// The epoch the fence key names now (None: no fence). A Lease created afresh (someone
+/// deleted it) must start above it, or its holder could never take the fence.
+pub async fn current_epoch(client: &Client, timeout: Duration, key: &str) -> Result<Option<i64>, OpError> {
+    let mut kv = client.kv_client();
+    let resp = call(timeout, "fence", kv.get(key, None)).await?;
+    Ok(resp.kvs().first().and_then(|kv| epoch_of(kv.value())))
 }
 
 /// Takes the fence for `epoch` unless a newer epoch holds it; returns the fence and the
@@ -138,5 +156,7 @@ mod tests {
         assert!(value(10, "a") < value(11, "a"));
         assert_eq!(value(3, "a"), value(3, "a"));
         assert_eq!(value(-1, "a"), value(0, "a"));
+        assert_eq!(epoch_of(value(42, "pod-a/x").as_bytes()), Some(42));
+        assert_eq!(epoch_of(b"garbage"), None);
     }
 }

@@ -161,7 +161,7 @@ impl Driver {
                 _ = stall_check.tick(), if self.keeper.is_some() => {
                     let limit = stall_timeout(self.ttls.keys().next().copied().unwrap_or(1));
                     if self.outstanding > 0 && self.progress_at.elapsed() > limit {
-                        self.drop_stream(&format!("{} renewals unanswered for {limit:?}", self.outstanding));
+                        self.close_stream(&format!("{} renewals unanswered for {limit:?}", self.outstanding), false);
                         self.fresh_connection = true;
                     } else if self.outstanding == 0 && self.progress_at.elapsed() > HEARTBEAT
                         && let Some(&lease) = self.leases.keys().next()
@@ -299,12 +299,20 @@ impl Driver {
     }
 
     fn drop_stream(&mut self, why: &str) {
+        self.close_stream(why, true);
+    }
+
+    /// Closes the stream; `down` tells the registry etcd is unavailable (a recycled stall
+    /// does not: reopening says so if it fails).
+    fn close_stream(&mut self, why: &str, down: bool) {
         self.responses = None;
         self.outstanding = 0;
         if self.keeper.take().is_some() {
             warn!(why, "keepalive stream ended; reopening");
             self.metrics.etcd_errors.get_or_create(&crate::metrics::OpLabels { op: "keepalive".into() }).inc();
-            let _ = self.reports.send(Report::Down(format!("keepalive stream: {why}")));
+            if down {
+                let _ = self.reports.send(Report::Down(format!("keepalive stream: {why}")));
+            }
         }
         self.outbox.clear();
     }

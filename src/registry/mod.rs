@@ -69,7 +69,8 @@ pub struct RegistryConfig {
     pub fence: bool,
     /// This replica's identity (written into the fence key).
     pub identity: String,
-    /// TTL of the fence key's lease.
+    /// TTL of the fence key's lease: when a leader dies its fence is gone this soon, and a
+    /// standby starts keeping the leases alive.
     pub fence_ttl: i64,
     /// Revoke every lease when the process shuts down and no other replica takes over
     /// (default: leave them for the next leader to adopt).
@@ -91,7 +92,7 @@ impl Default for RegistryConfig {
             verify_interval: Duration::from_secs(30),
             fence: true,
             identity: "podlease".into(),
-            fence_ttl: 15,
+            fence_ttl: fence::FENCE_TTL,
             revoke_on_shutdown: false,
             keepalive_etcd: None,
         }
@@ -369,11 +370,13 @@ impl Registry {
                 }
             }
         };
-        for c in waiting {
-            match c {
-                Command::Resync(all) => self.resync(all).await,
-                Command::Update(u) => self.apply(u),
-                Command::StepDown | Command::Finish { .. } => {}
+        if result.is_ok() {
+            for c in waiting {
+                match c {
+                    Command::Resync(all) => self.resync(all).await,
+                    Command::Update(u) => self.apply(u),
+                    Command::StepDown | Command::Finish { .. } => {}
+                }
             }
         }
         result

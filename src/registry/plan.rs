@@ -123,12 +123,19 @@ impl Slot {
 
     /// A new desired state (None: the instance should not exist).
     pub fn desire(&mut self, desired: Option<Arc<Desired>>) -> Vec<Effect> {
+        let mut fx = Vec::new();
         if desired.is_some() {
             // A new desire deserves a prompt try even after a conflict or failure.
             self.backoff.reset();
+            // Shown from the moment it is wanted, not only once its operation starts: a
+            // registration whose instances wait in the queue is not "all revoked".
+            if self.held.is_none() && self.conflict.is_none() && self.failed.is_none() {
+                fx.push(Effect::Show(Some(Shown::Pending)));
+            }
         }
         self.desired = desired;
-        vec![Effect::Enqueue]
+        fx.push(Effect::Enqueue);
+        fx
     }
 
     /// Adoption found this instance's ownership record under a live lease.
@@ -190,6 +197,14 @@ impl Slot {
                 fx.push(Effect::Show(None));
             }
             Ok(Outcome::LeaseGone) => fx.extend(self.set_held(None, Renew::Granted)),
+            Ok(Outcome::Unknown { held, error }) => {
+                // Whatever landed is under this lease: keep it, and rewrite under it.
+                fx.extend(self.set_held(Some(held), Renew::Granted));
+                self.failed = Some(error.to_string());
+                fx.push(Effect::RetryBackoff);
+                fx.push(Effect::EtcdFailed { op: error.op(), message: error.to_string() });
+                fx.push(Effect::Show(Some(Shown::Pending)));
+            }
             Ok(Outcome::Conflict { key, message }) => {
                 fx.extend(self.set_held(None, Renew::Granted));
                 let first = self.conflict.as_ref().map(|(_, m)| m) != Some(&message);
@@ -274,7 +289,7 @@ mod tests {
     fn a_new_instance_is_granted_and_its_lease_kept_alive_from_a_full_ttl() {
         let d = desired("/s/a", "v", 30);
         let mut s = Slot::default();
-        assert_eq!(s.desire(Some(d.clone())), vec![Effect::Enqueue]);
+        assert_eq!(s.desire(Some(d.clone())), vec![Effect::Show(Some(Shown::Pending)), Effect::Enqueue]);
         let Next::Run(op) = s.next() else { panic!("expected an operation") };
         assert_eq!(op, Op::Register(d.clone()));
         assert_eq!(s.start(&op), vec![Effect::Show(Some(Shown::Pending))]);
@@ -401,6 +416,21 @@ mod tests {
         let fx = s.done("update", timeout());
         assert!(!fx.iter().any(|e| matches!(e, Effect::Show(_) | Effect::Untrack(_))), "{fx:?}");
         assert!(fx.contains(&Effect::EtcdFailed { op: "txn", message: "etcd txn timed out after 5s".into() }));
+    }
+
+    #[test]
+    fn a_register_whose_answer_was_lost_keeps_its_lease_and_rewrites_under_it() {
+        let d = desired("/s/a", "v", 30);
+        let mut s = Slot::default();
+        s.desire(Some(d.clone()));
+        s.start(&Op::Register(d.clone()));
+        let mut h = held_for(&d, 8);
+        h.value_hash.clear();
+        let fx = s.done("register", Ok(Outcome::Unknown { held: h.clone(), error: OpError::Timeout { op: "txn", after: Duration::from_secs(5) } }));
+        assert_eq!(fx[0], Effect::Track { lease: 8, ttl: 30, renew: Renew::Granted });
+        assert!(!fx.iter().any(|e| matches!(e, Effect::Untrack(_))), "the lease is not given up: {fx:?}");
+        assert!(fx.contains(&Effect::RetryBackoff));
+        assert_eq!(s.next(), Next::Run(Op::Update(d, h)));
     }
 
     #[test]

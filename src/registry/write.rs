@@ -39,6 +39,9 @@ pub enum Outcome {
     Revoked,
     /// The lease expired under us: register anew.
     LeaseGone,
+    /// The write may or may not have landed under `held.lease`: keep that lease alive and
+    /// try again under it.
+    Unknown { held: Held, error: OpError },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +136,14 @@ impl Writer {
         let key = d.key.with_lease(lease);
         match self.put_if_absent(id, d, &key, lease).await {
             Ok(Outcome::Registered { held, .. }) if held.lease == lease => Ok(Outcome::Registered { held, renew: Renew::Granted }),
+            // The Txn may have been applied and only its answer lost (a timeout, a reset, an
+            // etcd leader change): revoking now could delete a key that is live. Keep the
+            // lease; the next attempt rewrites under it, which finds out either way.
+            Err(e @ (OpError::Timeout { .. } | OpError::Etcd { .. })) => {
+                let mut held = Self::held(d, key, lease);
+                held.value_hash.clear();
+                Ok(Outcome::Unknown { held, error: e })
+            }
             other => {
                 // Nothing is under the fresh lease: drop it now rather than at its TTL.
                 let _ = self.revoke_lease(lease).await;
