@@ -888,3 +888,28 @@ async fn a_stalled_keepalive_stream_moves_to_a_fresh_connection_within_seconds()
     assert!(c.log_text().contains("renewals unanswered"), "the stream was recycled for the stall");
     assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new());
 }
+
+#[tokio::test]
+async fn deleting_the_leader_lease_leaves_a_writer_and_deletes_nothing() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let a = Controller::start(&bed, "a", &[]).await;
+    wait_adopted(&a, DEADLINE).await;
+    let b = Controller::start(&bed, "b", &[]).await;
+    create_sreg(&bed, "dl", json!({"selector": {"matchLabels": {"app": "dl"}}})).await;
+    ready_pods(&bed, "dl", 10).await;
+    wait_count(&bed, "/services/dl/", 10).await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+    // Someone deletes the Lease: whoever creates it again starts at epoch 0 unless the epochs
+    // continue above the fence's, and then nobody could ever write again.
+    let leases: Api<Lease> = Api::namespaced(bed.kube.clone(), NS);
+    leases.delete("podlease", &Default::default()).await.expect("delete the Lease");
+    wait_until("the Lease exists again", TAKEOVER, || async { leases.get_opt("podlease").await.ok().flatten() }).await;
+    // A change must still reach etcd: somebody leads and writes.
+    set_ready(&bed.kube, NS, "dl-0", &pod_ip(1), false).await;
+    wait_absent(&bed.etcd, "/services/dl/default/dl-0", TAKEOVER).await;
+    assert!(a.leads().await || b.leads().await, "one replica leads");
+    assert_eq!(pod_deletes(&recorder, "/services/"), vec!["/services/dl/default/dl-0".to_string()], "only the pod that went unready");
+    assert_eq!(keys(&bed.etcd, "/services/dl/").await.len(), 9);
+}
