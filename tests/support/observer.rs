@@ -1365,6 +1365,9 @@ pub fn replica_logs(dir: &Path) -> Vec<(String, PathBuf)> {
 
 // ---- the watches ----------------------------------------------------------------------
 
+/// How long the observer's etcd watch may be silent before it is opened again.
+const QUIET_REWATCH: Duration = Duration::from_secs(10);
+
 async fn watch_etcd(
     etcd: Etcd,
     mut next: i64,
@@ -1404,7 +1407,12 @@ async fn watch_etcd(
             }
         };
         loop {
-            match stream.message().await {
+            // A stream that says nothing for a while may be stuck on a member that went away
+            // without closing it: watch afresh from the next revision (nothing is lost).
+            let Ok(message) = tokio::time::timeout(QUIET_REWATCH, stream.message()).await else {
+                break;
+            };
+            match message {
                 Ok(Some(resp)) => {
                     if resp.created() {
                         if let Some(r) = ready.take() {
