@@ -1516,19 +1516,13 @@ async fn fault_suite_at_the_defaults() {
     }
     let summary = summarize(&outcomes);
     println!("{summary}");
-    let failed: Vec<&Outcome> = outcomes
-        .iter()
-        .filter(|o| !o.violations.is_empty())
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{summary}\n{}",
-        failed
-            .iter()
-            .map(|o| o.report.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    assert_no_violations(&outcomes, &summary);
+}
+
+/// Fails with every violating schedule's report.
+fn assert_no_violations(outcomes: &[Outcome], summary: &str) {
+    let failed: Vec<&str> = outcomes.iter().filter(|o| !o.violations.is_empty()).map(|o| o.report.as_str()).collect();
+    assert!(failed.is_empty(), "{summary}\n{}", failed.join("\n"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1554,19 +1548,7 @@ async fn soak() {
     }
     let summary = summarize(&outcomes);
     println!("soak over after {:.0?}\n{summary}", start.elapsed());
-    let failed: Vec<&Outcome> = outcomes
-        .iter()
-        .filter(|o| !o.violations.is_empty())
-        .collect();
-    assert!(
-        failed.is_empty(),
-        "{summary}\n{}",
-        failed
-            .iter()
-            .map(|o| o.report.as_str())
-            .collect::<Vec<_>>()
-            .join("\n")
-    );
+    assert_no_violations(&outcomes, &summary);
 }
 
 // ---- twenty leader kills -----------------------------------------------------------------
