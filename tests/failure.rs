@@ -913,3 +913,37 @@ async fn deleting_the_leader_lease_leaves_a_writer_and_deletes_nothing() {
     assert_eq!(pod_deletes(&recorder, "/services/"), vec!["/services/dl/default/dl-0".to_string()], "only the pod that went unready");
     assert_eq!(keys(&bed.etcd, "/services/dl/").await.len(), 9);
 }
+
+#[tokio::test]
+async fn a_ttl_change_moves_every_key_to_a_new_lease_without_a_delete() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let _c = Controller::start(&bed, "c", &[]).await;
+    create_sreg(&bed, "ttl", json!({"selector": {"matchLabels": {"app": "ttl"}}})).await;
+    ready_pods(&bed, "ttl", 50).await;
+    wait_count(&bed, "/services/ttl/", 50).await;
+    let old: BTreeSet<i64> = keys(&bed.etcd, "/services/ttl/").await.iter().map(|kv| kv.lease()).collect();
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    let patch = json!({"spec": {"ttlSeconds": 45}});
+    api.patch("ttl", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.expect("patch ttl");
+    wait_until("every key under a lease of the new TTL", TAKEOVER, || async {
+        let kvs = keys(&bed.etcd, "/services/ttl/").await;
+        if kvs.len() != 50 {
+            return None;
+        }
+        for kv in &kvs {
+            if old.contains(&kv.lease()) || support::etcd::granted_ttl(&bed.etcd, kv.lease()).await != 45 {
+                return None;
+            }
+        }
+        Some(())
+    })
+    .await;
+    assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new(), "watchers saw DELETEs");
+    let mut lc = bed.etcd.lease_client();
+    for l in old {
+        let left = lc.time_to_live(l, None).await.map(|r| r.ttl()).unwrap_or(-1);
+        assert!(left <= 0, "old lease {l:x} revoked (ttl {left})");
+    }
+}

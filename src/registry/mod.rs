@@ -560,10 +560,8 @@ impl Registry {
                 let result = match op {
                     Op::Register(d) => writer.register(&task_id, &d).await,
                     Op::Update(d, h) => writer.update(&task_id, &d, &h).await,
-                    Op::Replace(d, h) => match writer.revoke(&task_id, &h).await {
-                        Ok(_) => writer.register(&task_id, &d).await,
-                        Err(e) => Err(e),
-                    },
+                    Op::Reissue(d, h) => writer.reissue(&task_id, &d, &h).await,
+                    Op::Replace(d, h) => writer.replace(&task_id, &d, &h).await,
                     Op::Revoke(h) => writer.revoke(&task_id, &h).await,
                 };
                 (task_id, label, started, result)

@@ -9,13 +9,17 @@ use super::lease::Backoff;
 use super::view::Shown;
 use super::write::{Held, OpError, Outcome};
 use crate::desired::Desired;
+use crate::format::Key;
 
 /// One etcd operation for one instance.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Op {
     Register(Arc<Desired>),
     Update(Arc<Desired>, Held),
-    /// Revoke the held lease, then register the new desired state (key, TTL or pod changed).
+    /// Same key, new lease (TTL or pod changed): key and record move to a fresh lease in one
+    /// Txn, then the old lease is revoked. Watchers see a PUT, never a DELETE.
+    Reissue(Arc<Desired>, Held),
+    /// A different key: the new one is written first, then the old lease is revoked.
     Replace(Arc<Desired>, Held),
     Revoke(Held),
 }
@@ -25,6 +29,7 @@ impl Op {
         match self {
             Op::Register(_) => "register",
             Op::Update(..) => "update",
+            Op::Reissue(..) => "reissue",
             Op::Replace(..) => "replace",
             Op::Revoke(_) => "revoke",
         }
@@ -103,8 +108,12 @@ impl Slot {
             (None, Some(h)) => Next::Run(Op::Revoke(h.clone())),
             (Some(d), None) => Next::Run(Op::Register(d.clone())),
             (Some(d), Some(h)) => {
-                let same_place = d.key.matches(&h.key) && d.ttl == h.ttl && d.pod_uid == h.pod_uid;
-                if !same_place {
+                let same_key = d.key.matches(&h.key);
+                let same_lease = d.ttl == h.ttl && d.pod_uid == h.pod_uid;
+                if same_key && !same_lease && matches!(d.key, Key::Fixed(_)) {
+                    Next::Run(Op::Reissue(d.clone(), h.clone()))
+                } else if !same_key || !same_lease {
+                    // (A key ending in its lease id changes with the lease.)
                     Next::Run(Op::Replace(d.clone(), h.clone()))
                 } else if super::owner::value_hash(&d.value) != h.value_hash {
                     Next::Run(Op::Update(d.clone(), h.clone()))
@@ -350,15 +359,22 @@ mod tests {
     }
 
     #[test]
-    fn a_changed_ttl_or_key_replaces_the_lease() {
+    fn a_changed_ttl_reissues_the_same_key_and_a_changed_key_replaces_it() {
         let d = desired("/s/a", "v", 30);
         let mut s = Slot::default();
         s.adopt(held_for(&d, 3));
-        for d2 in [desired("/s/a", "v", 10), desired("/s/b", "v", 30)] {
-            s.desire(Some(d2.clone()));
-            let Next::Run(Op::Replace(new, old)) = s.next() else { panic!("expected a replace") };
-            assert_eq!((new, old.lease), (d2.clone(), s.held.as_ref().unwrap().lease));
-        }
+        let d2 = desired("/s/a", "v", 10);
+        s.desire(Some(d2.clone()));
+        assert_eq!(s.next(), Next::Run(Op::Reissue(d2.clone(), held_for(&d, 3))));
+        s.start(&Op::Reissue(d2.clone(), held_for(&d, 3)));
+        let fx = s.done("reissue", registered_outcome(held_for(&d2, 5), Renew::Granted));
+        assert_eq!(&fx[..2], &[Effect::Untrack(3), Effect::Track { lease: 5, ttl: 10, renew: Renew::Granted }]);
+        let d3 = desired("/s/b", "v", 10);
+        s.desire(Some(d3.clone()));
+        let Next::Run(Op::Replace(new, old)) = s.next() else { panic!("expected a replace") };
+        assert_eq!((new, old.lease), (d3, 5));
+        let mut s = Slot::default();
+        s.adopt(held_for(&d, 3));
         let d2 = desired("/s/b", "v", 30);
         s.start(&Op::Replace(d2.clone(), held_for(&d, 3)));
         let fx = s.done("replace", registered_outcome(held_for(&d2, 4), Renew::Granted));

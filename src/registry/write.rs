@@ -152,6 +152,60 @@ impl Writer {
         }
     }
 
+    /// Moves the key (same key) and its record to a fresh lease in one Txn, then revokes the
+    /// old lease: watchers see a PUT, never a DELETE (TTL or pod UID changed).
+    pub async fn reissue(&self, id: &InstanceId, d: &Desired, held: &Held) -> Result<Outcome, OpError> {
+        let mut lc = self.client.lease_client();
+        let lease = self.call("grant", lc.grant(d.ttl, None)).await?.id();
+        let key = d.key.with_lease(lease);
+        let txn = Txn::new()
+            .when(vec![Compare::lease(key.as_str(), CompareOp::Equal, held.lease)])
+            .and_then(self.puts(id, d, &key, lease))
+            .or_else(vec![TxnOp::get(key.as_str(), None)]);
+        let moved = match self.txn(txn).await {
+            Ok(r) => r.succeeded(),
+            Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => false,
+            Err(e) => {
+                // Fenced: nothing moved, the fresh lease holds nothing. Otherwise whether it
+                // moved is unknown: leave both leases; the retry finds the key under either
+                // (ours both, by the record) and takes it back.
+                if matches!(e, OpError::Fenced) {
+                    let _ = self.revoke_lease(lease).await;
+                }
+                return Err(e);
+            }
+        };
+        if moved {
+            let _ = self.revoke_lease(held.lease).await;
+            return Ok(Outcome::Registered { held: Self::held(d, key, lease), renew: Renew::Granted });
+        }
+        // The key is not under our old lease (gone, or taken back under another of ours).
+        let out = self.put_if_absent(id, d, &key, lease).await;
+        match &out {
+            Ok(Outcome::Registered { held: h, .. }) => {
+                if h.lease != held.lease {
+                    let _ = self.revoke_lease(held.lease).await;
+                }
+                if h.lease != lease {
+                    let _ = self.revoke_lease(lease).await;
+                }
+            }
+            _ => {
+                let _ = self.revoke_lease(lease).await;
+                let _ = self.revoke_lease(held.lease).await;
+            }
+        }
+        out
+    }
+
+    /// A new key: written first, then the old lease revoked (which deletes the old key; the
+    /// record already moved to the new lease).
+    pub async fn replace(&self, id: &InstanceId, d: &Desired, held: &Held) -> Result<Outcome, OpError> {
+        let out = self.register(id, d).await?;
+        let _ = self.revoke_lease(held.lease).await;
+        Ok(out)
+    }
+
     async fn put_if_absent(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> Result<Outcome, OpError> {
         let owner_key = self.owners.key(id);
         let txn = Txn::new()
