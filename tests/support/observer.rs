@@ -39,6 +39,10 @@ use super::{DEADLINE, background, client_from};
 /// change at the same instant.
 pub const CAUSE_SLACK: Duration = Duration::from_secs(3);
 
+/// How long after one of its watches is back the observer's view may still be catching up
+/// (the relist that follows).
+pub const RELIST_SLACK: Duration = Duration::from_secs(5);
+
 /// The shortest cut from etcd after which a lease may expire legitimately. A lease is
 /// renewed every TTL/3, so when every replica loses etcd it has between 2/3 TTL and TTL
 /// left; a cut longer than 2/3 TTL (less a second for renewal round trips) may expire it.
@@ -663,6 +667,23 @@ impl Observer {
                 prefixes.insert(r.prefix.clone());
             }
         }
+        // While the observer's own pod or registration watch is down it cannot see a cause:
+        // a change it learns of when the watch is back (and has listed) may be that old.
+        let mut blind: Vec<(Duration, Duration)> = Vec::new();
+        let mut down_since: HashMap<&str, Duration> = HashMap::new();
+        for e in log {
+            let Record::Watch(msg) = &e.what else { continue };
+            for kind in ["pod watch", "ServiceRegistration watch"] {
+                if msg.starts_with(&format!("{kind}:")) {
+                    down_since.entry(kind).or_insert(e.at);
+                } else if msg == &format!("{kind} back")
+                    && let Some(from) = down_since.remove(kind)
+                {
+                    blind.push((from, e.at + RELIST_SLACK));
+                }
+            }
+        }
+        blind.extend(down_since.values().map(|from| (*from, now)));
         let mut last_put: HashMap<&str, Duration> = HashMap::new();
         let (mut bad, mut fine) = (Vec::new(), Vec::new());
         for e in log {
@@ -684,7 +705,11 @@ impl Observer {
                 .get(ev.key.as_str())
                 .copied()
                 .unwrap_or(Duration::ZERO);
-            let to = e.at + CAUSE_SLACK;
+            let to = blind
+                .iter()
+                .filter(|(from, until)| *from <= e.at + CAUSE_SLACK && *until + CAUSE_SLACK >= e.at)
+                .map(|(_, until)| *until + CAUSE_SLACK)
+                .fold(e.at + CAUSE_SLACK, Duration::max);
             match excuse(log, &prefix, &svc, &pod, from, to, self.cfg.default_ttl, &all_cut, e.at) {
                 Some(why) => fine.push((e.at, ev.key.clone(), why)),
                 None => bad.push(Violation {
