@@ -208,16 +208,14 @@ impl FaultProxy {
     /// Closes every current connection with RST (both the client's and the target's side).
     /// The mode is unchanged: new connections are served as before.
     pub fn reset_all(&self) {
-        let conns: Vec<Conn> = self
-            .shared
-            .conns
-            .lock()
-            .unwrap()
-            .drain()
-            .map(|(_, c)| c)
-            .collect();
+        self.close_all(true);
+    }
+
+    /// Closes every current connection (with RST when `rst`).
+    fn close_all(&self, rst: bool) {
+        let conns: Vec<Conn> = self.shared.conns.lock().unwrap().drain().map(|(_, c)| c).collect();
         for c in conns {
-            close_conn(c, true);
+            close_conn(c, rst);
         }
     }
 
@@ -243,17 +241,7 @@ impl FaultProxy {
 impl Drop for FaultProxy {
     fn drop(&mut self) {
         self.acceptor.abort();
-        let conns: Vec<Conn> = self
-            .shared
-            .conns
-            .lock()
-            .unwrap()
-            .drain()
-            .map(|(_, c)| c)
-            .collect();
-        for c in conns {
-            close_conn(c, false);
-        }
+        self.close_all(false);
     }
 }
 
