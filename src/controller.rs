@@ -105,28 +105,17 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     loop {
         health.caches_synced.store(feed.synced(), Ordering::Relaxed);
         let epoch = *leader_rx.borrow();
-        // A caretaker term, or one of an older epoch, ends before this replica leads again:
-        // terms never overlap.
-        // (Only once a leading term can start at once: until then the caretaker renews.)
-        if let (Some(e), Some(t)) = (epoch, &feed.term)
-            && (!t.leading || t.epoch != Some(e))
-            && feed.synced()
-            && restart_at.is_none()
-        {
-            if feed.fresh() {
-                if let Some(t) = feed.term.take() {
-                    t.finish(false).await;
-                }
-            } else {
-                info!("relisting pods and registrations before leading");
-                inputs = watch_inputs(&client, &settings.namespaces).0;
-                feed.relist();
-            }
-        }
-        if feed.term.is_none() {
-            if let Some(e) = epoch {
+        match epoch {
+            // Leading at `e` needs a term of that epoch. A caretaker term, or one of an older
+            // epoch, ends first (terms never overlap), but only once the new one can start at
+            // once: until then the old one keeps the leases alive. A new leader's caches must
+            // be fresh, since adoption revokes what they do not show.
+            Some(e) if feed.term.as_ref().is_none_or(|t| !t.leading || t.epoch != Some(e)) => {
                 if feed.synced() && restart_at.is_none() {
                     if feed.fresh() {
+                        if let Some(old) = feed.term.take() {
+                            old.finish(false).await;
+                        }
                         feed.term = Some(terms.start(Some(e), &index, &signal_tx));
                     } else {
                         info!("relisting pods and registrations before leading");
@@ -134,13 +123,18 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
                         feed.relist();
                     }
                 }
-            } else if settings.leader.is_some() && probe.borrow().reachable && probe.borrow().fence == Some(false) {
-                // Nobody holds the fence (the leader died while no replica could take the
-                // Lease, e.g. during an API server outage): keep the recorded leases alive
-                // meanwhile. That needs no cache: a replica that started during the outage
-                // can do it too.
+            }
+            // Nobody holds the fence (the leader died while no replica could take the Lease,
+            // e.g. during an API server outage): keep the recorded leases alive meanwhile.
+            // That needs no cache: a replica that started during the outage can do it too.
+            None if feed.term.is_none()
+                && settings.leader.is_some()
+                && probe.borrow().reachable
+                && probe.borrow().fence == Some(false) =>
+            {
                 feed.term = Some(terms.start(None, &index, &signal_tx));
             }
+            _ => {}
         }
         let leading = feed.term.as_ref().is_some_and(|t| t.leading);
         health.leading.store(leading, Ordering::Relaxed);

@@ -750,17 +750,7 @@ impl Run {
                 s.dead = true;
                 s.crashes += 1;
                 let backoff = Duration::from_secs((1u64 << s.crashes.min(4)).min(10));
-                let tail: String = s
-                    .ctl
-                    .log_text()
-                    .lines()
-                    .rev()
-                    .take(8)
-                    .collect::<Vec<_>>()
-                    .into_iter()
-                    .rev()
-                    .collect::<Vec<_>>()
-                    .join("\n    ");
+                let tail = support::tail(&s.ctl.log_text(), 8, "\n    ");
                 let f = format!(
                     "{} exited by itself with {status}; restarting in {backoff:?}; log tail:\n    {tail}",
                     s.identity()

@@ -743,15 +743,7 @@ async fn wait_apiserver_ready(kubeconfig: &Path, root: &Path) -> Client {
         }
         if start.elapsed() > Duration::from_secs(60) {
             let log = std::fs::read_to_string(root.join("kube-apiserver.log")).unwrap_or_default();
-            let tail: String = log
-                .lines()
-                .rev()
-                .take(30)
-                .collect::<Vec<_>>()
-                .into_iter()
-                .rev()
-                .collect::<Vec<_>>()
-                .join("\n");
+            let tail = tail(&log, 30, "\n");
             panic!("kube-apiserver did not become ready within 60s; log tail:\n{tail}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -818,4 +810,10 @@ pub async fn etcd_dump(etcd: &etcd_client::Client, prefix: &str) -> BTreeMap<Str
             )
         })
         .collect()
+}
+
+/// The last `n` lines of `text`, joined by `sep`.
+pub fn tail(text: &str, n: usize, sep: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join(sep)
 }
