@@ -63,7 +63,7 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     let (signal_tx, signal_rx) = mpsc::unbounded_channel();
     let events = Events::spawn(client.clone(), settings.instance.clone());
     let records = crate::registry::Records::new(etcd.clone(), registry_config.owners(), registry_config.call_timeout);
-    let writer = StatusWriter::new(client.clone(), index.clone(), view.clone(), events, records);
+    let writer = StatusWriter::new(client.clone(), index.clone(), view.clone(), events, records, metrics.clone());
     let writer_task = tokio::spawn(writer.run(signal_rx, notice_rx, shutdown.clone()));
     let health: Arc<http::Health> = Arc::default();
     let http_task = tokio::spawn(http::serve(settings.metrics_addr, metrics.clone(), view.clone(), health.clone(), shutdown.clone()));
@@ -261,6 +261,7 @@ impl Terms {
             for k in index.registrations() {
                 let _ = signal_tx.send(Signal::Dirty(k.clone()));
             }
+            let _ = signal_tx.send(Signal::AllGates);
         }
         Term { epoch, leading: epoch.is_some(), cancel, cmd_tx, task }
     }
@@ -395,6 +396,10 @@ impl Feed {
             self.metrics.invalid_annotations.inc();
             let _ = self.signal_tx.send(Signal::Problem(p));
         }
+        for k in changes.gated {
+            let _ = self.signal_tx.send(Signal::Gate(k));
+        }
+        self.metrics.set_gate_counts(self.index.lock().unwrap().gate_counts());
     }
 }
 
@@ -402,6 +407,7 @@ fn merge(into: &mut Changes, from: Changes) {
     into.updates.extend(from.updates);
     into.registrations.extend(from.registrations);
     into.problems.extend(from.problems);
+    into.gated.extend(from.gated);
 }
 
 async fn wait_cluster_id(client: &Client, shutdown: &CancellationToken) -> anyhow::Result<String> {

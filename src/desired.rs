@@ -124,6 +124,47 @@ pub struct Changes {
     pub registrations: BTreeSet<(String, String)>,
     /// New annotation problems (reported once per distinct message).
     pub problems: Vec<PodProblem>,
+    /// Gated pods whose readiness gate may need writing.
+    pub gated: BTreeSet<(String, String)>,
+}
+
+/// What the readiness gate of one gated pod is decided from (see `kubernetes::gate`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct GatedPod {
+    pub uid: String,
+    /// Containers ready, not terminating, has an IP, not finished.
+    pub publishable: bool,
+    pub terminating: bool,
+    /// When its containers turned ready.
+    pub ready_since: Option<Timestamp>,
+    pub current: Option<crate::pod::GateCondition>,
+    /// The sources that select the pod: Ok when one of its instances is desired, Err with
+    /// why the source publishes nothing for it (an invalid spec or annotation).
+    pub sources: Vec<(Source, Result<(), String>)>,
+    /// Every source that may still hold a key of the pod (all registrations of its
+    /// namespace, and its annotations).
+    pub candidates: Vec<Source>,
+}
+
+/// How many gated pods show the gate True, False, or not at all.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct GateCounts {
+    pub r#true: i64,
+    pub r#false: i64,
+    pub unset: i64,
+}
+
+impl GateCounts {
+    fn add(&mut self, pod: &PodInfo, by: i64) {
+        if !pod.gated {
+            return;
+        }
+        match pod.gate.as_ref().map(|g| g.status) {
+            Some(true) => self.r#true += by,
+            Some(false) => self.r#false += by,
+            None => self.unset += by,
+        }
+    }
 }
 
 /// How to publish the pods of one registration (or of one annotated pod).
@@ -194,6 +235,8 @@ pub struct Index {
     /// Why a registration (by name) publishes nothing for a pod it selects (a port the pod
     /// does not declare, a key outside the key space), for its InvalidSpec condition.
     failures: HashMap<PodKey, BTreeMap<String, String>>,
+    /// Gated pods by the state of their gate, kept as pods come and go.
+    gate_counts: GateCounts,
 }
 
 impl Index {
@@ -207,7 +250,10 @@ impl Index {
         if self.pods.get(&key) == Some(&pod) {
             return Changes::default();
         }
-        self.pods.insert(key.clone(), pod);
+        self.gate_counts.add(&pod, 1);
+        if let Some(old) = self.pods.insert(key.clone(), pod) {
+            self.gate_counts.add(&old, -1);
+        }
         let mut changes = Changes::default();
         self.recompute_pod(&key, &mut changes);
         changes
@@ -217,7 +263,8 @@ impl Index {
     pub fn delete_pod(&mut self, namespace: &str, name: &str) -> Changes {
         let key = (namespace.to_string(), name.to_string());
         let mut changes = Changes::default();
-        if self.pods.remove(&key).is_some() {
+        if let Some(old) = self.pods.remove(&key) {
+            self.gate_counts.add(&old, -1);
             self.recompute_pod(&key, &mut changes);
         }
         self.problems.remove(&key);
@@ -230,7 +277,9 @@ impl Index {
         let name = sreg.metadata.name.clone().unwrap_or_default();
         let (selector, plan) = match compile(sreg, &self.defaults) {
             Ok((s, p)) => (Some(s), Ok(p)),
-            Err(e) => (None, Err(e)),
+            // The selector may still be valid: the pods it selects show the problem on
+            // their readiness gate.
+            Err(e) => (compile_selector(&sreg.spec.selector).ok(), Err(e)),
         };
         let entry = Entry {
             uid: sreg.metadata.uid.clone().unwrap_or_default(),
@@ -380,6 +429,60 @@ impl Index {
         self.registrations.keys()
     }
 
+    /// Pods (namespace, name) that declare podlease's readiness gate.
+    pub fn gated_pods(&self) -> Vec<(String, String)> {
+        self.pods.iter().filter(|(_, p)| p.gated).map(|(k, _)| k.clone()).collect()
+    }
+
+    pub fn gate_counts(&self) -> GateCounts {
+        self.gate_counts
+    }
+
+    /// What the readiness gate of a gated pod is decided from; None when the pod is unknown
+    /// or not gated.
+    pub fn gated(&self, namespace: &str, name: &str) -> Option<GatedPod> {
+        let key = (namespace.to_string(), name.to_string());
+        let pod = self.pods.get(&key).filter(|p| p.gated)?;
+        let emitted = self.emitted.get(&key);
+        let mut sources = Vec::new();
+        let mut candidates = Vec::new();
+        for ((_, reg), entry) in self.registrations.range((key.0.clone(), String::new())..).take_while(|((ns, _), _)| *ns == key.0) {
+            let source = Source::Registration(reg.clone());
+            candidates.push(source.clone());
+            if entry.deleting || !entry.selector.as_ref().is_some_and(|s| s.matches(&pod.labels)) {
+                continue;
+            }
+            let state = match &entry.plan {
+                Err(e) => Err(format!("ServiceRegistration {reg}: {e}")),
+                Ok(_) if emitted.is_some_and(|e| e.contains_key(&source)) => Ok(()),
+                Ok(_) => match self.failures.get(&key).and_then(|f| f.get(reg)) {
+                    Some(f) => Err(format!("ServiceRegistration {reg}: {f}")),
+                    None => continue, // not publishable for it: nothing desired
+                },
+            };
+            sources.push((source, state));
+        }
+        candidates.push(Source::Annotations);
+        let annotated = annotations::parse(&pod.annotations);
+        if !matches!(annotated, Ok(None)) {
+            let state = if emitted.is_some_and(|e| e.contains_key(&Source::Annotations)) {
+                Some(Ok(()))
+            } else {
+                self.problems.get(&key).map(|p| Err(p.clone()))
+            };
+            sources.extend(state.map(|s| (Source::Annotations, s)));
+        }
+        Some(GatedPod {
+            uid: pod.uid.clone(),
+            publishable: pod.publishable(false),
+            terminating: pod.terminating,
+            ready_since: pod.ready_since,
+            current: pod.gate.clone(),
+            sources,
+            candidates,
+        })
+    }
+
     fn pods_in<'a>(&'a self, namespace: &'a str) -> impl Iterator<Item = &'a PodInfo> + 'a {
         self.pods
             .range((namespace.to_string(), String::new())..)
@@ -422,6 +525,9 @@ impl Index {
             }
         }
         changes.registrations.insert((key.0.clone(), name.to_string()));
+        if self.pods.get(key).is_some_and(|p| p.gated) {
+            changes.gated.insert(key.clone());
+        }
         let matched = self.matched.entry(key.clone()).or_default();
         if selected {
             matched.insert(name.to_string());
@@ -469,6 +575,9 @@ impl Index {
         let mut annotation_prefix: Option<String> = None;
         let mut matched: BTreeSet<String> = BTreeSet::new();
         let mut failed: BTreeMap<String, String> = BTreeMap::new();
+        if self.pods.get(key).is_some_and(|p| p.gated) {
+            changes.gated.insert(key.clone());
+        }
         if let Some(pod) = self.pods.get(key) {
             // ServiceRegistrations in the pod's namespace.
             for ((_, name), entry) in self

@@ -38,6 +38,8 @@ pub struct Metrics {
     pub drift_repairs: Counter,
     pub reconcile_duration: Histogram,
     pub etcd_available: Gauge,
+    pub gated_pods: Family<StateLabels, Gauge>,
+    pub gate_latency: Histogram,
 }
 
 impl Default for Metrics {
@@ -90,6 +92,18 @@ impl Metrics {
         r.register("etcd_available", "1 while the leader's last etcd operation succeeded (0 on followers)", etcd_available.clone());
         let drift_repairs = Counter::default();
         r.register("drift_repairs", "Managed keys found deleted or altered out of band and written again", drift_repairs.clone());
+        let gated_pods = Family::<StateLabels, Gauge>::default();
+        r.register(
+            "gated_pods",
+            "Pods with the readiness gate podlease.io/registered, by the state of its condition: true, false, unset (every replica reports the cluster's pods)",
+            gated_pods.clone(),
+        );
+        let gate_latency = Histogram::new(exponential_buckets(0.01, 2.0, 14));
+        r.register(
+            "gate_latency_seconds",
+            "From a gated pod's ContainersReady transition to its podlease.io/registered condition turning True (whole seconds: metav1.Time)",
+            gate_latency.clone(),
+        );
         Metrics {
             registry: Arc::new(r),
             instances,
@@ -108,6 +122,15 @@ impl Metrics {
             drift_repairs,
             reconcile_duration,
             etcd_available,
+            gated_pods,
+            gate_latency,
+        }
+    }
+
+    /// Sets the gated-pods gauge from the index's counts.
+    pub fn set_gate_counts(&self, c: crate::desired::GateCounts) {
+        for (state, n) in [("true", c.r#true), ("false", c.r#false), ("unset", c.unset)] {
+            self.gated_pods.get_or_create(&StateLabels { state: state.into() }).set(n);
         }
     }
 

@@ -1,5 +1,6 @@
 //! The trimmed view of a Pod that podlease keeps in memory, and the publication rule
-//! (the EndpointSlice controller's: serving = Ready, terminating = deletionTimestamp).
+//! (the EndpointSlice controller's: serving = Ready, terminating = deletionTimestamp; for a
+//! pod gated on podlease, serving = ContainersReady, since the gate itself holds Ready False).
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -22,22 +23,46 @@ pub struct PodInfo {
     pub ip: Option<IpAddr>,
     pub node: String,
     pub phase: String,
-    /// The `Ready` condition is True (readiness gates are already folded into it).
+    /// Serving: the `Ready` condition is True, or for a gated pod `ContainersReady` (its
+    /// `Ready` waits for podlease's own condition).
     pub ready: bool,
-    /// When the Ready condition last changed (for the propagation-latency metric).
+    /// When that condition last changed (for the propagation-latency metric).
     pub ready_since: Option<Timestamp>,
+    /// The pod declares the readiness gate `podlease.io/registered`.
+    pub gated: bool,
+    /// The gate's condition as the pod shows it now.
+    pub gate: Option<GateCondition>,
     pub terminating: bool,
     /// Declared container ports in order: (name, number).
     pub ports: Vec<(Option<String>, i32)>,
+}
+
+/// The readiness gate a pod declares to turn Ready only once podlease has registered it.
+pub const GATE: &str = "podlease.io/registered";
+
+/// The gate's condition on a pod: the part podlease compares before writing it again.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GateCondition {
+    pub status: bool,
+    pub reason: String,
+    pub message: String,
+    pub since: Option<Timestamp>,
 }
 
 impl PodInfo {
     pub fn from_pod(pod: &Pod) -> PodInfo {
         let meta = &pod.metadata;
         let status = pod.status.as_ref();
-        let ready_cond = status
-            .and_then(|s| s.conditions.as_ref())
-            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"));
+        let gated = pod.spec.iter().flat_map(|s| s.readiness_gates.iter().flatten()).any(|g| g.condition_type == GATE);
+        let conditions = status.and_then(|s| s.conditions.as_ref());
+        let find = |t: &str| conditions.and_then(|cs| cs.iter().find(|c| c.type_ == t));
+        let ready_cond = find(if gated { "ContainersReady" } else { "Ready" });
+        let gate = find(GATE).map(|c| GateCondition {
+            status: c.status == "True",
+            reason: c.reason.clone().unwrap_or_default(),
+            message: c.message.clone().unwrap_or_default(),
+            since: c.last_transition_time.as_ref().map(|t| t.0),
+        });
         let ip = status
             .and_then(|s| s.pod_ip.as_deref())
             .or_else(|| status.and_then(|s| s.pod_ips.as_ref()).and_then(|ips| ips.first()).map(|i| i.ip.as_str()))
@@ -66,6 +91,8 @@ impl PodInfo {
             phase: status.and_then(|s| s.phase.clone()).unwrap_or_default(),
             ready: ready_cond.is_some_and(|c| c.status == "True"),
             ready_since: ready_cond.and_then(|c| c.last_transition_time.as_ref()).map(|t| t.0),
+            gated,
+            gate,
             terminating: meta.deletion_timestamp.is_some(),
             ports,
         }
@@ -145,6 +172,42 @@ mod tests {
         assert!(!pod(s.clone(), false).publishable(false));
         s["phase"] = json!("Failed");
         assert!(!pod(s, false).publishable(true));
+    }
+
+    #[test]
+    fn a_gated_pod_is_served_on_containers_ready_since_its_ready_waits_for_the_gate() {
+        let gated = |containers: &str, gate: Option<&str>| {
+            let mut conditions = vec![
+                json!({"type": "ContainersReady", "status": containers, "lastTransitionTime": "2026-01-01T00:00:05Z"}),
+                json!({"type": "Ready", "status": "False", "lastTransitionTime": "2026-01-01T00:00:01Z"}),
+            ];
+            if let Some(g) = gate {
+                conditions.push(json!({"type": GATE, "status": g, "reason": "Registered", "message": "m"}));
+            }
+            let p: Pod = serde_json::from_value(json!({
+                "metadata": {"name": "p", "namespace": "ns", "uid": "u1"},
+                "spec": {"containers": [], "readinessGates": [{"conditionType": GATE}]},
+                "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": conditions},
+            }))
+            .unwrap();
+            PodInfo::from_pod(&p)
+        };
+        let p = gated("True", None);
+        assert!(p.gated && p.publishable(false));
+        assert_eq!(p.ready_since.unwrap().to_string(), "2026-01-01T00:00:05Z", "the ContainersReady transition");
+        assert!(p.gate.is_none());
+        assert!(!gated("False", Some("True")).publishable(false));
+        let g = gated("True", Some("True")).gate.unwrap();
+        assert!(g.status && g.reason == "Registered" && g.message == "m");
+        // Another gate is not ours: Ready decides.
+        let p: Pod = serde_json::from_value(json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [], "readinessGates": [{"conditionType": "example.com/other"}]},
+            "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "ContainersReady", "status": "True"}, {"type": "Ready", "status": "False"}]},
+        }))
+        .unwrap();
+        let p = PodInfo::from_pod(&p);
+        assert!(!p.gated && !p.publishable(false));
     }
 
     #[test]

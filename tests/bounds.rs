@@ -58,6 +58,8 @@ fn pod(ns: &str, name: &str, labels: &[(&str, &str)], i: usize) -> PodInfo {
         phase: "Running".into(),
         ready: true,
         ready_since: None,
+        gated: false,
+        gate: None,
         terminating: false,
         ports: vec![(Some("http".into()), 8080)],
     }

@@ -133,6 +133,8 @@ fn pod() -> impl Strategy<Value = PodInfo> {
             phase: "Running".into(),
             ready: true,
             ready_since: None,
+            gated: false,
+            gate: None,
             terminating: false,
             ports: vec![(Some("http".into()), 8080), (Some("grpc".into()), 9090)],
         })

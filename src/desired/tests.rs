@@ -18,6 +18,8 @@ fn pod(name: &str, labels: &[(&str, &str)], ready: bool) -> PodInfo {
         phase: "Running".into(),
         ready,
         ready_since: None,
+        gated: false,
+        gate: None,
         terminating: false,
         ports: vec![(Some("http".into()), 8080), (Some("grpc".into()), 9090)],
     }
@@ -350,4 +352,59 @@ fn a_registration_change_touches_only_the_pods_it_selects_or_selected() {
     let c = idx.delete_registration("shop", "a");
     assert_eq!(removed(&c), vec!["b1"]);
     assert!(idx.desired().is_empty());
+}
+
+fn gated(name: &str, labels: &[(&str, &str)], ready: bool) -> PodInfo {
+    PodInfo { gated: true, ..pod(name, labels, ready) }
+}
+
+#[test]
+fn a_gated_pod_shows_what_each_source_that_selects_it_publishes_or_why_not() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_registration(&sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}})));
+    // Selects the pod, but its spec is invalid (the selector itself is fine).
+    idx.apply_registration(&sreg("broken", json!({"selector": {"matchLabels": {"app": "user"}}, "ttlSeconds": 1})));
+    idx.apply_registration(&sreg("other", json!({"selector": {"matchLabels": {"app": "other"}}})));
+    let c = idx.apply_pod(gated("u1", &[("app", "user")], true));
+    assert!(c.gated.contains(&("shop".into(), "u1".into())));
+    let g = idx.gated("shop", "u1").unwrap();
+    assert!(g.publishable);
+    assert_eq!(g.sources.len(), 2, "{g:?}");
+    assert!(g.sources.contains(&(Source::Registration("user".into()), Ok(()))));
+    let (_, broken) = g.sources.iter().find(|(s, _)| *s == Source::Registration("broken".into())).unwrap();
+    assert!(broken.as_ref().unwrap_err().starts_with("ServiceRegistration broken: ttlSeconds 1"), "{broken:?}");
+    assert_eq!(g.candidates.len(), 4, "every registration of the namespace and the annotations");
+    // Not gated: no gate to decide.
+    idx.apply_pod(pod("plain", &[("app", "user")], true));
+    assert!(idx.gated("shop", "plain").is_none());
+    assert_eq!(idx.gated_pods(), vec![("shop".to_string(), "u1".to_string())]);
+}
+
+#[test]
+fn a_registration_change_marks_the_gated_pods_it_selects() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_pod(gated("u1", &[("app", "user")], true));
+    idx.apply_pod(pod("plain", &[("app", "user")], true));
+    let c = idx.apply_registration(&sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}})));
+    assert_eq!(c.gated, BTreeSet::from([("shop".to_string(), "u1".to_string())]));
+    let c = idx.apply_registration(&sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}, "ttlSeconds": 1})));
+    assert!(c.gated.contains(&("shop".into(), "u1".into())), "turning invalid changes the gate");
+    assert!(idx.gated("shop", "u1").unwrap().sources[0].1.is_err());
+}
+
+#[test]
+fn gate_counts_follow_pods() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_pod(gated("a", &[], true));
+    let mut b = gated("b", &[], true);
+    b.gate = Some(crate::pod::GateCondition { status: true, reason: "Registered".into(), message: String::new(), since: None });
+    idx.apply_pod(b.clone());
+    idx.apply_pod(pod("plain", &[], true));
+    assert_eq!(idx.gate_counts(), GateCounts { r#true: 1, r#false: 0, unset: 1 });
+    b.gate.as_mut().unwrap().status = false;
+    idx.apply_pod(b);
+    assert_eq!(idx.gate_counts(), GateCounts { r#true: 0, r#false: 1, unset: 1 });
+    idx.delete_pod("shop", "b");
+    idx.delete_pod("shop", "a");
+    assert_eq!(idx.gate_counts(), GateCounts::default());
 }

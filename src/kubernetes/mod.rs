@@ -1,7 +1,8 @@
 //! The Kubernetes side: watching pods and ServiceRegistrations into the index, writing
-//! status, finalizers and Events back, and finding the cluster id.
+//! status, finalizers, readiness gates and Events back, and finding the cluster id.
 
 pub mod events;
+pub mod gate;
 pub mod status;
 pub mod watch;
 

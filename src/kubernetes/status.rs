@@ -15,12 +15,15 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
 use super::events::{self, Events};
+use super::gate::Gates;
+use crate::metrics::Metrics;
 use crate::desired::{Index, PodProblem, Source, Summary};
 use crate::registration::{FINALIZER, MAX_STATUS_INSTANCES, RegisteredInstance, ServiceRegistration, ServiceRegistrationStatus, condition};
 use crate::registry::lease::Backoff;
 use crate::registry::{Notice, Records, SharedView, Shown, View};
 
 type RegKey = (String, String);
+type PodKey = (String, String);
 
 /// Input to the status writer besides registry notices.
 #[derive(Debug)]
@@ -29,6 +32,10 @@ pub enum Signal {
     Dirty(RegKey),
     /// A pod's annotations are invalid.
     Problem(PodProblem),
+    /// A gated pod's readiness gate may need writing.
+    Gate(PodKey),
+    /// Every gated pod's gate may need writing (a new term).
+    AllGates,
 }
 
 pub struct StatusWriter {
@@ -47,6 +54,7 @@ pub struct StatusWriter {
     retry: HashMap<RegKey, (std::time::Instant, Backoff)>,
     /// What etcd holds, asked before a finalizer is released.
     records: Records,
+    gates: Gates,
 }
 
 /// How often a deleted registration's finalizer is checked again while etcd still holds
@@ -57,8 +65,9 @@ const RELEASE_RECHECK: Duration = Duration::from_millis(500);
 const DEBOUNCE: Duration = Duration::from_millis(100);
 
 impl StatusWriter {
-    pub fn new(client: Client, index: Arc<Mutex<Index>>, view: SharedView, events: Events, records: Records) -> StatusWriter {
+    pub fn new(client: Client, index: Arc<Mutex<Index>>, view: SharedView, events: Events, records: Records, metrics: Metrics) -> StatusWriter {
         StatusWriter {
+            gates: Gates::new(client.clone(), metrics),
             client,
             index,
             view,
@@ -85,6 +94,8 @@ impl StatusWriter {
                 _ = shutdown.cancelled() => return,
                 Some(s) = signals.recv() => match s {
                     Signal::Dirty(k) => { self.dirty.insert(k); }
+                    Signal::Gate(k) => self.gates.mark(k),
+                    Signal::AllGates => self.gates.mark_all(&self.index),
                     Signal::Problem(p) => {
                         warn!(namespace = p.namespace, pod = p.pod, "{}", p.message);
                         self.events.publish(true, events::REASON_INVALID_ANNOTATION, "Validate", p.message.clone(),
@@ -93,8 +104,14 @@ impl StatusWriter {
                 },
                 Some(n) = notices.recv() => self.on_notice(n),
                 _ = tick.tick() => {
-                    if !self.dirty.is_empty() && self.view.read().unwrap().synced {
-                        self.flush().await;
+                    // Only the leader writes, and only once it has adopted and converges.
+                    if self.view.read().unwrap().synced {
+                        if !self.dirty.is_empty() {
+                            self.flush().await;
+                        }
+                        if self.gates.is_dirty() {
+                            self.gates.flush(&self.index, &self.view).await;
+                        }
                     }
                 }
             }
@@ -106,8 +123,10 @@ impl StatusWriter {
             Notice::Etcd => {
                 let all: Vec<RegKey> = self.index.lock().unwrap().registrations().cloned().collect();
                 self.dirty.extend(all);
+                self.gates.mark_all(&self.index);
             }
             Notice::Changed(id) => {
+                self.gates.mark((id.namespace.clone(), id.pod.clone()));
                 if let Source::Registration(name) = id.source {
                     self.dirty.insert((id.namespace, name));
                 }
@@ -269,7 +288,7 @@ pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view:
     let mut instances = Vec::new();
     for (pod, shown) in group.into_iter().flatten() {
         match shown {
-            Shown::Registered { key, lease, since, address } => {
+            Shown::Registered { key, lease, since, address, .. } => {
                 registered += 1;
                 if instances.len() < MAX_STATUS_INSTANCES {
                     let lease_id = format!("{lease:x}");

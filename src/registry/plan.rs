@@ -191,7 +191,8 @@ impl Slot {
                     fx.push(Effect::Propagated);
                 }
                 let address = self.desired.as_ref().map(|d| d.address.clone()).unwrap_or_default();
-                let shown = Shown::Registered { key: held.key.clone(), lease: held.lease, since: held.since, address };
+                let shown =
+                    Shown::Registered { key: held.key.clone(), lease: held.lease, since: held.since, address, pod_uid: held.pod_uid.clone() };
                 fx.extend(self.set_held(Some(held), renew));
                 self.failed = None;
                 self.conflict = None;
@@ -256,7 +257,7 @@ impl Slot {
 }
 
 fn registered(h: &Held, d: &Desired) -> Shown {
-    Shown::Registered { key: h.key.clone(), lease: h.lease, since: h.since, address: d.address.clone() }
+    Shown::Registered { key: h.key.clone(), lease: h.lease, since: h.since, address: d.address.clone(), pod_uid: h.pod_uid.clone() }
 }
 
 #[cfg(test)]

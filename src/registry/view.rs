@@ -11,7 +11,9 @@ use crate::desired::{InstanceId, Source};
 /// What one instance looks like from outside.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Shown {
-    Registered { key: String, lease: i64, since: Timestamp, address: String },
+    /// `pod_uid`: the pod the key was written for (a pod recreated under the same name is
+    /// not registered until its own key is).
+    Registered { key: String, lease: i64, since: Timestamp, address: String, pod_uid: String },
     Conflict { key: String, message: String },
     Pending,
     Failed { message: String },

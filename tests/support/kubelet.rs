@@ -34,6 +34,11 @@ impl PodSpec {
         self.annotations.insert(k.into(), v.into());
         self
     }
+    /// Declares podlease's readiness gate.
+    pub fn gated(mut self) -> Self {
+        self.readiness_gates.push(podlease::pod::GATE.into());
+        self
+    }
     pub fn ports(mut self, ports: &[(&str, i32)]) -> Self {
         self.ports = ports.iter().map(|(n, p)| (n.to_string(), *p)).collect();
         self
@@ -114,6 +119,37 @@ pub async fn set_ready(client: &Client, ns: &str, name: &str, ip: &str, ready: b
     pods.patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
         .await
         .unwrap_or_else(|e| panic!("patch status of {name}: {e}"))
+}
+
+/// For a pod with podlease's readiness gate: its containers turn ready (or not), and its
+/// Ready condition follows them and the gate, as the kubelet computes it.
+pub async fn set_containers_ready(client: &Client, ns: &str, name: &str, ip: &str, ready: bool) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let gate_open = gate_condition(&pods.get(name).await.expect("get pod")).is_some_and(|c| c.status == "True");
+    let t = now();
+    let status = |b: bool| if b { "True" } else { "False" };
+    let patch = json!({
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "hostIP": "192.0.2.1",
+            "conditions": [
+                {"type": "Initialized", "status": "True", "lastTransitionTime": t},
+                {"type": "ContainersReady", "status": status(ready), "lastTransitionTime": t},
+                {"type": "Ready", "status": status(ready && gate_open), "lastTransitionTime": t},
+                {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
+            ],
+        }
+    });
+    pods.patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
+        .await
+        .unwrap_or_else(|e| panic!("patch status of {name}: {e}"))
+}
+
+/// The pod's `podlease.io/registered` condition, if it has one.
+pub fn gate_condition(pod: &Pod) -> Option<k8s_openapi::api::core::v1::PodCondition> {
+    pod.status.as_ref()?.conditions.as_ref()?.iter().find(|c| c.type_ == podlease::pod::GATE).cloned()
 }
 
 /// Sets the pod's phase (e.g. "Succeeded") keeping everything else.

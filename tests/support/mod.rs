@@ -9,6 +9,7 @@
 
 pub mod controller;
 pub mod etcd;
+pub mod gate;
 pub mod helm;
 pub mod kubelet;
 pub mod observer;

@@ -36,6 +36,10 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 - apiGroups: [""]
   resources: [pods]
   verbs: [list, watch]
+# The readiness gate podlease.io/registered: one condition of gated pods.
+- apiGroups: [""]
+  resources: [pods/status]
+  verbs: [patch]
 - apiGroups: [podlease.io]
   resources: [serviceregistrations]
   verbs: [list, watch, patch]

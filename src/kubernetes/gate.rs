@@ -1,0 +1,295 @@
+//! The readiness gate `podlease.io/registered`: a pod that declares it turns Ready only once
+//! every key podlease publishes for it is confirmed in etcd, so a rollout waits for
+//! discovery. The decision is pure (`decide`); `Gates` writes it to the pod's status, only
+//! from the leader (the status writer flushes only while its view is synced).
+//!
+//! The gate guards a pod's way into service. Once True, it goes False only when the pod's
+//! containers stop being ready (the pod is not Ready then anyway) and its keys are gone:
+//! failing a serving pod because its key was lost later (etcd down, a spec edited into an
+//! error, a conflict) would take it out of every Kubernetes Service too, turning a discovery
+//! problem into an outage. Those problems show on the ServiceRegistration and in metrics.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::api::{Api, Patch, PatchParams};
+use serde_json::json;
+use tracing::{debug, warn};
+
+use crate::desired::{GatedPod, Index, Source};
+use crate::metrics::Metrics;
+use crate::pod::GATE;
+use crate::registry::lease::Backoff;
+use crate::registry::{Shown, View};
+
+type PodKey = (String, String);
+
+pub const REASON_REGISTERED: &str = "Registered";
+pub const REASON_NOT_SELECTED: &str = "NotSelected";
+pub const REASON_PENDING: &str = "Pending";
+pub const REASON_CONFLICT: &str = "Conflict";
+pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
+pub const REASON_ETCD_UNAVAILABLE: &str = "EtcdUnavailable";
+pub const REASON_DEREGISTERED: &str = "Deregistered";
+
+/// Pod status patches in flight at once (a rollout makes many pods ready together).
+const CONCURRENCY: usize = 32;
+/// A condition message is cut here: it is for `kubectl describe`, not a log.
+const MAX_MESSAGE: usize = 1024;
+/// After a write, the pod watch may still show the old condition this long: the same write
+/// is not repeated meanwhile.
+const WATCH_LAG: Duration = Duration::from_secs(5);
+
+/// The condition a gated pod should show.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub status: bool,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+impl Decision {
+    fn new(status: bool, reason: &'static str, message: String) -> Decision {
+        let mut message = message;
+        if message.len() > MAX_MESSAGE {
+            let mut end = MAX_MESSAGE;
+            while !message.is_char_boundary(end) {
+                end -= 1;
+            }
+            message.truncate(end);
+            message.push('…');
+        }
+        Decision { status, reason, message }
+    }
+}
+
+/// What the gate of `pod` should be now, given what the registry shows for each of its
+/// sources (`shown`); None: leave it as it is.
+pub fn decide<'a>(pod: &GatedPod, shown: impl Fn(&Source) -> Option<&'a Shown>, etcd_unavailable: Option<&str>) -> Option<Decision> {
+    if pod.terminating {
+        return None; // its keys are being revoked and it leaves every Service anyway
+    }
+    let current_true = pod.current.as_ref().is_some_and(|c| c.status);
+    let registered = |s: &Source| match shown(s) {
+        Some(Shown::Registered { key, pod_uid, .. }) if *pod_uid == pod.uid => Some(key.clone()),
+        _ => None,
+    };
+    let want = if !pod.publishable {
+        // Close the gate once no key of the pod is left, so that when its containers turn
+        // ready again it is Ready only after its keys are back.
+        if !current_true || pod.candidates.iter().any(|s| registered(s).is_some()) {
+            return None;
+        }
+        Decision::new(
+            false,
+            REASON_DEREGISTERED,
+            "the pod's containers are not ready and its keys are revoked; it turns Ready once they are written again".into(),
+        )
+    } else if let Some((_, Err(e))) = pod.sources.iter().find(|(_, r)| r.is_err()) {
+        Decision::new(false, REASON_INVALID_SPEC, e.clone())
+    } else if pod.sources.is_empty() {
+        Decision::new(
+            true,
+            REASON_NOT_SELECTED,
+            "no ServiceRegistration selects this pod and it has no podlease.io/service annotation: nothing to wait for".into(),
+        )
+    } else {
+        let total = pod.sources.len();
+        let mut keys = Vec::new();
+        let mut conflict = None;
+        let mut failed = None;
+        for (source, _) in &pod.sources {
+            if let Some(k) = registered(source) {
+                keys.push(k);
+                continue;
+            }
+            match shown(source) {
+                Some(Shown::Conflict { key, message }) => conflict = conflict.or(Some(format!("key {key}: {message}"))),
+                Some(Shown::Failed { message }) => failed = failed.or(Some(message.clone())),
+                _ => {}
+            }
+        }
+        if keys.len() == total {
+            keys.sort();
+            let message = match keys.as_slice() {
+                [one] => format!("registered in etcd as {one}"),
+                [first, ..] => format!("registered in etcd under {total} keys ({first}, …)"),
+                [] => unreachable!("sources is not empty"),
+            };
+            Decision::new(true, REASON_REGISTERED, message)
+        } else if let Some(c) = conflict {
+            Decision::new(false, REASON_CONFLICT, format!("{} of {total} keys registered; {c}", keys.len()))
+        } else if let Some(e) = failed.as_deref().or(etcd_unavailable) {
+            Decision::new(false, REASON_ETCD_UNAVAILABLE, format!("{} of {total} keys registered; etcd: {e}", keys.len()))
+        } else {
+            Decision::new(false, REASON_PENDING, format!("{} of {total} keys registered; writing the rest", keys.len()))
+        }
+    };
+    if pod.publishable && current_true && !want.status {
+        return None; // never take a serving pod out of service for a discovery problem
+    }
+    let same = pod.current.as_ref().is_some_and(|c| c.status == want.status && c.reason == want.reason && c.message == want.message);
+    (!same).then_some(want)
+}
+
+/// Writes the gates of gated pods that may have changed.
+pub struct Gates {
+    client: Client,
+    metrics: Metrics,
+    dirty: BTreeSet<PodKey>,
+    /// Pods whose last write failed: not before this instant again.
+    retry: HashMap<PodKey, (Instant, Backoff)>,
+    /// The last write per pod (uid, decision, when), so a lagging watch does not repeat it.
+    written: HashMap<PodKey, (String, Decision, Instant)>,
+    /// Containers that turned ready before this process started were not seen live: their
+    /// wait is not gate latency.
+    started: Timestamp,
+}
+
+enum Written {
+    Done,
+    /// The pod is gone or was recreated under its name: nothing to write to it.
+    Gone,
+    Failed(kube::Error),
+}
+
+impl Gates {
+    pub fn new(client: Client, metrics: Metrics) -> Gates {
+        Gates {
+            client,
+            metrics,
+            dirty: BTreeSet::new(),
+            retry: HashMap::new(),
+            written: HashMap::new(),
+            started: Timestamp::now(),
+        }
+    }
+
+    pub fn mark(&mut self, key: PodKey) {
+        self.dirty.insert(key);
+    }
+
+    pub fn mark_all(&mut self, index: &Mutex<Index>) {
+        self.dirty.extend(index.lock().unwrap().gated_pods());
+    }
+
+    pub fn is_dirty(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Decides every dirty pod's gate and writes the ones that change.
+    pub async fn flush(&mut self, index: &Arc<Mutex<Index>>, view: &RwLock<View>) {
+        let now = Instant::now();
+        let (keys, later): (BTreeSet<PodKey>, BTreeSet<PodKey>) =
+            std::mem::take(&mut self.dirty).into_iter().partition(|k| self.retry.get(k).is_none_or(|(at, _)| *at <= now));
+        self.dirty = later;
+        let mut writes = Vec::new();
+        {
+            let index = index.lock().unwrap();
+            let view = view.read().unwrap();
+            for key in keys {
+                let Some(pod) = index.gated(&key.0, &key.1) else {
+                    self.written.remove(&key);
+                    self.retry.remove(&key);
+                    continue;
+                };
+                let shown = |s: &Source| view.group(&key.0, s).and_then(|g| g.get(&key.1));
+                let Some(decision) = decide(&pod, shown, view.etcd_unavailable.as_deref()) else {
+                    continue;
+                };
+                if self.written.get(&key).is_some_and(|(uid, d, at)| *uid == pod.uid && *d == decision && at.elapsed() < WATCH_LAG) {
+                    continue;
+                }
+                writes.push((key, pod, decision));
+            }
+        }
+        let client = self.client.clone();
+        let results: Vec<_> = futures::stream::iter(writes)
+            .map(|(key, pod, decision)| {
+                let client = client.clone();
+                async move {
+                    let result = write(&client, &key, &pod, &decision).await;
+                    (key, pod, decision, result)
+                }
+            })
+            .buffer_unordered(CONCURRENCY)
+            .collect()
+            .await;
+        for (key, pod, decision, result) in results {
+            match result {
+                Written::Done => {
+                    self.retry.remove(&key);
+                    let opened = decision.status && !pod.current.as_ref().is_some_and(|c| c.status);
+                    if opened && let Some(since) = pod.ready_since.filter(|s| s.as_second() >= self.started.as_second()) {
+                        self.metrics.gate_latency.observe(Timestamp::now().duration_since(since).as_secs_f64().max(0.0));
+                    }
+                    self.written.insert(key, (pod.uid, decision, Instant::now()));
+                }
+                Written::Gone => {
+                    self.retry.remove(&key);
+                    self.written.remove(&key);
+                }
+                Written::Failed(e) => {
+                    let entry = self.retry.entry(key.clone()).or_insert_with(|| (now, Backoff::default()));
+                    let delay = entry.1.next();
+                    entry.0 = Instant::now() + delay;
+                    warn!(namespace = key.0, pod = key.1, error = %e, retry_in = ?delay, "writing the readiness gate failed");
+                    self.dirty.insert(key);
+                }
+            }
+        }
+    }
+}
+
+/// Writes a decision to the pod, keeping the transition time while the status stays.
+async fn write(client: &Client, key: &PodKey, pod: &GatedPod, d: &Decision) -> Written {
+    let since = match &pod.current {
+        Some(c) if c.status == d.status => c.since.unwrap_or_else(Timestamp::now),
+        _ => Timestamp::now(),
+    };
+    match patch(client, &key.0, &key.1, &pod.uid, since, d).await {
+        Ok(()) => {
+            debug!(namespace = key.0, pod = key.1, status = d.status, reason = d.reason, "readiness gate written");
+            Written::Done
+        }
+        Err(e) if gone(&e) => {
+            debug!(namespace = key.0, pod = key.1, error = %e, "readiness gate not written: the pod is gone or was recreated");
+            Written::Gone
+        }
+        Err(e) => Written::Failed(e),
+    }
+}
+
+/// The pod a patch was meant for is gone: deleted (404), or recreated under its name, which
+/// refuses the old UID (422 "metadata.uid: field is immutable"; 409 on some versions).
+pub fn gone(e: &kube::Error) -> bool {
+    match e {
+        kube::Error::Api(s) => {
+            s.code == 404 || s.code == 409 || (s.code == 422 && s.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.field == "metadata.uid")))
+        }
+        _ => false,
+    }
+}
+
+/// Patches the gate condition of pod `uid`. The UID is a precondition, as in the kubelet's
+/// own status patches: a pod recreated under the same name refuses it (see [`gone`]).
+pub async fn patch(client: &Client, namespace: &str, name: &str, uid: &str, since: Timestamp, d: &Decision) -> Result<(), kube::Error> {
+    let body = json!({
+        "metadata": {"uid": uid},
+        "status": {"conditions": [{
+            "type": GATE, "status": if d.status { "True" } else { "False" }, "reason": d.reason, "message": d.message,
+            "lastTransitionTime": Time(since), "lastProbeTime": null,
+        }]},
+    });
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    api.patch_status(name, &PatchParams::default(), &Patch::Strategic(&body)).await.map(|_| ())
+}
+
+#[cfg(test)]
+mod tests;
