@@ -261,7 +261,6 @@ impl Terms {
             for k in index.registrations() {
                 let _ = signal_tx.send(Signal::Dirty(k.clone()));
             }
-            let _ = signal_tx.send(Signal::AllGates);
         }
         Term { epoch, leading: epoch.is_some(), cancel, cmd_tx, task }
     }

@@ -138,9 +138,9 @@ pub struct GatedPod {
     /// When its containers turned ready.
     pub ready_since: Option<Timestamp>,
     pub current: Option<crate::pod::GateCondition>,
-    /// The sources that select the pod: Ok when one of its instances is desired, Err with
+    /// The sources that select the pod: Ok with the key its instance should have, Err with
     /// why the source publishes nothing for it (an invalid spec or annotation).
-    pub sources: Vec<(Source, Result<(), String>)>,
+    pub sources: Vec<(Source, Result<Key, String>)>,
     /// Every source that may still hold a key of the pod (all registrations of its
     /// namespace, and its annotations).
     pub candidates: Vec<Source>,
@@ -265,6 +265,9 @@ impl Index {
         let mut changes = Changes::default();
         if let Some(old) = self.pods.remove(&key) {
             self.gate_counts.add(&old, -1);
+            if old.gated {
+                changes.gated.insert(key.clone()); // the writer forgets it
+            }
             self.recompute_pod(&key, &mut changes);
         }
         self.problems.remove(&key);
@@ -452,10 +455,10 @@ impl Index {
             if entry.deleting || !entry.selector.as_ref().is_some_and(|s| s.matches(&pod.labels)) {
                 continue;
             }
-            let state = match &entry.plan {
-                Err(e) => Err(format!("ServiceRegistration {reg}: {e}")),
-                Ok(_) if emitted.is_some_and(|e| e.contains_key(&source)) => Ok(()),
-                Ok(_) => match self.failures.get(&key).and_then(|f| f.get(reg)) {
+            let state = match (&entry.plan, emitted.and_then(|e| e.get(&source))) {
+                (Err(e), _) => Err(format!("ServiceRegistration {reg}: {e}")),
+                (Ok(_), Some(d)) => Ok(d.key.clone()),
+                (Ok(_), None) => match self.failures.get(&key).and_then(|f| f.get(reg)) {
                     Some(f) => Err(format!("ServiceRegistration {reg}: {f}")),
                     None => continue, // not publishable for it: nothing desired
                 },
@@ -465,8 +468,8 @@ impl Index {
         candidates.push(Source::Annotations);
         let annotated = annotations::parse(&pod.annotations);
         if !matches!(annotated, Ok(None)) {
-            let state = if emitted.is_some_and(|e| e.contains_key(&Source::Annotations)) {
-                Some(Ok(()))
+            let state = if let Some(d) = emitted.and_then(|e| e.get(&Source::Annotations)) {
+                Some(Ok(d.key.clone()))
             } else {
                 self.problems.get(&key).map(|p| Err(p.clone()))
             };

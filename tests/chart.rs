@@ -229,8 +229,16 @@ async fn the_controller_does_its_whole_job_with_exactly_the_charts_rbac() {
         create_pod(&bed.kube, "default", &PodSpec::new(&format!("user-{i}")).label("app", "user")).await;
         set_ready(&bed.kube, "default", &format!("user-{i}"), &pod_ip(i + 1), true).await;
     }
+    // A pod with the readiness gate: its condition is patched (pods/status).
+    create_pod(&bed.kube, "default", &PodSpec::new("user-gated").label("app", "user").gated()).await;
+    set_containers_ready(&bed.kube, "default", "user-gated", &pod_ip(3), true).await;
     wait_key(&bed.etcd, "/services/user/default/user-0").await;
-    wait_until("status written", DEADLINE, || async { (regs.get("user").await.ok()?.status?.registered == 2).then_some(()) }).await;
+    wait_until("status written", DEADLINE, || async { (regs.get("user").await.ok()?.status?.registered == 3).then_some(()) }).await;
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(bed.kube.clone(), "default");
+    wait_until("the readiness gate opened", DEADLINE, || async {
+        (gate_condition(&pods.get("user-gated").await.ok()?)?.status == "True").then_some(())
+    })
+    .await;
     // An invalid annotation, fixed, then broken the same way again: the Event is created,
     // then updated (a series) the second time.
     create_pod(&bed.kube, "default", &PodSpec::new("bad").annotation("podlease.io/service", "x").annotation("podlease.io/ttl", "1")).await;

@@ -237,3 +237,24 @@ async fn a_failover_flips_no_gate() {
     }
     assert_eq!(standby.metric("podlease_gated_pods{state=\"true\"}").await, 21.0);
 }
+
+#[tokio::test]
+async fn a_stale_gate_write_landing_after_the_leaders_is_corrected() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let _c = Controller::start(&bed, "c", &[]).await;
+    create_registration(&bed.kube, NS, "web", json!({"selector": {"matchLabels": {"app": "web"}}})).await;
+    let t = Timeline::start(&bed.kube, NS, &bed.etcd, "/services/").await;
+    gated_pod(&bed, "web", "web-0", 1).await;
+    let open = t.wait_gate("web-0", "True", "Registered", DEADLINE).await;
+    // A deposed leader's patch, in flight through a takeover, lands right after: it closes
+    // the gate of a registered pod. No pod or etcd change follows to wake the leader up.
+    let stale = Decision { status: false, reason: gate::REASON_DEREGISTERED, message: "stale".into() };
+    gate::patch(&bed.kube, NS, "web-0", &open.uid, Timestamp::now(), &stale).await.unwrap();
+    let closed = t.wait_gate("web-0", "False", gate::REASON_DEREGISTERED, DEADLINE).await;
+    let fixed = wait_until("the gate reopened", DEADLINE, || async {
+        t.gate_changes("web-0").into_iter().find(|g| g.status == "True" && g.at > closed.at)
+    })
+    .await;
+    println!("measured: a stale False corrected after {:?}", fixed.at - closed.at);
+}

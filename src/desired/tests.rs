@@ -370,7 +370,7 @@ fn a_gated_pod_shows_what_each_source_that_selects_it_publishes_or_why_not() {
     let g = idx.gated("shop", "u1").unwrap();
     assert!(g.publishable);
     assert_eq!(g.sources.len(), 2, "{g:?}");
-    assert!(g.sources.contains(&(Source::Registration("user".into()), Ok(()))));
+    assert!(g.sources.contains(&(Source::Registration("user".into()), Ok(Key::Fixed("/services/user/shop/u1".into())))));
     let (_, broken) = g.sources.iter().find(|(s, _)| *s == Source::Registration("broken".into())).unwrap();
     assert!(broken.as_ref().unwrap_err().starts_with("ServiceRegistration broken: ttlSeconds 1"), "{broken:?}");
     assert_eq!(g.candidates.len(), 4, "every registration of the namespace and the annotations");

@@ -9,8 +9,8 @@
 //! error, a conflict) would take it out of every Kubernetes Service too, turning a discovery
 //! problem into an outage. Those problems show on the ServiceRegistration and in metrics.
 
-use std::collections::{BTreeSet, HashMap};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
@@ -23,10 +23,11 @@ use serde_json::json;
 use tracing::{debug, warn};
 
 use crate::desired::{GatedPod, Index, Source};
+use crate::format::Key;
 use crate::metrics::Metrics;
-use crate::pod::GATE;
+use crate::pod::{GATE, GateCondition};
 use crate::registry::lease::Backoff;
-use crate::registry::{Shown, View};
+use crate::registry::{SharedView, Shown};
 
 type PodKey = (String, String);
 
@@ -42,8 +43,8 @@ pub const REASON_DEREGISTERED: &str = "Deregistered";
 const CONCURRENCY: usize = 32;
 /// A condition message is cut here: it is for `kubectl describe`, not a log.
 const MAX_MESSAGE: usize = 1024;
-/// After a write, the pod watch may still show the old condition this long: the same write
-/// is not repeated meanwhile.
+/// After a write, the pod watch may show the old condition this long: decisions meanwhile
+/// start from what was written, and the pod is decided once more after it.
 const WATCH_LAG: Duration = Duration::from_secs(5);
 
 /// The condition a gated pod should show.
@@ -76,14 +77,21 @@ pub fn decide<'a>(pod: &GatedPod, shown: impl Fn(&Source) -> Option<&'a Shown>, 
         return None; // its keys are being revoked and it leaves every Service anyway
     }
     let current_true = pod.current.as_ref().is_some_and(|c| c.status);
-    let registered = |s: &Source| match shown(s) {
-        Some(Shown::Registered { key, pod_uid, .. }) if *pod_uid == pod.uid => Some(key.clone()),
+    // Serving: open since before its containers last turned ready. Containers that flapped
+    // after the gate opened make the pod a newcomer again (to the second: metav1.Time).
+    let serving = pod.publishable
+        && pod.current.as_ref().is_some_and(|c| c.status && c.since.zip(pod.ready_since).is_none_or(|(open, ready)| ready <= open));
+    // A key written for this very pod (not an earlier one of its name), where it should be.
+    let registered = |s: &Source, want: Option<&Key>| match shown(s) {
+        Some(Shown::Registered { key, pod_uid, .. }) if *pod_uid == pod.uid && want.is_none_or(|w| w.matches(key)) => Some(key.clone()),
         _ => None,
     };
     let want = if !pod.publishable {
         // Close the gate once no key of the pod is left, so that when its containers turn
-        // ready again it is Ready only after its keys are back.
-        if !current_true || pod.candidates.iter().any(|s| registered(s).is_some()) {
+        // ready again it is Ready only after its keys are back. A source that publishes
+        // pods that are not ready (publishNotReady) keeps its key: nothing to close then.
+        let wanted = pod.sources.iter().any(|(_, r)| r.is_ok());
+        if !current_true || wanted || pod.candidates.iter().any(|s| registered(s, None).is_some()) {
             return None;
         }
         Decision::new(
@@ -104,8 +112,8 @@ pub fn decide<'a>(pod: &GatedPod, shown: impl Fn(&Source) -> Option<&'a Shown>, 
         let mut keys = Vec::new();
         let mut conflict = None;
         let mut failed = None;
-        for (source, _) in &pod.sources {
-            if let Some(k) = registered(source) {
+        for (source, want) in &pod.sources {
+            if let Some(k) = registered(source, want.as_ref().ok()) {
                 keys.push(k);
                 continue;
             }
@@ -131,31 +139,50 @@ pub fn decide<'a>(pod: &GatedPod, shown: impl Fn(&Source) -> Option<&'a Shown>, 
             Decision::new(false, REASON_PENDING, format!("{} of {total} keys registered; writing the rest", keys.len()))
         }
     };
-    if pod.publishable && current_true && !want.status {
+    if serving && !want.status {
         return None; // never take a serving pod out of service for a discovery problem
+    }
+    // Pending is the short moment before the key is written: an absent condition or
+    // Deregistered already says the pod waits for it, and a write each way would double
+    // the API calls of a rollout. It replaces only a reason that no longer holds.
+    let waits = pod.current.as_ref().is_none_or(|c| !c.status && [REASON_DEREGISTERED, REASON_PENDING].contains(&c.reason.as_str()));
+    if want.reason == REASON_PENDING && waits {
+        return None;
     }
     let same = pod.current.as_ref().is_some_and(|c| c.status == want.status && c.reason == want.reason && c.message == want.message);
     (!same).then_some(want)
 }
 
-/// Writes the gates of gated pods that may have changed.
+/// Writes the gates of gated pods that may have changed. Marks are taken only while this
+/// replica leads and has adopted (`view.synced`); a new term marks every gated pod.
 pub struct Gates {
     client: Client,
     metrics: Metrics,
     dirty: BTreeSet<PodKey>,
-    /// Pods whose last write failed: not before this instant again.
+    /// Pods whose last write failed, with when to try again and the backoff.
     retry: HashMap<PodKey, (Instant, Backoff)>,
-    /// The last write per pod (uid, decision, when), so a lagging watch does not repeat it.
-    written: HashMap<PodKey, (String, Decision, Instant)>,
+    /// Pods to decide again at an instant: failed writes, and writes the pod watch may not
+    /// show yet (a write by a deposed leader could land after them).
+    later: BTreeMap<PodKey, Instant>,
+    /// The last write per pod: newer than the pod watch for a while (`WATCH_LAG`).
+    written: HashMap<PodKey, Memo>,
     /// Containers that turned ready before this process started were not seen live: their
     /// wait is not gate latency.
     started: Timestamp,
 }
 
+struct Memo {
+    uid: String,
+    condition: GateCondition,
+    at: Instant,
+}
+
 enum Written {
-    Done,
+    Done(Timestamp),
     /// The pod is gone or was recreated under its name: nothing to write to it.
     Gone,
+    /// This replica no longer leads: the next leader decides.
+    NotLeading,
     Failed(kube::Error),
 }
 
@@ -166,55 +193,86 @@ impl Gates {
             metrics,
             dirty: BTreeSet::new(),
             retry: HashMap::new(),
+            later: BTreeMap::new(),
             written: HashMap::new(),
             started: Timestamp::now(),
         }
     }
 
     pub fn mark(&mut self, key: PodKey) {
-        self.dirty.insert(key);
+        if !self.retry.contains_key(&key) {
+            self.dirty.insert(key);
+        }
     }
 
     pub fn mark_all(&mut self, index: &Mutex<Index>) {
-        self.dirty.extend(index.lock().unwrap().gated_pods());
+        let all = index.lock().unwrap().gated_pods();
+        for key in all {
+            self.mark(key);
+        }
     }
 
+    /// Not leading: nothing to write, nothing to remember (a standby would only pile up).
+    pub fn clear(&mut self) {
+        self.dirty.clear();
+        self.retry.clear();
+        self.later.clear();
+        self.written.clear();
+    }
+
+    /// Some gate may need writing now.
     pub fn is_dirty(&self) -> bool {
         !self.dirty.is_empty()
     }
 
-    /// Decides every dirty pod's gate and writes the ones that change.
-    pub async fn flush(&mut self, index: &Arc<Mutex<Index>>, view: &RwLock<View>) {
+    /// Pods whose instant to be decided again has come.
+    pub fn requeue_due(&mut self) {
         let now = Instant::now();
-        let (keys, later): (BTreeSet<PodKey>, BTreeSet<PodKey>) =
-            std::mem::take(&mut self.dirty).into_iter().partition(|k| self.retry.get(k).is_none_or(|(at, _)| *at <= now));
-        self.dirty = later;
+        let due: Vec<PodKey> = self.later.iter().filter(|(_, at)| **at <= now).map(|(k, _)| k.clone()).collect();
+        for key in due {
+            self.later.remove(&key);
+            self.dirty.insert(key);
+        }
+    }
+
+    /// Decides every dirty pod's gate and writes the ones that change.
+    pub async fn flush(&mut self, index: &Arc<Mutex<Index>>, view: &SharedView) {
+        let keys = std::mem::take(&mut self.dirty);
         let mut writes = Vec::new();
-        {
+        let term = {
             let index = index.lock().unwrap();
             let view = view.read().unwrap();
             for key in keys {
-                let Some(pod) = index.gated(&key.0, &key.1) else {
+                let Some(mut pod) = index.gated(&key.0, &key.1) else {
                     self.written.remove(&key);
                     self.retry.remove(&key);
+                    self.later.remove(&key);
                     continue;
                 };
-                let shown = |s: &Source| view.group(&key.0, s).and_then(|g| g.get(&key.1));
-                let Some(decision) = decide(&pod, shown, view.etcd_unavailable.as_deref()) else {
-                    continue;
-                };
-                if self.written.get(&key).is_some_and(|(uid, d, at)| *uid == pod.uid && *d == decision && at.elapsed() < WATCH_LAG) {
-                    continue;
+                self.retry.remove(&key);
+                // What this replica wrote last is newer than what the watch shows for a
+                // while; decide from it then, and once more when the watch must have caught up.
+                if let Some(m) = self.written.get(&key).filter(|m| m.uid == pod.uid) {
+                    if m.at.elapsed() < WATCH_LAG {
+                        pod.current = Some(m.condition.clone());
+                        self.later.entry(key.clone()).or_insert(m.at + WATCH_LAG);
+                    }
                 }
-                writes.push((key, pod, decision));
+                let shown = |s: &Source| view.group(&key.0, s).and_then(|g| g.get(&key.1));
+                if let Some(decision) = decide(&pod, shown, view.etcd_unavailable.as_deref()) {
+                    writes.push((key, pod, decision));
+                }
             }
-        }
+            view.term
+        };
         let client = self.client.clone();
         let results: Vec<_> = futures::stream::iter(writes)
             .map(|(key, pod, decision)| {
-                let client = client.clone();
+                let (client, view) = (client.clone(), view.clone());
                 async move {
-                    let result = write(&client, &key, &pod, &decision).await;
+                    // Leadership may have moved while earlier writes ran.
+                    let leading = { let v = view.read().unwrap(); v.synced && v.term == term };
+                    let result = if leading { write(&client, &key, &pod, &decision).await } else { Written::NotLeading };
                     (key, pod, decision, result)
                 }
             })
@@ -223,24 +281,27 @@ impl Gates {
             .await;
         for (key, pod, decision, result) in results {
             match result {
-                Written::Done => {
-                    self.retry.remove(&key);
+                Written::Done(since) => {
                     let opened = decision.status && !pod.current.as_ref().is_some_and(|c| c.status);
-                    if opened && let Some(since) = pod.ready_since.filter(|s| s.as_second() >= self.started.as_second()) {
-                        self.metrics.gate_latency.observe(Timestamp::now().duration_since(since).as_secs_f64().max(0.0));
+                    if opened && let Some(ready) = pod.ready_since.filter(|s| s.as_second() >= self.started.as_second()) {
+                        self.metrics.gate_latency.observe(Timestamp::now().duration_since(ready).as_secs_f64().max(0.0));
                     }
-                    self.written.insert(key, (pod.uid, decision, Instant::now()));
+                    let at = Instant::now();
+                    let condition = GateCondition { status: decision.status, reason: decision.reason.into(), message: decision.message, since: Some(since) };
+                    self.written.insert(key.clone(), Memo { uid: pod.uid, condition, at });
+                    self.later.insert(key, at + WATCH_LAG);
                 }
                 Written::Gone => {
-                    self.retry.remove(&key);
                     self.written.remove(&key);
+                    self.later.remove(&key);
                 }
+                Written::NotLeading => {}
                 Written::Failed(e) => {
-                    let entry = self.retry.entry(key.clone()).or_insert_with(|| (now, Backoff::default()));
+                    let entry = self.retry.entry(key.clone()).or_insert_with(|| (Instant::now(), Backoff::default()));
                     let delay = entry.1.next();
                     entry.0 = Instant::now() + delay;
                     warn!(namespace = key.0, pod = key.1, error = %e, retry_in = ?delay, "writing the readiness gate failed");
-                    self.dirty.insert(key);
+                    self.later.insert(key, entry.0);
                 }
             }
         }
@@ -256,7 +317,7 @@ async fn write(client: &Client, key: &PodKey, pod: &GatedPod, d: &Decision) -> W
     match patch(client, &key.0, &key.1, &pod.uid, since, d).await {
         Ok(()) => {
             debug!(namespace = key.0, pod = key.1, status = d.status, reason = d.reason, "readiness gate written");
-            Written::Done
+            Written::Done(since)
         }
         Err(e) if gone(&e) => {
             debug!(namespace = key.0, pod = key.1, error = %e, "readiness gate not written: the pod is gone or was recreated");
@@ -267,11 +328,11 @@ async fn write(client: &Client, key: &PodKey, pod: &GatedPod, d: &Decision) -> W
 }
 
 /// The pod a patch was meant for is gone: deleted (404), or recreated under its name, which
-/// refuses the old UID (422 "metadata.uid: field is immutable"; 409 on some versions).
+/// refuses the old UID (422 "metadata.uid: field is immutable"). Anything else is retried.
 pub fn gone(e: &kube::Error) -> bool {
     match e {
         kube::Error::Api(s) => {
-            s.code == 404 || s.code == 409 || (s.code == 422 && s.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.field == "metadata.uid")))
+            s.code == 404 || (s.code == 422 && s.details.as_ref().is_some_and(|d| d.causes.iter().any(|c| c.field == "metadata.uid")))
         }
         _ => false,
     }

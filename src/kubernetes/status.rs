@@ -34,8 +34,6 @@ pub enum Signal {
     Problem(PodProblem),
     /// A gated pod's readiness gate may need writing.
     Gate(PodKey),
-    /// Every gated pod's gate may need writing (a new term).
-    AllGates,
 }
 
 pub struct StatusWriter {
@@ -55,6 +53,8 @@ pub struct StatusWriter {
     /// What etcd holds, asked before a finalizer is released.
     records: Records,
     gates: Gates,
+    /// The leading term the gates were last marked for (0: none).
+    gates_term: u64,
 }
 
 /// How often a deleted registration's finalizer is checked again while etcd still holds
@@ -68,6 +68,7 @@ impl StatusWriter {
     pub fn new(client: Client, index: Arc<Mutex<Index>>, view: SharedView, events: Events, records: Records, metrics: Metrics) -> StatusWriter {
         StatusWriter {
             gates: Gates::new(client.clone(), metrics),
+            gates_term: 0,
             client,
             index,
             view,
@@ -91,11 +92,19 @@ impl StatusWriter {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => return,
+                _ = tick.tick() => {
+                    self.follow_term();
+                    self.gates.requeue_due();
+                    // Only the leader writes, and only once it has adopted and converges.
+                    if !self.dirty.is_empty() && self.view.read().unwrap().synced {
+                        self.flush().await;
+                    }
+                }
                 Some(s) = signals.recv() => match s {
                     Signal::Dirty(k) => { self.dirty.insert(k); }
-                    Signal::Gate(k) => self.gates.mark(k),
-                    Signal::AllGates => self.gates.mark_all(&self.index),
+                    Signal::Gate(k) => if self.leading() { self.gates.mark(k) },
                     Signal::Problem(p) => {
                         warn!(namespace = p.namespace, pod = p.pod, "{}", p.message);
                         self.events.publish(true, events::REASON_INVALID_ANNOTATION, "Validate", p.message.clone(),
@@ -103,18 +112,32 @@ impl StatusWriter {
                     }
                 },
                 Some(n) = notices.recv() => self.on_notice(n),
-                _ = tick.tick() => {
-                    // Only the leader writes, and only once it has adopted and converges.
-                    if self.view.read().unwrap().synced {
-                        if !self.dirty.is_empty() {
-                            self.flush().await;
-                        }
-                        if self.gates.is_dirty() {
-                            self.gates.flush(&self.index, &self.view).await;
-                        }
-                    }
+                // Gates are written as soon as nothing else is waiting: a rollout waits on
+                // them, and what piles up meanwhile is written together.
+                _ = std::future::ready(()), if self.gates.is_dirty() && self.view.read().unwrap().synced => {
+                    self.gates.flush(&self.index, &self.view).await;
                 }
             }
+        }
+    }
+
+    fn leading(&self) -> bool {
+        self.view.read().unwrap().synced
+    }
+
+    /// A new leading term decides every gate afresh; a replica that does not lead keeps
+    /// nothing of them.
+    fn follow_term(&mut self) {
+        let (synced, term) = {
+            let v = self.view.read().unwrap();
+            (v.synced, v.term)
+        };
+        if !synced {
+            self.gates.clear();
+            self.gates_term = 0;
+        } else if term != self.gates_term {
+            self.gates_term = term;
+            self.gates.mark_all(&self.index);
         }
     }
 
@@ -123,10 +146,14 @@ impl StatusWriter {
             Notice::Etcd => {
                 let all: Vec<RegKey> = self.index.lock().unwrap().registrations().cloned().collect();
                 self.dirty.extend(all);
-                self.gates.mark_all(&self.index);
+                if self.leading() {
+                    self.gates.mark_all(&self.index);
+                }
             }
             Notice::Changed(id) => {
-                self.gates.mark((id.namespace.clone(), id.pod.clone()));
+                if self.leading() {
+                    self.gates.mark((id.namespace.clone(), id.pod.clone()));
+                }
                 if let Source::Registration(name) = id.source {
                     self.dirty.insert((id.namespace, name));
                 }

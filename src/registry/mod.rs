@@ -494,8 +494,25 @@ impl Registry {
         for (id, d) in all {
             self.apply(Update::Upsert(id, d));
         }
+        // Adopted instances that already are as desired are shown now, not when the queue
+        // reaches them: whoever reads the synced view (status, readiness gates) sees every
+        // key this term holds.
+        let holding: Vec<(InstanceId, Shown)> = self
+            .slots
+            .iter()
+            .filter(|(_, e)| !e.slot.busy)
+            .filter_map(|(id, e)| match e.slot.next() {
+                Next::Hold(shown) => Some((id.clone(), shown)),
+                _ => None,
+            })
+            .collect();
+        for (id, shown) in holding {
+            self.show(&id, Some(shown));
+        }
         self.synced = true;
-        self.view.write().unwrap().synced = self.leading;
+        let mut view = self.view.write().unwrap();
+        view.synced = self.leading;
+        view.term = view::next_term();
     }
 
     fn apply(&mut self, update: Update) {

@@ -40,6 +40,15 @@ pub struct View {
     /// This replica leads, adoption is done and the desired state is being applied: only
     /// then may status (and finalizers) be written from this view.
     pub synced: bool,
+    /// Which leading term synced it (unique in the process), so that writers can tell a new
+    /// term from the one they started under.
+    pub term: u64,
+}
+
+/// The next term number for [`View::term`].
+pub fn next_term() -> u64 {
+    static TERMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    TERMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
 }
 
 impl View {

@@ -5,7 +5,11 @@ fn reg(name: &str) -> Source {
     Source::Registration(name.into())
 }
 
-fn pod(publishable: bool, current: Option<(bool, &str)>, sources: Vec<(Source, Result<(), String>)>) -> GatedPod {
+fn ok(key: &str) -> Result<Key, String> {
+    Ok(Key::Fixed(key.into()))
+}
+
+fn pod(publishable: bool, current: Option<(bool, &str)>, sources: Vec<(Source, Result<Key, String>)>) -> GatedPod {
     GatedPod {
         uid: "u1".into(),
         publishable,
@@ -27,10 +31,13 @@ fn decide_with(p: &GatedPod, shown: &[(Source, Shown)], etcd: Option<&str>) -> O
 
 #[test]
 fn opens_only_once_every_key_of_the_pod_is_registered() {
-    let p = pod(true, None, vec![(reg("a"), Ok(())), (Source::Annotations, Ok(()))]);
+    let p = pod(true, None, vec![(reg("a"), ok("/s/a")), (Source::Annotations, ok("/s/b"))]);
     let one = [(reg("a"), registered("/s/a", "u1")), (Source::Annotations, Shown::Pending)];
-    let d = decide_with(&p, &one, None).unwrap();
-    assert_eq!((d.status, d.reason), (false, REASON_PENDING));
+    assert_eq!(decide_with(&p, &one, None), None, "an absent condition already says the pod waits");
+    let mut was_conflict = p.clone();
+    was_conflict.current = Some(GateCondition { status: false, reason: REASON_CONFLICT.into(), message: String::new(), since: None });
+    let d = decide_with(&was_conflict, &one, None).unwrap();
+    assert_eq!((d.status, d.reason), (false, REASON_PENDING), "a reason that no longer holds is replaced");
     assert_eq!(d.message, "1 of 2 keys registered; writing the rest");
     let both = [(reg("a"), registered("/s/a", "u1")), (Source::Annotations, registered("/s/b", "u1"))];
     let d = decide_with(&p, &both, None).unwrap();
@@ -40,14 +47,15 @@ fn opens_only_once_every_key_of_the_pod_is_registered() {
 
 #[test]
 fn a_key_written_for_an_earlier_pod_of_the_same_name_does_not_open_the_gate() {
-    let p = pod(true, None, vec![(reg("a"), Ok(()))]);
-    let d = decide_with(&p, &[(reg("a"), registered("/s/a", "old-uid"))], None).unwrap();
-    assert_eq!((d.status, d.reason), (false, REASON_PENDING));
+    let p = pod(true, Some((false, REASON_DEREGISTERED)), vec![(reg("a"), ok("/s/a"))]);
+    assert_eq!(decide_with(&p, &[(reg("a"), registered("/s/a", "old-uid"))], None), None);
+    let d = decide_with(&p, &[(reg("a"), registered("/s/a", "u1"))], None).unwrap();
+    assert_eq!((d.status, d.reason), (true, REASON_REGISTERED));
 }
 
 #[test]
 fn reasons_name_what_holds_the_gate() {
-    let p = pod(true, None, vec![(reg("a"), Ok(()))]);
+    let p = pod(true, None, vec![(reg("a"), ok("/s/a"))]);
     let conflict = Shown::Conflict { key: "/s/a".into(), message: "held by someone else".into() };
     let d = decide_with(&p, &[(reg("a"), conflict)], Some("down")).unwrap();
     assert_eq!((d.status, d.reason), (false, REASON_CONFLICT), "a conflict is named before etcd's state");
@@ -57,7 +65,7 @@ fn reasons_name_what_holds_the_gate() {
     assert!(d.message.ends_with("etcd: connection refused"), "{}", d.message);
     let d = decide_with(&p, &[(reg("a"), Shown::Failed { message: "timed out".into() })], None).unwrap();
     assert_eq!(d.reason, REASON_ETCD_UNAVAILABLE);
-    let invalid = pod(true, None, vec![(reg("a"), Ok(())), (reg("b"), Err("ServiceRegistration b: bad port".into()))]);
+    let invalid = pod(true, None, vec![(reg("a"), ok("/s/a")), (reg("b"), Err("ServiceRegistration b: bad port".into()))]);
     let d = decide_with(&invalid, &[(reg("a"), registered("/s/a", "u1"))], None).unwrap();
     assert_eq!((d.status, d.reason, d.message.as_str()), (false, REASON_INVALID_SPEC, "ServiceRegistration b: bad port"));
 }
@@ -71,7 +79,7 @@ fn a_pod_no_source_selects_is_let_through_and_told_why() {
 #[test]
 fn a_serving_pod_is_never_failed_for_a_discovery_problem() {
     // Open, containers still ready, its key lost (etcd down, a conflict, an invalid edit).
-    let p = pod(true, Some((true, REASON_REGISTERED)), vec![(reg("a"), Ok(()))]);
+    let p = pod(true, Some((true, REASON_REGISTERED)), vec![(reg("a"), ok("/s/a"))]);
     assert_eq!(decide_with(&p, &[(reg("a"), Shown::Pending)], Some("down")), None);
     let conflict = Shown::Conflict { key: "/s/a".into(), message: "x".into() };
     assert_eq!(decide_with(&p, &[(reg("a"), conflict)], None), None);
@@ -95,7 +103,7 @@ fn terminating_pods_and_unchanged_conditions_are_not_written() {
     let mut p = pod(false, Some((true, REASON_REGISTERED)), vec![]);
     p.terminating = true;
     assert_eq!(decide_with(&p, &[], None), None);
-    let mut open = pod(true, None, vec![(reg("a"), Ok(()))]);
+    let mut open = pod(true, None, vec![(reg("a"), ok("/s/a"))]);
     let shown = [(reg("a"), registered("/s/a", "u1"))];
     let d = decide_with(&open, &shown, None).unwrap();
     open.current = Some(GateCondition { status: true, reason: d.reason.into(), message: d.message.clone(), since: None });
@@ -108,4 +116,34 @@ fn long_messages_are_cut_on_a_char_boundary() {
     let d = decide_with(&p, &[], None).unwrap();
     assert!(d.message.len() <= MAX_MESSAGE + '…'.len_utf8());
     assert!(d.message.ends_with('…'));
+}
+
+#[test]
+fn a_key_still_being_moved_elsewhere_does_not_open_the_gate() {
+    // The pod's service changed: the held key is the old one until the new one is written.
+    let p = pod(true, None, vec![(reg("a"), ok("/s/new"))]);
+    assert_eq!(decide_with(&p, &[(reg("a"), registered("/s/old", "u1"))], None), None);
+    assert_eq!(decide_with(&p, &[(reg("a"), registered("/s/new", "u1"))], None).unwrap().reason, REASON_REGISTERED);
+}
+
+#[test]
+fn a_source_that_publishes_unready_pods_keeps_the_gate_open() {
+    // publishNotReady: the key stays while the containers are not ready; nothing to close.
+    let p = pod(false, Some((true, REASON_REGISTERED)), vec![(reg("a"), ok("/s/a"))]);
+    assert_eq!(decide_with(&p, &[(reg("a"), registered("/s/a", "u1"))], None), None);
+    assert_eq!(decide_with(&p, &[(reg("a"), Shown::Pending)], None), None);
+}
+
+#[test]
+fn containers_that_flapped_after_the_gate_opened_make_the_pod_wait_for_its_key_again() {
+    let at = |s: &str| Some(s.parse::<Timestamp>().unwrap());
+    let mut p = pod(true, None, vec![(reg("a"), ok("/s/a"))]);
+    p.current = Some(GateCondition { status: true, reason: REASON_REGISTERED.into(), message: String::new(), since: at("2026-01-01T00:00:10Z") });
+    // Ready before the gate opened: serving, never failed.
+    p.ready_since = at("2026-01-01T00:00:10Z");
+    assert_eq!(decide_with(&p, &[(reg("a"), Shown::Pending)], None), None);
+    // Ready again after a flap the gate did not see close: the key must be back first.
+    p.ready_since = at("2026-01-01T00:00:12Z");
+    let d = decide_with(&p, &[(reg("a"), Shown::Pending)], None).unwrap();
+    assert_eq!((d.status, d.reason), (false, REASON_PENDING));
 }
