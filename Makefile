@@ -48,4 +48,5 @@ bench: testbed
 	mkdir -p target/bench
 	BENCH_OUT=$(CURDIR)/target/bench/propagation.md $(CARGO) bench --bench propagation
 	BENCH_OUT=$(CURDIR)/target/bench/scale.md $(CARGO) bench --bench scale
-	bash scripts/benchmarks-md.sh target/bench/propagation.md target/bench/scale.md > BENCHMARKS.md
+	BENCH_OUT=$(CURDIR)/target/bench/gate.md $(CARGO) bench --bench gate
+	bash scripts/benchmarks-md.sh target/bench/propagation.md target/bench/scale.md target/bench/gate.md > BENCHMARKS.md

@@ -4,7 +4,7 @@ set -euo pipefail
 cat <<HEAD
 # Benchmarks
 
-Produced by \`make bench\` (benches/propagation.rs and benches/scale.rs, release build) on
+Produced by \`make bench\` (benches/propagation.rs, benches/scale.rs and benches/gate.rs, release build) on
 the real test bed: kube-apiserver v1.20.2, etcd 3.5 and, for comparison,
 kube-controller-manager v1.20.2 running only the EndpointSlice controller, all on one
 machine together with the load generator.

@@ -51,6 +51,40 @@ async fn a_gated_pod_turns_ready_only_after_its_key_is_in_etcd() {
         open.at - put.at,
         open.at - start
     );
+    // The kubelet folds the open gate into Ready.
+    set_containers_ready(&bed.kube, NS, "web-0", &pod_ip(1), true).await;
+    // What a user sees: kubectl's wide view counts the gate, describe shows its reason.
+    let kubectl = |args: &[&str]| {
+        let out = std::process::Command::new(&Binaries::locate().kubectl)
+            .arg("--kubeconfig")
+            .arg(&bed.kubeconfig)
+            .args(args)
+            .output()
+            .expect("kubectl");
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let wide = kubectl(&["get", "pods", "-n", NS, "-o", "wide"]);
+    println!("$ kubectl get pods -o wide\n{wide}");
+    assert!(wide.lines().next().unwrap().contains("READINESS GATES"), "{wide}");
+    let row: Vec<&str> = wide.lines().find(|l| l.starts_with("web-0 ")).unwrap().split_whitespace().collect();
+    assert_eq!(*row.last().unwrap(), "1/1", "READINESS GATES: {row:?}");
+    let described = kubectl(&["describe", "pod", "-n", NS, "web-0"]);
+    println!("$ kubectl describe pod web-0\n{described}");
+    assert!(described.contains("podlease.io/registered"), "{described}");
+    assert!(
+        described.lines().any(|l| l.contains("podlease.io/registered") && l.contains("True")),
+        "describe shows the gate's condition: {described}"
+    );
+    // Its reason and message come with the Event of the write (Events are published apart).
+    let described = wait_until("describe shows the gate's Event", DEADLINE, || async {
+        let d = kubectl(&["describe", "pod", "-n", NS, "web-0"]);
+        d.contains("podlease.io/registered True: registered in etcd as /services/web/default/web-0").then_some(d)
+    })
+    .await;
+    println!("$ kubectl describe pod web-0 (Events)\n{}", described.rsplit_once("Events:").unwrap().1);
+    assert!(described.lines().any(|l| l.contains("Normal") && l.contains("Registered")), "{described}");
+
     // A pod without the gate is never written to; a gated pod nothing selects is let through.
     create_pod(&bed.kube, NS, &PodSpec::new("plain").label("app", "web")).await;
     set_ready(&bed.kube, NS, "plain", &pod_ip(2), true).await;
@@ -133,6 +167,17 @@ async fn a_conflict_or_an_invalid_registration_keeps_the_gate_closed_with_that_r
     gated_pod(&bed, "web", "web-0", 1).await;
     let conflict = t.wait_gate("web-0", "False", "Conflict", DEADLINE).await;
     assert!(conflict.message.contains("/services/web/default/web-0"), "{}", conflict.message);
+    // And a Warning Event on the pod says the same (what `kubectl describe pod` shows).
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(bed.kube.clone(), NS);
+    wait_until("a Warning Conflict Event on the pod", DEADLINE, || async {
+        events.list(&Default::default()).await.ok()?.items.into_iter().find(|e| {
+            e.reason.as_deref() == Some("Conflict")
+                && e.type_.as_deref() == Some("Warning")
+                && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web-0")
+                && e.note.as_deref().is_some_and(|n| n.starts_with("podlease.io/registered False"))
+        })
+    })
+    .await;
     // The key is freed: the conflict retry registers it and the gate opens.
     support::etcd::etcdctl_ok(&bed.etcd_endpoint(), None, &["del", "/services/web/default/web-0"]);
     t.wait_gate("web-0", "True", "Registered", TAKEOVER).await;

@@ -22,6 +22,7 @@ use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
 use tracing::{debug, warn};
 
+use super::events::{self, Events};
 use crate::desired::{GatedPod, Index, Source};
 use crate::format::Key;
 use crate::metrics::Metrics;
@@ -158,6 +159,9 @@ pub fn decide<'a>(pod: &GatedPod, shown: impl Fn(&Source) -> Option<&'a Shown>, 
 pub struct Gates {
     client: Client,
     metrics: Metrics,
+    /// Each write is also an Event on the pod: `kubectl describe pod` shows a condition's
+    /// type and status only, the Event its reason and message.
+    events: Events,
     dirty: BTreeSet<PodKey>,
     /// Pods whose last write failed, with when to try again and the backoff.
     retry: HashMap<PodKey, (Instant, Backoff)>,
@@ -187,10 +191,11 @@ enum Written {
 }
 
 impl Gates {
-    pub fn new(client: Client, metrics: Metrics) -> Gates {
+    pub fn new(client: Client, metrics: Metrics, events: Events) -> Gates {
         Gates {
             client,
             metrics,
+            events,
             dirty: BTreeSet::new(),
             retry: HashMap::new(),
             later: BTreeMap::new(),
@@ -286,6 +291,9 @@ impl Gates {
                     if opened && let Some(ready) = pod.ready_since.filter(|s| s.as_second() >= self.started.as_second()) {
                         self.metrics.gate_latency.observe(Timestamp::now().duration_since(ready).as_secs_f64().max(0.0));
                     }
+                    let problem = [REASON_CONFLICT, REASON_INVALID_SPEC, REASON_ETCD_UNAVAILABLE].contains(&decision.reason);
+                    let note = format!("{GATE} {}: {}", if decision.status { "True" } else { "False" }, decision.message);
+                    self.events.publish(problem, decision.reason, "Gate", note, events::pod_ref(&key.0, &key.1, &pod.uid));
                     let at = Instant::now();
                     let condition = GateCondition { status: decision.status, reason: decision.reason.into(), message: decision.message, since: Some(since) };
                     self.written.insert(key.clone(), Memo { uid: pod.uid, condition, at });

@@ -67,7 +67,7 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 impl StatusWriter {
     pub fn new(client: Client, index: Arc<Mutex<Index>>, view: SharedView, events: Events, records: Records, metrics: Metrics) -> StatusWriter {
         StatusWriter {
-            gates: Gates::new(client.clone(), metrics),
+            gates: Gates::new(client.clone(), metrics, events.clone()),
             gates_term: 0,
             client,
             index,

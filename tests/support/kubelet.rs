@@ -122,12 +122,26 @@ pub async fn set_ready(client: &Client, ns: &str, name: &str, ip: &str, ready: b
 }
 
 /// For a pod with podlease's readiness gate: its containers turn ready (or not), and its
-/// Ready condition follows them and the gate, as the kubelet computes it.
+/// Ready condition follows them and the gate, as the kubelet computes it (called again with
+/// the same state, it folds a changed gate into Ready). Transition times change only with
+/// the status, as the kubelet keeps them.
 pub async fn set_containers_ready(client: &Client, ns: &str, name: &str, ip: &str, ready: bool) -> Pod {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let gate_open = gate_condition(&pods.get(name).await.expect("get pod")).is_some_and(|c| c.status == "True");
+    let pod = pods.get(name).await.expect("get pod");
+    let gate_open = gate_condition(&pod).is_some_and(|c| c.status == "True");
     let t = now();
     let status = |b: bool| if b { "True" } else { "False" };
+    let cond = |type_: &str, st: &str| {
+        let since = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == type_ && c.status == st))
+            .and_then(|c| c.last_transition_time.as_ref())
+            .map(|t| t.0.to_string())
+            .unwrap_or_else(|| t.clone());
+        json!({"type": type_, "status": st, "lastTransitionTime": since})
+    };
     let patch = json!({
         "status": {
             "phase": "Running",
@@ -135,10 +149,10 @@ pub async fn set_containers_ready(client: &Client, ns: &str, name: &str, ip: &st
             "podIPs": [{"ip": ip}],
             "hostIP": "192.0.2.1",
             "conditions": [
-                {"type": "Initialized", "status": "True", "lastTransitionTime": t},
-                {"type": "ContainersReady", "status": status(ready), "lastTransitionTime": t},
-                {"type": "Ready", "status": status(ready && gate_open), "lastTransitionTime": t},
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
+                cond("Initialized", "True"),
+                cond("ContainersReady", status(ready)),
+                cond("Ready", status(ready && gate_open)),
+                cond("PodScheduled", "True"),
             ],
         }
     });

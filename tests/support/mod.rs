@@ -48,6 +48,7 @@ pub struct Binaries {
     pub kube_controller_manager: PathBuf,
     /// Python of the virtualenv with helm-python-sdk (real Helm rendering).
     pub helm_python: PathBuf,
+    pub kubectl: PathBuf,
 }
 
 impl Binaries {
@@ -83,6 +84,7 @@ impl Binaries {
                 kube_apiserver: get("PODLEASE_KUBE_APISERVER_BIN"),
                 kube_controller_manager: get("PODLEASE_KUBE_CONTROLLER_MANAGER_BIN"),
                 helm_python: get("PODLEASE_HELM_PYTHON"),
+                kubectl: get("PODLEASE_KUBECTL_BIN"),
             }
         })
     }

@@ -1,0 +1,120 @@
+//! Readiness-gate latency on the real test bed: a gated pod's ContainersReady patched True →
+//! its key seen by an etcd watcher → its `podlease.io/registered` condition seen True by a
+//! pod watcher. First one pod at a time (each figure one transition, not a queue), then all
+//! pods at once (a rollout's burst: the figures include the queue).
+//!
+//! `cargo bench --bench gate -- [pods]` (default 500). Writes the Markdown section to
+//! $BENCH_OUT if set.
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+
+use std::fmt::Write as _;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use support::gate::Timeline;
+use support::*;
+
+const NS: &str = "default";
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn row(md: &mut String, what: &str, v: &mut [Duration]) {
+    v.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    writeln!(
+        md,
+        "| {what} | {} | {:.1} ms | {:.1} ms | {:.1} ms | {:.1} ms |",
+        v.len(),
+        ms(percentile(v, 0.5)),
+        ms(percentile(v, 0.9)),
+        ms(percentile(v, 0.99)),
+        ms(*v.last().unwrap())
+    )
+    .unwrap();
+}
+
+#[tokio::main]
+async fn main() {
+    if std::env::args().any(|a| a == "--list") {
+        return; // test runners list targets; this is a benchmark
+    }
+    let pods: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(500);
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let _controller = Controller::start(&bed, "bench", &["--log-level", "warn"]).await;
+    create_registration(&bed.kube, NS, "bench", json!({"selector": {"matchLabels": {"app": "bench"}}})).await;
+    let kube = bed.kube.clone();
+    futures::StreamExt::for_each_concurrent(futures::stream::iter(0..pods), 32, |i| {
+        let kube = kube.clone();
+        async move {
+            create_pod(&kube, NS, &PodSpec::new(&format!("bench-{i}")).label("app", "bench").gated()).await;
+        }
+    })
+    .await;
+    let t = Timeline::start(&bed.kube, NS, &bed.etcd, "/services/bench/").await;
+    let long = Duration::from_secs(120);
+
+    // One at a time.
+    let (mut key, mut gate, mut gap) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..pods {
+        let name = format!("bench-{i}");
+        let t0 = Instant::now();
+        set_containers_ready(&bed.kube, NS, &name, &pod_ip(i + 1), true).await;
+        let put = t.wait_key_event(&format!("/services/bench/default/{name}"), true, t0, long).await;
+        let open = t.wait_gate(&name, "True", "Registered", long).await;
+        assert!(put.at <= open.at, "{name}: the gate opened before the key");
+        key.push(put.at - t0);
+        gate.push(open.at - t0);
+        gap.push(open.at - put.at);
+    }
+
+    // Close every gate, then all pods' containers turn ready at once.
+    futures::StreamExt::for_each_concurrent(futures::stream::iter(0..pods), 32, |i| {
+        let kube = kube.clone();
+        async move {
+            set_containers_ready(&kube, NS, &format!("bench-{i}"), &pod_ip(i + 1), false).await;
+        }
+    })
+    .await;
+    for i in 0..pods {
+        t.wait_gate(&format!("bench-{i}"), "False", "Deregistered", long).await;
+    }
+    let t0 = Instant::now();
+    futures::StreamExt::for_each_concurrent(futures::stream::iter(0..pods), 32, |i| {
+        let kube = kube.clone();
+        async move {
+            set_containers_ready(&kube, NS, &format!("bench-{i}"), &pod_ip(i + 1), true).await;
+        }
+    })
+    .await;
+    let patched = t0.elapsed();
+    let mut burst = Vec::new();
+    for i in 0..pods {
+        let name = format!("bench-{i}");
+        let open = wait_until(&format!("{name} reopened"), long, || async {
+            t.gate_changes(&name).into_iter().find(|g| g.status == "True" && g.at >= t0)
+        })
+        .await;
+        burst.push(open.at - t0);
+    }
+
+    let mut md = String::new();
+    writeln!(md, "### Readiness gate: ContainersReady → key in etcd → gate True ({pods} pods)\n").unwrap();
+    writeln!(md, "podlease at the defaults, one replica, release build; the test patches ContainersReady as the kubelet would, an etcd watch sees the key, a pod watch sees the condition. Times include the API server's writes and watch fan-out.\n").unwrap();
+    writeln!(md, "| one pod at a time | n | p50 | p90 | p99 | max |").unwrap();
+    writeln!(md, "|---|---|---|---|---|---|").unwrap();
+    row(&mut md, "ContainersReady → key PUT", &mut key);
+    row(&mut md, "key PUT → gate True", &mut gap);
+    row(&mut md, "ContainersReady → gate True", &mut gate);
+    writeln!(md, "\n| all {pods} at once (patched in {:.1} s, 32 in flight) | n | p50 | p90 | p99 | max |", patched.as_secs_f64()).unwrap();
+    writeln!(md, "|---|---|---|---|---|---|").unwrap();
+    row(&mut md, "burst start → gate True", &mut burst);
+    print!("{md}");
+    if let Ok(path) = std::env::var("BENCH_OUT") {
+        std::fs::write(path, md).unwrap();
+    }
+}
