@@ -18,10 +18,6 @@ use support::*;
 
 const NS: &str = "default";
 
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
-}
-
 fn row(md: &mut String, what: &str, v: &mut [Duration]) {
     v.sort();
     let ms = |d: Duration| d.as_secs_f64() * 1000.0;

@@ -25,6 +25,17 @@ async fn gated_pod(bed: &TestBed, app: &str, name: &str, ip: usize) {
     set_containers_ready(&bed.kube, NS, name, &pod_ip(ip), true).await;
 }
 
+/// A bed with one podlease at the defaults, the registration `web` (app=web), and a
+/// timeline of gates and keys.
+async fn web() -> (TestBed, Controller, Timeline) {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let c = Controller::start(&bed, "c", &[]).await;
+    create_registration(&bed.kube, NS, "web", json!({"selector": {"matchLabels": {"app": "web"}}})).await;
+    let t = Timeline::start(&bed.kube, NS, &bed.etcd, "/services/").await;
+    (bed, c, t)
+}
+
 async fn condition(bed: &TestBed, name: &str) -> Option<k8s_openapi::api::core::v1::PodCondition> {
     let pods: Api<Pod> = Api::namespaced(bed.kube.clone(), NS);
     gate_condition(&pods.get(name).await.ok()?)
@@ -32,12 +43,7 @@ async fn condition(bed: &TestBed, name: &str) -> Option<k8s_openapi::api::core::
 
 #[tokio::test]
 async fn a_gated_pod_turns_ready_only_after_its_key_is_in_etcd() {
-    let bed = TestBed::start().await;
-    bed.apply_crd().await;
-    let c = Controller::start(&bed, "c", &[]).await;
-    create_registration(&bed.kube, NS, "web", json!({"selector": {"matchLabels": {"app": "web"}}})).await;
-    let t = Timeline::start(&bed.kube, NS, &bed.etcd, "/services/").await;
-
+    let (bed, c, t) = web().await;
     let start = Instant::now();
     gated_pod(&bed, "web", "web-0", 1).await;
     let open = t.wait_gate("web-0", "True", "Registered", DEADLINE).await;
@@ -104,11 +110,7 @@ async fn a_gated_pod_turns_ready_only_after_its_key_is_in_etcd() {
 
 #[tokio::test]
 async fn containers_turning_unready_close_the_gate_only_once_the_key_is_revoked_and_reopen_it_after_the_key() {
-    let bed = TestBed::start().await;
-    bed.apply_crd().await;
-    let _c = Controller::start(&bed, "c", &[]).await;
-    create_registration(&bed.kube, NS, "web", json!({"selector": {"matchLabels": {"app": "web"}}})).await;
-    let t = Timeline::start(&bed.kube, NS, &bed.etcd, "/services/").await;
+    let (bed, _c, t) = web().await;
     let key = "/services/web/default/web-0";
     gated_pod(&bed, "web", "web-0", 1).await;
     t.wait_gate("web-0", "True", "Registered", DEADLINE).await;
@@ -134,11 +136,7 @@ async fn containers_turning_unready_close_the_gate_only_once_the_key_is_revoked_
 
 #[tokio::test]
 async fn etcd_down_keeps_a_newly_ready_gated_pod_out_and_fails_no_serving_pod() {
-    let mut bed = TestBed::start().await;
-    bed.apply_crd().await;
-    let _c = Controller::start(&bed, "c", &[]).await;
-    create_registration(&bed.kube, NS, "web", json!({"selector": {"matchLabels": {"app": "web"}}})).await;
-    let t = Timeline::start(&bed.kube, NS, &bed.etcd, "/services/").await;
+    let (mut bed, _c, t) = web().await;
     gated_pod(&bed, "web", "web-0", 1).await;
     t.wait_gate("web-0", "True", "Registered", DEADLINE).await;
 
@@ -195,11 +193,7 @@ async fn a_conflict_or_an_invalid_registration_keeps_the_gate_closed_with_that_r
 
 #[tokio::test]
 async fn a_pod_recreated_under_the_same_name_is_never_marked_by_a_stale_patch() {
-    let bed = TestBed::start().await;
-    bed.apply_crd().await;
-    let _c = Controller::start(&bed, "c", &[]).await;
-    create_registration(&bed.kube, NS, "web", json!({"selector": {"matchLabels": {"app": "web"}}})).await;
-    let t = Timeline::start(&bed.kube, NS, &bed.etcd, "/services/").await;
+    let (bed, _c, t) = web().await;
     gated_pod(&bed, "web", "web-0", 1).await;
     let first = t.wait_gate("web-0", "True", "Registered", DEADLINE).await;
     let key = "/services/web/default/web-0";
@@ -280,16 +274,15 @@ async fn a_failover_flips_no_gate() {
         let changes = t.gate_changes(&format!("web-{i}"));
         assert_eq!(changes.len(), 1, "web-{i}'s gate changed on failover: {changes:?}");
     }
-    assert_eq!(standby.metric("podlease_gated_pods{state=\"true\"}").await, 21.0);
+    wait_until("the new leader counts 21 open gates", DEADLINE, || async {
+        (standby.metric("podlease_gated_pods{state=\"true\"}").await == 21.0).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn a_stale_gate_write_landing_after_the_leaders_is_corrected() {
-    let bed = TestBed::start().await;
-    bed.apply_crd().await;
-    let _c = Controller::start(&bed, "c", &[]).await;
-    create_registration(&bed.kube, NS, "web", json!({"selector": {"matchLabels": {"app": "web"}}})).await;
-    let t = Timeline::start(&bed.kube, NS, &bed.etcd, "/services/").await;
+    let (bed, _c, t) = web().await;
     gated_pod(&bed, "web", "web-0", 1).await;
     let open = t.wait_gate("web-0", "True", "Registered", DEADLINE).await;
     // A deposed leader's patch, in flight through a takeover, lands right after: it closes

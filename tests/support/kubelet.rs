@@ -101,19 +101,15 @@ fn now() -> String {
 pub async fn set_ready(client: &Client, ns: &str, name: &str, ip: &str, ready: bool) -> Pod {
     let status = if ready { "True" } else { "False" };
     let t = now();
+    let cond = |type_: &str, st: &str| json!({"type": type_, "status": st, "lastTransitionTime": t});
+    let conditions = [cond("Initialized", "True"), cond("ContainersReady", status), cond("Ready", status), cond("PodScheduled", "True")];
+    patch_running(client, ns, name, ip, &conditions).await
+}
+
+/// Patches the pod's status as the kubelet reports a running pod: phase, IPs, conditions.
+async fn patch_running(client: &Client, ns: &str, name: &str, ip: &str, conditions: &[serde_json::Value]) -> Pod {
     let patch = json!({
-        "status": {
-            "phase": "Running",
-            "podIP": ip,
-            "podIPs": [{"ip": ip}],
-            "hostIP": "192.0.2.1",
-            "conditions": [
-                {"type": "Initialized", "status": "True", "lastTransitionTime": t},
-                {"type": "ContainersReady", "status": status, "lastTransitionTime": t},
-                {"type": "Ready", "status": status, "lastTransitionTime": t},
-                {"type": "PodScheduled", "status": "True", "lastTransitionTime": t},
-            ],
-        }
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "192.0.2.1", "conditions": conditions},
     });
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
     pods.patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
@@ -142,23 +138,13 @@ pub async fn set_containers_ready(client: &Client, ns: &str, name: &str, ip: &st
             .unwrap_or_else(|| t.clone());
         json!({"type": type_, "status": st, "lastTransitionTime": since})
     };
-    let patch = json!({
-        "status": {
-            "phase": "Running",
-            "podIP": ip,
-            "podIPs": [{"ip": ip}],
-            "hostIP": "192.0.2.1",
-            "conditions": [
-                cond("Initialized", "True"),
-                cond("ContainersReady", status(ready)),
-                cond("Ready", status(ready && gate_open)),
-                cond("PodScheduled", "True"),
-            ],
-        }
-    });
-    pods.patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
-        .await
-        .unwrap_or_else(|e| panic!("patch status of {name}: {e}"))
+    let conditions = [
+        cond("Initialized", "True"),
+        cond("ContainersReady", status(ready)),
+        cond("Ready", status(ready && gate_open)),
+        cond("PodScheduled", "True"),
+    ];
+    patch_running(client, ns, name, ip, &conditions).await
 }
 
 /// The pod's `podlease.io/registered` condition, if it has one.

@@ -33,6 +33,11 @@ use kube::{Client, Config};
 pub use controller::Controller;
 pub use kubelet::*;
 
+/// The `p` quantile (0..=1) of sorted figures, nearest rank (for the benchmarks' tables).
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
 /// How long any single wait in the tests may take before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
