@@ -9,17 +9,17 @@
 //! error, a conflict) would take it out of every Kubernetes Service too, turning a discovery
 //! problem into an outage. Those problems show on the ServiceRegistration and in metrics.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
 use kube::api::{Api, Patch, PatchParams};
 use serde_json::json;
+use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::events::{self, Events};
@@ -154,8 +154,11 @@ pub fn decide<'a>(pod: &GatedPod, shown: impl Fn(&Source) -> Option<&'a Shown>, 
     (!same).then_some(want)
 }
 
-/// Writes the gates of gated pods that may have changed. Marks are taken only while this
-/// replica leads and has adopted (`view.synced`); a new term marks every gated pod.
+/// Writes the gates of gated pods that may have changed, as a pipeline: up to
+/// `CONCURRENCY` patches in flight, each result handled as it comes, at most one write per
+/// pod at a time (a pod marked meanwhile is decided again once its write is done). Marks
+/// are taken only while this replica leads and has adopted (`view.synced`); a new term
+/// marks every gated pod.
 pub struct Gates {
     client: Client,
     metrics: Metrics,
@@ -163,6 +166,10 @@ pub struct Gates {
     /// type and status only, the Event its reason and message.
     events: Events,
     dirty: BTreeSet<PodKey>,
+    /// Pods with a write in flight, and those marked meanwhile.
+    busy: HashSet<PodKey>,
+    blocked: BTreeSet<PodKey>,
+    inflight: JoinSet<Done>,
     /// Pods whose last write failed, with when to try again and the backoff.
     retry: HashMap<PodKey, (Instant, Backoff)>,
     /// Pods to decide again at an instant: failed writes, and writes the pod watch may not
@@ -181,6 +188,9 @@ struct Memo {
     at: Instant,
 }
 
+/// A finished write: the pod, what was decided, and how it went.
+pub struct Done(PodKey, GatedPod, Decision, Written);
+
 enum Written {
     Done(Timestamp),
     /// The pod is gone or was recreated under its name: nothing to write to it.
@@ -197,6 +207,9 @@ impl Gates {
             metrics,
             events,
             dirty: BTreeSet::new(),
+            busy: HashSet::new(),
+            blocked: BTreeSet::new(),
+            inflight: JoinSet::new(),
             retry: HashMap::new(),
             later: BTreeMap::new(),
             written: HashMap::new(),
@@ -205,7 +218,9 @@ impl Gates {
     }
 
     pub fn mark(&mut self, key: PodKey) {
-        if !self.retry.contains_key(&key) {
+        if self.busy.contains(&key) {
+            self.blocked.insert(key);
+        } else if !self.retry.contains_key(&key) {
             self.dirty.insert(key);
         }
     }
@@ -218,16 +233,34 @@ impl Gates {
     }
 
     /// Not leading: nothing to write, nothing to remember (a standby would only pile up).
+    /// Writes in flight are abandoned; each checked leadership just before its patch.
     pub fn clear(&mut self) {
+        self.inflight.abort_all();
+        self.busy.clear();
+        self.blocked.clear();
         self.dirty.clear();
         self.retry.clear();
         self.later.clear();
         self.written.clear();
     }
 
-    /// Some gate may need writing now.
-    pub fn is_dirty(&self) -> bool {
-        !self.dirty.is_empty()
+    /// There are pods to decide and room to write.
+    pub fn can_start(&self) -> bool {
+        !self.dirty.is_empty() && self.inflight.len() < CONCURRENCY
+    }
+
+    /// The next finished write (pending forever while none is in flight).
+    pub async fn next_done(&mut self) -> Option<Done> {
+        match self.inflight.join_next().await {
+            Some(Ok(done)) => Some(done),
+            Some(Err(e)) => {
+                if !e.is_cancelled() {
+                    warn!(error = %e, "a readiness gate write panicked");
+                }
+                None
+            }
+            None => std::future::pending().await,
+        }
     }
 
     /// Pods whose instant to be decided again has come.
@@ -236,81 +269,83 @@ impl Gates {
         let due: Vec<PodKey> = self.later.iter().filter(|(_, at)| **at <= now).map(|(k, _)| k.clone()).collect();
         for key in due {
             self.later.remove(&key);
-            self.dirty.insert(key);
+            // (A failed write's retry instant has come: `mark` would wait for it.)
+            if self.busy.contains(&key) {
+                self.blocked.insert(key);
+            } else {
+                self.dirty.insert(key);
+            }
         }
     }
 
-    /// Decides every dirty pod's gate and writes the ones that change.
-    pub async fn flush(&mut self, index: &Arc<Mutex<Index>>, view: &SharedView) {
-        let keys = std::mem::take(&mut self.dirty);
-        let mut writes = Vec::new();
-        let term = {
-            let index = index.lock().unwrap();
-            let view = view.read().unwrap();
-            for key in keys {
-                let Some(mut pod) = index.gated(&key.0, &key.1) else {
-                    self.written.remove(&key);
-                    self.retry.remove(&key);
-                    self.later.remove(&key);
-                    continue;
-                };
+    /// Decides dirty pods' gates and starts the writes that change them, while there is
+    /// room; the rest stay dirty.
+    pub fn start(&mut self, index: &Arc<Mutex<Index>>, view: &SharedView) {
+        let index_guard = index.lock().unwrap();
+        let v = view.read().unwrap();
+        while self.inflight.len() < CONCURRENCY {
+            let Some(key) = self.dirty.pop_first() else { break };
+            let Some(mut pod) = index_guard.gated(&key.0, &key.1) else {
+                self.written.remove(&key);
                 self.retry.remove(&key);
-                // What this replica wrote last is newer than what the watch shows for a
-                // while; decide from it then, and once more when the watch must have caught up.
-                if let Some(m) = self.written.get(&key).filter(|m| m.uid == pod.uid) {
-                    if m.at.elapsed() < WATCH_LAG {
-                        pod.current = Some(m.condition.clone());
-                        self.later.entry(key.clone()).or_insert(m.at + WATCH_LAG);
-                    }
-                }
-                let shown = |s: &Source| view.group(&key.0, s).and_then(|g| g.get(&key.1));
-                if let Some(decision) = decide(&pod, shown, view.etcd_unavailable.as_deref()) {
-                    writes.push((key, pod, decision));
-                }
+                self.later.remove(&key);
+                continue;
+            };
+            self.retry.remove(&key);
+            // What this replica wrote last is newer than what the watch shows for a while;
+            // decide from it then, and once more when the watch must have caught up.
+            if let Some(m) = self.written.get(&key).filter(|m| m.uid == pod.uid && m.at.elapsed() < WATCH_LAG) {
+                pod.current = Some(m.condition.clone());
+                self.later.entry(key.clone()).or_insert(m.at + WATCH_LAG);
             }
-            view.term
-        };
-        let client = self.client.clone();
-        let results: Vec<_> = futures::stream::iter(writes)
-            .map(|(key, pod, decision)| {
-                let (client, view) = (client.clone(), view.clone());
-                async move {
-                    // Leadership may have moved while earlier writes ran.
-                    let leading = { let v = view.read().unwrap(); v.synced && v.term == term };
-                    let result = if leading { write(&client, &key, &pod, &decision).await } else { Written::NotLeading };
-                    (key, pod, decision, result)
+            let shown = |s: &Source| v.group(&key.0, s).and_then(|g| g.get(&key.1));
+            let Some(decision) = decide(&pod, shown, v.etcd_unavailable.as_deref()) else { continue };
+            let (client, view, term) = (self.client.clone(), view.clone(), v.term);
+            self.busy.insert(key.clone());
+            self.inflight.spawn(async move {
+                // Leadership may have moved since the decision.
+                let leading = {
+                    let v = view.read().unwrap();
+                    v.synced && v.term == term
+                };
+                let result = if leading { write(&client, &key, &pod, &decision).await } else { Written::NotLeading };
+                Done(key, pod, decision, result)
+            });
+        }
+    }
+
+    /// Takes in a finished write.
+    pub fn done(&mut self, Done(key, pod, decision, result): Done) {
+        self.busy.remove(&key);
+        if self.blocked.remove(&key) {
+            self.dirty.insert(key.clone());
+        }
+        match result {
+            Written::Done(since) => {
+                let opened = decision.status && !pod.current.as_ref().is_some_and(|c| c.status);
+                if opened && let Some(ready) = pod.ready_since.filter(|s| s.as_second() >= self.started.as_second()) {
+                    self.metrics.gate_latency.observe(Timestamp::now().duration_since(ready).as_secs_f64().max(0.0));
                 }
-            })
-            .buffer_unordered(CONCURRENCY)
-            .collect()
-            .await;
-        for (key, pod, decision, result) in results {
-            match result {
-                Written::Done(since) => {
-                    let opened = decision.status && !pod.current.as_ref().is_some_and(|c| c.status);
-                    if opened && let Some(ready) = pod.ready_since.filter(|s| s.as_second() >= self.started.as_second()) {
-                        self.metrics.gate_latency.observe(Timestamp::now().duration_since(ready).as_secs_f64().max(0.0));
-                    }
-                    let problem = [REASON_CONFLICT, REASON_INVALID_SPEC, REASON_ETCD_UNAVAILABLE].contains(&decision.reason);
-                    let note = format!("{GATE} {}: {}", if decision.status { "True" } else { "False" }, decision.message);
-                    self.events.publish(problem, decision.reason, "Gate", note, events::pod_ref(&key.0, &key.1, &pod.uid));
-                    let at = Instant::now();
-                    let condition = GateCondition { status: decision.status, reason: decision.reason.into(), message: decision.message, since: Some(since) };
-                    self.written.insert(key.clone(), Memo { uid: pod.uid, condition, at });
-                    self.later.insert(key, at + WATCH_LAG);
-                }
-                Written::Gone => {
-                    self.written.remove(&key);
-                    self.later.remove(&key);
-                }
-                Written::NotLeading => {}
-                Written::Failed(e) => {
-                    let entry = self.retry.entry(key.clone()).or_insert_with(|| (Instant::now(), Backoff::default()));
-                    let delay = entry.1.next();
-                    entry.0 = Instant::now() + delay;
-                    warn!(namespace = key.0, pod = key.1, error = %e, retry_in = ?delay, "writing the readiness gate failed");
-                    self.later.insert(key, entry.0);
-                }
+                let problem = [REASON_CONFLICT, REASON_INVALID_SPEC, REASON_ETCD_UNAVAILABLE].contains(&decision.reason);
+                let note = format!("{GATE} {}: {}", if decision.status { "True" } else { "False" }, decision.message);
+                self.events.publish(problem, decision.reason, "Gate", note, events::pod_ref(&key.0, &key.1, &pod.uid));
+                let at = Instant::now();
+                let condition = GateCondition { status: decision.status, reason: decision.reason.into(), message: decision.message, since: Some(since) };
+                self.written.insert(key.clone(), Memo { uid: pod.uid, condition, at });
+                self.later.insert(key, at + WATCH_LAG);
+            }
+            Written::Gone => {
+                self.written.remove(&key);
+                self.later.remove(&key);
+            }
+            Written::NotLeading => {}
+            Written::Failed(e) => {
+                let entry = self.retry.entry(key.clone()).or_insert_with(|| (Instant::now(), Backoff::default()));
+                let delay = entry.1.next();
+                entry.0 = Instant::now() + delay;
+                warn!(namespace = key.0, pod = key.1, error = %e, retry_in = ?delay, "writing the readiness gate failed");
+                self.dirty.remove(&key);
+                self.later.insert(key, entry.0);
             }
         }
     }

@@ -112,10 +112,11 @@ impl StatusWriter {
                     }
                 },
                 Some(n) = notices.recv() => self.on_notice(n),
-                // Gates are written as soon as nothing else is waiting: a rollout waits on
-                // them, and what piles up meanwhile is written together.
-                _ = std::future::ready(()), if self.gates.is_dirty() && self.view.read().unwrap().synced => {
-                    self.gates.flush(&self.index, &self.view).await;
+                Some(done) = self.gates.next_done() => self.gates.done(done),
+                // Gates are decided as soon as nothing else is waiting: a rollout waits on
+                // them. Their writes run beside this loop.
+                _ = std::future::ready(()), if self.gates.can_start() && self.view.read().unwrap().synced => {
+                    self.gates.start(&self.index, &self.view);
                 }
             }
         }
