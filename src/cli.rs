@@ -122,6 +122,16 @@ pub struct RunArgs {
     /// Cluster id in ownership records (default: the UID of namespace kube-system).
     #[arg(long, env = "PODLEASE_CLUSTER_ID", value_parser = parse_cluster_id)]
     pub cluster_id: Option<String>,
+    /// This install's identity within the cluster: it scopes the leader fence and the
+    /// ownership records, so several installs share a cluster and an etcd. Default:
+    /// `<leader Lease namespace>.<leader Lease name>` (the chart passes `<namespace>.<release>`).
+    #[arg(long, env = "PODLEASE_INSTALL_ID", value_parser = parse_install_id)]
+    pub install_id: Option<String>,
+    /// Take over the ownership records of an earlier identity (after changing the cluster id,
+    /// the install id or the owner prefix): its path, as the refusal to start names it, e.g.
+    /// `/podlease/owners/<old-cluster-id>/<install-id>`. Keys and leases stay as they are.
+    #[arg(long, env = "PODLEASE_MIGRATE_FROM")]
+    pub migrate_from: Option<Prefix>,
     /// Namespace to watch (repeatable, or comma separated); default: all namespaces.
     #[arg(long, env = "PODLEASE_WATCH_NAMESPACE", value_delimiter = ',')]
     pub watch_namespace: Vec<String>,
@@ -156,10 +166,19 @@ pub struct RunArgs {
     pub verify_interval: u64,
 }
 
-/// One key segment: the cluster id sits between the owner prefix and the namespace.
+/// One key segment: the cluster id sits between the owner prefix and the install id.
 pub fn parse_cluster_id(s: &str) -> Result<String, String> {
+    segment(s).ok_or_else(|| "a cluster id is 1..128 of [A-Za-z0-9._-] (it is one key segment)".into())
+}
+
+/// One key segment: the install id sits between the cluster id and the namespace.
+pub fn parse_install_id(s: &str) -> Result<String, String> {
+    segment(s).ok_or_else(|| "an install id is 1..128 of [A-Za-z0-9._-] (it is one key segment)".into())
+}
+
+fn segment(s: &str) -> Option<String> {
     let ok = !s.is_empty() && s.len() <= 128 && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) && s != "." && s != "..";
-    if ok { Ok(s.to_string()) } else { Err("a cluster id is 1..128 of [A-Za-z0-9._-] (it is one key segment)".into()) }
+    ok.then(|| s.to_string())
 }
 
 impl RunArgs {
@@ -225,6 +244,9 @@ mod tests {
             &["--default-prefix", "/a b"],
             &["--owner-prefix", "/a//b"],
             &["--cluster-id", "a/b"],
+            &["--install-id", "a/b"],
+            &["--install-id", ".."],
+            &["--migrate-from", "/a/../b"],
         ] {
             assert!(run(args).is_err(), "{args:?} accepted");
         }

@@ -36,6 +36,8 @@ pub struct Settings {
     pub cluster_id: Option<String>,
     /// Namespaces to watch; empty = all.
     pub namespaces: Vec<String>,
+    /// An earlier identity whose ownership records this install takes over at start.
+    pub migrate_from: Option<String>,
     pub metrics_addr: SocketAddr,
     /// This replica's name (Events' reporting instance, leader identity).
     pub instance: String,
@@ -45,6 +47,8 @@ pub struct Settings {
 
 pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Metrics::new();
+    // First, so that a taken port stops the process at once with a clear error.
+    let listener = http::bind(settings.metrics_addr).await?;
     let etcd = settings.etcd.connect_checked().await?;
 
     let mut registry_config = settings.registry.clone();
@@ -55,7 +59,15 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     };
     registry_config.fence = settings.leader.is_some();
     registry_config.keepalive_etcd = Some(settings.etcd.clone());
-    info!(cluster_id = registry_config.cluster_id, "starting");
+    info!(cluster_id = registry_config.cluster_id, install_id = registry_config.install_id, "starting");
+    registry_config.migrate_from = settings.migrate_from.clone();
+    // A changed identity would orphan every record: refuse before anything (or migrate once
+    // leading). The leader Lease records the last leader's identity.
+    let previous = match &settings.leader {
+        Some(cfg) => crate::leader::recorded_identity(&client, cfg).await,
+        None => None,
+    };
+    crate::registry::identity::check(&etcd, &registry_config, previous.as_deref()).await?;
 
     let view: SharedView = Arc::default();
     let index = Arc::new(Mutex::new(Index::new(settings.defaults.clone())));
@@ -66,7 +78,7 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     let writer = StatusWriter::new(client.clone(), index.clone(), view.clone(), events, records, metrics.clone());
     let writer_task = tokio::spawn(writer.run(signal_rx, notice_rx, shutdown.clone()));
     let health: Arc<http::Health> = Arc::default();
-    let http_task = tokio::spawn(http::serve(settings.metrics_addr, metrics.clone(), view.clone(), health.clone(), shutdown.clone()));
+    let http_task = tokio::spawn(http::serve(listener, metrics.clone(), view.clone(), health.clone(), shutdown.clone()));
 
     // Leadership: an elector (the epoch while leading), or always leading at epoch 0.
     let (leader_tx, mut leader_rx) = watch::channel(settings.leader.is_none().then_some(0));

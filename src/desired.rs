@@ -105,6 +105,9 @@ pub struct Desired {
 pub enum Update {
     Upsert(InstanceId, Arc<Desired>),
     Remove(InstanceId),
+    /// The key of `from` (which goes) is now `to`'s: it takes the lease and key over in
+    /// place, so watchers see no DELETE (one owner per key, see [`dedup`]).
+    Transfer { from: InstanceId, to: InstanceId, desired: Arc<Desired> },
 }
 
 /// A problem with one pod's annotations, for an Event on that pod.
@@ -212,6 +215,9 @@ pub struct Summary {
     pub invalid: Option<String>,
     /// Another service's keys lie under the prefix this service's consumers read.
     pub overlap: Option<String>,
+    pub namespace: String,
+    /// Pods whose key another source of theirs publishes: (pod, that source).
+    pub served: Vec<(String, Source)>,
 }
 
 type PodKey = (String, String);
@@ -237,6 +243,8 @@ pub struct Index {
     failures: HashMap<PodKey, BTreeMap<String, String>>,
     /// Gated pods by the state of their gate, kept as pods come and go.
     gate_counts: GateCounts,
+    /// Per pod, sources whose key another source of the pod publishes (its owner).
+    served: HashMap<PodKey, BTreeMap<Source, Source>>,
 }
 
 impl Index {
@@ -381,6 +389,7 @@ impl Index {
     pub fn summary(&self, namespace: &str, name: &str) -> Option<Summary> {
         let entry = self.registrations.get(&(namespace.to_string(), name.to_string()))?;
         let mut s = Summary {
+            namespace: namespace.to_string(),
             uid: entry.uid.clone(),
             generation: entry.generation,
             deleting: entry.deleting,
@@ -408,6 +417,9 @@ impl Index {
             s.matching += 1;
             if pod.publishable(plan.publish_not_ready) {
                 s.ready += 1;
+                if let Some(owner) = self.served.get(&(namespace.to_string(), pod_name.clone())).and_then(|m| m.get(&Source::Registration(name.to_string()))) {
+                    s.served.push((pod_name.clone(), owner.clone()));
+                }
                 let failure = self.failures.get(&(namespace.to_string(), pod_name.clone())).and_then(|f| f.get(name));
                 match (failure, first) {
                     (Some(f), None) => first = Some(f),
@@ -430,6 +442,19 @@ impl Index {
     /// Registrations (namespace, name) currently known.
     pub fn registrations(&self) -> impl Iterator<Item = &(String, String)> {
         self.registrations.keys()
+    }
+
+    /// Every pod's current annotation problem (for a new leader to report).
+    pub fn problems(&self) -> Vec<PodProblem> {
+        self.problems
+            .iter()
+            .map(|(k, message)| PodProblem {
+                namespace: k.0.clone(),
+                pod: k.1.clone(),
+                uid: self.pods.get(k).map(|p| p.uid.clone()).unwrap_or_default(),
+                message: message.clone(),
+            })
+            .collect()
     }
 
     /// Pods (namespace, name) that declare podlease's readiness gate.
@@ -507,7 +532,15 @@ impl Index {
             .map(|(_, key)| key)
             .collect();
         for key in keys {
-            self.recompute_pair(&key, name, changes);
+            // A pod another source also publishes: its key may change owner.
+            let others = self.matched.get(&key).is_some_and(|m| m.iter().any(|n| n != name))
+                || self.emitted.get(&key).is_some_and(|e| e.contains_key(&Source::Annotations))
+                || self.served.contains_key(&key);
+            if others {
+                self.recompute_pod(&key, changes);
+            } else {
+                self.recompute_pair(&key, name, changes);
+            }
         }
         // Instances of pods that are gone were removed with the pod; nothing else to do.
     }
@@ -655,14 +688,33 @@ impl Index {
             self.matched.insert(key.clone(), matched);
         }
 
+        let (now, served) = dedup(now);
+        if served.is_empty() {
+            self.served.remove(key);
+        } else {
+            self.served.insert(key.clone(), served);
+        }
         let old = self.emitted.remove(key).unwrap_or_default();
+        // A source that goes while another takes its key over: a transfer, not a revoke.
+        let mut handed: BTreeMap<Source, Source> = BTreeMap::new();
         for (source, d) in &now {
-            if old.get(source).is_none_or(|o| o != d) {
+            if old.contains_key(source) {
+                continue;
+            }
+            let from = old.iter().find(|(s, o)| !now.contains_key(*s) && !handed.contains_key(*s) && same_fixed_key(o, d)).map(|(s, _)| s.clone());
+            if let Some(from) = from {
+                handed.insert(from, source.clone());
+            }
+        }
+        for (source, d) in &now {
+            if let Some((from, _)) = handed.iter().find(|(_, to)| *to == source) {
+                changes.updates.push(Update::Transfer { from: id(key, from), to: id(key, source), desired: d.clone() });
+            } else if old.get(source).is_none_or(|o| o != d) {
                 changes.updates.push(Update::Upsert(id(key, source), d.clone()));
             }
         }
         for source in old.keys() {
-            if !now.contains_key(source) {
+            if !now.contains_key(source) && !handed.contains_key(source) {
                 changes.updates.push(Update::Remove(id(key, source)));
             }
         }
@@ -682,6 +734,30 @@ impl Index {
 
 fn id(key: &PodKey, source: &Source) -> InstanceId {
     InstanceId { namespace: key.0.clone(), pod: key.1.clone(), source: source.clone() }
+}
+
+/// One owner per key: when several sources of one pod would publish the same key, the
+/// first source in order (the pod's annotations, then registrations by name) publishes it
+/// and the others are served by it. Keys that end in their lease id never collide.
+fn dedup(all: BTreeMap<Source, Arc<Desired>>) -> (BTreeMap<Source, Arc<Desired>>, BTreeMap<Source, Source>) {
+    let mut owners: HashMap<String, Source> = HashMap::new();
+    let mut kept = BTreeMap::new();
+    let mut served = BTreeMap::new();
+    for (source, d) in all {
+        if let Key::Fixed(k) = &d.key {
+            if let Some(owner) = owners.get(k) {
+                served.insert(source, owner.clone());
+                continue;
+            }
+            owners.insert(k.clone(), source.clone());
+        }
+        kept.insert(source, d);
+    }
+    (kept, served)
+}
+
+fn same_fixed_key(a: &Desired, b: &Desired) -> bool {
+    matches!((&a.key, &b.key), (Key::Fixed(x), Key::Fixed(y)) if x == y)
 }
 
 /// Where a plan's settings come from, to name the offending field in a message.

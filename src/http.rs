@@ -32,21 +32,25 @@ struct AppState {
     health: Arc<Health>,
 }
 
-pub async fn serve(addr: SocketAddr, metrics: Metrics, view: SharedView, health: Arc<Health>, shutdown: CancellationToken) {
+/// Binds the health and metrics listener: a port that cannot be bound is a start-up error
+/// (probes would otherwise fail with nothing saying why).
+pub async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {addr} for /healthz, /readyz and /metrics (--metrics-addr): {e}"))?;
+    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /healthz /readyz /metrics");
+    Ok(listener)
+}
+
+pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics, view: SharedView, health: Arc<Health>, shutdown: CancellationToken) {
     let app = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .with_state(AppState { metrics, view, health });
-    let listener = match tokio::net::TcpListener::bind(addr).await {
-        Ok(l) => l,
-        Err(e) => {
-            error!(%addr, error = %e, "cannot listen for /metrics and health checks");
-            return;
-        }
-    };
-    info!(addr = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(), "serving /healthz /readyz /metrics");
-    let _ = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await {
+        error!(error = %e, "the /healthz /readyz /metrics server stopped");
+    }
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {

@@ -197,6 +197,14 @@ impl Elector {
         Handover::NoTaker
     }
 
+    /// The Lease as written: its spec, and the identity whose fence this leader takes (so a
+    /// replica started with another identity can tell that it changed).
+    fn stamp(&self, lease: &mut Lease) {
+        if let Some((_, key, _)) = &self.fence {
+            lease.metadata.annotations.get_or_insert_with(Default::default).insert(IDENTITY_ANNOTATION.into(), key.clone());
+        }
+    }
+
     fn spec(&self, acquire: Option<MicroTime>, transitions: i32) -> LeaseSpec {
         let now = MicroTime(Timestamp::now());
         LeaseSpec {
@@ -226,10 +234,11 @@ impl Elector {
                 None => 0,
             };
             let transitions = i32::try_from(epoch).unwrap_or(i32::MAX);
-            let lease = Lease {
+            let mut lease = Lease {
                 metadata: ObjectMeta { name: Some(self.cfg.name.clone()), ..Default::default() },
                 spec: Some(self.spec(None, transitions)),
             };
+            self.stamp(&mut lease);
             return match self.api.create(&PostParams::default(), &lease).await {
                 Ok(_) => Ok(Some(i64::from(transitions))),
                 Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
@@ -253,6 +262,7 @@ impl Elector {
         }
         let epoch = if ours { transitions } else { transitions + 1 };
         lease.spec = Some(if ours { self.spec(spec.acquire_time.clone(), epoch) } else { self.spec(None, epoch) });
+        self.stamp(&mut lease);
         // The resourceVersion in `lease` makes this a compare-and-swap.
         match self.api.replace(&self.cfg.name, &PostParams::default(), &lease).await {
             Ok(_) => Ok(Some(i64::from(epoch))),
@@ -284,6 +294,22 @@ impl Elector {
                 warn!(error = %e, "releasing the leader Lease failed");
                 false
             }
+        }
+    }
+}
+
+/// The annotation on the leader Lease naming the identity (fence key) of its last leader.
+pub const IDENTITY_ANNOTATION: &str = "podlease.io/identity";
+
+/// The identity the leader Lease recorded, if it can be read.
+pub async fn recorded_identity(client: &Client, cfg: &LeaderConfig) -> Option<String> {
+    let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
+    match tokio::time::timeout(Duration::from_secs(5), api.get_opt(&cfg.name)).await {
+        Ok(Ok(Some(l))) => l.metadata.annotations.and_then(|a| a.get(IDENTITY_ANNOTATION).cloned()),
+        Ok(Ok(None)) => None,
+        other => {
+            warn!(lease = cfg.name, "reading the leader Lease for the last identity failed ({other:?}); checking etcd alone");
+            None
         }
     }
 }

@@ -50,14 +50,15 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     // The pod name is unique while the pod lives, and a restarted container keeps it: it
     // takes its Lease back at once. Without one, a random suffix keeps identities apart.
     let identity = pod_name.unwrap_or_else(|| format!("{instance}_{:08x}", rand::random::<u32>()));
+    let namespace = args.leader_election_namespace.clone().or_else(|| std::env::var("POD_NAMESPACE").ok()).unwrap_or_else(|| "default".into());
+    // One key segment, checked like the flag.
+    let install_id = match &args.install_id {
+        Some(id) => id.clone(),
+        None => podlease::cli::parse_install_id(&format!("{namespace}.{}", args.leader_election_name)).map_err(anyhow::Error::msg)?,
+    };
     let leader = args.leader_elect.then(|| {
-        let namespace = args
-            .leader_election_namespace
-            .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .unwrap_or_else(|| "default".into());
         LeaderConfig::new(
-            namespace,
+            namespace.clone(),
             args.leader_election_name.clone(),
             identity.clone(),
             Duration::from_secs(args.leader_lease_duration.max(2)),
@@ -75,11 +76,14 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     if let Err(e) = defaults.key_space.permit(defaults.format, &implicit) {
         tracing::warn!("annotated pods without podlease.io/prefix will be refused: {e}");
     }
+    let watch_namespaces: Vec<String> = args.watch_namespace.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
     let settings = Settings {
         defaults,
         etcd: args.etcd.config(),
         registry: RegistryConfig {
             owner_prefix: args.owner_prefix.as_str().to_string(),
+            install_id,
+            namespaces: watch_namespaces.clone(),
             call_timeout: args.etcd.config().call_timeout,
             concurrency: args.concurrency.max(1),
             verify_interval: Duration::from_secs(args.verify_interval.max(1)),
@@ -88,7 +92,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             ..Default::default()
         },
         cluster_id: args.cluster_id.clone(),
-        namespaces: args.watch_namespace.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect(),
+        namespaces: watch_namespaces,
+        migrate_from: args.migrate_from.as_ref().map(|p| p.as_str().to_string()),
         metrics_addr: args.metrics_addr,
         instance,
         leader,

@@ -97,6 +97,8 @@ fn rendered_objects_are_what_each_value_set_asks_for() {
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(deploy["spec"]["replicas"], 2);
         assert!(args.contains(&"--leader-elect=true".to_string()));
+        // Each install its own identity: the release's namespace and name.
+        assert!(args.contains(&format!("--install-id={NS}.{RELEASE}")), "{name}: {args:?}");
         // No secret ever lands in args or env.
         assert!(!serde_json::to_string(c).unwrap().to_lowercase().contains("password="), "{name}");
         match name {

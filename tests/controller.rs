@@ -53,14 +53,14 @@ async fn ready_pod(bed: &TestBed, name: &str, labels: &[(&str, &str)], ip: &str)
     set_ready(&bed.kube, NS, name, ip, true).await;
 }
 
-/// Ownership records (`/podlease/owners/<cluster>/<ns>/<pod>/<registration>`), not the
-/// leader fence key beside them (`/podlease/owners/<cluster>`).
+/// Ownership records (`/podlease/owners/<cluster>/<install>/<ns>/<pod>/<registration>`),
+/// not the leader fence key beside them (`/podlease/owners/<cluster>/<install>`).
 async fn owner_records(bed: &TestBed) -> Vec<String> {
     keys(&bed.etcd, "/podlease/owners/")
         .await
         .into_iter()
         .map(|kv| kv.key_str().unwrap().to_string())
-        .filter(|k| k.trim_start_matches("/podlease/owners/").contains('/'))
+        .filter(|k| podlease::registry::identity::classify("/podlease/owners", k).is_some_and(|(_, ns)| ns.is_some()))
         .collect()
 }
 

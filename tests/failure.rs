@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use kube::api::Api;
 use podlease::registration::ServiceRegistration;
 use serde_json::json;
-use support::etcd::{Recorder, keys, wait_absent, wait_key};
+use support::controller::wait_leader;
+use support::etcd::{Recorder, keys, leases_under, wait_absent, wait_key};
 use support::*;
 
 const NS: &str = "default";
@@ -42,17 +43,6 @@ async fn wait_count(bed: &TestBed, prefix: &str, n: usize) {
     .await;
 }
 
-async fn wait_leader<'a>(replicas: &'a [&'a Controller]) -> usize {
-    wait_until("a leader", DEADLINE, || async {
-        for (i, c) in replicas.iter().enumerate() {
-            if c.leads().await {
-                return Some(i);
-            }
-        }
-        None
-    })
-    .await
-}
 
 fn pod_deletes(r: &Recorder, prefix: &str) -> Vec<String> {
     r.deletes()
@@ -537,26 +527,6 @@ async fn a_key_deleted_out_of_band_is_restored_and_a_foreign_key_is_left_alone()
 
 // ---- The failure model at the defaults: one test per defect the fault suite is built on.
 
-/// Keys and leases under a prefix, to compare before and after a fault.
-async fn leases_under(etcd: &etcd_client::Client, prefix: &str) -> BTreeSet<(String, i64)> {
-    keys(etcd, prefix)
-        .await
-        .iter()
-        .map(|kv| (kv.key_str().unwrap().to_string(), kv.lease()))
-        .collect()
-}
-
-/// Waits until `c` leads and has adopted (/readyz says "leader").
-async fn wait_adopted(c: &Controller, within: Duration) {
-    wait_until("the replica leads and has adopted", within, || async {
-        let (code, body) =
-            support::controller::http_get(&format!("http://127.0.0.1:{}/readyz", c.metrics_port))
-                .await?;
-        (code == 200 && body.contains("leader")).then_some(())
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn an_api_server_outage_longer_than_the_ttl_deregisters_nothing() {
     let mut bed = TestBed::start().await;
@@ -596,7 +566,7 @@ async fn an_api_server_outage_longer_than_the_ttl_deregisters_nothing() {
     );
     bed.resume_apiserver();
 
-    wait_adopted(&c, TAKEOVER).await;
+    support::controller::wait_adopted(&c, TAKEOVER).await;
     assert_eq!(
         pod_deletes(&recorder, "/services/"),
         Vec::<String>::new(),
@@ -617,7 +587,7 @@ async fn a_rollout_with_revoke_on_shutdown_deregisters_nothing() {
     let bed = TestBed::start().await;
     bed.apply_crd().await;
     let mut a = Controller::start(&bed, "a", &["--revoke-on-shutdown"]).await;
-    wait_adopted(&a, DEADLINE).await;
+    support::controller::wait_adopted(&a, DEADLINE).await;
     let b = Controller::start(&bed, "b", &["--revoke-on-shutdown"]).await;
     create_sreg(
         &bed,
@@ -630,7 +600,7 @@ async fn a_rollout_with_revoke_on_shutdown_deregisters_nothing() {
     let before = leases_under(&bed.etcd, "/services/ro/").await;
     let recorder = Recorder::start(&bed.etcd, "/").await;
     assert!(a.terminate().success());
-    wait_adopted(&b, DEADLINE).await;
+    support::controller::wait_adopted(&b, DEADLINE).await;
     assert_eq!(
         pod_deletes(&recorder, "/services/"),
         Vec::<String>::new(),
@@ -811,7 +781,7 @@ async fn a_partition_from_etcd_longer_than_the_fence_ttl_loses_no_key() {
     tokio::time::sleep(Duration::from_secs(18)).await; // the partition is the fault
     proxy.set_mode(support::proxy::Mode::Pass);
     proxy.reset_all();
-    wait_adopted(&c, TAKEOVER).await;
+    support::controller::wait_adopted(&c, TAKEOVER).await;
     // Past the TTL of every renewal made before the cut.
     let target = c.metric("podlease_keepalive_requests_total").await + 40.0;
     wait_until("renewals after the partition", TAKEOVER, || async {
@@ -831,7 +801,7 @@ async fn a_leader_killed_during_an_api_server_outage_loses_no_key() {
     let mut bed = TestBed::start().await;
     bed.apply_crd().await;
     let mut a = Controller::start(&bed, "a", &[]).await;
-    wait_adopted(&a, DEADLINE).await;
+    support::controller::wait_adopted(&a, DEADLINE).await;
     let b = Controller::start(&bed, "b", &[]).await;
     create_sreg(&bed, "out", json!({"selector": {"matchLabels": {"app": "out"}}})).await;
     ready_pods(&bed, "out", 10).await;
@@ -848,7 +818,7 @@ async fn a_leader_killed_during_an_api_server_outage_loses_no_key() {
     assert_eq!(leases_under(&bed.etcd, "/services/out/").await, before, "every key alive {:?} after the leader died", killed.elapsed());
     assert!(b.log_text().contains("no leader holds the fence"), "the standby kept the leases alive");
     bed.resume_apiserver();
-    wait_adopted(&b, TAKEOVER).await;
+    support::controller::wait_adopted(&b, TAKEOVER).await;
     assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new(), "watchers saw DELETEs");
     assert_eq!(leases_under(&bed.etcd, "/services/out/").await, before, "adopted under the same leases");
 }
@@ -895,7 +865,7 @@ async fn deleting_the_leader_lease_leaves_a_writer_and_deletes_nothing() {
     let bed = TestBed::start().await;
     bed.apply_crd().await;
     let a = Controller::start(&bed, "a", &[]).await;
-    wait_adopted(&a, DEADLINE).await;
+    support::controller::wait_adopted(&a, DEADLINE).await;
     let b = Controller::start(&bed, "b", &[]).await;
     create_sreg(&bed, "dl", json!({"selector": {"matchLabels": {"app": "dl"}}})).await;
     ready_pods(&bed, "dl", 10).await;

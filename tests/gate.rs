@@ -250,23 +250,10 @@ async fn a_failover_flips_no_gate() {
     for i in 0..20 {
         t.wait_gate(&format!("web-{i}"), "True", "Registered", DEADLINE).await;
     }
-    let leader = wait_until("a leader", DEADLINE, || async {
-        if a.leads().await {
-            Some(0)
-        } else if b.leads().await {
-            Some(1)
-        } else {
-            None
-        }
-    })
-    .await;
+    let leader = support::controller::wait_leader(&[&a, &b]).await;
     let (dead, standby) = if leader == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
     dead.kill();
-    wait_until("the standby leads and has adopted", TAKEOVER, || async {
-        let (code, body) = support::controller::http_get(&format!("http://127.0.0.1:{}/readyz", standby.metrics_port)).await?;
-        (code == 200 && body.contains("leader")).then_some(())
-    })
-    .await;
+    support::controller::wait_adopted(standby, TAKEOVER).await;
     // The new leader writes gates: a new pod's opens. By then it has decided every gate.
     gated_pod(&bed, "web", "web-new", 99).await;
     t.wait_gate("web-new", "True", "Registered", DEADLINE).await;

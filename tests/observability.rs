@@ -118,3 +118,64 @@ async fn metrics_health_and_logs_tell_what_podlease_is_doing() {
         assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{line}");
     }
 }
+
+#[tokio::test]
+async fn a_metrics_port_that_cannot_be_bound_stops_the_process_with_a_clear_error() {
+    let bed = TestBed::start().await;
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let log = bed.dir.path().join("bind.log");
+    let mut cmd = std::process::Command::new(support::controller::binary());
+    cmd.args(["run", "--etcd-endpoints", &bed.etcd_endpoint(), "--metrics-addr", &addr]).arg("--kubeconfig").arg(&bed.kubeconfig);
+    let mut child = spawn_owned(&mut cmd, &log);
+    let status = wait_until("podlease exits", DEADLINE, || {
+        let s = child.try_wait().unwrap();
+        async move { s }
+    })
+    .await;
+    let text = std::fs::read_to_string(&log).unwrap();
+    assert!(!status.success(), "exited with {status}; log:\n{text}");
+    assert!(text.contains(&format!("cannot listen on {addr} for /healthz, /readyz and /metrics")), "{text}");
+}
+
+#[tokio::test]
+async fn only_the_leader_publishes_events_and_a_new_leader_reports_what_is_current() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let mut a = Controller::start(&bed, "replica-a", &[]).await;
+    let mut b = Controller::start(&bed, "replica-b", &[]).await;
+    let leader = ["replica-a", "replica-b"][support::controller::wait_leader(&[&a, &b]).await];
+    create_pod(&bed.kube, NS, &PodSpec::new("bad").annotation("podlease.io/service", "x").annotation("podlease.io/ttl", "1")).await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(bed.kube.clone(), NS);
+    // (reporting instance, when) of every InvalidAnnotation Event.
+    let reported = || async {
+        let list = events.list(&Default::default()).await.ok()?;
+        let who: Vec<(String, k8s_openapi::jiff::Timestamp)> = list
+            .items
+            .into_iter()
+            .filter(|e| e.reason.as_deref() == Some("InvalidAnnotation"))
+            .map(|e| (e.reporting_instance.unwrap_or_default(), e.event_time.map(|t| t.0).unwrap_or_default()))
+            .collect();
+        (!who.is_empty()).then_some(who)
+    };
+    wait_until("an InvalidAnnotation Event", DEADLINE, reported).await;
+    wait_until("the standby has seen the pod too", DEADLINE, || async {
+        let standby = if leader == "replica-a" { &b } else { &a };
+        (standby.metric("podlease_invalid_annotations_total").await >= 1.0).then_some(())
+    })
+    .await;
+
+    // The leader goes; the new one reports the problem that is still there.
+    let (dead, new) = if leader == "replica-a" { (&mut a, "replica-b") } else { (&mut b, "replica-a") };
+    let killed = k8s_openapi::jiff::Timestamp::now();
+    dead.kill();
+    let all = wait_until("the new leader reports the current problem", Duration::from_secs(60), || async {
+        let all = reported().await?;
+        all.iter().any(|(w, _)| w == new).then_some(all)
+    })
+    .await;
+    // Every Event before the kill came from the leader of that time.
+    for (who, at) in &all {
+        assert!(who == leader || (who == new && *at >= killed), "an Event from the standby while it stood by: {all:?} (leader {leader}, killed at {killed})");
+    }
+}

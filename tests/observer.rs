@@ -96,7 +96,7 @@ async fn i2_lists_every_difference_until_etcd_holds_exactly_the_desired_state() 
     let text = diff.join("\n");
     assert!(text.contains("missing /services/svc-r/default/r-0"), "{text}");
     assert!(text.contains("missing /services/svc-g/default/g-0"), "{text}");
-    assert!(text.contains("missing fence key /podlease/owners/c1"), "{text}");
+    assert!(text.contains("missing fence key /podlease/owners/c1/default.podlease"), "{text}");
     assert!(!text.contains("r-1"), "r-1 is not ready: {text}");
     assert!(obs.wait_converged(&bed.etcd, &replicas, Duration::from_secs(1)).await.is_err());
 
@@ -108,24 +108,24 @@ async fn i2_lists_every_difference_until_etcd_holds_exactly_the_desired_state() 
     let fence = lc.grant(15, Some(LeaseGrantOptions::new())).await.unwrap().id();
     let under = |l| Some(PutOptions::new().with_lease(l));
     kv.put("/services/svc-r/default/r-0", value("r-0", 1), under(l40)).await.unwrap();
-    kv.put("/podlease/owners/c1/default/r-0/r", "{}", under(l40)).await.unwrap();
+    kv.put("/podlease/owners/c1/default.podlease/default/r-0/r", "{}", under(l40)).await.unwrap();
     kv.put("/services/svc-g/default/g-0", value("g-0", 3), under(l30)).await.unwrap();
-    kv.put("/podlease/owners/c1/default/g-0/@annotations", "{}", under(l30)).await.unwrap();
-    kv.put("/podlease/owners/c1", "7/a", under(fence)).await.unwrap();
+    kv.put("/podlease/owners/c1/default.podlease/default/g-0/@annotations", "{}", under(l30)).await.unwrap();
+    kv.put("/podlease/owners/c1/default.podlease", "7/a", under(fence)).await.unwrap();
     let took = obs.wait_converged(&bed.etcd, &replicas, DEADLINE).await.unwrap_or_else(|v| panic!("{v}"));
     println!("converged after {took:?}");
 
     // Each kind of drift is reported.
     kv.put("/services/svc-r/default/r-1", value("r-1", 2), under(l40)).await.unwrap();
     kv.put("/services/svc-g/default/g-0", value("g-0", 99), under(l30)).await.unwrap();
-    kv.put("/podlease/owners/c1/default/r-0/r", "{}", under(l30)).await.unwrap();
+    kv.put("/podlease/owners/c1/default.podlease/default/r-0/r", "{}", under(l30)).await.unwrap();
     kv.put("/foreign/k", "changed", None).await.unwrap();
-    kv.put("/podlease/owners/c1", "7/stranger", under(fence)).await.unwrap();
+    kv.put("/podlease/owners/c1/default.podlease", "7/stranger", under(fence)).await.unwrap();
     let text = obs.diff_i2(&bed.etcd, &replicas).await.join("\n");
     for want in [
         "unexpected key /services/svc-r/default/r-1",
         "/services/svc-g/default/g-0 = ",
-        "ownership record /podlease/owners/c1/default/r-0/r under lease",
+        "ownership record /podlease/owners/c1/default.podlease/default/r-0/r under lease",
         "foreign key /foreign/k",
         "names \"stranger\"",
     ] {
@@ -157,7 +157,7 @@ async fn i3_i4_i5_catch_a_shared_fence_a_touched_foreign_key_and_an_early_finali
         api.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"finalizers": [FINALIZER]}}))).await.unwrap();
     }
     kv.put("/services/svc-d/default/p", "{}", None).await.unwrap();
-    kv.put("/podlease/owners/c1/default/p/d", "{}", None).await.unwrap();
+    kv.put("/podlease/owners/c1/default.podlease/default/p/d", "{}", None).await.unwrap();
     for name in ["d", "e"] {
         api.delete(name, &DeleteParams::default()).await.unwrap();
         api.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"finalizers": null}}))).await.unwrap();
@@ -166,7 +166,7 @@ async fn i3_i4_i5_catch_a_shared_fence_a_touched_foreign_key_and_an_early_finali
 
     // I3: a and b both wrote under the fence a took; and a write under a revision that was
     // no fence write at all.
-    let put = kv.put("/podlease/owners/c1", "3/a", None).await.unwrap();
+    let put = kv.put("/podlease/owners/c1/default.podlease", "3/a", None).await.unwrap();
     let fence_rev = put.header().unwrap().revision();
     let stray = kv.put("/unrelated", "x", None).await.unwrap().header().unwrap().revision();
     let dir = tempfile::tempdir().unwrap();
@@ -197,7 +197,7 @@ async fn i3_i4_i5_catch_a_shared_fence_a_touched_foreign_key_and_an_early_finali
     let i5 = obs.check_i5();
     assert_eq!(i5.len(), 1, "{i5:?}");
     assert!(i5[0].message.contains("ServiceRegistration d released its finalizer"), "{}", i5[0]);
-    assert!(i5[0].message.contains("/podlease/owners/c1/default/p/d") && i5[0].message.contains("/services/svc-d/default/p"), "{}", i5[0]);
+    assert!(i5[0].message.contains("/podlease/owners/c1/default.podlease/default/p/d") && i5[0].message.contains("/services/svc-d/default/p"), "{}", i5[0]);
     assert!(!i5[0].message.contains("foreign"), "foreign keys are not the registration's: {}", i5[0]);
 }
 

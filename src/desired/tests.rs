@@ -39,7 +39,7 @@ fn upserted(c: &Changes) -> Vec<(String, String)> {
         .iter()
         .filter_map(|u| match u {
             Update::Upsert(id, d) => Some((id.pod.clone(), d.key.with_lease(1))),
-            Update::Remove(_) => None,
+            Update::Remove(_) | Update::Transfer { .. } => None,
         })
         .collect()
 }
@@ -407,4 +407,35 @@ fn gate_counts_follow_pods() {
     idx.delete_pod("shop", "b");
     idx.delete_pod("shop", "a");
     assert_eq!(idx.gate_counts(), GateCounts::default());
+}
+
+#[test]
+fn one_source_owns_a_key_the_others_are_served_and_take_it_over_when_it_goes() {
+    let mut idx = Index::new(Defaults::default());
+    for name in ["b", "a"] {
+        idx.apply_registration(&sreg(name, json!({"selector": {"matchLabels": {"app": "user"}}, "service": "user"})));
+    }
+    let c = idx.apply_pod(pod("u1", &[("app", "user")], true));
+    let ids: Vec<&Source> = c.updates.iter().map(|u| match u {
+        Update::Upsert(id, _) => &id.source,
+        other => panic!("{other:?}"),
+    }).collect();
+    assert_eq!(ids, [&Source::Registration("a".into())], "the first by name owns the key");
+    let b = idx.summary("shop", "b").unwrap();
+    assert_eq!(b.served, vec![("u1".to_string(), Source::Registration("a".into()))]);
+    assert_eq!(b.ready, 1);
+    // The owner goes: b takes the key over, no remove.
+    let c = idx.delete_registration("shop", "a");
+    let transfer = c.updates.iter().find_map(|u| match u {
+        Update::Transfer { from, to, desired } => Some((from.source.clone(), to.source.clone(), desired.key.with_lease(1))),
+        _ => None,
+    });
+    assert_eq!(transfer, Some((Source::Registration("a".into()), Source::Registration("b".into()), "/services/user/shop/u1".to_string())));
+    assert!(removed(&c).is_empty() && upserted(&c).is_empty(), "{c:?}");
+    assert!(idx.summary("shop", "b").unwrap().served.is_empty());
+    // Annotations come first: they take the key, b is served again.
+    let mut annotated = pod("u1", &[("app", "user")], true);
+    annotated.annotations.insert("podlease.io/service".into(), "user".into());
+    let c = idx.apply_pod(annotated);
+    assert!(c.updates.iter().any(|u| matches!(u, Update::Transfer { from, to, .. } if from.source == Source::Registration("b".into()) && to.source == Source::Annotations)), "{c:?}");
 }

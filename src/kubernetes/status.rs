@@ -107,8 +107,10 @@ impl StatusWriter {
                     Signal::Gate(k) => if self.leading() { self.gates.mark(k) },
                     Signal::Problem(p) => {
                         warn!(namespace = p.namespace, pod = p.pod, "{}", p.message);
-                        self.events.publish(true, events::REASON_INVALID_ANNOTATION, "Validate", p.message.clone(),
-                            events::pod_ref(&p.namespace, &p.pod, &p.uid));
+                        // Only the leader speaks; a new leader reports what is current.
+                        if self.leading() {
+                            self.report_problem(&p);
+                        }
                     }
                 },
                 Some(n) = notices.recv() => self.on_notice(n),
@@ -139,7 +141,15 @@ impl StatusWriter {
         } else if term != self.gates_term {
             self.gates_term = term;
             self.gates.mark_all(&self.index);
+            let problems = self.index.lock().unwrap().problems();
+            for p in &problems {
+                self.report_problem(p);
+            }
         }
+    }
+
+    fn report_problem(&self, p: &PodProblem) {
+        self.events.publish(true, events::REASON_INVALID_ANNOTATION, "Validate", p.message.clone(), events::pod_ref(&p.namespace, &p.pod, &p.uid));
     }
 
     fn on_notice(&mut self, n: Notice) {
@@ -327,6 +337,12 @@ pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view:
             }
             Shown::Conflict { message, .. } => conflicts.push((pod, message)),
             Shown::Pending | Shown::Failed { .. } => {}
+        }
+    }
+    // A pod whose key another of its sources publishes is registered when that one is.
+    for (pod, owner) in &summary.served {
+        if matches!(view.group(&summary.namespace, owner).and_then(|g| g.get(pod)), Some(Shown::Registered { .. })) {
+            registered += 1;
         }
     }
     let generation = summary.generation;

@@ -27,7 +27,7 @@ pub async fn read_records(w: &Writer) -> Result<Vec<(InstanceId, Held)>, OpError
 }
 
 /// Calls `each` for every key under `prefix`, a page at a time.
-async fn scan(w: &Writer, prefix: &str, keys_only: bool, mut each: impl FnMut(&KeyValue)) -> Result<(), OpError> {
+pub(super) async fn scan(w: &Writer, prefix: &str, keys_only: bool, mut each: impl FnMut(&KeyValue)) -> Result<(), OpError> {
     let end = prefix_end(prefix.as_bytes());
     let mut from = prefix.as_bytes().to_vec();
     loop {

@@ -13,6 +13,7 @@
 
 mod adopt;
 pub mod fence;
+pub mod identity;
 pub mod lease;
 pub mod owner;
 pub mod plan;
@@ -57,6 +58,14 @@ pub enum TermEnd {
 pub struct RegistryConfig {
     pub owner_prefix: String,
     pub cluster_id: String,
+    /// This install's identity within the cluster (default `<namespace>.<leader Lease
+    /// name>`): several installs share a cluster and an etcd without touching each other.
+    pub install_id: String,
+    /// Namespaces this install watches (empty: all): it adopts and revokes records of
+    /// these only.
+    pub namespaces: Vec<String>,
+    /// An earlier identity whose records a new leader takes over before adopting.
+    pub migrate_from: Option<String>,
     /// Deadline of every etcd call.
     pub call_timeout: Duration,
     /// Operations in flight at once.
@@ -86,6 +95,9 @@ impl Default for RegistryConfig {
         RegistryConfig {
             owner_prefix: "/podlease/owners".into(),
             cluster_id: "default".into(),
+            install_id: DEFAULT_INSTALL_ID.into(),
+            namespaces: Vec::new(),
+            migrate_from: None,
             call_timeout: Duration::from_secs(5),
             concurrency: 128,
             conflict_retry: Duration::from_secs(10),
@@ -99,14 +111,23 @@ impl Default for RegistryConfig {
     }
 }
 
+/// The install id of a controller run outside the chart, with defaults: `<namespace of the
+/// leader Lease>.<its name>`.
+pub const DEFAULT_INSTALL_ID: &str = "default.podlease";
+
 impl RegistryConfig {
-    /// The fence key: beside this cluster's ownership records, not among them.
+    /// The fence key: beside this install's ownership records, not among them.
     pub fn fence_key(&self) -> String {
-        format!("{}/{}", self.owner_prefix.trim_end_matches('/'), self.cluster_id)
+        self.owners().identity().to_string()
     }
 
     pub fn owners(&self) -> Owners {
-        Owners::new(&self.owner_prefix, &self.cluster_id)
+        Owners::new(&self.owner_prefix, &self.cluster_id, &self.install_id)
+    }
+
+    /// Whether this install looks after `namespace`.
+    pub fn watches(&self, namespace: &str) -> bool {
+        self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace)
     }
 }
 
@@ -466,8 +487,15 @@ impl Registry {
     async fn resync(&mut self, all: Vec<(InstanceId, Arc<Desired>)>) {
         if !self.synced {
             let mut backoff = Backoff::default();
+            let migrate_from = self.config.migrate_from.clone().filter(|_| self.leading);
             let records = loop {
-                match adopt::read_records(&self.writer).await {
+                let read = async {
+                    if let Some(from) = &migrate_from {
+                        identity::migrate(&self.writer, &self.config, from).await?;
+                    }
+                    adopt::read_records(&self.writer).await
+                };
+                match read.await {
                     Ok(r) => break r,
                     Err(e) => {
                         self.etcd_failed(e.to_string());
@@ -480,6 +508,10 @@ impl Registry {
                     }
                 }
             };
+            let (records, elsewhere): (Vec<_>, Vec<_>) = records.into_iter().partition(|(id, _)| self.config.watches(&id.namespace));
+            if !elsewhere.is_empty() {
+                warn!(records = elsewhere.len(), "records of namespaces this install no longer watches are left alone (their keys expire)");
+            }
             info!(records = records.len(), desired = all.len(), "adopting existing registrations");
             for (id, held) in records {
                 let fx = self.slots.entry(id.clone()).or_default().slot.adopt(held);
@@ -489,7 +521,22 @@ impl Registry {
         let wanted: HashSet<&InstanceId> = all.iter().map(|(id, _)| id).collect();
         let stale: Vec<InstanceId> = self.slots.keys().filter(|id| !wanted.contains(id)).cloned().collect();
         for id in stale {
-            self.apply(Update::Remove(id));
+            // A key another source of the pod owns now (its owner went while no replica
+            // led): handed over in place rather than revoked and written again.
+            let held = self.slots.get(&id).and_then(|e| e.slot.held.clone());
+            let heir = held.and_then(|h| {
+                all.iter().find(|(w, d)| {
+                    w.namespace == id.namespace
+                        && w.pod == id.pod
+                        && matches!(d.key, crate::format::Key::Fixed(_))
+                        && d.key.matches(&h.key)
+                        && self.slots.get(w).is_none_or(|e| e.slot.held.is_none())
+                })
+            });
+            match heir {
+                Some((to, d)) => self.transfer(id, to.clone(), d.clone()),
+                None => self.apply(Update::Remove(id)),
+            }
         }
         for (id, d) in all {
             self.apply(Update::Upsert(id, d));
@@ -517,6 +564,7 @@ impl Registry {
 
     fn apply(&mut self, update: Update) {
         let (id, desired) = match update {
+            Update::Transfer { from, to, desired } => return self.transfer(from, to, desired),
             Update::Upsert(id, d) => (id, Some(d)),
             Update::Remove(id) => {
                 if !self.slots.contains_key(&id) {
@@ -534,6 +582,37 @@ impl Registry {
         }
         let fx = entry.slot.desire(desired);
         self.perform(&id, fx);
+    }
+
+    /// `to` takes over `from`'s key and lease in place. When `from` holds no such key (or
+    /// is busy), it is an ordinary remove and upsert.
+    fn transfer(&mut self, from: InstanceId, to: InstanceId, desired: Arc<Desired>) {
+        let held = self
+            .slots
+            .get(&from)
+            .filter(|e| !e.slot.busy && e.slot.transfer.is_none())
+            .and_then(|e| e.slot.held.clone())
+            .filter(|h| desired.key.matches(&h.key));
+        let free = self.slots.get(&to).is_none_or(|e| e.slot.held.is_none() && e.slot.transfer.is_none() && !e.slot.busy);
+        let Some(held) = held.filter(|_| free) else {
+            self.apply(Update::Remove(from));
+            self.apply(Update::Upsert(to, desired));
+            return;
+        };
+        // `from` lets go without revoking: its lease is `to`'s from now on.
+        if let Some(e) = self.slots.remove(&from)
+            && let Some(k) = e.retry
+        {
+            self.retries.remove(&k);
+        }
+        self.show(&from, None);
+        let entry = self.slots.entry(to.clone()).or_default();
+        if let Some(k) = entry.retry.take() {
+            self.retries.remove(&k);
+        }
+        self.by_lease.insert(held.lease, to.clone());
+        let fx = entry.slot.take_over(from, held, desired);
+        self.perform(&to, fx);
     }
 
     fn enqueue(&mut self, id: InstanceId) {
@@ -580,6 +659,7 @@ impl Registry {
                     Op::Reissue(d, h) => writer.reissue(&task_id, &d, &h).await,
                     Op::Replace(d, h) => writer.replace(&task_id, &d, &h).await,
                     Op::Revoke(h) => writer.revoke(&task_id, &h).await,
+                    Op::Transfer(d, h, from) => writer.transfer(&task_id, &d, &h, &from).await,
                 };
                 (task_id, label, started, result)
             });

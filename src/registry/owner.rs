@@ -1,6 +1,8 @@
-//! Ownership records: `<owner-prefix>/<cluster-id>/<namespace>/<pod>/<registration>`, written
-//! under the instance's lease in the same Txn as its key, so that a restarted controller can
-//! find (adopt) every lease it holds and tell its keys from anyone else's.
+//! Ownership records: `<owner-prefix>/<cluster-id>/<install-id>/<namespace>/<pod>/<source>`,
+//! written under the instance's lease in the same Txn as its key, so that a restarted
+//! controller can find (adopt) every lease it holds and tell its keys from anyone else's.
+//! Each install (its identity: owner prefix, cluster id, install id) has a root of its own,
+//! and its leader's fence key beside it (`<root>` without the trailing slash).
 
 use serde::{Deserialize, Serialize};
 
@@ -20,16 +22,27 @@ pub struct OwnerRecord {
     pub pod_uid: String,
 }
 
-/// Where the ownership records of one cluster live.
-#[derive(Debug, Clone)]
+/// Where the ownership records of one install live.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Owners {
-    /// `<owner-prefix>/<cluster-id>/`
+    /// `<owner-prefix>/<cluster-id>/<install-id>/`
     root: String,
 }
 
 impl Owners {
-    pub fn new(owner_prefix: &str, cluster_id: &str) -> Owners {
-        Owners { root: format!("{}/{}/", owner_prefix.trim_end_matches('/'), cluster_id) }
+    pub fn new(owner_prefix: &str, cluster_id: &str, install_id: &str) -> Owners {
+        Owners::at(&format!("{}/{cluster_id}/{install_id}", owner_prefix.trim_end_matches('/')))
+    }
+
+    /// The records under `root` (the identity's path, with or without a trailing slash):
+    /// also an older layout's, to migrate from it.
+    pub fn at(root: &str) -> Owners {
+        Owners { root: format!("{}/", root.trim_end_matches('/')) }
+    }
+
+    /// The identity's path, which is also its fence key.
+    pub fn identity(&self) -> &str {
+        self.root.trim_end_matches('/')
     }
 
     /// The prefix under which all of this cluster's records live.
@@ -69,15 +82,20 @@ mod tests {
 
     #[test]
     fn record_keys_round_trip() {
-        let o = Owners::new("/podlease/owners/", "c1");
+        let o = Owners::new("/podlease/owners/", "c1", "ns.rel");
+        assert_eq!(o.identity(), "/podlease/owners/c1/ns.rel");
         for source in [Source::Annotations, Source::Registration("user".into())] {
             let id = InstanceId { namespace: "shop".into(), pod: "p-1".into(), source };
             let key = o.key(&id);
-            assert!(key.starts_with("/podlease/owners/c1/shop/p-1/"));
+            assert!(key.starts_with("/podlease/owners/c1/ns.rel/shop/p-1/"));
             assert_eq!(o.parse_key(&key), Some(id));
         }
-        assert_eq!(o.parse_key("/podlease/owners/c2/shop/p/r"), None);
-        assert_eq!(o.parse_key("/podlease/owners/c1/shop/p"), None);
+        assert_eq!(o.parse_key("/podlease/owners/c2/ns.rel/shop/p/r"), None);
+        assert_eq!(o.parse_key("/podlease/owners/c1/ns.rel/shop/p"), None);
+        assert_eq!(o.parse_key("/podlease/owners/c1/other/shop/p/r"), None, "another install's");
+        // The layout before install ids: one root per cluster.
+        let old = Owners::at("/podlease/owners/c1");
+        assert_eq!(old.parse_key("/podlease/owners/c1/shop/p/r").unwrap().pod, "p");
     }
 
     #[test]

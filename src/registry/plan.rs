@@ -8,7 +8,7 @@ use std::sync::Arc;
 use super::lease::Backoff;
 use super::view::Shown;
 use super::write::{Held, OpError, Outcome};
-use crate::desired::Desired;
+use crate::desired::{Desired, InstanceId};
 use crate::format::Key;
 
 /// One etcd operation for one instance.
@@ -22,6 +22,9 @@ pub enum Op {
     /// A different key: the new one is written first, then the old lease is revoked.
     Replace(Arc<Desired>, Held),
     Revoke(Held),
+    /// The key of instance `.2` (which goes) becomes this one's: in one Txn its record is
+    /// moved and the value written, under the same lease; watchers see no DELETE.
+    Transfer(Arc<Desired>, Held, InstanceId),
 }
 
 impl Op {
@@ -32,6 +35,7 @@ impl Op {
             Op::Reissue(..) => "reissue",
             Op::Replace(..) => "replace",
             Op::Revoke(_) => "revoke",
+            Op::Transfer(..) => "transfer",
         }
     }
 }
@@ -98,11 +102,20 @@ pub struct Slot {
     /// An operation is in flight (at most one per instance).
     pub busy: bool,
     pub backoff: Backoff,
+    /// Another instance's key and lease, to be taken over (see [`Op::Transfer`]).
+    pub transfer: Option<(InstanceId, Held)>,
 }
 
 impl Slot {
     /// The operation that brings etcd to the desired state, if any.
     pub fn next(&self) -> Next {
+        if let Some((from, h)) = &self.transfer {
+            return match &self.desired {
+                Some(d) => Next::Run(Op::Transfer(d.clone(), h.clone(), from.clone())),
+                // Not wanted after all: the lease (key and the other's record) goes.
+                None => Next::Run(Op::Revoke(h.clone())),
+            };
+        }
         match (&self.desired, &self.held) {
             (None, None) => Next::Forget,
             (None, Some(h)) => Next::Run(Op::Revoke(h.clone())),
@@ -154,6 +167,12 @@ impl Slot {
         fx
     }
 
+    /// Takes over `from`'s key and lease (`held`), wanting `desired` for it.
+    pub fn take_over(&mut self, from: InstanceId, held: Held, desired: Arc<Desired>) -> Vec<Effect> {
+        self.transfer = Some((from, held));
+        self.desire(Some(desired))
+    }
+
     /// The keepalive driver reports `lease` gone.
     pub fn lease_lost(&mut self, lease: i64) -> Vec<Effect> {
         if self.held.as_ref().map(|h| h.lease) != Some(lease) {
@@ -183,6 +202,11 @@ impl Slot {
     /// `op` finished with `result`.
     pub fn done(&mut self, op: &'static str, result: Result<Outcome, OpError>) -> Vec<Effect> {
         self.busy = false;
+        // A transfer (or the revoke that replaced it) that got an answer is over; one that
+        // failed is tried again as it was (it is idempotent).
+        if matches!(op, "transfer" | "revoke") && result.is_ok() {
+            self.transfer = None;
+        }
         let mut fx = Vec::new();
         match result {
             Ok(Outcome::Registered { held, renew }) => {
@@ -470,5 +494,31 @@ mod tests {
         let fx = s.done("update", Ok(Outcome::LeaseGone));
         assert_eq!(fx, vec![Effect::Untrack(3), Effect::Enqueue]);
         assert_eq!(s.next(), Next::Run(Op::Register(d)));
+    }
+
+    #[test]
+    fn a_key_taken_over_from_another_source_keeps_its_lease_until_the_transfer_lands() {
+        let d = desired("/s/a", "v2", 30);
+        let theirs = held_for(&desired("/s/a", "v1", 30), 7);
+        let from = InstanceId { namespace: "ns".into(), pod: "p".into(), source: crate::desired::Source::Annotations };
+        let mut s = Slot::default();
+        s.take_over(from.clone(), theirs.clone(), d.clone());
+        assert_eq!(s.next(), Next::Run(Op::Transfer(d.clone(), theirs.clone(), from.clone())));
+        // No answer: tried again as it was (the Txn is idempotent).
+        s.start(&Op::Transfer(d.clone(), theirs.clone(), from.clone()));
+        s.done("transfer", Err(OpError::Timeout { op: "txn", after: Duration::from_secs(5) }));
+        assert_eq!(s.next(), Next::Run(Op::Transfer(d.clone(), theirs.clone(), from.clone())));
+        // Landed: the same lease is ours, renewed at once (its TTL left is not known).
+        let mut mine = held_for(&d, 7);
+        mine.ttl = 30;
+        let fx = s.done("transfer", registered_outcome(mine, Renew::Unknown));
+        assert!(fx.contains(&Effect::Track { lease: 7, ttl: 30, renew: Renew::Unknown }), "{fx:?}");
+        assert!(s.transfer.is_none());
+        assert!(matches!(s.next(), Next::Hold(Shown::Registered { lease: 7, .. })));
+        // Not wanted any more before it landed: the lease goes, key and record with it.
+        let mut s = Slot::default();
+        s.take_over(from.clone(), theirs.clone(), d);
+        s.desire(None);
+        assert_eq!(s.next(), Next::Run(Op::Revoke(theirs)));
     }
 }

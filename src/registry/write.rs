@@ -303,6 +303,31 @@ impl Writer {
         self.revoke_lease(held.lease).await
     }
 
+    /// Takes over `from`'s key and lease for `id`: while the key is still under that lease,
+    /// writes the value and `id`'s record under it and deletes `from`'s record, in one Txn.
+    /// Watchers see at most a PUT. When the key is no longer under it, the lease goes and
+    /// `id` registers afresh.
+    pub async fn transfer(&self, id: &InstanceId, d: &Desired, held: &Held, from: &InstanceId) -> Result<Outcome, OpError> {
+        let key = d.key.with_lease(held.lease);
+        let mut then = self.puts(id, d, &key, held.lease);
+        then.push(TxnOp::delete(self.owners.key(from), None));
+        let txn = Txn::new().when(vec![Compare::lease(key.as_str(), CompareOp::Equal, held.lease)]).and_then(then);
+        match self.txn(txn).await {
+            Ok(r) if r.succeeded() => {
+                let mut h = Self::held(d, key, held.lease);
+                // Still the lease it was granted as: a different TTL wanted is a reissue next.
+                (h.ttl, h.since) = (held.ttl, held.since);
+                Ok(Outcome::Registered { held: h, renew: Renew::Unknown })
+            }
+            Ok(_) => {
+                let _ = self.revoke_lease(held.lease).await;
+                self.register(id, d).await
+            }
+            Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => self.register(id, d).await,
+            Err(e) => Err(e),
+        }
+    }
+
     /// Revokes a lease: everything under it vanishes. An unknown lease is already gone,
     /// which is what we wanted.
     pub async fn revoke_lease(&self, lease: i64) -> Result<Outcome, OpError> {

@@ -165,6 +165,28 @@ impl Drop for Controller {
     }
 }
 
+/// Waits until one of `replicas` leads; its index.
+pub async fn wait_leader<'a>(replicas: &'a [&'a Controller]) -> usize {
+    super::wait_until("a leader", DEADLINE, || async {
+        for (i, c) in replicas.iter().enumerate() {
+            if c.leads().await {
+                return Some(i);
+            }
+        }
+        None
+    })
+    .await
+}
+
+/// Waits until `c` leads and has adopted (/readyz says "leader").
+pub async fn wait_adopted(c: &Controller, within: Duration) {
+    super::wait_until("the replica leads and has adopted", within, || async {
+        let (code, body) = http_get(&format!("http://127.0.0.1:{}/readyz", c.metrics_port)).await?;
+        (code == 200 && body.contains("leader")).then_some(())
+    })
+    .await;
+}
+
 /// The value of an unlabelled sample `name` in a Prometheus text exposition.
 pub fn metric(text: &str, name: &str) -> f64 {
     text.lines()

@@ -38,6 +38,11 @@ pub async fn keys(etcd: &Client, prefix: &str) -> Vec<KeyValue> {
     kv.get(prefix, Some(GetOptions::new().with_prefix())).await.expect("etcd get").kvs().to_vec()
 }
 
+/// Keys and leases under a prefix, to compare before and after a fault.
+pub async fn leases_under(etcd: &Client, prefix: &str) -> std::collections::BTreeSet<(String, i64)> {
+    keys(etcd, prefix).await.iter().map(|kv| (kv.key_str().unwrap().to_string(), kv.lease())).collect()
+}
+
 /// Granted TTL of a lease (seconds).
 pub async fn granted_ttl(etcd: &Client, lease: i64) -> i64 {
     let mut lc = etcd.lease_client();

@@ -76,6 +76,8 @@ pub struct ObserverConfig {
     /// The namespace whose pods and ServiceRegistrations are watched.
     pub namespace: String,
     pub cluster_id: String,
+    /// The install id of the controllers under test (the harness's default).
+    pub install_id: String,
     pub owner_prefix: String,
     /// podlease's --default-ttl (annotated pods without podlease.io/ttl).
     pub default_ttl: i64,
@@ -93,25 +95,23 @@ impl ObserverConfig {
             kubeconfig,
             namespace: namespace.into(),
             cluster_id: cluster_id.into(),
+            install_id: podlease::registry::DEFAULT_INSTALL_ID.into(),
             owner_prefix: "/podlease/owners".into(),
             default_ttl: podlease::registration::DEFAULT_TTL_SECONDS,
         }
     }
 
     fn owner_root(&self) -> String {
-        format!(
-            "{}/{}/",
-            self.owner_prefix.trim_end_matches('/'),
-            self.cluster_id
-        )
+        format!("{}/", self.fence_key())
     }
 
-    /// The leader's fence key.
+    /// The leader's fence key (the install's identity path).
     pub fn fence_key(&self) -> String {
         format!(
-            "{}/{}",
+            "{}/{}/{}",
             self.owner_prefix.trim_end_matches('/'),
-            self.cluster_id
+            self.cluster_id,
+            self.install_id
         )
     }
 }

@@ -1,0 +1,283 @@
+//! Shared clusters on the real bed, at the defaults: several installs side by side on one
+//! API server and one etcd, and identity changes that are refused or migrated, never
+//! silently orphaning a record.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use etcd_client::{EventType, WatchOptions};
+use kube::api::Api;
+use podlease::registration::ServiceRegistration;
+use serde_json::json;
+use support::controller::wait_adopted;
+use support::etcd::{Recorder, keys, leases_under, wait_absent, wait_key};
+use support::*;
+
+const NS: &str = "default";
+const TAKEOVER: Duration = Duration::from_secs(60);
+
+fn records_under(all: &[etcd_client::KeyValue], root: &str) -> usize {
+    all.iter().filter(|kv| podlease::registry::identity::classify("/podlease/owners", kv.key_str().unwrap()).is_some_and(|(r, ns)| r == root && ns.is_some())).count()
+}
+
+#[tokio::test]
+async fn a_changed_cluster_id_is_refused_and_migrating_takes_every_record_over_without_a_delete() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let old_root = "/podlease/owners/c1/default.podlease";
+    let new_root = "/podlease/owners/c2/default.podlease";
+    let mut c = Controller::start(&bed, "c", &["--cluster-id", "c1"]).await;
+    create_registration(&bed.kube, NS, "web", json!({"selector": {"matchLabels": {"app": "web"}}})).await;
+    for i in 0..20 {
+        let name = format!("web-{i}");
+        create_pod(&bed.kube, NS, &PodSpec::new(&name).label("app", "web")).await;
+        set_ready(&bed.kube, NS, &name, &pod_ip(i + 1), true).await;
+    }
+    wait_until("20 keys", DEADLINE, || async { (keys(&bed.etcd, "/services/web/").await.len() == 20).then_some(()) }).await;
+    let before = leases_under(&bed.etcd, "/services/web/").await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+
+    // A rollout that changes the cluster id: the new replica starts while the old one leads,
+    // and again once it is gone. Both times it refuses, saying what to do.
+    let mut n = Controller::new(&bed, "n", bed.kubeconfig.clone(), &["--cluster-id", "c2"]);
+    for round in ["while the old identity leads", "after it stopped"] {
+        if round == "after it stopped" {
+            c.terminate();
+        }
+        n.spawn();
+        let status = n.wait_exit().await;
+        let log = n.log_text();
+        assert!(!status.success(), "{round}: started with a changed cluster id; log:\n{log}");
+        assert!(log.contains("refusing to start") && log.contains(&format!("--migrate-from={old_root}")), "{round}: {log}");
+    }
+    assert_eq!(records_under(&keys(&bed.etcd, "/podlease/owners/").await, old_root), 20, "nothing was touched");
+
+    // With the migration: every record moves, no key is touched.
+    let m = Controller::start(&bed, "m", &["--cluster-id", "c2", "--migrate-from", old_root]).await;
+    wait_adopted(&m, TAKEOVER).await;
+    let all = keys(&bed.etcd, "/podlease/owners/").await;
+    assert_eq!((records_under(&all, new_root), records_under(&all, old_root)), (20, 0));
+    // Outlive the TTL: only the new identity keeps the leases alive now.
+    let target = m.metric("podlease_keepalive_requests_total").await + 60.0;
+    wait_until("three renewal rounds", TAKEOVER, || async { (m.metric("podlease_keepalive_requests_total").await >= target).then_some(()) }).await;
+    assert_eq!(leases_under(&bed.etcd, "/services/web/").await, before, "every key, under the same lease");
+    let deletes: Vec<String> = recorder.deletes().into_iter().map(|e| e.key).filter(|k| k.starts_with("/services/")).collect();
+    assert_eq!(deletes, Vec::<String>::new(), "watchers saw DELETEs");
+    // And it goes on working under the new identity.
+    set_ready(&bed.kube, NS, "web-0", &pod_ip(1), false).await;
+    wait_absent(&bed.etcd, "/services/web/default/web-0", DEADLINE).await;
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    wait_until("status: 19 registered", DEADLINE, || async { (api.get("web").await.ok()?.status?.registered == 19).then_some(()) }).await;
+}
+
+/// One namespace's churn: pods made ready, unready and deleted, each step waited for.
+struct Churn {
+    ns: &'static str,
+    service: &'static str,
+    next: usize,
+    /// Pods and whether they are ready now.
+    pods: BTreeMap<String, bool>,
+    /// Steps that must have made watchers see a DELETE (a ready pod made unready or deleted).
+    unpublished: usize,
+    rng: u64,
+}
+
+impl Churn {
+    fn key(&self, pod: &str) -> String {
+        format!("/services/{}/{}/{pod}", self.service, self.ns)
+    }
+
+    fn roll(&mut self) -> u64 {
+        // xorshift: the same schedule every run.
+        self.rng ^= self.rng << 13;
+        self.rng ^= self.rng >> 7;
+        self.rng ^= self.rng << 17;
+        self.rng
+    }
+
+    async fn step(&mut self, bed: &TestBed) {
+        let r = self.roll();
+        let pick = self.pods.keys().nth((r as usize / 7) % self.pods.len().max(1)).cloned();
+        match (r % 4, pick) {
+            (0, _) | (_, None) => {
+                self.next += 1;
+                let name = format!("{}-{}", self.service, self.next);
+                let ip = pod_ip(self.next + if self.ns == "team-a" { 0 } else { 5000 });
+                create_pod(&bed.kube, self.ns, &PodSpec::new(&name).label("app", self.service)).await;
+                set_ready(&bed.kube, self.ns, &name, &ip, true).await;
+                wait_key(&bed.etcd, &self.key(&name)).await;
+                self.pods.insert(name, true);
+            }
+            (1 | 2, Some(name)) => {
+                let ready = !self.pods[&name];
+                let i: usize = name.rsplit('-').next().unwrap().parse().unwrap();
+                let ip = pod_ip(i + if self.ns == "team-a" { 0 } else { 5000 });
+                set_ready(&bed.kube, self.ns, &name, &ip, ready).await;
+                if ready {
+                    wait_key(&bed.etcd, &self.key(&name)).await;
+                } else {
+                    wait_absent(&bed.etcd, &self.key(&name), DEADLINE).await;
+                    self.unpublished += 1;
+                }
+                self.pods.insert(name, ready);
+            }
+            (_, Some(name)) => {
+                force_delete(&bed.kube, self.ns, &name).await;
+                wait_absent(&bed.etcd, &self.key(&name), DEADLINE).await;
+                if self.pods.remove(&name) == Some(true) {
+                    self.unpublished += 1;
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn two_installs_side_by_side_for_two_minutes_of_churn_do_not_touch_each_other() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    for ns in ["team-a", "team-b"] {
+        ensure_namespace(&bed.kube, ns).await;
+    }
+    // Two installs as the chart makes them: each its own Lease, install id and namespaces;
+    // two replicas each, at the defaults.
+    let install = |ns: &str| {
+        vec!["--cluster-id".to_string(), "c1".into(), "--watch-namespace".into(), ns.into(), "--install-id".into(), format!("{ns}.podlease"), "--leader-election-name".into(), format!("podlease-{ns}")]
+    };
+    let (a_args, b_args) = (install("team-a"), install("team-b"));
+    let a_refs: Vec<&str> = a_args.iter().map(String::as_str).collect();
+    let b_refs: Vec<&str> = b_args.iter().map(String::as_str).collect();
+    let _a = [Controller::start(&bed, "a1", &a_refs).await, Controller::start(&bed, "a2", &a_refs).await];
+    let _b = [Controller::start(&bed, "b1", &b_refs).await, Controller::start(&bed, "b2", &b_refs).await];
+    create_registration(&bed.kube, "team-a", "web-a", json!({"selector": {"matchLabels": {"app": "web-a"}}})).await;
+    create_registration(&bed.kube, "team-b", "web-b", json!({"selector": {"matchLabels": {"app": "web-b"}}})).await;
+
+    for ns in ["team-a", "team-b"] {
+        wait_key(&bed.etcd, &format!("/podlease/owners/c1/{ns}.podlease")).await;
+    }
+    // Every write to a fence key from now on: a steal, or a leader taking its own again.
+    let fences: std::sync::Arc<std::sync::Mutex<Vec<(String, String)>>> = Default::default();
+    let mut w = bed.etcd.watch_client();
+    let mut stream = w.watch("/podlease/owners/c1/", Some(WatchOptions::new().with_prefix())).await.unwrap();
+    let seen = fences.clone();
+    tokio::spawn(async move {
+        let _keep = w;
+        while let Ok(Some(resp)) = stream.message().await {
+            for ev in resp.events() {
+                let kv = ev.kv().unwrap();
+                let key = kv.key_str().unwrap().to_string();
+                if ev.event_type() == EventType::Put && podlease::registry::identity::classify("/podlease/owners", &key).is_some_and(|(_, ns)| ns.is_none()) {
+                    seen.lock().unwrap().push((key, kv.value_str().unwrap_or_default().to_string()));
+                }
+            }
+        }
+    });
+    let recorder = Recorder::start(&bed.etcd, "/services/").await;
+
+    let mut churn = [
+        Churn { ns: "team-a", service: "web-a", next: 0, pods: BTreeMap::new(), unpublished: 0, rng: 0x9e3779b97f4a7c15 },
+        Churn { ns: "team-b", service: "web-b", next: 0, pods: BTreeMap::new(), unpublished: 0, rng: 0x2545f4914f6cdd1d },
+    ];
+    let start = Instant::now();
+    let mut steps = 0;
+    while start.elapsed() < Duration::from_secs(120) {
+        let [a, b] = &mut churn;
+        tokio::join!(a.step(&bed), b.step(&bed));
+        steps += 2;
+    }
+
+    for c in &churn {
+        let prefix = format!("/services/{}/", c.service);
+        let deletes = recorder.deletes().into_iter().filter(|e| e.key.starts_with(&prefix)).count();
+        println!("measured: {}: {} pods at the end, {} DELETE events for {} unpublishing steps", c.ns, c.pods.len(), deletes, c.unpublished);
+        assert_eq!(deletes, c.unpublished, "{}: a DELETE the test did not cause, or one missing", c.ns);
+        let want: Vec<String> = c.pods.iter().filter(|(_, r)| **r).map(|(p, _)| c.key(p)).collect();
+        let mut got: Vec<String> = keys(&bed.etcd, &prefix).await.iter().map(|kv| kv.key_str().unwrap().to_string()).collect();
+        got.sort();
+        assert_eq!(got, want, "{}: etcd holds exactly its ready pods", c.ns);
+        let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), c.ns);
+        wait_until(&format!("{} status", c.ns), DEADLINE, || async {
+            let st = api.get(c.service).await.ok()?.status?;
+            (st.registered as usize == want.len() && st.ready_pods as usize == want.len()).then_some(())
+        })
+        .await;
+    }
+    // Each install's records lie in its own root and namespace only.
+    let all = keys(&bed.etcd, "/podlease/owners/").await;
+    for kv in &all {
+        let (root, ns) = podlease::registry::identity::classify("/podlease/owners", kv.key_str().unwrap()).unwrap();
+        if let Some(ns) = ns {
+            assert_eq!(root, format!("/podlease/owners/c1/{ns}.podlease"), "{}", kv.key_str().unwrap());
+        }
+    }
+    // Each install's leader took its own fence once, before, and kept it.
+    let fences = fences.lock().unwrap().clone();
+    println!("measured: {steps} churn steps in 2 minutes; fence writes during them: {}", fences.len());
+    assert_eq!(fences, Vec::<(String, String)>::new(), "fences were written during the churn");
+}
+
+#[tokio::test]
+async fn two_sources_of_one_key_have_one_owner_and_hand_it_over_without_a_delete() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let c = Controller::start(&bed, "c", &[]).await;
+    let root = "/podlease/owners/";
+    // Two registrations publishing the same key for the same pods (same format, prefix and
+    // service), and one pod whose annotations publish it too.
+    for name in ["a", "b"] {
+        create_registration(&bed.kube, NS, name, json!({"selector": {"matchLabels": {"app": "web"}}, "service": "web"})).await;
+    }
+    for i in 0..10 {
+        let name = format!("web-{i}");
+        let mut spec = PodSpec::new(&name).label("app", "web");
+        if i == 0 {
+            spec = spec.annotation("podlease.io/service", "web");
+        }
+        create_pod(&bed.kube, NS, &spec).await;
+        set_ready(&bed.kube, NS, &name, &pod_ip(i + 1), true).await;
+    }
+    wait_until("10 keys", DEADLINE, || async { (keys(&bed.etcd, "/services/web/").await.len() == 10).then_some(()) }).await;
+    let records = || async {
+        let mut by_source: BTreeMap<String, usize> = BTreeMap::new();
+        for kv in keys(&bed.etcd, root).await {
+            let k = kv.key_str().unwrap();
+            if podlease::registry::identity::classify("/podlease/owners", k).is_some_and(|(_, ns)| ns.is_some()) {
+                *by_source.entry(k.rsplit('/').next().unwrap().to_string()).or_default() += 1;
+            }
+        }
+        by_source
+    };
+    // The owner: the annotations, then registrations by name. The other is served by it.
+    wait_until("one owner per key", DEADLINE, || async {
+        (records().await == BTreeMap::from([("@annotations".to_string(), 1), ("a".to_string(), 9)])).then_some(())
+    })
+    .await;
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    for name in ["a", "b"] {
+        wait_until(&format!("{name}: all 10 registered, no conflict"), DEADLINE, || async {
+            let st = api.get(name).await.ok()?.status?;
+            let conflict = st.conditions.iter().any(|c| c.type_ == "Conflict" && c.status == "True");
+            (st.registered == 10 && st.ready_pods == 10 && !conflict).then_some(())
+        })
+        .await;
+    }
+    assert_eq!(c.metric("podlease_conflicts_total").await, 0.0);
+    let before = leases_under(&bed.etcd, "/services/web/").await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+
+    // The owners go: the next source takes each key over in place.
+    api.delete("a", &Default::default()).await.unwrap();
+    patch_annotations(&bed.kube, NS, "web-0", json!({"podlease.io/service": null})).await;
+    wait_until("b owns every key", DEADLINE, || async { (records().await == BTreeMap::from([("b".to_string(), 10)])).then_some(()) }).await;
+    wait_until("registration a is gone (its finalizer released)", DEADLINE, || async { api.get_opt("a").await.ok()?.is_none().then_some(()) }).await;
+    assert_eq!(leases_under(&bed.etcd, "/services/web/").await, before, "every key under the same lease");
+    let deletes: Vec<String> = recorder.deletes().into_iter().map(|e| e.key).filter(|k| k.starts_with("/services/")).collect();
+    assert_eq!(deletes, Vec::<String>::new(), "watchers saw DELETEs");
+    wait_until("b: all 10 registered", DEADLINE, || async { (api.get("b").await.ok()?.status?.registered == 10).then_some(()) }).await;
+    // Outlive the TTL: the leases are kept alive as b's.
+    let target = c.metric("podlease_keepalive_requests_total").await + 30.0;
+    wait_until("three renewal rounds", TAKEOVER, || async { (c.metric("podlease_keepalive_requests_total").await >= target).then_some(()) }).await;
+    assert_eq!(keys(&bed.etcd, "/services/web/").await.len(), 10);
+}
