@@ -113,6 +113,12 @@ pub struct RunArgs {
     /// Default: each format's own prefix, for that format only. A list replaces the default.
     #[arg(long = "allowed-prefix", env = "PODLEASE_ALLOWED_PREFIXES", value_delimiter = ',')]
     pub allowed_prefix: Vec<AllowedPrefix>,
+    /// Service names that any namespace may publish (repeatable or comma separated). Every
+    /// other service name (under a given read prefix) belongs to the first namespace that
+    /// publishes it, until its last instance goes: another namespace is refused
+    /// (ServiceClaimed). Only the cluster admin sets this; no namespace can.
+    #[arg(long = "shared-service", env = "PODLEASE_SHARED_SERVICES", value_delimiter = ',')]
+    pub shared_service: Vec<String>,
     /// Lease TTL in seconds where neither a registration nor an annotation sets one.
     #[arg(long, env = "PODLEASE_DEFAULT_TTL", default_value = "30", value_parser = parse_ttl)]
     pub default_ttl: i64,
@@ -184,7 +190,9 @@ fn segment(s: &str) -> Option<String> {
 impl RunArgs {
     /// The defaults and the key space, or why the flags contradict each other.
     pub fn defaults(&self) -> Result<Defaults, String> {
-        Defaults::new(self.default_format, self.default_prefix.clone(), self.default_ttl, self.allowed_prefix.clone(), self.owner_prefix.clone())
+        let mut d = Defaults::new(self.default_format, self.default_prefix.clone(), self.default_ttl, self.allowed_prefix.clone(), self.owner_prefix.clone())?;
+        d.shared = self.shared_service.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
+        Ok(d)
     }
 }
 

@@ -33,6 +33,9 @@ pub struct Defaults {
     /// The prefixes podlease may write under, and the owner prefix (where ownership records
     /// live: no service's keys may lie in it, and none should cover it).
     pub key_space: KeySpace,
+    /// Service names any namespace may publish (the cluster admin's `--shared-service`):
+    /// these are not claimed.
+    pub shared: BTreeSet<String>,
 }
 
 impl Defaults {
@@ -44,13 +47,19 @@ impl Defaults {
         if let Some(p) = &prefix {
             allowed.push(AllowedPrefix { format: Some(format), prefix: p.clone() });
         }
-        Ok(Defaults { format, prefix, ttl, key_space: KeySpace::new(allowed, owner)? })
+        Ok(Defaults { format, prefix, ttl, key_space: KeySpace::new(allowed, owner)?, shared: BTreeSet::new() })
     }
 }
 
 impl Default for Defaults {
     fn default() -> Self {
-        Defaults { format: Format::Json, prefix: None, ttl: crate::registration::DEFAULT_TTL_SECONDS, key_space: KeySpace::default() }
+        Defaults {
+            format: Format::Json,
+            prefix: None,
+            ttl: crate::registration::DEFAULT_TTL_SECONDS,
+            key_space: KeySpace::default(),
+            shared: BTreeSet::new(),
+        }
     }
 }
 
@@ -98,6 +107,9 @@ pub struct Desired {
     pub pod_uid: String,
     /// When the pod's Ready condition last changed, for the propagation metric.
     pub ready_since: Option<Timestamp>,
+    /// The claim this instance's service needs: its consumers' read prefix, which belongs
+    /// to one namespace (None: the key holds the namespace, or the service is shared).
+    pub claim: Option<String>,
 }
 
 /// A change to the desired state, for the registry.
@@ -557,7 +569,7 @@ impl Index {
         {
             selected = true;
             if !entry.deleting && pod.publishable(plan.publish_not_ready) {
-                now = Some(desire(plan, pod, &self.defaults.key_space));
+                now = Some(desire(plan, pod, &self.defaults));
             }
         }
         changes.registrations.insert((key.0.clone(), name.to_string()));
@@ -629,7 +641,7 @@ impl Index {
                 if entry.deleting || !pod.publishable(plan.publish_not_ready) {
                     continue;
                 }
-                match desire(plan, pod, &self.defaults.key_space) {
+                match desire(plan, pod, &self.defaults) {
                     Ok(d) => {
                         now.insert(Source::Registration(name.clone()), Arc::new(d));
                     }
@@ -648,7 +660,7 @@ impl Index {
                 }
                 Ok(Some(plan)) => {
                     annotation_prefix = Some(plan.read_prefix.clone());
-                    let result = if pod.publishable(false) { desire(&plan, pod, &self.defaults.key_space).map(Some) } else { Ok(None) };
+                    let result = if pod.publishable(false) { desire(&plan, pod, &self.defaults).map(Some) } else { Ok(None) };
                     match result {
                         Ok(d) => {
                             self.problems.remove(key);
@@ -990,7 +1002,8 @@ fn resolve_port(port: Option<&PortRef>, pod: &PodInfo) -> Result<u16, String> {
     u16::try_from(n).ok().filter(|p| *p > 0).ok_or_else(|| format!("port {n} of pod {} is out of range", pod.name))
 }
 
-fn desire(plan: &Plan, pod: &PodInfo, space: &KeySpace) -> Result<Desired, String> {
+fn desire(plan: &Plan, pod: &PodInfo, defaults: &Defaults) -> Result<Desired, String> {
+    let space = &defaults.key_space;
     let port = resolve_port(plan.port.as_ref(), pod)?;
     let ip = pod.ip.expect("publishable pods have an IP");
     let mut metadata = plan.metadata.clone();
@@ -1019,6 +1032,8 @@ fn desire(plan: &Plan, pod: &PodInfo, space: &KeySpace) -> Result<Desired, Strin
         address: inst.addr(),
         pod_uid: pod.uid.clone(),
         ready_since: pod.ready_since,
+        // Skydns keys hold the namespace: nothing to claim.
+        claim: (plan.format != Format::Skydns && !defaults.shared.contains(plan.service.as_str())).then(|| plan.read_prefix.clone()),
     })
 }
 

@@ -281,3 +281,64 @@ async fn two_sources_of_one_key_have_one_owner_and_hand_it_over_without_a_delete
     wait_until("three renewal rounds", TAKEOVER, || async { (c.metric("podlease_keepalive_requests_total").await >= target).then_some(()) }).await;
     assert_eq!(keys(&bed.etcd, "/services/web/").await.len(), 10);
 }
+
+#[tokio::test]
+async fn a_service_name_belongs_to_one_namespace_unless_the_admin_shares_it() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    for ns in ["shop", "mallory"] {
+        ensure_namespace(&bed.kube, ns).await;
+    }
+    let mut c = Controller::start(&bed, "c", &[]).await;
+    create_registration(&bed.kube, "shop", "payments", json!({"selector": {"matchLabels": {"app": "payments"}}})).await;
+    for i in 0..2 {
+        let name = format!("payments-{i}");
+        create_pod(&bed.kube, "shop", &PodSpec::new(&name).label("app", "payments")).await;
+        set_ready(&bed.kube, "shop", &name, &pod_ip(i + 1), true).await;
+    }
+    wait_key(&bed.etcd, "/services/payments/shop/payments-1").await;
+
+    // mallory joins the service two ways: a registration and an annotated pod.
+    create_registration(&bed.kube, "mallory", "pay", json!({"selector": {"matchLabels": {"app": "evil"}}, "service": "payments"})).await;
+    create_pod(&bed.kube, "mallory", &PodSpec::new("evil-0").label("app", "evil")).await;
+    set_ready(&bed.kube, "mallory", "evil-0", "10.66.0.1", true).await;
+    create_pod(&bed.kube, "mallory", &PodSpec::new("evil-1").annotation("podlease.io/service", "payments")).await;
+    set_ready(&bed.kube, "mallory", "evil-1", "10.66.0.2", true).await;
+    let regs: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), "mallory");
+    let conflict = wait_until("mallory's registration refused: ServiceClaimed", DEADLINE, || async {
+        let st = regs.get("pay").await.ok()?.status?;
+        st.conditions.into_iter().find(|c| c.type_ == "Conflict" && c.status == "True" && c.reason == "ServiceClaimed")
+    })
+    .await;
+    assert!(conflict.message.contains("belongs to namespace \"shop\""), "{}", conflict.message);
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(bed.kube.clone(), "mallory");
+    for regarding in ["pay", "evil-1"] {
+        wait_until(&format!("a Warning ServiceClaimed Event on {regarding}"), DEADLINE, || async {
+            events.list(&Default::default()).await.ok()?.items.into_iter().find(|e| {
+                e.reason.as_deref() == Some("ServiceClaimed")
+                    && e.type_.as_deref() == Some("Warning")
+                    && e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(regarding)
+                    && e.note.as_deref().is_some_and(|n| n.contains("\"shop\""))
+            })
+        })
+        .await;
+    }
+    // Nothing of mallory's anywhere a consumer reads.
+    let evil: Vec<String> = keys(&bed.etcd, "").await.iter().filter(|kv| kv.value_str().is_ok_and(|v| v.contains("10.66."))).map(|kv| kv.key_str().unwrap().to_string()).collect();
+    assert_eq!(evil, Vec::<String>::new(), "mallory's address was published");
+
+    // The claim goes with shop's last instance: mallory may have the name then.
+    Api::<ServiceRegistration>::namespaced(bed.kube.clone(), "shop").delete("payments", &Default::default()).await.unwrap();
+    wait_key(&bed.etcd, "/services/payments/mallory/evil-0").await;
+    wait_key(&bed.etcd, "/services/payments/mallory/evil-1").await;
+
+    // Shared by the cluster admin: both namespaces publish it.
+    c.kill();
+    let _c = Controller::start(&bed, "c2", &["--shared-service", "payments"]).await;
+    create_registration(&bed.kube, "shop", "payments", json!({"selector": {"matchLabels": {"app": "payments"}}})).await;
+    wait_key(&bed.etcd, "/services/payments/shop/payments-0").await;
+    wait_until("both namespaces published", DEADLINE, || async {
+        (keys(&bed.etcd, "/services/payments/").await.len() == 4).then_some(())
+    })
+    .await;
+}

@@ -11,6 +11,7 @@ use tracing::{debug, warn};
 pub const REASON_REGISTERED: &str = "Registered";
 pub const REASON_DEREGISTERED: &str = "Deregistered";
 pub const REASON_CONFLICT: &str = "Conflict";
+pub const REASON_SERVICE_CLAIMED: &str = "ServiceClaimed";
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
 pub const REASON_INVALID_ANNOTATION: &str = "InvalidAnnotation";
 pub const REASON_PREFIX_OVERLAP: &str = "PrefixOverlap";

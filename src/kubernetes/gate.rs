@@ -36,6 +36,7 @@ pub const REASON_REGISTERED: &str = "Registered";
 pub const REASON_NOT_SELECTED: &str = "NotSelected";
 pub const REASON_PENDING: &str = "Pending";
 pub const REASON_CONFLICT: &str = "Conflict";
+pub const REASON_SERVICE_CLAIMED: &str = "ServiceClaimed";
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
 pub const REASON_ETCD_UNAVAILABLE: &str = "EtcdUnavailable";
 pub const REASON_DEREGISTERED: &str = "Deregistered";
@@ -112,6 +113,7 @@ pub fn decide<'a>(pod: &GatedPod, shown: impl Fn(&Source) -> Option<&'a Shown>, 
         let total = pod.sources.len();
         let mut keys = Vec::new();
         let mut conflict = None;
+        let mut claimed = false;
         let mut failed = None;
         for (source, want) in &pod.sources {
             if let Some(k) = registered(source, want.as_ref().ok()) {
@@ -119,7 +121,10 @@ pub fn decide<'a>(pod: &GatedPod, shown: impl Fn(&Source) -> Option<&'a Shown>, 
                 continue;
             }
             match shown(source) {
-                Some(Shown::Conflict { key, message }) => conflict = conflict.or(Some(format!("key {key}: {message}"))),
+                Some(Shown::Conflict { key, message, claimed_by }) => {
+                    claimed |= claimed_by.is_some();
+                    conflict = conflict.or(Some(format!("key {key}: {message}")));
+                }
                 Some(Shown::Failed { message }) => failed = failed.or(Some(message.clone())),
                 _ => {}
             }
@@ -133,7 +138,8 @@ pub fn decide<'a>(pod: &GatedPod, shown: impl Fn(&Source) -> Option<&'a Shown>, 
             };
             Decision::new(true, REASON_REGISTERED, message)
         } else if let Some(c) = conflict {
-            Decision::new(false, REASON_CONFLICT, format!("{} of {total} keys registered; {c}", keys.len()))
+            let reason = if claimed { REASON_SERVICE_CLAIMED } else { REASON_CONFLICT };
+            Decision::new(false, reason, format!("{} of {total} keys registered; {c}", keys.len()))
         } else if let Some(e) = failed.as_deref().or(etcd_unavailable) {
             Decision::new(false, REASON_ETCD_UNAVAILABLE, format!("{} of {total} keys registered; etcd: {e}", keys.len()))
         } else {
@@ -326,7 +332,7 @@ impl Gates {
                 if opened && let Some(ready) = pod.ready_since.filter(|s| s.as_second() >= self.started.as_second()) {
                     self.metrics.gate_latency.observe(Timestamp::now().duration_since(ready).as_secs_f64().max(0.0));
                 }
-                let problem = [REASON_CONFLICT, REASON_INVALID_SPEC, REASON_ETCD_UNAVAILABLE].contains(&decision.reason);
+                let problem = [REASON_CONFLICT, REASON_SERVICE_CLAIMED, REASON_INVALID_SPEC, REASON_ETCD_UNAVAILABLE].contains(&decision.reason);
                 let note = format!("{GATE} {}: {}", if decision.status { "True" } else { "False" }, decision.message);
                 self.events.publish(problem, decision.reason, "Gate", note, events::pod_ref(&key.0, &key.1, &pod.uid));
                 let at = Instant::now();

@@ -169,12 +169,14 @@ impl StatusWriter {
                     self.dirty.insert((id.namespace, name));
                 }
             }
-            Notice::Conflict(id, message) => match &id.source {
+            Notice::Conflict(id, message, claimed_by) => {
+                let reason = if claimed_by.is_some() { events::REASON_SERVICE_CLAIMED } else { events::REASON_CONFLICT };
+                match &id.source {
                 Source::Registration(name) => {
                     let uid = self.index.lock().unwrap().summary(&id.namespace, name).map(|s| s.uid).unwrap_or_default();
                     self.events.publish(
                         true,
-                        events::REASON_CONFLICT,
+                        reason,
                         "Register",
                         format!("pod {}: {message}", id.pod),
                         events::registration_ref(&id.namespace, name, &uid),
@@ -182,9 +184,10 @@ impl StatusWriter {
                     self.dirty.insert((id.namespace.clone(), name.clone()));
                 }
                 Source::Annotations => {
-                    self.events.publish(true, events::REASON_CONFLICT, "Register", message, events::pod_ref(&id.namespace, &id.pod, ""));
+                    self.events.publish(true, reason, "Register", message, events::pod_ref(&id.namespace, &id.pod, ""));
                 }
-            },
+                }
+            }
         }
     }
 
@@ -323,6 +326,7 @@ pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view:
     let previous = summary.status.clone().unwrap_or_default();
     let mut registered = 0u32;
     let mut conflicts: Vec<(&String, &String)> = Vec::new();
+    let mut claimed = false;
     let mut instances = Vec::new();
     for (pod, shown) in group.into_iter().flatten() {
         match shown {
@@ -335,7 +339,10 @@ pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view:
                     instances.push(RegisteredInstance { pod: pod.clone(), address: address.clone(), key: key.clone(), lease_id, since });
                 }
             }
-            Shown::Conflict { message, .. } => conflicts.push((pod, message)),
+            Shown::Conflict { message, claimed_by, .. } => {
+                claimed |= claimed_by.is_some();
+                conflicts.push((pod, message));
+            }
             Shown::Pending | Shown::Failed { .. } => {}
         }
     }
@@ -392,7 +399,7 @@ pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view:
         cond(condition::READY, all_in, ready_reason, ready_msg),
         match &conflict_msg {
             Some(m) if key_conflict.is_none() => cond(condition::CONFLICT, true, "PrefixOverlap", m.clone()),
-            Some(m) => cond(condition::CONFLICT, true, "KeyHeldByOther", m.clone()),
+            Some(m) => cond(condition::CONFLICT, true, if claimed { "ServiceClaimed" } else { "KeyHeldByOther" }, m.clone()),
             None => cond(condition::CONFLICT, false, "NoConflict", "no key is held by another writer".into()),
         },
         match &invalid {

@@ -59,7 +59,7 @@ pub struct Records {
 
 impl Records {
     pub fn new(client: Client, owners: Owners, timeout: Duration) -> Records {
-        Records { w: Writer { client, owners, timeout, fence: None } }
+        Records { w: Writer { client, owners, claims: Default::default(), timeout, fence: None } }
     }
 
     /// Whether etcd still holds a record of registration `name` in `namespace`.
@@ -85,7 +85,8 @@ fn parse(owners: &Owners, kv: &KeyValue) -> Option<(InstanceId, Held)> {
         lease: kv.lease(),
         key: rec.key,
         ttl: rec.ttl,
-        value_hash: rec.value_hash,
+        // A record from before claims is rewritten once (an update in place), adding them.
+        value_hash: if rec.v >= 1 { rec.value_hash } else { String::new() },
         pod_uid: rec.pod_uid,
         since: k8s_openapi::jiff::Timestamp::now(),
     };

@@ -12,7 +12,7 @@ use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp};
 use tracing::{info, warn};
 
 use super::adopt::scan;
-use super::owner::Owners;
+use super::owner::{Claims, Owners};
 use super::write::{OpError, Writer};
 use super::RegistryConfig;
 
@@ -92,7 +92,7 @@ pub async fn survey(w: &Writer, owner_prefix: &str) -> Result<Survey, OpError> {
 /// leader Lease recorded (the last leader's). Err: podlease must not start (the message says
 /// what to do). With `migrate_from`, the records are moved when this replica first leads.
 pub async fn check(client: &etcd_client::Client, config: &RegistryConfig, previous: Option<&str>) -> anyhow::Result<()> {
-    let w = &Writer { client: client.clone(), owners: config.owners(), timeout: config.call_timeout, fence: None };
+    let w = &Writer { client: client.clone(), owners: config.owners(), claims: Claims::default(), timeout: config.call_timeout, fence: None };
     let survey = survey(w, &config.owner_prefix).await?;
     let mine = config.fence_key();
     if let Some(from) = &config.migrate_from {

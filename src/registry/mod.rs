@@ -37,7 +37,7 @@ use crate::desired::{Desired, InstanceId, Update};
 use crate::metrics::{Metrics, OpLabels, StateLabels};
 pub use adopt::Records;
 use lease::{Backoff, Keepalive, Report};
-pub use owner::Owners;
+pub use owner::{Claims, Owners};
 use plan::{Effect, Next, Op, Renew, Slot};
 pub use view::{Notice, SharedView, Shown, View};
 pub use write::{Held, OpError};
@@ -125,6 +125,10 @@ impl RegistryConfig {
         Owners::new(&self.owner_prefix, &self.cluster_id, &self.install_id)
     }
 
+    pub fn claims(&self) -> Claims {
+        Claims::new(&self.owner_prefix, &self.cluster_id, &self.install_id)
+    }
+
     /// Whether this install looks after `namespace`.
     pub fn watches(&self, namespace: &str) -> bool {
         self.namespaces.is_empty() || self.namespaces.iter().any(|n| n == namespace)
@@ -203,7 +207,7 @@ impl Registry {
         let keepalive = Keepalive::spawn(client.clone(), config.keepalive_etcd.clone(), reports_tx, metrics.clone(), term.clone());
         *view.write().unwrap() = View::default();
         metrics.instances.clear();
-        let writer = Writer { client, owners: config.owners(), timeout: config.call_timeout, fence: None };
+        let writer = Writer { client, owners: config.owners(), claims: config.claims(), timeout: config.call_timeout, fence: None };
         Registry {
             writer,
             config,
@@ -701,12 +705,12 @@ impl Registry {
                     self.keepalive.untrack(lease);
                 }
                 Effect::Show(shown) => self.show(id, shown),
-                Effect::Conflicted { message, first } => {
+                Effect::Conflicted { message, first, claimed_by } => {
                     self.metrics.conflicts.inc();
                     self.schedule_retry(id, self.config.conflict_retry);
                     if first {
                         warn!(namespace = id.namespace, pod = id.pod, registration = id.source.segment(), "{message}");
-                        let _ = self.notices.send(Notice::Conflict(id.clone(), message));
+                        let _ = self.notices.send(Notice::Conflict(id.clone(), message, claimed_by));
                     }
                 }
                 Effect::RetryBackoff => {

@@ -64,6 +64,7 @@ pub enum Effect {
     Conflicted {
         message: String,
         first: bool,
+        claimed_by: Option<String>,
     },
     /// Try again after the slot's backoff.
     RetryBackoff,
@@ -239,13 +240,13 @@ impl Slot {
                 fx.push(Effect::EtcdFailed { op: error.op(), message: error.to_string() });
                 fx.push(Effect::Show(Some(Shown::Pending)));
             }
-            Ok(Outcome::Conflict { key, message }) => {
+            Ok(Outcome::Conflict { key, message, claimed_by }) => {
                 fx.extend(self.set_held(None, Renew::Granted));
                 let first = self.conflict.as_ref().map(|(_, m)| m) != Some(&message);
                 self.conflict = Some((key.clone(), message.clone()));
-                fx.push(Effect::Conflicted { message: message.clone(), first });
+                fx.push(Effect::Conflicted { message: message.clone(), first, claimed_by: claimed_by.clone() });
                 fx.push(Effect::EtcdOk);
-                fx.push(Effect::Show(Some(Shown::Conflict { key, message })));
+                fx.push(Effect::Show(Some(Shown::Conflict { key, message, claimed_by })));
             }
             Err(OpError::Fenced) => return vec![Effect::Fenced],
             Err(e) => {
@@ -301,6 +302,7 @@ mod tests {
             address: "10.0.0.1:80".into(),
             pod_uid: "uid-1".into(),
             ready_since: None,
+            claim: None,
         })
     }
 
@@ -424,14 +426,14 @@ mod tests {
         let mut s = Slot::default();
         s.desire(Some(d.clone()));
         s.adopt(held_for(&d, 3));
-        let conflict = || Ok(Outcome::Conflict { key: "/s/a".into(), message: "someone else".into() });
+        let conflict = || Ok(Outcome::Conflict { key: "/s/a".into(), message: "someone else".into(), claimed_by: None });
         let fx = s.done("update", conflict());
         assert_eq!(fx[0], Effect::Untrack(3));
-        assert!(fx.contains(&Effect::Conflicted { message: "someone else".into(), first: true }));
-        assert!(fx.contains(&Effect::Show(Some(Shown::Conflict { key: "/s/a".into(), message: "someone else".into() }))));
+        assert!(fx.contains(&Effect::Conflicted { message: "someone else".into(), first: true, claimed_by: None }));
+        assert!(fx.contains(&Effect::Show(Some(Shown::Conflict { key: "/s/a".into(), message: "someone else".into(), claimed_by: None }))));
         // The retry keeps the conflict shown (no Pending flicker) and reports it no more.
         assert_eq!(s.start(&Op::Register(d)), vec![]);
-        assert!(s.done("register", conflict()).contains(&Effect::Conflicted { message: "someone else".into(), first: false }));
+        assert!(s.done("register", conflict()).contains(&Effect::Conflicted { message: "someone else".into(), first: false, claimed_by: None }));
     }
 
     #[test]

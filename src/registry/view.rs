@@ -14,7 +14,8 @@ pub enum Shown {
     /// `pod_uid`: the pod the key was written for (a pod recreated under the same name is
     /// not registered until its own key is).
     Registered { key: String, lease: i64, since: Timestamp, address: String, pod_uid: String },
-    Conflict { key: String, message: String },
+    /// `claimed_by`: the service belongs to that namespace (not a key held by another).
+    Conflict { key: String, message: String, claimed_by: Option<String> },
     Pending,
     Failed { message: String },
 }
@@ -86,8 +87,9 @@ pub type SharedView = Arc<RwLock<View>>;
 pub enum Notice {
     /// The instance's state changed (status may need rewriting).
     Changed(InstanceId),
-    /// A write was refused because someone else holds the key.
-    Conflict(InstanceId, String),
+    /// A write was refused because someone else holds the key, or (Some) the service
+    /// belongs to that namespace.
+    Conflict(InstanceId, String, Option<String>),
     /// etcd became unavailable or available again (every status shows it).
     Etcd,
 }

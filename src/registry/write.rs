@@ -4,11 +4,11 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use k8s_openapi::jiff::Timestamp;
 
 use super::fence::Fence;
-use super::owner::{OwnerRecord, Owners, value_hash};
+use super::owner::{Claims, OwnerRecord, Owners, value_hash};
 use super::plan::Renew;
 use crate::desired::{Desired, InstanceId};
 
@@ -31,10 +31,12 @@ pub enum Outcome {
         held: Held,
         renew: Renew,
     },
-    /// Someone else's key is in the way; nothing was written.
+    /// Someone else's key is in the way, or the service belongs to another namespace
+    /// (`claimed_by`); nothing was written.
     Conflict {
         key: String,
         message: String,
+        claimed_by: Option<String>,
     },
     Revoked,
     /// The lease expired under us: register anew.
@@ -69,6 +71,7 @@ impl OpError {
 pub struct Writer {
     pub client: Client,
     pub owners: Owners,
+    pub claims: Claims,
     pub timeout: Duration,
     pub fence: Option<Fence>,
 }
@@ -116,12 +119,16 @@ impl Writer {
     }
 
     fn owner_put(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> TxnOp {
-        let record = OwnerRecord { key: key.to_string(), ttl: d.ttl, value_hash: value_hash(&d.value), pod_uid: d.pod_uid.clone() };
+        let record = OwnerRecord { key: key.to_string(), ttl: d.ttl, value_hash: value_hash(&d.value), pod_uid: d.pod_uid.clone(), v: 1 };
         TxnOp::put(self.owners.key(id), serde_json::to_vec(&record).expect("serializes"), Some(PutOptions::new().with_lease(lease)))
     }
 
     fn puts(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> Vec<TxnOp> {
-        vec![TxnOp::put(key, d.value.clone(), Some(PutOptions::new().with_lease(lease))), self.owner_put(id, d, key, lease)]
+        let mut ops = vec![TxnOp::put(key, d.value.clone(), Some(PutOptions::new().with_lease(lease))), self.owner_put(id, d, key, lease)];
+        if let Some(marker) = self.claims.marker(id, d) {
+            ops.push(TxnOp::put(marker, "", Some(PutOptions::new().with_lease(lease))));
+        }
+        ops
     }
 
     fn held(d: &Desired, key: String, lease: i64) -> Held {
@@ -208,10 +215,15 @@ impl Writer {
 
     async fn put_if_absent(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> Result<Outcome, OpError> {
         let owner_key = self.owners.key(id);
-        let txn = Txn::new()
-            .when(vec![Compare::create_revision(key, CompareOp::Equal, 0)])
-            .and_then(self.puts(id, d, key, lease))
-            .or_else(vec![TxnOp::get(key, None), TxnOp::get(owner_key.as_str(), None)]);
+        // The service's claim, atomically: no other namespace's marker under its read prefix.
+        let others = self.claims.others(id, d);
+        let mut when = vec![Compare::create_revision(key, CompareOp::Equal, 0)];
+        when.extend(others.iter().map(|(from, to)| Compare::create_revision(from.as_str(), CompareOp::Equal, 0).with_range(to.as_str())));
+        let mut otherwise = vec![TxnOp::get(key, None), TxnOp::get(owner_key.as_str(), None)];
+        otherwise.extend(
+            others.iter().map(|(from, to)| TxnOp::get(from.as_str(), Some(GetOptions::new().with_range(to.as_str()).with_limit(1).with_keys_only()))),
+        );
+        let txn = Txn::new().when(when).and_then(self.puts(id, d, key, lease)).or_else(otherwise);
         let resp = match self.txn(txn).await {
             Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => {
                 return Ok(Outcome::LeaseGone);
@@ -226,6 +238,7 @@ impl Writer {
             _ => None,
         });
         let (existing, record) = (gets.next().flatten(), gets.next().flatten());
+        let claimant = gets.flatten().next().and_then(|kv| self.claims.namespace_of(kv.key_str().ok()?));
         // Our own key from before (a restart, an etcd outage that outlived our bookkeeping):
         // its ownership record names it under the same lease. Take it back instead of
         // reporting a conflict with ourselves.
@@ -245,6 +258,14 @@ impl Writer {
                 since: Timestamp::now(),
             };
             return Ok(Outcome::Registered { held, renew: Renew::Unknown });
+        }
+        if let Some(ns) = claimant {
+            let read = d.claim.as_deref().unwrap_or_default();
+            let message = format!(
+                "service {} (read as {read:?}) belongs to namespace {ns:?}: another namespace cannot join it unless the cluster admin shares it (--shared-service); nothing was written",
+                d.service
+            );
+            return Ok(Outcome::Conflict { key: key.to_string(), message, claimed_by: Some(ns) });
         }
         Ok(conflict(key, existing.map(|kv| kv.lease())))
     }
@@ -311,6 +332,9 @@ impl Writer {
         let key = d.key.with_lease(held.lease);
         let mut then = self.puts(id, d, &key, held.lease);
         then.push(TxnOp::delete(self.owners.key(from), None));
+        if let Some(marker) = self.claims.marker(from, d) {
+            then.push(TxnOp::delete(marker, None));
+        }
         let txn = Txn::new().when(vec![Compare::lease(key.as_str(), CompareOp::Equal, held.lease)]).and_then(then);
         match self.txn(txn).await {
             Ok(r) if r.succeeded() => {
@@ -348,7 +372,7 @@ fn conflict(key: &str, holder: Option<i64>) -> Outcome {
         Some(l) => format!("key {key} already exists in etcd under lease {l:x}, not this registration's; podlease leaves it alone"),
         None => format!("key {key} is held by another writer; podlease leaves it alone"),
     };
-    Outcome::Conflict { key: key.to_string(), message }
+    Outcome::Conflict { key: key.to_string(), message, claimed_by: None }
 }
 
 /// Which held instances no longer look as written: key gone, under another lease, or a

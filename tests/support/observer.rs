@@ -814,6 +814,12 @@ impl Observer {
                 )),
                 _ => {}
             }
+            accounted.insert(&w.claim);
+            match got.get(&w.claim) {
+                None => diff.push(format!("missing claim marker {} of {key}", w.claim)),
+                Some((_, l)) if l != lease => diff.push(format!("claim marker {} under lease {l:x}, its key {key} under {lease:x}", w.claim)),
+                _ => {}
+            }
             match got.get(&w.owner) {
                 None => diff.push(format!("missing ownership record {} of {key}", w.owner)),
                 Some((_, l)) if l != lease => diff.push(format!(
@@ -1261,7 +1267,16 @@ struct Want {
     pod: String,
     ttl: i64,
     owner: String,
+    /// The instance's service claim marker, under the key's lease.
+    claim: String,
     source: String,
+}
+
+/// The claim marker of an instance: `<owner-prefix>/@claims/<read prefix in hex>/<ns>/
+/// <cluster>/<install>/<pod>/<source>`.
+fn claim_marker(cfg: &ObserverConfig, read_prefix: &str, pod: &str, source: &str) -> String {
+    let hex: String = read_prefix.bytes().map(|b| format!("{b:02x}")).collect();
+    format!("{}/@claims/{hex}/{}/{}/{}/{pod}/{source}", cfg.owner_prefix.trim_end_matches('/'), cfg.namespace, cfg.cluster_id, cfg.install_id)
 }
 
 fn expected(
@@ -1274,28 +1289,7 @@ fn expected(
     let mut want = BTreeMap::new();
     for (name, pod) in pods {
         let Some(ip) = &pod.ip else { continue };
-        for (rname, r) in regs {
-            if !r.live() || !r.json || !r.selects(pod) {
-                continue;
-            }
-            let ok = pod.publishable() || (r.publish_not_ready && !pod.terminating);
-            let Some(port) = pod.port(r.port.as_ref()) else {
-                continue;
-            };
-            if ok {
-                want.insert(
-                    format!("{}/{}/{ns}/{name}", r.prefix, r.service),
-                    Want {
-                        addr: format!("{ip}:{port}"),
-                        namespace: ns.clone(),
-                        pod: name.clone(),
-                        ttl: r.ttl,
-                        owner: format!("{root}{ns}/{name}/{rname}"),
-                        source: format!("registration {rname}, TTL {}", r.ttl),
-                    },
-                );
-            }
-        }
+        // One owner per key: the pod's annotations first, then registrations by name.
         if let Some(svc) = pod.annotations.get(ANNOTATION_SERVICE)
             && pod.publishable()
         {
@@ -1311,17 +1305,35 @@ fn expected(
                 .and_then(|t| t.parse().ok())
                 .unwrap_or(cfg.default_ttl);
             if let Some(port) = port {
-                want.insert(
-                    format!("{DEFAULT_PREFIX}/{svc}/{ns}/{name}"),
-                    Want {
-                        addr: format!("{ip}:{port}"),
-                        namespace: ns.clone(),
-                        pod: name.clone(),
-                        ttl,
-                        owner: format!("{root}{ns}/{name}/{ANNOTATIONS_SEGMENT}"),
-                        source: format!("annotation, TTL {ttl}"),
-                    },
-                );
+                want.entry(format!("{DEFAULT_PREFIX}/{svc}/{ns}/{name}")).or_insert(Want {
+                    addr: format!("{ip}:{port}"),
+                    namespace: ns.clone(),
+                    pod: name.clone(),
+                    ttl,
+                    owner: format!("{root}{ns}/{name}/{ANNOTATIONS_SEGMENT}"),
+                    claim: claim_marker(cfg, &format!("{DEFAULT_PREFIX}/{svc}/"), name, ANNOTATIONS_SEGMENT),
+                    source: format!("annotation, TTL {ttl}"),
+                });
+            }
+        }
+        for (rname, r) in regs {
+            if !r.live() || !r.json || !r.selects(pod) {
+                continue;
+            }
+            let ok = pod.publishable() || (r.publish_not_ready && !pod.terminating);
+            let Some(port) = pod.port(r.port.as_ref()) else {
+                continue;
+            };
+            if ok {
+                want.entry(format!("{}/{}/{ns}/{name}", r.prefix, r.service)).or_insert(Want {
+                    addr: format!("{ip}:{port}"),
+                    namespace: ns.clone(),
+                    pod: name.clone(),
+                    ttl: r.ttl,
+                    owner: format!("{root}{ns}/{name}/{rname}"),
+                    claim: claim_marker(cfg, &format!("{}/{}/", r.prefix, r.service), name, rname),
+                    source: format!("registration {rname}, TTL {}", r.ttl),
+                });
             }
         }
     }

@@ -56,7 +56,7 @@ fn a_key_written_for_an_earlier_pod_of_the_same_name_does_not_open_the_gate() {
 #[test]
 fn reasons_name_what_holds_the_gate() {
     let p = pod(true, None, vec![(reg("a"), ok("/s/a"))]);
-    let conflict = Shown::Conflict { key: "/s/a".into(), message: "held by someone else".into() };
+    let conflict = Shown::Conflict { key: "/s/a".into(), message: "held by someone else".into(), claimed_by: None };
     let d = decide_with(&p, &[(reg("a"), conflict)], Some("down")).unwrap();
     assert_eq!((d.status, d.reason), (false, REASON_CONFLICT), "a conflict is named before etcd's state");
     assert!(d.message.contains("held by someone else"), "{}", d.message);
@@ -81,7 +81,7 @@ fn a_serving_pod_is_never_failed_for_a_discovery_problem() {
     // Open, containers still ready, its key lost (etcd down, a conflict, an invalid edit).
     let p = pod(true, Some((true, REASON_REGISTERED)), vec![(reg("a"), ok("/s/a"))]);
     assert_eq!(decide_with(&p, &[(reg("a"), Shown::Pending)], Some("down")), None);
-    let conflict = Shown::Conflict { key: "/s/a".into(), message: "x".into() };
+    let conflict = Shown::Conflict { key: "/s/a".into(), message: "x".into(), claimed_by: None };
     assert_eq!(decide_with(&p, &[(reg("a"), conflict)], None), None);
     let invalid = pod(true, Some((true, REASON_REGISTERED)), vec![(reg("a"), Err("bad".into()))]);
     assert_eq!(decide_with(&invalid, &[], None), None);
