@@ -456,6 +456,11 @@ impl Index {
         self.registrations.keys()
     }
 
+    /// Registrations that select a pod (their status may show another source's instance).
+    pub fn selecting(&self, namespace: &str, pod: &str) -> Vec<String> {
+        self.matched.get(&(namespace.to_string(), pod.to_string())).map(|m| m.iter().cloned().collect()).unwrap_or_default()
+    }
+
     /// Every pod's current annotation problem (for a new leader to report).
     pub fn problems(&self) -> Vec<PodProblem> {
         self.problems

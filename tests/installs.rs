@@ -207,8 +207,7 @@ async fn two_installs_side_by_side_for_two_minutes_of_churn_do_not_touch_each_ot
     // Each install's records lie in its own root and namespace only.
     let all = keys(&bed.etcd, "/podlease/owners/").await;
     for kv in &all {
-        let (root, ns) = podlease::registry::identity::classify("/podlease/owners", kv.key_str().unwrap()).unwrap();
-        if let Some(ns) = ns {
+        if let Some((root, Some(ns))) = podlease::registry::identity::classify("/podlease/owners", kv.key_str().unwrap()) {
             assert_eq!(root, format!("/podlease/owners/c1/{ns}.podlease"), "{}", kv.key_str().unwrap());
         }
     }
@@ -341,4 +340,47 @@ async fn a_service_name_belongs_to_one_namespace_unless_the_admin_shares_it() {
         (keys(&bed.etcd, "/services/payments/").await.len() == 4).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn an_upgrade_from_the_layout_before_install_ids_is_refused_then_migrated_without_a_delete() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    create_registration(&bed.kube, NS, "web", json!({"selector": {"matchLabels": {"app": "web"}}})).await;
+    let pod = create_pod(&bed.kube, NS, &PodSpec::new("web-0").label("app", "web")).await;
+    set_ready(&bed.kube, NS, "web-0", &pod_ip(1), true).await;
+    // What the release before install ids left, its leader still running (a rolling
+    // upgrade): the key and its record under one lease, the record at
+    // <owner-prefix>/<cluster-id>/<ns>/<pod>/<registration>, and the leader's fence.
+    let mut lc = bed.etcd.lease_client();
+    let lease = lc.grant(60, None).await.unwrap().id();
+    let fence_lease = lc.grant(60, None).await.unwrap().id();
+    let mut kv = bed.etcd.kv_client();
+    let key = "/services/web/default/web-0";
+    let opts = || Some(etcd_client::PutOptions::new().with_lease(lease));
+    kv.put(key, r#"{"addr":"10.0.0.1:8080"}"#, opts()).await.unwrap();
+    let record = json!({"key": key, "ttl": 30, "value_hash": "0", "pod_uid": pod.metadata.uid.unwrap()});
+    kv.put("/podlease/owners/c1/default/web-0/web", record.to_string(), opts()).await.unwrap();
+    kv.put("/podlease/owners/c1", "00000000000000000003/old-0", Some(etcd_client::PutOptions::new().with_lease(fence_lease))).await.unwrap();
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+
+    let mut n = Controller::new(&bed, "new", bed.kubeconfig.clone(), &["--cluster-id", "c1"]);
+    n.spawn();
+    let status = n.wait_exit().await;
+    let log = n.log_text();
+    assert!(!status.success() && log.contains("--migrate-from=/podlease/owners/c1 "), "{log}");
+
+    let m = Controller::start(&bed, "new2", &["--cluster-id", "c1", "--migrate-from", "/podlease/owners/c1"]).await;
+    wait_adopted(&m, TAKEOVER).await;
+    // The value is brought up to date in place (the old record carried no claim).
+    wait_until("the key rewritten as this release writes it", DEADLINE, || async {
+        let kv = keys(&bed.etcd, key).await.into_iter().next()?;
+        kv.value_str().ok()?.contains("\"pod\":\"web-0\"").then_some(kv)
+    })
+    .await;
+    let all = keys(&bed.etcd, "/podlease/owners/").await;
+    assert_eq!((records_under(&all, "/podlease/owners/c1/default.podlease"), records_under(&all, "/podlease/owners/c1")), (1, 0));
+    assert_eq!(keys(&bed.etcd, key).await[0].lease(), lease, "the same lease");
+    let deletes: Vec<String> = recorder.deletes().into_iter().map(|e| e.key).filter(|k| k.starts_with("/services/")).collect();
+    assert_eq!(deletes, Vec::<String>::new(), "watchers saw DELETEs");
 }

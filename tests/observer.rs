@@ -112,6 +112,13 @@ async fn i2_lists_every_difference_until_etcd_holds_exactly_the_desired_state() 
     kv.put("/services/svc-g/default/g-0", value("g-0", 3), under(l30)).await.unwrap();
     kv.put("/podlease/owners/c1/default.podlease/default/g-0/@annotations", "{}", under(l30)).await.unwrap();
     kv.put("/podlease/owners/c1/default.podlease", "7/a", under(fence)).await.unwrap();
+    // The service claims: one marker per instance, under its lease.
+    let claim = |read: &str, rest: &str| {
+        let hex: String = read.bytes().map(|b| format!("{b:02x}")).collect();
+        format!("/podlease/owners/@claims/{hex}/default/c1/default.podlease/{rest}")
+    };
+    kv.put(claim("/services/svc-r/", "r-0/r"), "", under(l40)).await.unwrap();
+    kv.put(claim("/services/svc-g/", "g-0/@annotations"), "", under(l30)).await.unwrap();
     let took = obs.wait_converged(&bed.etcd, &replicas, DEADLINE).await.unwrap_or_else(|v| panic!("{v}"));
     println!("converged after {took:?}");
 
@@ -121,8 +128,10 @@ async fn i2_lists_every_difference_until_etcd_holds_exactly_the_desired_state() 
     kv.put("/podlease/owners/c1/default.podlease/default/r-0/r", "{}", under(l30)).await.unwrap();
     kv.put("/foreign/k", "changed", None).await.unwrap();
     kv.put("/podlease/owners/c1/default.podlease", "7/stranger", under(fence)).await.unwrap();
+    kv.delete(claim("/services/svc-g/", "g-0/@annotations"), None).await.unwrap();
     let text = obs.diff_i2(&bed.etcd, &replicas).await.join("\n");
     for want in [
+        "missing claim marker /podlease/owners/@claims/2f73657276696365732f7376632d672f/default/c1/default.podlease/g-0/@annotations",
         "unexpected key /services/svc-r/default/r-1",
         "/services/svc-g/default/g-0 = ",
         "ownership record /podlease/owners/c1/default.podlease/default/r-0/r under lease",

@@ -165,6 +165,11 @@ impl StatusWriter {
                 if self.leading() {
                     self.gates.mark((id.namespace.clone(), id.pod.clone()));
                 }
+                // Registrations this instance serves count it too.
+                let selecting = self.index.lock().unwrap().selecting(&id.namespace, &id.pod);
+                for name in selecting {
+                    self.dirty.insert((id.namespace.clone(), name));
+                }
                 if let Source::Registration(name) = id.source {
                     self.dirty.insert((id.namespace, name));
                 }

@@ -1,12 +1,11 @@
 //! An install's identity (owner prefix, cluster id, install id) names where its ownership
 //! records live. Changing it silently would orphan every record: the new identity adopts
-//! nothing, every key conflicts, then expires. So it is checked at start: records of
-//! another identity that nobody runs, in namespaces this install watches, and none of ours,
-//! mean the identity changed; podlease refuses to start and says what to do, or, with
-//! `--migrate-from=<old identity>`, moves the records over (same leases, the keys untouched:
-//! consumers see nothing).
+//! nothing, every key conflicts, then expires. So it is checked at start: none of ours, and
+//! records of the identity the leader Lease recorded (or of this cluster in the layout from
+//! before install ids) in namespaces this install watches, mean the identity changed;
+//! podlease refuses to start and says what to do, or, with `--migrate-from=<old identity>`,
+//! moves the records over (same leases, the keys untouched: consumers see nothing).
 
-use std::collections::{BTreeMap, BTreeSet};
 
 use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp};
 use tracing::{info, warn};
@@ -15,20 +14,6 @@ use super::adopt::scan;
 use super::owner::{Claims, Owners};
 use super::write::{OpError, Writer};
 use super::RegistryConfig;
-
-/// What lives under the owner prefix, by identity.
-#[derive(Debug, Default, PartialEq)]
-pub struct Survey {
-    pub roots: BTreeMap<String, Root>,
-}
-
-#[derive(Debug, Default, PartialEq)]
-pub struct Root {
-    pub records: usize,
-    pub namespaces: BTreeSet<String>,
-    /// Its fence key exists: a replica of that identity runs (or ran seconds ago).
-    pub fence: bool,
-}
 
 /// Where a key under the owner prefix belongs: (identity, namespace of a record, or None
 /// for the identity's fence key). Both layouts are known: `<cluster>/<install>/<ns>/<pod>/
@@ -51,87 +36,76 @@ pub fn classify(owner_prefix: &str, key: &str) -> Option<(String, Option<String>
     }
 }
 
-impl Survey {
-    pub fn add(&mut self, owner_prefix: &str, key: &str) {
-        if let Some((root, ns)) = classify(owner_prefix, key) {
-            let r = self.roots.entry(root).or_default();
-            match ns {
-                Some(ns) => {
-                    r.records += 1;
-                    r.namespaces.insert(ns);
-                }
-                None => r.fence = true,
-            }
-        }
-    }
-
-    /// Identities nobody runs that hold records in namespaces this install watches.
-    pub fn orphans<'a>(&'a self, config: &'a RegistryConfig) -> impl Iterator<Item = (&'a String, &'a Root)> + 'a {
-        let mine = config.fence_key();
-        self.roots.iter().filter(move |(root, r)| **root != mine && r.records > 0 && !r.fence && r.namespaces.iter().any(|n| config.watches(n)))
-    }
-}
-
-/// Reads every key under the owner prefix (keys only, a page at a time).
-pub async fn survey(w: &Writer, owner_prefix: &str) -> Result<Survey, OpError> {
-    let mut survey = Survey::default();
-    let prefix = format!("{}/", owner_prefix.trim_end_matches('/'));
-    scan(w, &prefix, true, |kv| {
-        // podlease writes records and fences under a lease only: anything else is not one.
-        if let Ok(k) = kv.key_str()
-            && kv.lease() != 0
-        {
-            survey.add(owner_prefix, k);
-        }
-    })
-    .await?;
-    Ok(survey)
-}
-
 /// Checks this install's identity against what etcd holds. `previous` is the identity the
 /// leader Lease recorded (the last leader's). Err: podlease must not start (the message says
 /// what to do). With `migrate_from`, the records are moved when this replica first leads.
+///
+/// Two earlier identities are recognised, whatever their state: the one the Lease recorded
+/// (any owner prefix), and this cluster's records in the layout from before install ids
+/// (`<owner-prefix>/<cluster-id>/`), which a rolling upgrade finds while the old leader
+/// still runs. Other installs' records are never taken for an earlier identity of this one.
 pub async fn check(client: &etcd_client::Client, config: &RegistryConfig, previous: Option<&str>) -> anyhow::Result<()> {
     let w = &Writer { client: client.clone(), owners: config.owners(), claims: Claims::default(), timeout: config.call_timeout, fence: None };
-    let survey = survey(w, &config.owner_prefix).await?;
     let mine = config.fence_key();
     if let Some(from) = &config.migrate_from {
-        let n = survey.roots.get(from.trim_end_matches('/')).map_or(0, |r| r.records);
+        let from = from.trim_end_matches('/');
+        let n = count(w, from, config).await?;
+        if n == 0 && count(w, &mine, config).await? == 0 {
+            warn!(from, "--migrate-from names an identity with no records here, and this install has none either: check the path");
+        }
         info!(from, records = n, "will take over the records of {from} when this replica leads");
         return Ok(());
     }
-    if survey.roots.get(&mine).is_some_and(|r| r.records > 0) {
+    if count(w, &mine, config).await? > 0 {
         return Ok(());
     }
-    // The last leader's identity, if it differs and still holds records; then identities
-    // nobody runs that hold records where this install looks.
-    let mut found: Vec<(&String, &Root)> = previous
-        .and_then(|p| survey.roots.get_key_value(p.trim_end_matches('/')))
-        .filter(|(root, r)| **root != mine && r.records > 0)
-        .into_iter()
-        .collect();
-    let known: Vec<String> = found.iter().map(|(r, _)| (*r).clone()).collect();
-    found.extend(survey.orphans(config).filter(|(root, _)| !known.contains(root)));
+    let legacy = format!("{}/{}", config.owner_prefix.trim_end_matches('/'), config.cluster_id);
+    let mut candidates: Vec<String> = previous.map(|p| p.trim_end_matches('/').to_string()).filter(|p| *p != mine).into_iter().collect();
+    if !candidates.contains(&legacy) {
+        candidates.push(legacy);
+    }
+    let mut found = Vec::new();
+    for root in candidates {
+        let n = count(w, &root, config).await?;
+        if n > 0 {
+            found.push((root, n));
+        }
+    }
     let Some((first, _)) = found.first() else {
         return Ok(());
     };
-    let list: Vec<String> = found
-        .iter()
-        .map(|(root, r)| format!("{} records of {root} (namespaces {})", r.records, r.namespaces.iter().cloned().collect::<Vec<_>>().join(", ")))
-        .collect();
+    let list: Vec<String> = found.iter().map(|(root, n)| format!("{n} records of {root}")).collect();
     anyhow::bail!(
         "refusing to start: this install's identity is {mine}, but etcd holds none of its ownership records and holds those of an earlier identity: {}. \
-         The cluster id, install id or owner prefix probably changed; starting anyway would orphan them (every key would conflict, then expire, and consumers would see its instance vanish). \
+         The cluster id, install id or owner prefix changed (or podlease was upgraded from a release without install ids); starting anyway would orphan them (every key would conflict, then expire, and consumers would see its instance vanish). \
          To take them over without a DELETE, start with --migrate-from={first} (the chart's migrateFrom). If they belong to an install that is gone for good, delete them with `etcdctl del --prefix {first}/` (their keys then expire within their TTL).",
         list.join("; ")
     )
 }
 
+/// Live records (under a lease) of identity `root` in namespaces this install watches.
+async fn count(w: &Writer, root: &str, config: &RegistryConfig) -> Result<usize, OpError> {
+    let owners = Owners::at(root);
+    let mut n = 0;
+    scan(w, &format!("{root}/"), true, |kv| {
+        if kv.lease() != 0
+            && let Some(id) = kv.key_str().ok().and_then(|k| owners.parse_key(k))
+            && config.watches(&id.namespace)
+        {
+            n += 1;
+        }
+    })
+    .await?;
+    Ok(n)
+}
+
 /// Moves every record of identity `from` (in namespaces this install watches) to this
-/// install's root: the same lease and value, put at the new path and deleted at the old one
-/// in one Txn, if the old one is unchanged. The published keys are not touched. Run by a new
-/// leader before it adopts (the previous leader writes nothing by then).
-pub async fn migrate(w: &Writer, config: &RegistryConfig, from: &str) -> Result<(), OpError> {
+/// install's root: the same lease and value, put at the new path and deleted at the old one,
+/// each only if the old one is unchanged. The published keys are not touched. Run by a new
+/// leader before it adopts (the previous leader writes nothing by then). `keep` is called
+/// with each record's lease and TTL first: nobody else renews them meanwhile, and moving
+/// thousands of records must not outlast their TTL.
+pub async fn migrate(w: &Writer, config: &RegistryConfig, from: &str, mut keep: impl FnMut(i64, i64)) -> Result<(), OpError> {
     let from = from.trim_end_matches('/');
     let old = Owners::at(from);
     let new = config.owners();
@@ -140,23 +114,32 @@ pub async fn migrate(w: &Writer, config: &RegistryConfig, from: &str) -> Result<
     }
     let mut found: Vec<KeyValue> = Vec::new();
     scan(w, &format!("{from}/"), false, |kv| found.push(kv.clone())).await?;
-    let (mut moved, mut gone, mut skipped) = (0usize, 0usize, 0usize);
+    let mut moves = Vec::new();
+    let mut skipped = 0usize;
     for kv in found {
         let Some(id) = kv.key_str().ok().and_then(|k| old.parse_key(k)) else { continue };
         if kv.lease() == 0 || !config.watches(&id.namespace) {
             skipped += 1;
             continue;
         }
-        let txn = Txn::new()
-            .when(vec![Compare::mod_revision(kv.key(), CompareOp::Equal, kv.mod_revision())])
-            .and_then(vec![TxnOp::put(new.key(&id), kv.value(), Some(PutOptions::new().with_lease(kv.lease()))), TxnOp::delete(kv.key(), None)]);
-        let mut client = w.client.kv_client();
-        match w.call("txn", client.txn(txn)).await {
-            Ok(r) if r.succeeded() => moved += 1,
-            Ok(_) => gone += 1,
-            // Its lease expired meanwhile: nothing to move.
-            Err(OpError::Etcd { source, .. }) if source.to_string().contains("requested lease not found") => gone += 1,
-            Err(e) => return Err(e),
+        let ttl = serde_json::from_slice::<super::owner::OwnerRecord>(kv.value()).map_or(MIN_TTL, |r| r.ttl);
+        keep(kv.lease(), ttl);
+        moves.push((new.key(&id), kv));
+    }
+    let (mut moved, mut gone) = (0usize, 0usize);
+    // A batch per Txn; one whose record changed meanwhile is moved a record at a time.
+    for batch in moves.chunks(BATCH) {
+        match move_records(w, batch).await? {
+            true => moved += batch.len(),
+            false => {
+                for one in batch {
+                    if move_records(w, std::slice::from_ref(one)).await? {
+                        moved += 1;
+                    } else {
+                        gone += 1;
+                    }
+                }
+            }
         }
     }
     if moved + gone + skipped > 0 {
@@ -165,6 +148,26 @@ pub async fn migrate(w: &Writer, config: &RegistryConfig, from: &str) -> Result<
         warn!(from, "--migrate-from: no records there (already migrated?)");
     }
     Ok(())
+}
+
+/// Records moved per Txn (two operations and a compare each; etcd allows 128 operations).
+const BATCH: usize = 32;
+/// TTL assumed for a record that does not say (the least any lease has).
+const MIN_TTL: i64 = crate::registration::MIN_TTL_SECONDS;
+
+/// Moves records in one Txn if none changed; false if one did (or its lease is gone).
+async fn move_records(w: &Writer, batch: &[(String, KeyValue)]) -> Result<bool, OpError> {
+    let when: Vec<Compare> = batch.iter().map(|(_, kv)| Compare::mod_revision(kv.key(), CompareOp::Equal, kv.mod_revision())).collect();
+    let then: Vec<TxnOp> = batch
+        .iter()
+        .flat_map(|(to, kv)| [TxnOp::put(to.as_str(), kv.value(), Some(PutOptions::new().with_lease(kv.lease()))), TxnOp::delete(kv.key(), None)])
+        .collect();
+    let mut client = w.client.kv_client();
+    match w.call("txn", client.txn(Txn::new().when(when).and_then(then))).await {
+        Ok(r) => Ok(r.succeeded()),
+        Err(OpError::Etcd { source, .. }) if source.to_string().contains("requested lease not found") => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 #[cfg(test)]
@@ -182,25 +185,5 @@ mod tests {
         for other in ["/podlease/owners/c1/@claims/x", "/podlease/owners/c1/a/b", "/podlease/owners//x", "/podlease/ownersx/c1", "/elsewhere"] {
             assert_eq!(classify(o, other), None, "{other}");
         }
-    }
-
-    #[test]
-    fn an_orphan_is_an_identity_nobody_runs_with_records_where_this_install_looks() {
-        let o = "/podlease/owners";
-        let mut s = Survey::default();
-        for k in [
-            "/podlease/owners/old/shop/p1/web",               // the layout before install ids, no fence
-            "/podlease/owners/c1/team-b.podlease/other/p/web", // another install, running
-            "/podlease/owners/c1/team-b.podlease",
-            "/podlease/owners/c1/gone.podlease/elsewhere/p/web", // nobody runs it, but not our namespace
-        ] {
-            s.add(o, k);
-        }
-        let config = RegistryConfig { cluster_id: "c1".into(), install_id: "shop.podlease".into(), namespaces: vec!["shop".into()], ..Default::default() };
-        let orphans: Vec<&String> = s.orphans(&config).map(|(r, _)| r).collect();
-        assert_eq!(orphans, ["/podlease/owners/old"]);
-        let all = RegistryConfig { namespaces: vec![], ..config };
-        let orphans: Vec<&String> = s.orphans(&all).map(|(r, _)| r).collect();
-        assert_eq!(orphans, ["/podlease/owners/c1/gone.podlease", "/podlease/owners/old"]);
     }
 }

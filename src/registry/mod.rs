@@ -495,7 +495,8 @@ impl Registry {
             let records = loop {
                 let read = async {
                     if let Some(from) = &migrate_from {
-                        identity::migrate(&self.writer, &self.config, from).await?;
+                        let keepalive = &self.keepalive;
+                        identity::migrate(&self.writer, &self.config, from, |lease, ttl| keepalive.track(lease, ttl, plan::Renew::Unknown)).await?;
                     }
                     adopt::read_records(&self.writer).await
                 };

@@ -330,7 +330,9 @@ impl Writer {
     /// `id` registers afresh.
     pub async fn transfer(&self, id: &InstanceId, d: &Desired, held: &Held, from: &InstanceId) -> Result<Outcome, OpError> {
         let key = d.key.with_lease(held.lease);
-        let mut then = self.puts(id, d, &key, held.lease);
+        // The record says the TTL the lease has (a different one wanted is a reissue next).
+        let as_granted = Desired { ttl: held.ttl, ..d.clone() };
+        let mut then = self.puts(id, &as_granted, &key, held.lease);
         then.push(TxnOp::delete(self.owners.key(from), None));
         if let Some(marker) = self.claims.marker(from, d) {
             then.push(TxnOp::delete(marker, None));
