@@ -549,15 +549,7 @@ impl Index {
             .map(|(_, key)| key)
             .collect();
         for key in keys {
-            // A pod another source also publishes: its key may change owner.
-            let others = self.matched.get(&key).is_some_and(|m| m.iter().any(|n| n != name))
-                || self.emitted.get(&key).is_some_and(|e| e.contains_key(&Source::Annotations))
-                || self.served.contains_key(&key);
-            if others {
-                self.recompute_pod(&key, changes);
-            } else {
-                self.recompute_pair(&key, name, changes);
-            }
+            self.recompute_pair(&key, name, changes);
         }
         // Instances of pods that are gone were removed with the pod; nothing else to do.
     }
@@ -576,6 +568,14 @@ impl Index {
             if !entry.deleting && pod.publishable(plan.publish_not_ready) {
                 now = Some(desire(plan, pod, &self.defaults));
             }
+        }
+        // A key another source of the pod also wants (or wanted): who owns it is decided
+        // over all the pod's sources.
+        let collides = self.served.contains_key(key)
+            || matches!(&now, Some(Ok(d)) if self.emitted.get(key).is_some_and(|e| e.iter().any(|(s, o)| *s != source && same_fixed_key(o, d))));
+        if collides {
+            self.recompute_pod(key, changes);
+            return;
         }
         changes.registrations.insert((key.0.clone(), name.to_string()));
         if self.pods.get(key).is_some_and(|p| p.gated) {

@@ -161,7 +161,9 @@ fn a_thousand_registrations_in_one_namespace() {
         idx.apply_registration(&sreg("busy", &format!("wide-{i}"), json!({"selector": {"matchLabels": {"tier": "all"}}, "service": format!("svc-{i}")})));
     }
     let wide = t.elapsed();
-    assert_eq!(idx.desired().len(), n * (wide_n + 1), "every pod in every wide registration, plus its own");
+    // wide-i publishes svc-i, the key registration svc-i already publishes for pod-i: one
+    // owner per key, so those 100 are served, not published twice.
+    assert_eq!(idx.desired().len(), n * (wide_n + 1) - wide_n, "every pod in every wide registration, plus its own, each key once");
 
     // Another namespace meanwhile: only its own instance.
     let t = Instant::now();

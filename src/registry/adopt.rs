@@ -89,6 +89,7 @@ fn parse(owners: &Owners, kv: &KeyValue) -> Option<(InstanceId, Held)> {
         value_hash: if rec.v >= 1 { rec.value_hash } else { String::new() },
         pod_uid: rec.pod_uid,
         since: k8s_openapi::jiff::Timestamp::now(),
+        claim: rec.claim,
     };
     Some((id, held))
 }

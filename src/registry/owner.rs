@@ -24,6 +24,9 @@ pub struct OwnerRecord {
     /// are rewritten once, which adds the claim).
     #[serde(default)]
     pub v: u32,
+    /// The read prefix of its claim marker, so that a revoke removes the marker too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<String>,
 }
 
 /// Where the ownership records of one install live.
@@ -95,15 +98,15 @@ impl Claims {
         format!("{}{hex}/", self.root)
     }
 
-    /// The marker of instance `id` when its service is claimed.
-    pub fn marker(&self, id: &InstanceId, d: &crate::desired::Desired) -> Option<String> {
-        let claim = d.claim.as_deref().filter(|_| !self.root.is_empty())?;
+    /// The marker of instance `id` when its service is claimed (`claim`: the read prefix).
+    pub fn marker(&self, id: &InstanceId, claim: Option<&str>) -> Option<String> {
+        let claim = claim.filter(|_| !self.root.is_empty())?;
         Some(format!("{}{}/{}/{}/{}", self.service_root(claim), id.namespace, self.identity, id.pod, id.source.segment()))
     }
 
     /// The key ranges [from, to) where other namespaces' markers of `d`'s service would be.
-    pub fn others(&self, id: &InstanceId, d: &crate::desired::Desired) -> Vec<(String, String)> {
-        let Some(claim) = d.claim.as_deref().filter(|_| !self.root.is_empty()) else { return Vec::new() };
+    pub fn others(&self, id: &InstanceId, claim: Option<&str>) -> Vec<(String, String)> {
+        let Some(claim) = claim.filter(|_| !self.root.is_empty()) else { return Vec::new() };
         let service = self.service_root(claim);
         let mine = format!("{service}{}/", id.namespace);
         // ('/' + 1 is '0': the end of everything that starts with the text before it.)
@@ -172,17 +175,17 @@ mod tests {
         };
         let id = InstanceId { namespace: "shop".into(), pod: "p".into(), source: Source::Registration("r".into()) };
         let root = "/podlease/owners/@claims/2f73657276696365732f7061792f/";
-        let marker = c.marker(&id, &d).unwrap();
+        let marker = c.marker(&id, d.claim.as_deref()).unwrap();
         assert_eq!(marker, format!("{root}shop/c1/ns.rel/p/r"));
         assert_eq!(c.namespace_of(&marker).as_deref(), Some("shop"));
-        let others = c.others(&id, &d);
+        let others = c.others(&id, d.claim.as_deref());
         assert_eq!(others, vec![(root.to_string(), format!("{root}shop/")), (format!("{root}shop0"), "/podlease/owners/@claims/2f73657276696365732f7061792f0".to_string())]);
         let inside = |k: &str| others.iter().any(|(a, b)| a.as_str() <= k && k < b.as_str());
         assert!(!inside(&marker), "our own namespace is not another's");
         assert!(inside(&format!("{root}mallory/c1/x/p/r")) && inside(&format!("{root}a/c1/x/p/r")) && inside(&format!("{root}shopx/c9/x/p/r")));
         assert!(!inside("/podlease/owners/@claims/2f73657276696365732f7061792f2f/a"), "another service's");
         // Unclaimed (shared, skydns) or a writer without claims: no marker, no check.
-        assert!(c.marker(&id, &crate::desired::Desired { claim: None, ..d.clone() }).is_none());
-        assert!(Claims::default().others(&id, &d).is_empty());
+        assert!(c.marker(&id, None).is_none());
+        assert!(Claims::default().others(&id, d.claim.as_deref()).is_empty());
     }
 }

@@ -129,7 +129,8 @@ impl Slot {
                 } else if !same_key || !same_lease {
                     // (A key ending in its lease id changes with the lease.)
                     Next::Run(Op::Replace(d.clone(), h.clone()))
-                } else if super::owner::value_hash(&d.value) != h.value_hash {
+                } else if super::owner::value_hash(&d.value) != h.value_hash || d.claim != h.claim {
+                    // (A changed claim: a service shared or no longer shared.)
                     Next::Run(Op::Update(d.clone(), h.clone()))
                 } else {
                     Next::Hold(registered(h, d))
@@ -314,6 +315,7 @@ mod tests {
             value_hash: super::super::owner::value_hash(&d.value),
             pod_uid: d.pod_uid.clone(),
             since: Timestamp::UNIX_EPOCH,
+            claim: None,
         }
     }
 

@@ -21,6 +21,8 @@ pub struct Held {
     pub value_hash: String,
     pub pod_uid: String,
     pub since: Timestamp,
+    /// The read prefix its service claim marker is under (None: not claimed).
+    pub claim: Option<String>,
 }
 
 /// The result of one operation.
@@ -119,20 +121,25 @@ impl Writer {
     }
 
     fn owner_put(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> TxnOp {
-        let record = OwnerRecord { key: key.to_string(), ttl: d.ttl, value_hash: value_hash(&d.value), pod_uid: d.pod_uid.clone(), v: 1 };
+        let record =
+            OwnerRecord { key: key.to_string(), ttl: d.ttl, value_hash: value_hash(&d.value), pod_uid: d.pod_uid.clone(), v: 1, claim: d.claim.clone() };
         TxnOp::put(self.owners.key(id), serde_json::to_vec(&record).expect("serializes"), Some(PutOptions::new().with_lease(lease)))
     }
 
+    /// The key, its record and its claim marker, under `lease`. The caller of a first write
+    /// checks the claim itself (and is refused); every other write adds the marker only if
+    /// no other namespace holds the claim (a nested Txn), so no path claims unchecked.
     fn puts(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> Vec<TxnOp> {
         let mut ops = vec![TxnOp::put(key, d.value.clone(), Some(PutOptions::new().with_lease(lease))), self.owner_put(id, d, key, lease)];
-        if let Some(marker) = self.claims.marker(id, d) {
-            ops.push(TxnOp::put(marker, "", Some(PutOptions::new().with_lease(lease))));
+        if let Some(marker) = self.claims.marker(id, d.claim.as_deref()) {
+            let when: Vec<Compare> = self.claims.others(id, d.claim.as_deref()).iter().map(|(from, to)| Compare::create_revision(from.as_str(), CompareOp::Equal, 0).with_range(to.as_str())).collect();
+            ops.push(TxnOp::txn(Txn::new().when(when).and_then(vec![TxnOp::put(marker, "", Some(PutOptions::new().with_lease(lease)))])));
         }
         ops
     }
 
     fn held(d: &Desired, key: String, lease: i64) -> Held {
-        Held { lease, key, ttl: d.ttl, value_hash: value_hash(&d.value), pod_uid: d.pod_uid.clone(), since: Timestamp::now() }
+        Held { lease, key, ttl: d.ttl, value_hash: value_hash(&d.value), pod_uid: d.pod_uid.clone(), since: Timestamp::now(), claim: d.claim.clone() }
     }
 
     /// Grants a lease and writes key + ownership record under it if the key is absent.
@@ -216,7 +223,7 @@ impl Writer {
     async fn put_if_absent(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> Result<Outcome, OpError> {
         let owner_key = self.owners.key(id);
         // The service's claim, atomically: no other namespace's marker under its read prefix.
-        let others = self.claims.others(id, d);
+        let others = self.claims.others(id, d.claim.as_deref());
         let mut when = vec![Compare::create_revision(key, CompareOp::Equal, 0)];
         when.extend(others.iter().map(|(from, to)| Compare::create_revision(from.as_str(), CompareOp::Equal, 0).with_range(to.as_str())));
         let mut otherwise = vec![TxnOp::get(key, None), TxnOp::get(owner_key.as_str(), None)];
@@ -256,6 +263,7 @@ impl Writer {
                 value_hash: rec.value_hash,
                 pod_uid: rec.pod_uid,
                 since: Timestamp::now(),
+                claim: rec.claim,
             };
             return Ok(Outcome::Registered { held, renew: Renew::Unknown });
         }
@@ -316,10 +324,14 @@ impl Writer {
     /// in one fenced Txn, then revokes the lease. Watchers see one DELETE of the same key.
     pub async fn revoke(&self, id: &InstanceId, held: &Held) -> Result<Outcome, OpError> {
         let owner_key = self.owners.key(id);
-        let txn = Txn::new()
-            .when(vec![Compare::lease(held.key.as_str(), CompareOp::Equal, held.lease)])
-            .and_then(vec![TxnOp::delete(held.key.as_str(), None), TxnOp::delete(owner_key.as_str(), None)])
-            .or_else(vec![TxnOp::delete(owner_key.as_str(), None)]);
+        // The marker goes with the record: once no record is left, no claim is either.
+        let mut deletes = vec![TxnOp::delete(owner_key.as_str(), None)];
+        if let Some(marker) = self.claims.marker(id, held.claim.as_deref()) {
+            deletes.push(TxnOp::delete(marker, None));
+        }
+        let mut both = deletes.clone();
+        both.insert(0, TxnOp::delete(held.key.as_str(), None));
+        let txn = Txn::new().when(vec![Compare::lease(held.key.as_str(), CompareOp::Equal, held.lease)]).and_then(both).or_else(deletes);
         self.txn(txn).await?;
         self.revoke_lease(held.lease).await
     }
@@ -334,7 +346,7 @@ impl Writer {
         let as_granted = Desired { ttl: held.ttl, ..d.clone() };
         let mut then = self.puts(id, &as_granted, &key, held.lease);
         then.push(TxnOp::delete(self.owners.key(from), None));
-        if let Some(marker) = self.claims.marker(from, d) {
+        if let Some(marker) = self.claims.marker(from, held.claim.as_deref()) {
             then.push(TxnOp::delete(marker, None));
         }
         let txn = Txn::new().when(vec![Compare::lease(key.as_str(), CompareOp::Equal, held.lease)]).and_then(then);
