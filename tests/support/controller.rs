@@ -73,6 +73,9 @@ impl Controller {
             .args(&self.args)
             .env("PODLEASE_LOG_LEVEL", "info,podlease=debug")
             .env("POD_NAME", &self.name)
+            // The bed's defaults, whatever namespace the test runner itself runs in: the
+            // leader Lease in `default`, install id `default.podlease` (the observer's).
+            .env_remove("POD_NAMESPACE")
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         self.child = Some(spawn_owned(&mut cmd, &self.log));
     }
