@@ -12,7 +12,7 @@ use tracing::{info, warn};
 
 use super::adopt::scan;
 use super::owner::{Claims, Owners};
-use super::write::{OpError, Writer};
+use super::write::{OpError, Writer, is_lease_not_found};
 use super::RegistryConfig;
 
 /// Where a key under the owner prefix belongs: (identity, namespace of a record, or None
@@ -165,7 +165,7 @@ async fn move_records(w: &Writer, batch: &[(String, KeyValue)]) -> Result<bool, 
     let mut client = w.client.kv_client();
     match w.call("txn", client.txn(Txn::new().when(when).and_then(then))).await {
         Ok(r) => Ok(r.succeeded()),
-        Err(OpError::Etcd { source, .. }) if source.to_string().contains("requested lease not found") => Ok(false),
+        Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => Ok(false),
         Err(e) => Err(e),
     }
 }

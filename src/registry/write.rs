@@ -78,7 +78,7 @@ pub struct Writer {
     pub fence: Option<Fence>,
 }
 
-fn is_lease_not_found(e: &etcd_client::Error) -> bool {
+pub(super) fn is_lease_not_found(e: &etcd_client::Error) -> bool {
     e.to_string().contains("requested lease not found")
 }
 
@@ -132,7 +132,7 @@ impl Writer {
     fn puts(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> Vec<TxnOp> {
         let mut ops = vec![TxnOp::put(key, d.value.clone(), Some(PutOptions::new().with_lease(lease))), self.owner_put(id, d, key, lease)];
         if let Some(marker) = self.claims.marker(id, d.claim.as_deref()) {
-            let when: Vec<Compare> = self.claims.others(id, d.claim.as_deref()).iter().map(|(from, to)| Compare::create_revision(from.as_str(), CompareOp::Equal, 0).with_range(to.as_str())).collect();
+            let when = unclaimed(&self.claims.others(id, d.claim.as_deref()));
             ops.push(TxnOp::txn(Txn::new().when(when).and_then(vec![TxnOp::put(marker, "", Some(PutOptions::new().with_lease(lease)))])));
         }
         ops
@@ -225,7 +225,7 @@ impl Writer {
         // The service's claim, atomically: no other namespace's marker under its read prefix.
         let others = self.claims.others(id, d.claim.as_deref());
         let mut when = vec![Compare::create_revision(key, CompareOp::Equal, 0)];
-        when.extend(others.iter().map(|(from, to)| Compare::create_revision(from.as_str(), CompareOp::Equal, 0).with_range(to.as_str())));
+        when.extend(unclaimed(&others));
         let mut otherwise = vec![TxnOp::get(key, None), TxnOp::get(owner_key.as_str(), None)];
         otherwise.extend(
             others.iter().map(|(from, to)| TxnOp::get(from.as_str(), Some(GetOptions::new().with_range(to.as_str()).with_limit(1).with_keys_only()))),
@@ -376,6 +376,12 @@ impl Writer {
             Err(e) => Err(e),
         }
     }
+}
+
+/// "No key in any of these ranges": no other namespace's claim marker (an empty range
+/// compares as revision 0).
+fn unclaimed(ranges: &[(String, String)]) -> Vec<Compare> {
+    ranges.iter().map(|(from, to)| Compare::create_revision(from.as_str(), CompareOp::Equal, 0).with_range(to.as_str())).collect()
 }
 
 fn conflict(key: &str, holder: Option<i64>) -> Outcome {
