@@ -267,6 +267,7 @@ impl Terms {
         let task = tokio::spawn(registry.run(cmd_rx));
         let index = index.lock().unwrap();
         let desired = index.desired();
+        let _ = cmd_tx.send(Command::Holds(index.holds()));
         let _ = cmd_tx.send(Command::Resync(desired));
         if let Some(epoch) = epoch {
             info!(epoch, "leading: adopting and converging");
@@ -396,6 +397,9 @@ impl Feed {
             }
         };
         if let Some(term) = &self.term {
+            if changes.holds {
+                let _ = term.cmd_tx.send(Command::Holds(self.index.lock().unwrap().holds()));
+            }
             for u in changes.updates {
                 let _ = term.cmd_tx.send(Command::Update(u));
             }
@@ -419,6 +423,7 @@ fn merge(into: &mut Changes, from: Changes) {
     into.registrations.extend(from.registrations);
     into.problems.extend(from.problems);
     into.gated.extend(from.gated);
+    into.holds |= from.holds;
 }
 
 async fn wait_cluster_id(client: &Client, shutdown: &CancellationToken) -> anyhow::Result<String> {

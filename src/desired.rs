@@ -112,6 +112,24 @@ pub struct Desired {
     pub claim: Option<String>,
 }
 
+/// A service claim held for as long as its source exists (a ServiceRegistration, or the
+/// annotated pods of a namespace), whether or not any pod is ready: the read prefix
+/// `read` belongs to `namespace` until the last such source goes.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Hold {
+    pub read: String,
+    pub namespace: String,
+    /// The registration, or [`Source::Annotations`] for all annotated pods of the namespace.
+    pub holder: Source,
+}
+
+impl Hold {
+    /// The hold an instance's writes need (None: its service is not claimed).
+    pub fn of(id: &InstanceId, claim: Option<&str>) -> Option<Hold> {
+        claim.map(|read| Hold { read: read.to_string(), namespace: id.namespace.clone(), holder: id.source.clone() })
+    }
+}
+
 /// A change to the desired state, for the registry.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Update {
@@ -141,6 +159,8 @@ pub struct Changes {
     pub problems: Vec<PodProblem>,
     /// Gated pods whose readiness gate may need writing.
     pub gated: BTreeSet<(String, String)>,
+    /// The set of service claims to hold ([`Index::holds`]) may have changed.
+    pub holds: bool,
 }
 
 /// What the readiness gate of one gated pod is decided from (see `kubernetes::gate`).
@@ -228,6 +248,7 @@ pub struct Summary {
     /// Another service's keys lie under the prefix this service's consumers read.
     pub overlap: Option<String>,
     pub namespace: String,
+    pub name: String,
     /// Pods whose key another source of theirs publishes: (pod, that source).
     pub served: Vec<(String, Source)>,
 }
@@ -250,6 +271,10 @@ pub struct Index {
     read_prefixes: BTreeMap<String, usize>,
     /// The read prefix of each annotated pod's service.
     annotation_prefixes: HashMap<PodKey, String>,
+    /// The claimed read prefix of each annotated pod's service, and how many pods of each
+    /// (namespace, read prefix) there are: their namespace holds the claim while any exists.
+    annotation_claims: HashMap<PodKey, String>,
+    annotation_holds: BTreeMap<(String, String), usize>,
     /// Why a registration (by name) publishes nothing for a pod it selects (a port the pod
     /// does not declare, a key outside the key space), for its InvalidSpec condition.
     failures: HashMap<PodKey, BTreeMap<String, String>>,
@@ -321,7 +346,7 @@ impl Index {
         let new_prefix = entry.plan.as_ref().ok().map(|p| p.read_prefix.clone());
         let old = self.registrations.insert(key.clone(), entry);
         let old_prefix = old.and_then(|o| o.plan.ok()).map(|p| p.read_prefix);
-        let mut changes = Changes::default();
+        let mut changes = Changes { holds: !same_plan, ..Default::default() };
         self.move_prefix(old_prefix, new_prefix, &mut changes);
         changes.registrations.insert(key);
         if !same_plan {
@@ -334,6 +359,7 @@ impl Index {
     pub fn delete_registration(&mut self, namespace: &str, name: &str) -> Changes {
         let mut changes = Changes::default();
         if let Some(old) = self.registrations.remove(&(namespace.to_string(), name.to_string())) {
+            changes.holds = true;
             self.move_prefix(old.plan.ok().map(|p| p.read_prefix), None, &mut changes);
             self.recompute_selected(namespace, name, &mut changes);
         }
@@ -364,6 +390,45 @@ impl Index {
         if changed {
             changes.registrations.extend(self.registrations.keys().cloned());
         }
+    }
+
+    /// Keeps the count of annotated pods per (namespace, claimed read prefix).
+    fn move_annotation_claim(&mut self, key: &PodKey, new: Option<String>, changes: &mut Changes) {
+        let old = self.annotation_claims.remove(key);
+        if old == new {
+            if let Some(n) = new {
+                self.annotation_claims.insert(key.clone(), n);
+            }
+            return;
+        }
+        if let Some(old) = old {
+            let k = (key.0.clone(), old);
+            if let Some(n) = self.annotation_holds.get_mut(&k) {
+                *n -= 1;
+                if *n == 0 {
+                    self.annotation_holds.remove(&k);
+                    changes.holds = true;
+                }
+            }
+        }
+        if let Some(new) = new {
+            let n = self.annotation_holds.entry((key.0.clone(), new.clone())).or_insert(0);
+            *n += 1;
+            changes.holds |= *n == 1;
+            self.annotation_claims.insert(key.clone(), new);
+        }
+    }
+
+    /// Every service claim this install holds: one per ServiceRegistration whose service is
+    /// claimed (valid, not being deleted), one per (namespace, service) of annotated pods.
+    pub fn holds(&self) -> BTreeSet<Hold> {
+        let registrations = self.registrations.iter().filter(|(_, e)| !e.deleting).filter_map(|((ns, name), e)| {
+            let read = e.plan.as_ref().ok()?.claim(&self.defaults)?;
+            Some(Hold { read, namespace: ns.clone(), holder: Source::Registration(name.clone()) })
+        });
+        let annotated =
+            self.annotation_holds.keys().map(|(ns, read)| Hold { read: read.clone(), namespace: ns.clone(), holder: Source::Annotations });
+        registrations.chain(annotated).collect()
     }
 
     /// Why consumers reading `mine` would see keys that are not this service's.
@@ -402,6 +467,7 @@ impl Index {
         let entry = self.registrations.get(&(namespace.to_string(), name.to_string()))?;
         let mut s = Summary {
             namespace: namespace.to_string(),
+            name: name.to_string(),
             uid: entry.uid.clone(),
             generation: entry.generation,
             deleting: entry.deleting,
@@ -626,6 +692,7 @@ impl Index {
     fn recompute_pod(&mut self, key: &PodKey, changes: &mut Changes) {
         let mut now: BTreeMap<Source, Arc<Desired>> = BTreeMap::new();
         let mut annotation_prefix: Option<String> = None;
+        let mut annotation_claim: Option<String> = None;
         let mut matched: BTreeSet<String> = BTreeSet::new();
         let mut failed: BTreeMap<String, String> = BTreeMap::new();
         if self.pods.get(key).is_some_and(|p| p.gated) {
@@ -665,6 +732,7 @@ impl Index {
                 }
                 Ok(Some(plan)) => {
                     annotation_prefix = Some(plan.read_prefix.clone());
+                    annotation_claim = plan.claim(&self.defaults);
                     let result = if pod.publishable(false) { desire(&plan, pod, &self.defaults).map(Some) } else { Ok(None) };
                     match result {
                         Ok(d) => {
@@ -689,6 +757,7 @@ impl Index {
             self.annotation_prefixes.insert(key.clone(), p.clone());
         }
         self.move_prefix(old_prefix, annotation_prefix.clone(), changes);
+        self.move_annotation_claim(key, annotation_claim, changes);
         if let Some(p) = &annotation_prefix
             && now.contains_key(&Source::Annotations)
             && let Some(msg) = self.overlap(p)
@@ -1037,9 +1106,16 @@ fn desire(plan: &Plan, pod: &PodInfo, defaults: &Defaults) -> Result<Desired, St
         address: inst.addr(),
         pod_uid: pod.uid.clone(),
         ready_since: pod.ready_since,
-        // Skydns keys hold the namespace: nothing to claim.
-        claim: (plan.format != Format::Skydns && !defaults.shared.contains(plan.service.as_str())).then(|| plan.read_prefix.clone()),
+        claim: plan.claim(defaults),
     })
+}
+
+impl Plan {
+    /// The read prefix this plan's service claims. Skydns keys hold the namespace: nothing
+    /// to claim; nor for a name the cluster admin shares.
+    fn claim(&self, defaults: &Defaults) -> Option<String> {
+        (self.format != Format::Skydns && !defaults.shared.contains(self.service.as_str())).then(|| self.read_prefix.clone())
+    }
 }
 
 #[cfg(test)]

@@ -326,12 +326,37 @@ async fn a_service_name_belongs_to_one_namespace_unless_the_admin_shares_it() {
     let evil: Vec<String> = keys(&bed.etcd, "").await.iter().filter(|kv| kv.value_str().is_ok_and(|v| v.contains("10.66."))).map(|kv| kv.key_str().unwrap().to_string()).collect();
     assert_eq!(evil, Vec::<String>::new(), "mallory's address was published");
 
-    // The claim goes with shop's last instance: mallory may have the name then.
+    // A registration with no pod at all is refused too (the claim, not a key, is checked).
+    create_registration(&bed.kube, "mallory", "idle", json!({"selector": {"matchLabels": {"app": "none"}}, "service": "payments"})).await;
+    wait_until("mallory's idle registration refused: ServiceClaimed", DEADLINE, || async {
+        let st = regs.get("idle").await.ok()?.status?;
+        st.conditions.into_iter().find(|c| c.type_ == "Conflict" && c.status == "True" && c.reason == "ServiceClaimed" && c.message.contains("\"shop\""))
+    })
+    .await;
+
+    // shop's pods stop being ready: no key of shop's is left, but its registration still
+    // holds the name. mallory's instances are tried again (each try counts a conflict) and
+    // refused every time.
+    for i in 0..2 {
+        set_ready(&bed.kube, "shop", &format!("payments-{i}"), &pod_ip(i + 1), false).await;
+    }
+    wait_until("shop's keys gone", DEADLINE, || async { keys(&bed.etcd, "/services/payments/").await.is_empty().then_some(()) }).await;
+    // The claim outlives a restart (a new term moves it to its own claims lease).
+    c.kill();
+    let mut c = Controller::start(&bed, "c1", &[]).await;
+    let tried = c.metric("podlease_conflicts_total").await + 4.0;
+    wait_until("mallory's two instances tried twice more", DEADLINE, || async { (c.metric("podlease_conflicts_total").await >= tried).then_some(()) }).await;
+    assert_eq!(keys(&bed.etcd, "/services/payments/").await.len(), 0, "mallory took the name while shop's registration holds it");
+
+    // The claim goes with shop's registration: mallory may have the name then.
     Api::<ServiceRegistration>::namespaced(bed.kube.clone(), "shop").delete("payments", &Default::default()).await.unwrap();
     wait_key(&bed.etcd, "/services/payments/mallory/evil-0").await;
     wait_key(&bed.etcd, "/services/payments/mallory/evil-1").await;
 
     // Shared by the cluster admin: both namespaces publish it.
+    for i in 0..2 {
+        set_ready(&bed.kube, "shop", &format!("payments-{i}"), &pod_ip(i + 1), true).await;
+    }
     c.kill();
     let _c = Controller::start(&bed, "c2", &["--shared-service", "payments"]).await;
     create_registration(&bed.kube, "shop", "payments", json!({"selector": {"matchLabels": {"app": "payments"}}})).await;
@@ -340,6 +365,43 @@ async fn a_service_name_belongs_to_one_namespace_unless_the_admin_shares_it() {
         (keys(&bed.etcd, "/services/payments/").await.len() == 4).then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_claim_covers_the_names_its_consumers_read_and_the_names_that_read_it() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    for ns in ["shop", "mallory"] {
+        ensure_namespace(&bed.kube, ns).await;
+    }
+    let _c = Controller::start(&bed, "c", &[]).await;
+    let shop = |format: &str, service: &str| json!({"selector": {"matchLabels": {"app": "pay"}}, "format": format, "service": service});
+    let mallory = |format: &str, service: &str| json!({"selector": {"matchLabels": {"app": "evil"}}, "format": format, "service": service});
+    // go-zero consumers of `pay` read `pay/`, where `pay/x` publishes; kratos consumers of
+    // `pay` read `/microservices/pay`, where `payments` publishes.
+    create_registration(&bed.kube, "shop", "zero", shop("go-zero", "pay")).await;
+    create_registration(&bed.kube, "shop", "kratos", shop("kratos", "payments")).await;
+    create_pod(&bed.kube, "shop", &PodSpec::new("pay-0").label("app", "pay")).await;
+    set_ready(&bed.kube, "shop", "pay-0", &pod_ip(1), true).await;
+    let shop_regs: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), "shop");
+    for name in ["zero", "kratos"] {
+        wait_until(&format!("shop/{name} registered"), DEADLINE, || async { (shop_regs.get(name).await.ok()?.status?.registered == 1).then_some(()) }).await;
+    }
+    create_registration(&bed.kube, "mallory", "within", mallory("go-zero", "pay/x")).await;
+    create_registration(&bed.kube, "mallory", "around", mallory("kratos", "pay")).await;
+    create_pod(&bed.kube, "mallory", &PodSpec::new("evil-0").label("app", "evil")).await;
+    set_ready(&bed.kube, "mallory", "evil-0", "10.66.0.1", true).await;
+    let regs: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), "mallory");
+    for (name, claimed) in [("within", "\"pay/\""), ("around", "\"/microservices/payments\"")] {
+        let c = wait_until(&format!("mallory/{name} refused: ServiceClaimed"), DEADLINE, || async {
+            let st = regs.get(name).await.ok()?.status?;
+            st.conditions.into_iter().find(|c| c.type_ == "Conflict" && c.status == "True" && c.reason == "ServiceClaimed")
+        })
+        .await;
+        assert!(c.message.contains("\"shop\"") && c.message.contains(claimed), "{}", c.message);
+    }
+    let evil: Vec<String> = keys(&bed.etcd, "").await.iter().filter(|kv| kv.value_str().is_ok_and(|v| v.contains("10.66."))).map(|kv| kv.key_str().unwrap().to_string()).collect();
+    assert_eq!(evil, Vec::<String>::new(), "mallory's address was published");
 }
 
 #[tokio::test]

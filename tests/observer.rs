@@ -119,6 +119,19 @@ async fn i2_lists_every_difference_until_etcd_holds_exactly_the_desired_state() 
     };
     kv.put(claim("/services/svc-r/", "r-0/r"), "", under(l40)).await.unwrap();
     kv.put(claim("/services/svc-g/", "g-0/@annotations"), "", under(l30)).await.unwrap();
+    // The holds: one per registration and per annotated service, under the claims lease
+    // the pointer names; the epoch every new hold rewrote.
+    let text = obs.diff_i2(&bed.etcd, &replicas).await.join("\n");
+    assert!(text.contains("missing claims lease pointer /podlease/owners/c1/default.podlease/@claims"), "{text}");
+    assert!(text.contains(&format!("missing claim hold {}", claim("/services/svc-r/", "@hold/r"))), "{text}");
+    let claims = lc.grant(300, None).await.unwrap().id();
+    kv.put("/podlease/owners/c1/default.podlease/@claims", claims.to_string(), under(claims)).await.unwrap();
+    kv.put(claim("/services/svc-r/", "@hold/r"), "", under(claims)).await.unwrap();
+    kv.put(claim("/services/svc-g/", "@hold/@annotations"), "", under(l30)).await.unwrap();
+    kv.put("/podlease/owners/@claims/@epoch", "", None).await.unwrap();
+    let text = obs.diff_i2(&bed.etcd, &replicas).await.join("\n");
+    assert!(text.contains(&format!("claim hold {} under lease", claim("/services/svc-g/", "@hold/@annotations"))), "{text}");
+    kv.put(claim("/services/svc-g/", "@hold/@annotations"), "", under(claims)).await.unwrap();
     let took = obs.wait_converged(&bed.etcd, &replicas, DEADLINE).await.unwrap_or_else(|v| panic!("{v}"));
     println!("converged after {took:?}");
 

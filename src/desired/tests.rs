@@ -439,3 +439,36 @@ fn one_source_owns_a_key_the_others_are_served_and_take_it_over_when_it_goes() {
     let c = idx.apply_pod(annotated);
     assert!(c.updates.iter().any(|u| matches!(u, Update::Transfer { from, to, .. } if from.source == Source::Registration("b".into()) && to.source == Source::Annotations)), "{c:?}");
 }
+
+#[test]
+fn holds_follow_registrations_and_annotated_pods_not_readiness() {
+    let mut defaults = Defaults::default();
+    defaults.shared.insert("open".into());
+    let mut idx = Index::new(defaults);
+    let hold = |read: &str, holder: Source| Hold { read: read.into(), namespace: "shop".into(), holder };
+    assert!(idx.apply_registration(&sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}}))).holds);
+    // Shared names and skydns keys (the namespace is in the key) are not claimed.
+    idx.apply_registration(&sreg("open", json!({"selector": {"matchLabels": {"app": "o"}}})));
+    idx.apply_registration(&sreg("dns", json!({"selector": {"matchLabels": {"app": "d"}}, "format": "skydns"})));
+    assert_eq!(idx.holds(), BTreeSet::from([hold("/services/user/", Source::Registration("user".into()))]));
+    // Annotated pods hold their service while any of them exists, ready or not.
+    let c = idx.apply_pod(annotated_not_ready("a1", "pay"));
+    assert!(c.holds);
+    assert!(!idx.apply_pod(annotated_not_ready("a2", "pay")).holds, "the same hold");
+    let want = BTreeSet::from([hold("/services/user/", Source::Registration("user".into())), hold("/services/pay/", Source::Annotations)]);
+    assert_eq!(idx.holds(), want);
+    assert!(!idx.delete_pod("shop", "a1").holds);
+    assert_eq!(idx.holds(), want);
+    assert!(idx.delete_pod("shop", "a2").holds);
+    // A registration being deleted lets go at once.
+    let mut s = sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}}));
+    s.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Timestamp::now()));
+    assert!(idx.apply_registration(&s).holds);
+    assert!(idx.holds().is_empty());
+}
+
+fn annotated_not_ready(name: &str, service: &str) -> PodInfo {
+    let mut p = annotated(name, &[("podlease.io/service", service)]);
+    p.ready = false;
+    p
+}

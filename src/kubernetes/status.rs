@@ -174,6 +174,15 @@ impl StatusWriter {
                     self.dirty.insert((id.namespace, name));
                 }
             }
+            Notice::Claim(namespace, Source::Registration(name), refused) => {
+                if let Some((_, message)) = refused {
+                    let uid = self.index.lock().unwrap().summary(&namespace, &name).map(|s| s.uid).unwrap_or_default();
+                    self.events.publish(true, events::REASON_SERVICE_CLAIMED, "Claim", message, events::registration_ref(&namespace, &name, &uid));
+                }
+                self.dirty.insert((namespace, name));
+            }
+            // Annotated pods show it on their own once ready (their writes are refused).
+            Notice::Claim(_, Source::Annotations, _) => {}
             Notice::Conflict(id, message, claimed_by) => {
                 let reason = if claimed_by.is_some() { events::REASON_SERVICE_CLAIMED } else { events::REASON_CONFLICT };
                 match &id.source {
@@ -381,6 +390,10 @@ pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view:
         let more = conflicts.len() - 1;
         if more > 0 { format!("pod {pod}: {m} (and {more} more pods)") } else { format!("pod {pod}: {m}") }
     });
+    // The service's claim refused: shown whether or not any pod is ready.
+    let refused = view.refused.get(&(summary.namespace.clone(), Source::Registration(summary.name.clone())));
+    claimed |= refused.is_some() && key_conflict.is_none();
+    let key_conflict = key_conflict.or_else(|| refused.map(|(_, m)| m.clone()));
     let conflict_msg = match (&key_conflict, &summary.overlap) {
         (Some(k), Some(o)) => Some(format!("{k}; {o}")),
         (Some(k), None) => Some(k.clone()),

@@ -27,9 +27,21 @@ pub async fn read_records(w: &Writer) -> Result<Vec<(InstanceId, Held)>, OpError
 }
 
 /// Calls `each` for every key under `prefix`, a page at a time.
-pub(super) async fn scan(w: &Writer, prefix: &str, keys_only: bool, mut each: impl FnMut(&KeyValue)) -> Result<(), OpError> {
+pub(super) async fn scan(w: &Writer, prefix: &str, keys_only: bool, each: impl FnMut(&KeyValue)) -> Result<(), OpError> {
     let end = prefix_end(prefix.as_bytes());
-    let mut from = prefix.as_bytes().to_vec();
+    scan_range(w, prefix.as_bytes(), &end, keys_only, each).await
+}
+
+/// Calls `each` for every key in [from, end), a page at a time.
+pub(super) async fn scan_range(
+    w: &Writer,
+    from: impl AsRef<[u8]>,
+    end: impl AsRef<[u8]>,
+    keys_only: bool,
+    mut each: impl FnMut(&KeyValue),
+) -> Result<(), OpError> {
+    let end = end.as_ref().to_vec();
+    let mut from = from.as_ref().to_vec();
     loop {
         let mut kv = w.client.kv_client();
         let mut opts = GetOptions::new().with_range(end.clone()).with_limit(PAGE);

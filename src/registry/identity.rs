@@ -11,7 +11,8 @@ use etcd_client::{Compare, CompareOp, KeyValue, PutOptions, Txn, TxnOp};
 use tracing::{info, warn};
 
 use super::adopt::scan;
-use super::owner::{Claims, Owners};
+use super::claim::Claims;
+use super::owner::Owners;
 use super::write::{OpError, Writer, is_lease_not_found};
 use super::RegistryConfig;
 

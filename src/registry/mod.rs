@@ -12,6 +12,7 @@
 //! live in `plan`.
 
 mod adopt;
+pub mod claim;
 pub mod fence;
 pub mod identity;
 pub mod lease;
@@ -20,7 +21,7 @@ pub mod plan;
 pub mod view;
 mod write;
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -33,11 +34,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::time::{DelayQueue, delay_queue};
 use tracing::{debug, info, warn};
 
-use crate::desired::{Desired, InstanceId, Update};
+use crate::desired::{Desired, Hold, InstanceId, Update};
 use crate::metrics::{Metrics, OpLabels, StateLabels};
 pub use adopt::Records;
 use lease::{Backoff, Keepalive, Report};
-pub use owner::{Claims, Owners};
+pub use claim::Claims;
+pub use owner::Owners;
 use plan::{Effect, Next, Op, Renew, Slot};
 pub use view::{Notice, SharedView, Shown, View};
 pub use write::{Held, OpError};
@@ -141,6 +143,8 @@ pub enum Command {
     /// The complete desired state: adopt (once per term), then converge.
     Resync(Vec<(InstanceId, Arc<Desired>)>),
     Update(Update),
+    /// Every service claim to hold now (see [`claim`]).
+    Holds(BTreeSet<Hold>),
     /// Leadership is lost: write nothing more, keep every lease alive until a newer fence
     /// appears (or the term is told to finish).
     StepDown,
@@ -159,6 +163,10 @@ struct Entry {
 }
 
 type OpResult = (InstanceId, &'static str, Instant, Result<Outcome, OpError>);
+
+/// Claims jobs in flight at once (new claims take turns through the epoch key, so more
+/// would mostly wait on each other).
+const HOLD_CONCURRENCY: usize = 4;
 
 pub struct Registry {
     writer: Writer,
@@ -188,6 +196,11 @@ pub struct Registry {
     term_started: Timestamp,
     verify: Option<JoinHandle<Result<Vec<InstanceId>, OpError>>>,
     fence_check: Option<JoinHandle<Result<Option<i64>, OpError>>>,
+    /// Service claims: which holds are wanted and what etcd answered.
+    keeper: claim::Keeper,
+    hold_jobs: JoinSet<Result<claim::Done, OpError>>,
+    /// Instances waiting for their service's hold to be answered.
+    parked: HashMap<Hold, HashSet<InstanceId>>,
 }
 
 impl Registry {
@@ -230,6 +243,9 @@ impl Registry {
             term_started: Timestamp::now(),
             verify: None,
             fence_check: None,
+            keeper: claim::Keeper::default(),
+            hold_jobs: JoinSet::new(),
+            parked: HashMap::new(),
         }
     }
 
@@ -239,6 +255,7 @@ impl Registry {
         let term = self.term.clone();
         let end = self.serve(&mut commands, &term).await;
         self.ops.abort_all();
+        self.hold_jobs.abort_all();
         for task in [self.verify.take().map(|t| t.abort_handle()), self.fence_check.take().map(|t| t.abort_handle())].into_iter().flatten() {
             task.abort();
         }
@@ -264,8 +281,12 @@ impl Registry {
         let mut fence_tick = tokio::time::interval(fence::CHECK_INTERVAL);
         fence_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         fence_tick.tick().await;
+        let mut hold_tick = tokio::time::interval(self.config.conflict_retry);
+        hold_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        hold_tick.tick().await;
         loop {
             if self.leading {
+                self.dispatch_holds();
                 self.dispatch();
             }
             tokio::select! {
@@ -279,6 +300,9 @@ impl Registry {
                         }
                         // A caretaker keeps the leases alive until a newer fence exists.
                         self.fence_lease = None;
+                    }
+                    Report::Lost(lease) if self.keeper.lease_lost(lease) => {
+                        warn!(lease = format!("{lease:x}"), "the claims lease lapsed; claiming every service again");
                     }
                     Report::Lost(lease) => self.on_lease_lost(lease),
                     Report::Down(why) => self.etcd_failed(why),
@@ -294,6 +318,16 @@ impl Registry {
                     }
                     Err(e) => warn!(error = %e, "registry operation panicked"),
                 },
+                Some(done) = self.hold_jobs.join_next(), if !self.hold_jobs.is_empty() => match done {
+                    Ok(Ok(done)) => self.on_hold_done(done),
+                    Ok(Err(_)) => {
+                        self.metrics.fenced_writes.inc();
+                        warn!("etcd refused a claim: another replica leads now; ending this term");
+                        return TermEnd::Fenced;
+                    }
+                    Err(e) => warn!(error = %e, "claims job panicked"),
+                },
+                _ = hold_tick.tick() => self.keeper.retry(),
                 _ = verify.tick(), if self.leading && self.synced && self.verify.is_none() => self.start_verify(),
                 done = join(&mut self.verify) => {
                     self.verify = None;
@@ -320,6 +354,7 @@ impl Registry {
                     None => return TermEnd::Stopped,
                     Some(Command::Resync(all)) => self.resync(all).await,
                     Some(Command::Update(u)) => self.apply(u),
+                    Some(Command::Holds(h)) => self.want_holds(h),
                     Some(Command::StepDown) => self.step_down(),
                     Some(Command::Finish { revoke }) => {
                         if revoke {
@@ -400,6 +435,7 @@ impl Registry {
                 match c {
                     Command::Resync(all) => self.resync(all).await,
                     Command::Update(u) => self.apply(u),
+                    Command::Holds(h) => self.want_holds(h),
                     Command::StepDown | Command::Finish { .. } => {}
                 }
             }
@@ -481,7 +517,8 @@ impl Registry {
                 }
             })
             .await;
-        if let Some(l) = self.fence_lease {
+        // The claims go too: nothing of this install is left to hold them.
+        for l in [self.keeper.lease, self.keeper.old, self.fence_lease].into_iter().flatten() {
             let _ = writer.revoke_lease(l).await;
         }
     }
@@ -498,10 +535,20 @@ impl Registry {
                         let keepalive = &self.keepalive;
                         identity::migrate(&self.writer, &self.config, from, |lease, ttl| keepalive.track(lease, ttl, plan::Renew::Unknown)).await?;
                     }
-                    adopt::read_records(&self.writer).await
+                    let records = adopt::read_records(&self.writer).await?;
+                    let claims = claim::read_pointer(&self.writer, &self.writer.owners).await?;
+                    Ok::<_, OpError>((records, claims))
                 };
                 match read.await {
-                    Ok(r) => break r,
+                    Ok((r, claims)) => {
+                        // The previous term's claims lease lives on until this term has put
+                        // every hold under its own (a caretaker only keeps it alive).
+                        if let Some(l) = claims {
+                            self.keepalive.track(l, claim::CLAIM_TTL, Renew::Unknown);
+                        }
+                        self.keeper.adopt(claims);
+                        break r;
+                    }
                     Err(e) => {
                         self.etcd_failed(e.to_string());
                         let d = backoff.next();
@@ -651,11 +698,33 @@ impl Registry {
                 }
                 Next::Run(op) => op,
             };
+            // A first write needs its service's hold: wait for it, or be refused with it.
+            let hold = match &op {
+                Op::Register(d) | Op::Replace(d, _) => Hold::of(&id, d.claim.as_deref()).filter(|_| self.writer.claims.enabled()),
+                _ => None,
+            };
+            let refused = match hold.as_ref().map(|h| (h, self.keeper.state(h))) {
+                None | Some((_, Some(claim::HoldState::Held))) => None,
+                Some((h, None)) => {
+                    self.parked.entry(h.clone()).or_default().insert(id);
+                    continue;
+                }
+                Some((h, Some(claim::HoldState::Refused { namespace, read }))) => Some((h.clone(), namespace.clone(), read.clone())),
+            };
+            let entry = self.slots.get_mut(&id).expect("looked up above");
             let fx = entry.slot.start(&op);
             self.perform(&id, fx);
             let writer = self.writer.clone();
             let label = op.label();
             let task_id = id.clone();
+            if let Some((h, namespace, read)) = refused {
+                self.ops.spawn(async move {
+                    let started = Instant::now();
+                    let result = refuse(&writer, &task_id, &op, &h, namespace, read).await;
+                    (task_id, label, started, result)
+                });
+                continue;
+            }
             self.ops.spawn(async move {
                 let started = Instant::now();
                 let result = match op {
@@ -732,7 +801,86 @@ impl Registry {
                 Effect::Propagated => self.observe_propagation(id),
                 Effect::Fenced => {}
                 Effect::Enqueue => self.enqueue(id.clone()),
+                Effect::Unclaimed => {
+                    let hold = self.slots.get(id).and_then(|e| e.slot.desired.as_ref()).and_then(|d| Hold::of(id, d.claim.as_deref()));
+                    if let Some(h) = hold {
+                        debug!(namespace = id.namespace, pod = id.pod, read = h.read, "the service's hold is not in etcd; claiming it again");
+                        self.keeper.recheck(&h);
+                    }
+                }
             }
+        }
+    }
+
+    /// The complete set of holds wanted now.
+    fn want_holds(&mut self, holds: BTreeSet<Hold>) {
+        for gone in self.keeper.want(holds) {
+            self.show_refused(&gone, None);
+            self.wake(&gone);
+        }
+    }
+
+    /// Shows (or clears) a source's refused claim, for its status and an Event.
+    fn show_refused(&mut self, h: &Hold, refused: Option<(String, String)>) {
+        let key = (h.namespace.clone(), h.holder.clone());
+        let changed = {
+            let mut view = self.view.write().unwrap();
+            let changed = view.refused.get(&key) != refused.as_ref();
+            match &refused {
+                Some(r) => view.refused.insert(key.clone(), r.clone()),
+                None => view.refused.remove(&key),
+            };
+            changed
+        };
+        if changed {
+            let _ = self.notices.send(Notice::Claim(key.0, key.1, refused));
+        }
+    }
+
+    /// Starts claims jobs while there is room (leading, adopted: the previous term's lease
+    /// is known before this term's is granted).
+    fn dispatch_holds(&mut self) {
+        if !self.synced {
+            return;
+        }
+        while self.hold_jobs.len() < HOLD_CONCURRENCY {
+            let Some(job) = self.keeper.next(self.hold_jobs.len()) else { return };
+            let (writer, owners) = (self.writer.clone(), self.writer.owners.clone());
+            self.hold_jobs.spawn(claim::run(writer, owners, job));
+        }
+    }
+
+    fn on_hold_done(&mut self, done: claim::Done) {
+        match &done {
+            claim::Done::Granted(lease) => {
+                info!(lease = format!("{lease:x}"), "claims lease granted: every service claim is put under it");
+                self.keepalive.track(*lease, claim::CLAIM_TTL, Renew::Granted);
+            }
+            claim::Done::RevokedOld(lease) => {
+                debug!(lease = format!("{lease:x}"), "the previous term's claims lease is revoked");
+                self.keepalive.untrack(*lease);
+            }
+            claim::Done::Claimed(h, claim::Claimed::Refused { namespace, read }) => {
+                debug!(read = h.read, namespace = h.namespace, owner = namespace, owner_read = read, "service claimed by another namespace");
+                let message = claimed_message(None, h, namespace, read);
+                self.show_refused(h, Some((namespace.clone(), message)));
+            }
+            claim::Done::Claimed(h, claim::Claimed::Held) => self.show_refused(h, None),
+            claim::Done::Failed(job, message) => {
+                self.metrics.etcd_error("claim");
+                warn!(error = message, ?job, "a service claim could not be written; retrying");
+            }
+            _ => {}
+        }
+        for h in self.keeper.done(done) {
+            self.wake(&h);
+        }
+    }
+
+    /// Instances waiting on a hold look again.
+    fn wake(&mut self, h: &Hold) {
+        for id in self.parked.remove(h).unwrap_or_default() {
+            self.enqueue(id);
         }
     }
 
@@ -794,6 +942,33 @@ impl Registry {
             let _ = self.notices.send(Notice::Etcd);
         }
     }
+}
+
+/// A first write whose service another namespace claims: nothing is written (a Replace's old
+/// key goes, as it would have once the new one was written).
+async fn refuse(w: &Writer, id: &InstanceId, op: &Op, h: &Hold, namespace: String, read: String) -> Result<Outcome, OpError> {
+    if let Op::Replace(_, old) = op {
+        w.revoke(id, old).await?;
+    }
+    let (service, key) = match op {
+        Op::Register(d) | Op::Replace(d, _) => (d.service.clone(), d.key.with_lease(0)),
+        _ => Default::default(),
+    };
+    let message = claimed_message(Some(&service), h, &namespace, &read);
+    Ok(Outcome::Conflict { key, message, claimed_by: Some(namespace) })
+}
+
+/// Why a source may not publish its service: `namespace` claims `read`.
+fn claimed_message(service: Option<&str>, h: &Hold, namespace: &str, read: &str) -> String {
+    let service = service.map(|s| format!("service {s} (read as {:?})", h.read)).unwrap_or_else(|| format!("the service read as {:?}", h.read));
+    let within = if read == h.read {
+        String::new()
+    } else {
+        format!(" (it claims {read:?}: consumers of one of the two prefixes read the keys of the other)")
+    };
+    format!(
+        "{service} belongs to namespace {namespace:?}{within}: another namespace cannot join it unless the cluster admin shares it (--shared-service); nothing was written"
+    )
 }
 
 /// Waits for a background task if there is one (never resolves otherwise).

@@ -73,54 +73,6 @@ impl Owners {
     }
 }
 
-/// Service claims. A service name under a read prefix belongs to one namespace: each
-/// instance writes a marker `<owner-prefix>/@claims/<read prefix in hex>/<namespace>/<cluster>/
-/// <install>/<pod>/<source>` under its own lease, in the Txn that first writes its key, and
-/// only if no other namespace has a marker there. The claim lasts while any instance of the
-/// namespace does (restarts and failovers keep leases), and is released with the last one.
-/// Claims are global to the etcd, not per cluster: a namespace is the same namespace in
-/// every cluster (namespace sameness), and another cluster's namespace is refused too.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Claims {
-    /// `<owner-prefix>/@claims/`; empty: this writer writes no claims.
-    root: String,
-    /// `<cluster>/<install>`, to keep every instance's marker apart.
-    identity: String,
-}
-
-impl Claims {
-    pub fn new(owner_prefix: &str, cluster_id: &str, install_id: &str) -> Claims {
-        Claims { root: format!("{}/@claims/", owner_prefix.trim_end_matches('/')), identity: format!("{cluster_id}/{install_id}") }
-    }
-
-    fn service_root(&self, read_prefix: &str) -> String {
-        let hex: String = read_prefix.bytes().map(|b| format!("{b:02x}")).collect();
-        format!("{}{hex}/", self.root)
-    }
-
-    /// The marker of instance `id` when its service is claimed (`claim`: the read prefix).
-    pub fn marker(&self, id: &InstanceId, claim: Option<&str>) -> Option<String> {
-        let claim = claim.filter(|_| !self.root.is_empty())?;
-        Some(format!("{}{}/{}/{}/{}", self.service_root(claim), id.namespace, self.identity, id.pod, id.source.segment()))
-    }
-
-    /// The key ranges [from, to) where other namespaces' markers of `d`'s service would be.
-    pub fn others(&self, id: &InstanceId, claim: Option<&str>) -> Vec<(String, String)> {
-        let Some(claim) = claim.filter(|_| !self.root.is_empty()) else { return Vec::new() };
-        let service = self.service_root(claim);
-        let mine = format!("{service}{}/", id.namespace);
-        // ('/' + 1 is '0': the end of everything that starts with the text before it.)
-        let end = |p: &str| format!("{}0", &p[..p.len() - 1]);
-        vec![(service.clone(), mine.clone()), (end(&mine), end(&service))]
-    }
-
-    /// The namespace a marker belongs to.
-    pub fn namespace_of(&self, marker: &str) -> Option<String> {
-        let rest = marker.strip_prefix(&self.root)?;
-        rest.split('/').nth(1).filter(|n| !n.is_empty()).map(str::to_string)
-    }
-}
-
 /// 64-bit FNV-1a, in hex: stable across builds, unlike std's hasher.
 pub fn value_hash(value: &[u8]) -> String {
     let mut h: u64 = 0xcbf29ce484222325;
@@ -157,35 +109,5 @@ mod tests {
     fn value_hash_is_fnv1a() {
         assert_eq!(value_hash(b""), "cbf29ce484222325");
         assert_eq!(value_hash(b"a"), "af63dc4c8601ec8c");
-    }
-
-    #[test]
-    fn a_claim_marker_lies_in_its_namespace_and_the_other_namespaces_are_the_ranges_around_it() {
-        let c = Claims::new("/podlease/owners", "c1", "ns.rel");
-        let d = crate::desired::Desired {
-            service: "pay".into(),
-            format: crate::format::Format::Json,
-            key: crate::format::Key::Fixed("/services/pay/shop/p".into()),
-            value: vec![],
-            ttl: 30,
-            address: String::new(),
-            pod_uid: String::new(),
-            ready_since: None,
-            claim: Some("/services/pay/".into()),
-        };
-        let id = InstanceId { namespace: "shop".into(), pod: "p".into(), source: Source::Registration("r".into()) };
-        let root = "/podlease/owners/@claims/2f73657276696365732f7061792f/";
-        let marker = c.marker(&id, d.claim.as_deref()).unwrap();
-        assert_eq!(marker, format!("{root}shop/c1/ns.rel/p/r"));
-        assert_eq!(c.namespace_of(&marker).as_deref(), Some("shop"));
-        let others = c.others(&id, d.claim.as_deref());
-        assert_eq!(others, vec![(root.to_string(), format!("{root}shop/")), (format!("{root}shop0"), "/podlease/owners/@claims/2f73657276696365732f7061792f0".to_string())]);
-        let inside = |k: &str| others.iter().any(|(a, b)| a.as_str() <= k && k < b.as_str());
-        assert!(!inside(&marker), "our own namespace is not another's");
-        assert!(inside(&format!("{root}mallory/c1/x/p/r")) && inside(&format!("{root}a/c1/x/p/r")) && inside(&format!("{root}shopx/c9/x/p/r")));
-        assert!(!inside("/podlease/owners/@claims/2f73657276696365732f7061792f2f/a"), "another service's");
-        // Unclaimed (shared, skydns) or a writer without claims: no marker, no check.
-        assert!(c.marker(&id, None).is_none());
-        assert!(Claims::default().others(&id, d.claim.as_deref()).is_empty());
     }
 }

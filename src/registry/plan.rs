@@ -81,6 +81,8 @@ pub enum Effect {
     Fenced,
     /// Look at the slot again (dispatch decides whether anything is left to do).
     Enqueue,
+    /// The service's hold was not in etcd: the instance waits until it is held again.
+    Unclaimed,
 }
 
 /// What to do with an idle slot.
@@ -233,6 +235,12 @@ impl Slot {
                 fx.push(Effect::Show(None));
             }
             Ok(Outcome::LeaseGone) => fx.extend(self.set_held(None, Renew::Granted)),
+            Ok(Outcome::Unclaimed) => {
+                // Nothing was written (the writer let go of any lease it used).
+                fx.extend(self.set_held(None, Renew::Granted));
+                fx.push(Effect::Unclaimed);
+                fx.push(Effect::Show(Some(Shown::Pending)));
+            }
             Ok(Outcome::Unknown { held, error }) => {
                 // Whatever landed is under this lease: keep it, and rewrite under it.
                 fx.extend(self.set_held(Some(held), Renew::Granted));

@@ -44,6 +44,9 @@ pub struct View {
     /// Which leading term synced it (unique in the process), so that writers can tell a new
     /// term from the one they started under.
     pub term: u64,
+    /// Sources (namespace, registration or annotations) whose service claim another
+    /// namespace holds: (that namespace, the message). Shown even with no pod ready.
+    pub refused: HashMap<(String, Source), (String, String)>,
 }
 
 /// The next term number for [`View::term`].
@@ -92,4 +95,7 @@ pub enum Notice {
     Conflict(InstanceId, String, Option<String>),
     /// etcd became unavailable or available again (every status shows it).
     Etcd,
+    /// A source's service claim was refused (Some: owning namespace, message) or is no
+    /// longer refused (None).
+    Claim(String, Source, Option<(String, String)>),
 }

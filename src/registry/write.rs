@@ -8,7 +8,8 @@ use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp
 use k8s_openapi::jiff::Timestamp;
 
 use super::fence::Fence;
-use super::owner::{Claims, OwnerRecord, Owners, value_hash};
+use super::claim::Claims;
+use super::owner::{OwnerRecord, Owners, value_hash};
 use super::plan::Renew;
 use crate::desired::{Desired, InstanceId};
 
@@ -43,6 +44,9 @@ pub enum Outcome {
     Revoked,
     /// The lease expired under us: register anew.
     LeaseGone,
+    /// The service's hold is not (or no longer) in etcd: nothing was written; try again
+    /// once it is.
+    Unclaimed,
     /// The write may or may not have landed under `held.lease`: keep that lease alive and
     /// try again under it.
     Unknown { held: Held, error: OpError },
@@ -97,7 +101,7 @@ impl Writer {
     }
 
     /// Runs `inner` only while this replica's fence holds.
-    async fn txn(&self, inner: Txn) -> Result<TxnResponse, OpError> {
+    pub(super) async fn txn(&self, inner: Txn) -> Result<TxnResponse, OpError> {
         let Some(fence) = &self.fence else {
             let mut kv = self.client.kv_client();
             return self.call("txn", kv.txn(inner)).await;
@@ -222,11 +226,17 @@ impl Writer {
 
     async fn put_if_absent(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> Result<Outcome, OpError> {
         let owner_key = self.owners.key(id);
-        // The service's claim, atomically: no other namespace's marker under its read prefix.
+        // The service's claim, atomically: its source's hold is there (which checked every
+        // nested prefix), and no other namespace's marker under its read prefix.
         let others = self.claims.others(id, d.claim.as_deref());
+        let hold = self.claims.hold_of(id, d.claim.as_deref());
         let mut when = vec![Compare::create_revision(key, CompareOp::Equal, 0)];
+        when.extend(hold.iter().map(|h| Compare::create_revision(h.as_str(), CompareOp::Greater, 0)));
         when.extend(unclaimed(&others));
         let mut otherwise = vec![TxnOp::get(key, None), TxnOp::get(owner_key.as_str(), None)];
+        if let Some(h) = &hold {
+            otherwise.push(TxnOp::get(h.as_str(), Some(GetOptions::new().with_keys_only())));
+        }
         otherwise.extend(
             others.iter().map(|(from, to)| TxnOp::get(from.as_str(), Some(GetOptions::new().with_range(to.as_str()).with_limit(1).with_keys_only()))),
         );
@@ -245,6 +255,7 @@ impl Writer {
             _ => None,
         });
         let (existing, record) = (gets.next().flatten(), gets.next().flatten());
+        let held_claim = hold.is_none() || gets.next().flatten().is_some();
         let claimant = gets.flatten().next().and_then(|kv| self.claims.namespace_of(kv.key_str().ok()?));
         // Our own key from before (a restart, an etcd outage that outlived our bookkeeping):
         // its ownership record names it under the same lease. Take it back instead of
@@ -274,6 +285,9 @@ impl Writer {
                 d.service
             );
             return Ok(Outcome::Conflict { key: key.to_string(), message, claimed_by: Some(ns) });
+        }
+        if existing.is_none() && !held_claim {
+            return Ok(Outcome::Unclaimed);
         }
         Ok(conflict(key, existing.map(|kv| kv.lease())))
     }

@@ -81,6 +81,8 @@ pub struct ObserverConfig {
     pub owner_prefix: String,
     /// podlease's --default-ttl (annotated pods without podlease.io/ttl).
     pub default_ttl: i64,
+    /// podlease's --shared-service names (not claimed).
+    pub shared: Vec<String>,
 }
 
 impl ObserverConfig {
@@ -98,6 +100,7 @@ impl ObserverConfig {
             install_id: podlease::registry::DEFAULT_INSTALL_ID.into(),
             owner_prefix: "/podlease/owners".into(),
             default_ttl: podlease::registration::DEFAULT_TTL_SECONDS,
+            shared: Vec::new(),
         }
     }
 
@@ -194,6 +197,8 @@ pub struct RegState {
     pub service: String,
     pub prefix: String,
     pub json: bool,
+    /// Its service is claimed (every format but skydns).
+    pub claimed: bool,
     pub selector: LabelSelector,
     pub ttl: i64,
     pub port: Option<IntOrString>,
@@ -216,6 +221,7 @@ impl RegState {
                 .trim_end_matches('/')
                 .to_string(),
             json: r.spec.format == Format::Json,
+            claimed: r.spec.format != Format::Skydns,
             selector: r.spec.selector.clone(),
             ttl: r.spec.ttl_seconds,
             port: r.spec.port.clone(),
@@ -847,6 +853,47 @@ impl Observer {
                 }
             }
         }
+        // Service claims: a hold per live registration and per annotated service, under the
+        // claims lease the pointer names; the epoch key without a lease.
+        let pointer = format!("{}@claims", self.cfg.owner_root());
+        let claims_lease = got.get(&pointer).map(|(_, l)| *l);
+        accounted.insert(&pointer);
+        let mut holds: BTreeSet<String> = BTreeSet::new();
+        let mut any_of: Vec<String> = Vec::new();
+        for (rname, r) in regs.iter().filter(|(_, r)| r.live() && r.claimed && !self.cfg.shared.contains(&r.service)) {
+            if r.json {
+                holds.insert(claim_marker(&self.cfg, &format!("{}/{}/", r.prefix, r.service), "@hold", rname));
+            } else {
+                any_of.push(format!("/{}/{}/{}/@hold/{rname}", self.cfg.namespace, self.cfg.cluster_id, self.cfg.install_id));
+            }
+        }
+        for pod in pods.values() {
+            if let Some(svc) = pod.annotations.get(ANNOTATION_SERVICE).filter(|s| !self.cfg.shared.contains(s)) {
+                holds.insert(claim_marker(&self.cfg, &format!("{DEFAULT_PREFIX}/{svc}/"), "@hold", ANNOTATIONS_SEGMENT));
+            }
+        }
+        let held: Vec<&String> = got.keys().filter(|k| holds.contains(k.as_str()) || any_of.iter().any(|s| k.ends_with(s.as_str()))).collect();
+        if !holds.is_empty() || !any_of.is_empty() {
+            match claims_lease {
+                None => diff.push(format!("missing claims lease pointer {pointer}")),
+                Some(l) if l == 0 || leases.get(&l).is_none_or(|(ttl, _)| *ttl <= 0) => {
+                    diff.push(format!("claims lease pointer {pointer} is not under a live lease ({l:x})"))
+                }
+                _ => {}
+            }
+        }
+        for h in &holds {
+            match got.get(h) {
+                None => diff.push(format!("missing claim hold {h}")),
+                Some((_, l)) if Some(*l) != claims_lease => diff.push(format!("claim hold {h} under lease {l:x}, not the claims lease")),
+                _ => {}
+            }
+        }
+        for k in held {
+            accounted.insert(k);
+        }
+        let epoch = format!("{}/@claims/@epoch", self.cfg.owner_prefix.trim_end_matches('/'));
+        accounted.insert(&epoch);
         for (k, v) in &foreign {
             accounted.insert(k);
             match got.get(k) {
