@@ -201,6 +201,9 @@ pub struct Registry {
     hold_jobs: JoinSet<Result<claim::Done, OpError>>,
     /// Instances waiting for their service's hold to be answered.
     parked: HashMap<Hold, HashSet<InstanceId>>,
+    /// Hand-overs waiting for the giver's operation (often its own take-over) to finish:
+    /// giver → (heir, the heir's desire).
+    heirs: HashMap<InstanceId, (InstanceId, Arc<Desired>)>,
 }
 
 impl Registry {
@@ -246,6 +249,7 @@ impl Registry {
             keeper: claim::Keeper::default(),
             hold_jobs: JoinSet::new(),
             parked: HashMap::new(),
+            heirs: HashMap::new(),
         }
     }
 
@@ -617,8 +621,16 @@ impl Registry {
     fn apply(&mut self, update: Update) {
         let (id, desired) = match update {
             Update::Transfer { from, to, desired } => return self.transfer(from, to, desired),
-            Update::Upsert(id, d) => (id, Some(d)),
+            Update::Upsert(id, d) => {
+                if let Some((_, want)) = self.heirs.values_mut().find(|(heir, _)| *heir == id) {
+                    *want = d;
+                    return;
+                }
+                (id, Some(d))
+            }
             Update::Remove(id) => {
+                // An heir no longer wanted: its giver revokes once its operation is done.
+                self.heirs.retain(|_, (heir, _)| *heir != id);
                 if !self.slots.contains_key(&id) {
                     return;
                 }
@@ -639,6 +651,20 @@ impl Registry {
     /// `to` takes over `from`'s key and lease in place. When `from` holds no such key (or
     /// is busy), it is an ordinary remove and upsert.
     fn transfer(&mut self, from: InstanceId, to: InstanceId, desired: Arc<Desired>) {
+        // `from` still waits to inherit the key itself (a chain: a → b while b → c): it
+        // passes straight on.
+        if let Some((heir, want)) = self.heirs.values_mut().find(|(heir, _)| *heir == from) {
+            (*heir, *want) = (to, desired);
+            return;
+        }
+        let to_free = self.slots.get(&to).is_none_or(|e| e.slot.held.is_none() && e.slot.transfer.is_none() && !e.slot.busy);
+        if to_free && self.slots.get(&from).is_some_and(|e| e.slot.busy) {
+            // The giver's operation finishes first (see on_done); meanwhile it is not wanted.
+            self.heirs.insert(from.clone(), (to, desired));
+            let fx = self.slots.get_mut(&from).expect("checked").slot.desire(None);
+            self.perform(&from, fx);
+            return;
+        }
         let held = self
             .slots
             .get(&from)
@@ -749,6 +775,9 @@ impl Registry {
         let fx = entry.slot.done(op, result);
         let fenced = fx.contains(&Effect::Fenced);
         self.perform(&id, fx);
+        if !fenced && let Some((to, desired)) = self.heirs.remove(&id) {
+            self.transfer(id, to, desired);
+        }
         fenced
     }
 
