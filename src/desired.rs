@@ -956,6 +956,15 @@ fn plan(req: Request, namespace: &str, defaults: &Defaults) -> Result<Plan, Stri
     // The keys of this service lie below what its consumers read: check that path now, so
     // a name that reaches into another allowed prefix is refused before there is any pod.
     defaults.key_space.check_key(&prefix, read_prefix.trim_end_matches('/')).map_err(|e| bad(Field::Service, service.as_str(), e))?;
+    // Consumers that read without a trailing slash read every key that starts with the
+    // prefix: `k` would read `kitex/registry-etcd/…`, another allowed prefix's keys.
+    if let Some(other) = defaults.key_space.allowed().iter().find(|a| a.prefix != prefix && a.prefix.as_str().starts_with(read_prefix.as_str())) {
+        return Err(bad(
+            Field::Service,
+            service.as_str(),
+            format!("consumers of this service would read {read_prefix:?}, which holds every key of the allowed prefix {}; choose another name", other.prefix),
+        ));
+    }
     Ok(Plan {
         read_prefix,
         service,
@@ -1111,10 +1120,12 @@ fn desire(plan: &Plan, pod: &PodInfo, defaults: &Defaults) -> Result<Desired, St
 }
 
 impl Plan {
-    /// The read prefix this plan's service claims. Skydns keys hold the namespace: nothing
-    /// to claim; nor for a name the cluster admin shares.
+    /// The read prefix this plan's service claims; none for a name the cluster admin shares.
+    /// Skydns keys hold the namespace, but a registration picks its zone, and a zone can put
+    /// a name beneath another namespace's (zone `user.shop.cluster.local` in namespace `evil`
+    /// answers for `user.shop.cluster.local`): claimed like every other format.
     fn claim(&self, defaults: &Defaults) -> Option<String> {
-        (self.format != Format::Skydns && !defaults.shared.contains(self.service.as_str())).then(|| self.read_prefix.clone())
+        (!defaults.shared.contains(self.service.as_str())).then(|| self.read_prefix.clone())
     }
 }
 

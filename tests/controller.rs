@@ -200,8 +200,17 @@ async fn after_sigkill_the_keys_expire_within_the_ttl() {
     wait_absent(&bed.etcd, "/services/user/default/user-2", Duration::from_secs(8)).await;
     let gone = start.elapsed();
     assert!(gone >= Duration::from_secs(3), "keys vanished after {gone:?}: something revoked them, not the TTL");
-    // The leader fence's own lease (6 s) goes too: nothing lingers.
-    wait_until("nothing left in etcd", Duration::from_secs(10), || async { keys(&bed.etcd, "/").await.is_empty().then_some(()) }).await;
+    // The leader fence's own lease (6 s) goes too: nothing lingers but the service claim,
+    // which outlives the keys it covers (CLAIM_TTL) so that no other namespace takes the name
+    // while podlease is down.
+    let claims = |k: &str| k.contains("/@claims/") || k.contains("/@claims-");
+    wait_until("nothing left in etcd but the claim", Duration::from_secs(10), || async {
+        keys(&bed.etcd, "/").await.iter().all(|kv| claims(kv.key_str().unwrap())).then_some(())
+    })
+    .await;
+    let left: Vec<String> = keys(&bed.etcd, "/").await.iter().map(|kv| kv.key_str().unwrap().to_string()).collect();
+    assert_eq!(left.len(), 3, "the hold, its lease's pointer and the claims epoch: {left:?}");
+    assert!(left.iter().any(|k| k.ends_with("/@hold/user")), "{left:?}");
 }
 
 #[tokio::test]
@@ -345,7 +354,7 @@ async fn every_lease_is_renewed_over_one_keepalive_stream() {
     })
     .await;
     assert_eq!(keepalive_streams(&bed).await, 1, "one LeaseKeepAlive stream for all {n} leases");
-    assert_eq!(metric(&c.metrics().await, "podlease_leases_held"), n as f64 + 1.0, "one per pod, plus the leader fence's");
+    assert_eq!(metric(&c.metrics().await, "podlease_leases_held"), n as f64 + 2.0, "one per pod, plus the leader fence's and the claims lease");
     assert_eq!(keys(&bed.etcd, "/services/many/").await.len(), n, "no key expired");
 }
 

@@ -213,9 +213,18 @@ async fn revoke_on_shutdown_deregisters_everything() {
         keys(&bed.etcd, "/services/").await.is_empty(),
         "everything revoked before exit"
     );
+    // Ownership records and fence too; only the service claim stays (until CLAIM_TTL), so
+    // that restarting a single replica does not open the name to another namespace.
+    let left: Vec<String> = keys(&bed.etcd, "/podlease/")
+        .await
+        .iter()
+        .map(|kv| kv.key_str().unwrap().to_string())
+        .filter(|k| !k.contains("/@claims/") && !k.contains("/@claims-"))
+        .collect();
+    assert_eq!(left, Vec::<String>::new(), "ownership records and fence too");
     assert!(
-        keys(&bed.etcd, "/podlease/").await.is_empty(),
-        "ownership records and fence too"
+        keys(&bed.etcd, "/podlease/").await.iter().any(|kv| kv.key_str().unwrap().ends_with("/@hold/gone")),
+        "the claim stays"
     );
 }
 
@@ -246,7 +255,8 @@ async fn a_crash_between_grant_and_txn_leaves_no_orphan() {
     c.env.clear();
     c.restart().await;
     let kv = wait_key(&bed.etcd, "/services/crash/default/crash-0").await;
-    // Every lease that holds keys is accounted for: the instance's and the leader fence's.
+    // Every lease that holds keys is accounted for: the instance's, the leader fence's and
+    // the claims lease (the registration's hold).
     let mut lc = bed.etcd.lease_client();
     let mut with_keys = BTreeSet::new();
     for l in lc.leases().await.unwrap().leases() {
@@ -264,8 +274,8 @@ async fn a_crash_between_grant_and_txn_leaves_no_orphan() {
     assert!(with_keys.contains(&kv.lease()));
     assert_eq!(
         with_keys.len(),
-        2,
-        "only the instance's lease and the fence's hold keys: {with_keys:?}"
+        3,
+        "only the instance's lease, the fence's and the claims lease hold keys: {with_keys:?}"
     );
 }
 
@@ -704,7 +714,10 @@ async fn a_registration_deleted_while_podlease_is_down_keeps_its_finalizer_until
                         + keys(&etcd, "/podlease/owners/")
                             .await
                             .iter()
-                            .filter(|kv| kv.key_str().unwrap().ends_with("/fin"))
+                            .filter(|kv| {
+                                let k = kv.key_str().unwrap();
+                                k.ends_with("/fin") && !k.contains("/@hold/")
+                            })
                             .count();
                     let _ = gone_tx.send(left);
                     return;

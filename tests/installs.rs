@@ -413,6 +413,25 @@ async fn a_service_name_belongs_to_one_namespace_unless_the_admin_shares_it() {
         (keys(&bed.etcd, "/services/payments/").await.len() == 4).then_some(())
     })
     .await;
+
+    // No longer shared: one namespace's hold is written first; the other's keys, published
+    // while it was shared, go, and its registration shows who holds the name.
+    drop(_c);
+    let _c = Controller::start(&bed, "c3", &[]).await;
+    let owner = wait_until("one namespace left publishing payments", DEADLINE, || async {
+        let namespaces: std::collections::BTreeSet<String> =
+            keys(&bed.etcd, "/services/payments/").await.iter().map(|kv| kv.key_str().unwrap().split('/').nth(3).unwrap().to_string()).collect();
+        (namespaces.len() == 1).then(|| namespaces.into_iter().next().unwrap())
+    })
+    .await;
+    let (loser, registration) = if owner == "shop" { ("mallory", "pay") } else { ("shop", "payments") };
+    let st = wait_until(&format!("{loser}/{registration} refused: ServiceClaimed"), DEADLINE, || async {
+        let st = Api::<ServiceRegistration>::namespaced(bed.kube.clone(), loser).get(registration).await.ok()?.status?;
+        st.conditions.iter().any(|c| c.type_ == "Conflict" && c.status == "True" && c.reason == "ServiceClaimed").then_some(st)
+    })
+    .await;
+    assert_eq!(keys(&bed.etcd, "/services/payments/").await.len(), 2, "{owner}'s two pods");
+    assert_eq!(st.registered, 0, "{loser} still counts registered pods");
 }
 
 #[tokio::test]
@@ -448,6 +467,19 @@ async fn a_claim_covers_the_names_its_consumers_read_and_the_names_that_read_it(
         .await;
         assert!(c.message.contains("\"shop\"") && c.message.contains(claimed), "{}", c.message);
     }
+    // skydns: the name is in the key, but a zone is chosen per registration, and zone
+    // `user.shop.cluster.local` in mallory answers for shop's `user.shop.cluster.local`.
+    create_registration(&bed.kube, "shop", "user", shop("skydns", "user")).await;
+    wait_until("shop/user registered", DEADLINE, || async { (shop_regs.get("user").await.ok()?.status?.registered == 1).then_some(()) }).await;
+    let mut zoned = mallory("skydns", "x");
+    zoned["options"] = json!({"zone": "user.shop.cluster.local"});
+    create_registration(&bed.kube, "mallory", "zone", zoned).await;
+    let c = wait_until("mallory/zone refused: ServiceClaimed", DEADLINE, || async {
+        let st = regs.get("zone").await.ok()?.status?;
+        st.conditions.into_iter().find(|c| c.type_ == "Conflict" && c.status == "True" && c.reason == "ServiceClaimed")
+    })
+    .await;
+    assert!(c.message.contains("\"shop\"") && c.message.contains("/skydns/local/cluster/shop/user/"), "{}", c.message);
     let evil: Vec<String> = keys(&bed.etcd, "").await.iter().filter(|kv| kv.value_str().is_ok_and(|v| v.contains("10.66."))).map(|kv| kv.key_str().unwrap().to_string()).collect();
     assert_eq!(evil, Vec::<String>::new(), "mallory's address was published");
 }

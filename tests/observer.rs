@@ -122,10 +122,10 @@ async fn i2_lists_every_difference_until_etcd_holds_exactly_the_desired_state() 
     // The holds: one per registration and per annotated service, under the claims lease
     // the pointer names; the epoch every new hold rewrote.
     let text = obs.diff_i2(&bed.etcd, &replicas).await.join("\n");
-    assert!(text.contains("missing claims lease pointer /podlease/owners/c1/default.podlease/@claims"), "{text}");
+    assert!(text.contains("missing claims lease pointer /podlease/owners/c1/default.podlease/@claims-"), "{text}");
     assert!(text.contains(&format!("missing claim hold {}", claim("/services/svc-r/", "@hold/r"))), "{text}");
     let claims = lc.grant(300, None).await.unwrap().id();
-    kv.put("/podlease/owners/c1/default.podlease/@claims", claims.to_string(), under(claims)).await.unwrap();
+    kv.put(format!("/podlease/owners/c1/default.podlease/@claims-{claims:x}"), "", under(claims)).await.unwrap();
     kv.put(claim("/services/svc-r/", "@hold/r"), "", under(claims)).await.unwrap();
     kv.put(claim("/services/svc-g/", "@hold/@annotations"), "", under(l30)).await.unwrap();
     kv.put("/podlease/owners/@claims/@epoch", "", None).await.unwrap();

@@ -447,10 +447,18 @@ fn holds_follow_registrations_and_annotated_pods_not_readiness() {
     let mut idx = Index::new(defaults);
     let hold = |read: &str, holder: Source| Hold { read: read.into(), namespace: "shop".into(), holder };
     assert!(idx.apply_registration(&sreg("user", json!({"selector": {"matchLabels": {"app": "user"}}}))).holds);
-    // Shared names and skydns keys (the namespace is in the key) are not claimed.
+    // Shared names are not claimed; skydns names are (a zone can sit under another
+    // namespace's name).
     idx.apply_registration(&sreg("open", json!({"selector": {"matchLabels": {"app": "o"}}})));
     idx.apply_registration(&sreg("dns", json!({"selector": {"matchLabels": {"app": "d"}}, "format": "skydns"})));
-    assert_eq!(idx.holds(), BTreeSet::from([hold("/services/user/", Source::Registration("user".into()))]));
+    assert_eq!(
+        idx.holds(),
+        BTreeSet::from([
+            hold("/services/user/", Source::Registration("user".into())),
+            hold("/skydns/local/cluster/shop/dns/", Source::Registration("dns".into()))
+        ])
+    );
+    idx.delete_registration("shop", "dns");
     // Annotated pods hold their service while any of them exists, ready or not.
     let c = idx.apply_pod(annotated_not_ready("a1", "pay"));
     assert!(c.holds);
@@ -471,4 +479,18 @@ fn annotated_not_ready(name: &str, service: &str) -> PodInfo {
     let mut p = annotated(name, &[("podlease.io/service", service)]);
     p.ready = false;
     p
+}
+
+#[test]
+fn a_name_whose_consumers_would_read_another_allowed_prefix_is_refused() {
+    let mut idx = Index::new(Defaults::default());
+    // etcd-naming's prefix is empty and its consumers read without a trailing slash: `k`
+    // would read every kitex key.
+    for (name, service) in [("k", "k"), ("kitex", "kitex")] {
+        idx.apply_registration(&sreg(name, json!({"selector": {"matchLabels": {"app": "k"}}, "format": "etcd-naming", "service": service})));
+        let why = invalid(&idx, name);
+        assert!(why.contains("kitex/registry-etcd"), "{why}");
+    }
+    idx.apply_registration(&sreg("ok", json!({"selector": {"matchLabels": {"app": "k"}}, "format": "etcd-naming", "service": "orders"})));
+    assert!(idx.summary("shop", "ok").unwrap().invalid.is_none());
 }

@@ -392,8 +392,12 @@ pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view:
     });
     // The service's claim refused: shown whether or not any pod is ready.
     let refused = view.refused.get(&(summary.namespace.clone(), Source::Registration(summary.name.clone())));
-    claimed |= refused.is_some() && key_conflict.is_none();
-    let key_conflict = key_conflict.or_else(|| refused.map(|(_, m)| m.clone()));
+    claimed |= refused.is_some();
+    let key_conflict = match (refused, key_conflict) {
+        (Some((_, m)), Some(k)) => Some(format!("{m}; {k}")),
+        (Some((_, m)), None) => Some(m.clone()),
+        (None, k) => k,
+    };
     let conflict_msg = match (&key_conflict, &summary.overlap) {
         (Some(k), Some(o)) => Some(format!("{k}; {o}")),
         (Some(k), None) => Some(k.clone()),

@@ -26,10 +26,11 @@ use super::owner::Owners;
 use super::write::{OpError, Writer};
 use crate::desired::{Hold, InstanceId};
 
-/// TTL of the claims lease. Every replica keeps it alive (a caretaker too); it lapses only
-/// when no replica of the install runs at all, after which other namespaces may take the
+/// TTL of the claims lease: as long as the longest instance TTL, so a claim outlives every
+/// key it covers. Every replica keeps it alive (a caretaker too); it lapses only when no
+/// replica of the install has run for that long, after which other namespaces may take the
 /// names.
-pub const CLAIM_TTL: i64 = 300;
+pub const CLAIM_TTL: i64 = crate::registration::MAX_TTL_SECONDS;
 
 /// The segment under which holds lie (`@` cannot start a pod name).
 const HOLD_SEGMENT: &str = "@hold";
@@ -135,11 +136,14 @@ impl Claims {
     }
 }
 
-/// The key naming this install's current claims lease, beside its ownership records (a
-/// record key has three segments; this one, one).
-pub fn pointer_key(owners: &Owners) -> String {
-    format!("{}@claims", owners.root())
+/// The key naming one claims lease of this install, under that lease, beside the ownership
+/// records (a record key has three segments; this one, one). One per lease: a term that
+/// dies while moving the holds leaves both leases named, and the next keeps both alive.
+pub fn pointer_key(owners: &Owners, lease: i64) -> String {
+    format!("{}{POINTER}{lease:x}", owners.root())
 }
+
+const POINTER: &str = "@claims-";
 
 /// What an attempt to hold a claim found.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -155,20 +159,27 @@ pub enum Claimed {
     Busy,
 }
 
-/// The claims lease the previous term left (None: none, or it is gone).
-pub async fn read_pointer(w: &Writer, owners: &Owners) -> Result<Option<i64>, OpError> {
-    let mut kv = w.client.kv_client();
-    let resp = w.call("get", kv.get(pointer_key(owners), None)).await?;
-    Ok(resp.kvs().first().map(|kv| kv.lease()).filter(|l| *l != 0))
+/// The claims leases earlier terms left.
+pub async fn read_pointers(w: &Writer, owners: &Owners) -> Result<Vec<i64>, OpError> {
+    let mut out = Vec::new();
+    super::adopt::scan(w, &format!("{}{POINTER}", owners.root()), true, |kv| {
+        if kv.lease() != 0 {
+            out.push(kv.lease());
+        }
+    })
+    .await?;
+    Ok(out)
 }
 
-/// A fresh claims lease, named by the pointer.
+/// A fresh claims lease, named by its pointer.
 pub async fn grant(w: &Writer, owners: &Owners) -> Result<i64, OpError> {
     let mut lc = w.client.lease_client();
     let lease = w.call("grant", lc.grant(CLAIM_TTL, None)).await?.id();
-    let put = TxnOp::put(pointer_key(owners), lease.to_string(), Some(PutOptions::new().with_lease(lease)));
+    let put = TxnOp::put(pointer_key(owners, lease), "", Some(PutOptions::new().with_lease(lease)));
     match w.txn(Txn::new().and_then(vec![put])).await {
         Ok(_) => Ok(lease),
+        // Fenced: nothing was written. Otherwise the pointer may have landed; the lease
+        // then holds nothing else and lapses on its own (revoking it could not hurt either).
         Err(e) => {
             let _ = w.revoke_lease(lease).await;
             Err(e)
@@ -304,8 +315,8 @@ pub struct Keeper {
     /// This term's claims lease, once granted.
     pub lease: Option<i64>,
     granting: bool,
-    /// The previous term's claims lease, kept alive until every wanted hold is moved.
-    pub old: Option<i64>,
+    /// Earlier terms' claims leases, kept alive until every wanted hold is moved.
+    pub old: BTreeSet<i64>,
     queue: VecDeque<Hold>,
     queued: HashSet<Hold>,
     busy: HashSet<Hold>,
@@ -313,6 +324,8 @@ pub struct Keeper {
     /// may let go).
     later: HashSet<Hold>,
     revoking: bool,
+    /// A grant or revoke failed: not tried again before the next retry tick.
+    resting: bool,
 }
 
 impl Keeper {
@@ -337,15 +350,14 @@ impl Keeper {
         self.state.get(h)
     }
 
-    /// The lease the previous term left.
-    pub fn adopt(&mut self, lease: Option<i64>) {
-        self.old = lease.filter(|l| Some(*l) != self.lease);
+    /// The leases earlier terms left.
+    pub fn adopt(&mut self, leases: Vec<i64>) {
+        self.old = leases.into_iter().filter(|l| Some(*l) != self.lease).collect();
     }
 
     /// A claims lease expired: every hold under it is gone and is written again.
     pub fn lease_lost(&mut self, lease: i64) -> bool {
-        if self.old == Some(lease) {
-            self.old = None;
+        if self.old.remove(&lease) {
             return true;
         }
         if self.lease != Some(lease) {
@@ -362,7 +374,7 @@ impl Keeper {
     /// The next job, if any may start now (`running`: jobs in flight).
     pub fn next(&mut self, running: usize) -> Option<Job> {
         let Some(lease) = self.lease else {
-            if self.granting {
+            if self.granting || self.resting {
                 return None;
             }
             self.granting = true;
@@ -386,12 +398,12 @@ impl Keeper {
             self.busy.insert(h);
             return Some(job);
         }
-        // Once every wanted hold has an answer under this lease, the previous one goes.
+        // Once every wanted hold has an answer under this lease, the earlier ones go.
         let settled = self.wanted.iter().all(|h| self.state.contains_key(h));
-        match self.old {
-            Some(old) if settled && running == 0 && !self.revoking => {
+        match self.old.first() {
+            Some(old) if settled && running == 0 && !self.revoking && !self.resting => {
                 self.revoking = true;
-                Some(Job::RevokeOld(old))
+                Some(Job::RevokeOld(*old))
             }
             _ => None,
         }
@@ -439,19 +451,17 @@ impl Keeper {
             }
             Done::RevokedOld(lease) => {
                 self.revoking = false;
-                if self.old == Some(lease) {
-                    self.old = None;
-                }
+                self.old.remove(&lease);
                 Vec::new()
             }
             Done::Failed(job, _) => {
                 match job {
-                    Job::Grant => self.granting = false,
+                    Job::Grant => (self.granting, self.resting) = (false, true),
                     Job::Claim(h, _) | Job::Release(h) => {
                         self.busy.remove(&h);
                         self.later.insert(h);
                     }
-                    Job::RevokeOld(_) => self.revoking = false,
+                    Job::RevokeOld(_) => (self.revoking, self.resting) = (false, true),
                 }
                 Vec::new()
             }
@@ -468,6 +478,7 @@ impl Keeper {
 
     /// The retry tick: holds that failed, met contention or were refused are tried again.
     pub fn retry(&mut self) {
+        self.resting = false;
         for h in std::mem::take(&mut self.later) {
             // A refused hold keeps its answer (and its instances their Conflict) until
             // the next one differs.

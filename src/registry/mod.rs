@@ -521,8 +521,9 @@ impl Registry {
                 }
             })
             .await;
-        // The claims go too: nothing of this install is left to hold them.
-        for l in [self.keeper.lease, self.keeper.old, self.fence_lease].into_iter().flatten() {
+        // Not the claims: a restart of a single replica must not open every name to the
+        // first namespace that asks (they lapse with CLAIM_TTL once nothing renews them).
+        if let Some(l) = self.fence_lease {
             let _ = writer.revoke_lease(l).await;
         }
     }
@@ -540,15 +541,15 @@ impl Registry {
                         identity::migrate(&self.writer, &self.config, from, |lease, ttl| keepalive.track(lease, ttl, plan::Renew::Unknown)).await?;
                     }
                     let records = adopt::read_records(&self.writer).await?;
-                    let claims = claim::read_pointer(&self.writer, &self.writer.owners).await?;
+                    let claims = claim::read_pointers(&self.writer, &self.writer.owners).await?;
                     Ok::<_, OpError>((records, claims))
                 };
                 match read.await {
                     Ok((r, claims)) => {
                         // The previous term's claims lease lives on until this term has put
                         // every hold under its own (a caretaker only keeps it alive).
-                        if let Some(l) = claims {
-                            self.keepalive.track(l, claim::CLAIM_TTL, Renew::Unknown);
+                        for l in &claims {
+                            self.keepalive.track(*l, claim::CLAIM_TTL, Renew::Unknown);
                         }
                         self.keeper.adopt(claims);
                         break r;
@@ -712,31 +713,35 @@ impl Registry {
             if entry.slot.busy || entry.retry.is_some() {
                 continue; // re-enqueued when the op finishes or the retry fires
             }
+            let (held, desired) = (entry.slot.held.clone(), entry.slot.desired.clone());
+            let hold = desired.as_ref().and_then(|d| Hold::of(&id, d.claim.as_deref())).filter(|_| self.writer.claims.enabled());
+            let state = hold.as_ref().and_then(|h| self.keeper.state(h));
+            let refused = match (&hold, state) {
+                (Some(h), Some(claim::HoldState::Refused { namespace, read })) => Some((h.clone(), namespace.clone(), read.clone())),
+                _ => None,
+            };
             let op = match entry.slot.next() {
                 Next::Forget => {
                     self.slots.remove(&id);
                     self.show(&id, None);
                     continue;
                 }
+                // Published, but another namespace holds the service: the key goes (the
+                // Update only carries it to `refuse`).
+                Next::Hold(_) if refused.is_some() && let (Some(d), Some(h)) = (desired, held) => Op::Update(d, h),
                 Next::Hold(shown) => {
                     self.show(&id, Some(shown));
                     continue;
                 }
                 Next::Run(op) => op,
             };
-            // A first write needs its service's hold: wait for it, or be refused with it.
-            let hold = match &op {
-                Op::Register(d) | Op::Replace(d, _) => Hold::of(&id, d.claim.as_deref()).filter(|_| self.writer.claims.enabled()),
-                _ => None,
-            };
-            let refused = match hold.as_ref().map(|h| (h, self.keeper.state(h))) {
-                None | Some((_, Some(claim::HoldState::Held))) => None,
-                Some((h, None)) => {
-                    self.parked.entry(h.clone()).or_default().insert(id);
-                    continue;
-                }
-                Some((h, Some(claim::HoldState::Refused { namespace, read }))) => Some((h.clone(), namespace.clone(), read.clone())),
-            };
+            // Every write needs its service's hold: a first write waits for it; any write is
+            // refused (and a held key revoked) once another namespace holds the service.
+            let refused = refused.filter(|_| !matches!(op, Op::Revoke(_)));
+            if let (Some(h), None, Op::Register(_) | Op::Replace(..)) = (&hold, state, &op) {
+                self.parked.entry(h.clone()).or_default().insert(id);
+                continue;
+            }
             let entry = self.slots.get_mut(&id).expect("looked up above");
             let fx = entry.slot.start(&op);
             self.perform(&id, fx);
@@ -902,6 +907,18 @@ impl Registry {
             _ => {}
         }
         for h in self.keeper.done(done) {
+            if matches!(self.keeper.state(&h), Some(claim::HoldState::Refused { .. })) {
+                // Keys published before the refusal go too (see dispatch).
+                let of: Vec<InstanceId> = self
+                    .slots
+                    .iter()
+                    .filter(|(id, e)| e.slot.desired.as_ref().and_then(|d| Hold::of(id, d.claim.as_deref())).as_ref() == Some(&h))
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in of {
+                    self.enqueue(id);
+                }
+            }
             self.wake(&h);
         }
     }
@@ -973,15 +990,22 @@ impl Registry {
     }
 }
 
-/// A first write whose service another namespace claims: nothing is written (a Replace's old
-/// key goes, as it would have once the new one was written).
+/// A write whose service another namespace claims: nothing is written, and a key the
+/// instance holds goes (published before the claim was refused: an upgrade, a name no longer
+/// shared).
 async fn refuse(w: &Writer, id: &InstanceId, op: &Op, h: &Hold, namespace: String, read: String) -> Result<Outcome, OpError> {
-    if let Op::Replace(_, old) = op {
-        w.revoke(id, old).await?;
+    match op {
+        Op::Replace(_, old) | Op::Update(_, old) | Op::Reissue(_, old) => {
+            w.revoke(id, old).await?;
+        }
+        Op::Transfer(_, old, from) => {
+            w.revoke(from, old).await?;
+        }
+        Op::Register(_) | Op::Revoke(_) => {}
     }
     let (service, key) = match op {
-        Op::Register(d) | Op::Replace(d, _) => (d.service.clone(), d.key.with_lease(0)),
-        _ => Default::default(),
+        Op::Register(d) | Op::Replace(d, _) | Op::Update(d, _) | Op::Reissue(d, _) | Op::Transfer(d, ..) => (d.service.clone(), d.key.with_lease(0)),
+        Op::Revoke(_) => Default::default(),
     };
     let message = claimed_message(Some(&service), h, &namespace, &read);
     Ok(Outcome::Conflict { key, message, claimed_by: Some(namespace) })

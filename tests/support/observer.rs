@@ -855,9 +855,18 @@ impl Observer {
         }
         // Service claims: a hold per live registration and per annotated service, under the
         // claims lease the pointer names; the epoch key without a lease.
-        let pointer = format!("{}@claims", self.cfg.owner_root());
-        let claims_lease = got.get(&pointer).map(|(_, l)| *l);
-        accounted.insert(&pointer);
+        let pointer = format!("{}@claims-", self.cfg.owner_root());
+        let pointers: Vec<(&String, i64)> = got.iter().filter(|(k, _)| k.starts_with(&pointer)).map(|(k, (_, l))| (k, *l)).collect();
+        if pointers.len() > 1 {
+            diff.push(format!("{} claims lease pointers, want one: {pointers:?}", pointers.len()));
+        }
+        let claims_lease = pointers.first().map(|(_, l)| *l);
+        for (k, l) in &pointers {
+            accounted.insert(k.as_str());
+            if **k != format!("{pointer}{l:x}") {
+                diff.push(format!("claims lease pointer {k} is under lease {l:x}"));
+            }
+        }
         let mut holds: BTreeSet<String> = BTreeSet::new();
         let mut any_of: Vec<String> = Vec::new();
         for (rname, r) in regs.iter().filter(|(_, r)| r.live() && r.claimed && !self.cfg.shared.contains(&r.service)) {
@@ -875,7 +884,7 @@ impl Observer {
         let held: Vec<&String> = got.keys().filter(|k| holds.contains(k.as_str()) || any_of.iter().any(|s| k.ends_with(s.as_str()))).collect();
         if !holds.is_empty() || !any_of.is_empty() {
             match claims_lease {
-                None => diff.push(format!("missing claims lease pointer {pointer}")),
+                None => diff.push(format!("missing claims lease pointer {pointer}<lease>")),
                 Some(l) if l == 0 || leases.get(&l).is_none_or(|(ttl, _)| *ttl <= 0) => {
                     diff.push(format!("claims lease pointer {pointer} is not under a live lease ({l:x})"))
                 }

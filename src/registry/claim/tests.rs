@@ -53,8 +53,11 @@ fn a_hold_lies_beside_the_instance_markers_of_its_namespace() {
     let mallory = InstanceId { namespace: "mallory".into(), ..id };
     assert!(inside(&c.others(&mallory, Some("/services/pay/")), &key));
     assert!(!c.epoch_key().starts_with(&c.service_root("/services/pay/")), "the epoch is no service's");
-    assert_eq!(pointer_key(&Owners::new("/podlease/owners", "c1", "ns.rel")), "/podlease/owners/c1/ns.rel/@claims");
-    assert_eq!(Owners::new("/podlease/owners", "c1", "ns.rel").parse_key("/podlease/owners/c1/ns.rel/@claims"), None, "the pointer is no record");
+    let owners = Owners::new("/podlease/owners", "c1", "ns.rel");
+    assert_eq!(pointer_key(&owners, 0x2a), "/podlease/owners/c1/ns.rel/@claims-2a");
+    assert_eq!(owners.parse_key(&pointer_key(&owners, 0x2a)), None, "the pointer is no record");
+    assert_eq!(Owners::at("/podlease/owners/c1").parse_key(&pointer_key(&owners, 0x2a)), None, "nor one of the layout before install ids");
+    assert_eq!(super::super::identity::classify("/podlease/owners", &pointer_key(&owners, 0x2a)), None, "nor any identity's record");
 }
 
 #[test]
@@ -90,7 +93,7 @@ fn a_term_grants_its_lease_claims_every_wanted_hold_then_revokes_the_previous_le
     let mut k = Keeper::default();
     let (a, b) = (hold("/s/a/", "shop", Source::Registration("a".into())), hold("/s/b/", "shop", Source::Annotations));
     assert!(k.want([a.clone(), b.clone()].into()).is_empty());
-    k.adopt(Some(7));
+    k.adopt(vec![7]);
     let answer = |j: &Job| match j {
         Job::Grant => Done::Granted(9),
         Job::Claim(h, 9) => {
@@ -103,7 +106,7 @@ fn a_term_grants_its_lease_claims_every_wanted_hold_then_revokes_the_previous_le
     assert_eq!(jobs, vec![Job::Grant, Job::Claim(a.clone(), 9), Job::Claim(b.clone(), 9), Job::RevokeOld(7)]);
     assert_eq!(k.state(&a), Some(&HoldState::Held));
     assert_eq!(k.state(&b), Some(&HoldState::Refused { namespace: "x".into(), read: "/s/".into() }));
-    assert_eq!(k.old, None);
+    assert!(k.old.is_empty());
     // A source that goes releases its hold; a refused one is asked again at the retry tick.
     assert_eq!(k.want([b.clone()].into()), vec![a.clone()]);
     assert_eq!(k.next(0), Some(Job::Release(a.clone())));
@@ -120,9 +123,13 @@ fn the_previous_lease_outlives_failures_and_a_lost_lease_claims_everything_again
     let mut k = Keeper::default();
     let a = hold("/s/a/", "shop", Source::Annotations);
     k.want([a.clone()].into());
-    k.adopt(Some(7));
+    k.adopt(vec![7, 8]);
     assert_eq!(k.next(0), Some(Job::Grant));
     assert_eq!(k.next(0), None, "one grant at a time");
+    k.done(Done::Failed(Job::Grant, "etcd down".into()));
+    assert_eq!(k.next(0), None, "a failed grant waits for the retry tick");
+    k.retry();
+    assert_eq!(k.next(0), Some(Job::Grant));
     k.done(Done::Granted(9));
     let job = k.next(0).unwrap();
     k.done(Done::Failed(job, "etcd down".into()));
@@ -136,7 +143,14 @@ fn the_previous_lease_outlives_failures_and_a_lost_lease_claims_everything_again
     assert_eq!(k.next(0), Some(job));
     k.done(Done::Claimed(a.clone(), Claimed::Held));
     assert_eq!(k.next(0), Some(Job::RevokeOld(7)));
+    k.done(Done::Failed(Job::RevokeOld(7), "etcd down".into()));
+    assert_eq!(k.next(0), None, "a failed revoke waits for the retry tick");
+    k.retry();
+    assert_eq!(k.next(0), Some(Job::RevokeOld(7)));
     k.done(Done::RevokedOld(7));
+    assert_eq!(k.next(0), Some(Job::RevokeOld(8)), "every earlier lease goes");
+    k.done(Done::RevokedOld(8));
+    assert_eq!(k.next(0), None);
     assert!(k.lease_lost(9));
     assert_eq!(k.state(&a), None, "its hold went with the lease");
     assert_eq!(k.next(0), Some(Job::Grant));
