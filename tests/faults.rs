@@ -1368,10 +1368,9 @@ async fn run_schedule(seed: u64) -> Outcome {
             tokio::time::sleep(Duration::from_secs(1)).await; // polling period
         }
     }
-    assert!(
-        observer.catch_up(Duration::from_secs(60)).await,
-        "the observer's etcd watch did not catch up"
-    );
+    if !observer.catch_up(Duration::from_secs(60)).await {
+        panic!("the observer's etcd watch did not catch up: {}", observer.lag_report().await);
+    }
     run.say("checks");
 
     let i1 = observer.check_i1();

@@ -71,7 +71,7 @@ async fn metrics_health_and_logs_tell_what_podlease_is_doing() {
     .await;
 
     let s = scrape(&c).await;
-    assert_eq!(number(sample(&s, "podlease_leases_held", None)), 11.0, "10 instances + the leader fence");
+    assert_eq!(number(sample(&s, "podlease_leases_held", None)), 12.0, "10 instances + the leader fence + the install's claims lease");
     assert_eq!(number(sample(&s, "podlease_leader", None)), 1.0);
     assert_eq!(number(sample(&s, "podlease_etcd_available", None)), 1.0);
     assert_eq!(histogram_count(sample(&s, "podlease_propagation_seconds", None)), 10.0, "one per registration");

@@ -555,6 +555,38 @@ impl Observer {
         }
     }
 
+    /// Why the log is behind etcd: the revisions on both sides, the watch's own troubles and
+    /// the observer's violations (a compaction ends the watch), for a failed `catch_up`.
+    pub async fn lag_report(&self) -> String {
+        let mut kv = self.etcd.kv_client();
+        let rev = on_background(async move {
+            kv.get("\0", Some(GetOptions::new().with_keys_only().with_limit(1)))
+                .await
+        })
+        .await;
+        let etcd = match rev {
+            Ok(r) => format!("{:?}", r.header().map(|h| h.revision())),
+            Err(e) => format!("unreadable ({e})"),
+        };
+        let st = self.state.lock().unwrap();
+        let mut out = format!("etcd at revision {etcd}, the observer's log at {}", st.last_revision);
+        let troubles: Vec<String> = st
+            .log
+            .iter()
+            .filter_map(|e| match &e.what {
+                Record::Watch(m) => Some(format!("{:.1?} {m}", e.at)),
+                _ => None,
+            })
+            .collect();
+        for t in troubles.iter().rev().take(10).rev() {
+            out.push_str(&format!("\n  watch: {t}"));
+        }
+        for v in st.violations.iter().filter(|v| v.invariant == "observer") {
+            out.push_str(&format!("\n  {}", v.message));
+        }
+        out
+    }
+
     /// Puts foreign keys (no lease) that podlease must never touch (I4), and records them.
     pub async fn seed_foreign(&self, kvs: &[(&str, &str)]) {
         for (k, v) in kvs {
