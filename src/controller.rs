@@ -68,6 +68,7 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         None => None,
     };
     crate::registry::identity::check(&etcd, &registry_config, previous.as_deref()).await?;
+    tokio::spawn(report_crd(client.clone()));
 
     let view: SharedView = Arc::default();
     let index = Arc::new(Mutex::new(Index::new(settings.defaults.clone())));
@@ -109,6 +110,7 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         seen: HashMap::new(),
         term: None,
         listed_at: None,
+        registrations_absent: false,
     };
     let revoke_on_shutdown = registry_config.revoke_on_shutdown;
     let terms = Terms { etcd, config: registry_config, notices: notice_tx, metrics: metrics.clone(), view: view.clone() };
@@ -293,6 +295,8 @@ struct Feed {
     term: Option<Term>,
     /// When every stream last finished a list.
     listed_at: Option<std::time::Instant>,
+    /// The ServiceRegistration CRD was last seen absent (said once, until it appears).
+    registrations_absent: bool,
 }
 
 /// A new leader's caches must be this fresh: adoption revokes what they do not show, and a
@@ -324,7 +328,8 @@ impl Feed {
 
     fn apply(&mut self, input: Input) {
         let changes = {
-            let mut index = self.index.lock().unwrap();
+            let shared = self.index.clone();
+            let mut index = shared.lock().unwrap();
             match input {
                 Input::Error(e) => {
                     warn!("{e}");
@@ -375,24 +380,27 @@ impl Feed {
                             index.apply_registration(&r)
                         }
                         Event::InitDone => {
+                            if self.registrations_absent {
+                                self.registrations_absent = false;
+                                info!("the ServiceRegistration CRD is installed: watching ServiceRegistrations");
+                            }
                             let seen = self.seen.remove(&stream).unwrap_or_default();
-                            let gone: Vec<(String, String)> = index
-                                .registrations()
-                                .filter(|(ns, _)| scope.as_ref().is_none_or(|s| s == ns))
-                                .filter(|k| !seen.contains(*k))
-                                .cloned()
-                                .collect();
-                            let mut all = Changes::default();
-                            for (ns, name) in gone {
-                                merge(&mut all, index.delete_registration(&ns, &name));
-                            }
-                            self.synced_streams.insert(stream);
-                            if self.synced() {
-                                self.listed_at = Some(std::time::Instant::now());
-                            }
-                            all
+                            self.registrations_listed(&mut index, stream, seen)
                         }
                     }
+                }
+                Input::RegistrationsAbsent(scope) => {
+                    if self.registrations_absent {
+                        tracing::debug!("the ServiceRegistration CRD is still not installed");
+                    } else {
+                        self.registrations_absent = true;
+                        warn!(
+                            "the ServiceRegistration CRD is not installed: annotated pods are published, ServiceRegistrations only once it is applied (podlease crd | kubectl apply -f -)"
+                        );
+                    }
+                    // The CRD is gone, so are its objects: an empty list of this scope.
+                    self.seen.remove(&(false, scope.clone()));
+                    self.registrations_listed(&mut index, (false, scope), HashSet::new())
                 }
             }
         };
@@ -415,6 +423,40 @@ impl Feed {
             let _ = self.signal_tx.send(Signal::Gate(k));
         }
         self.metrics.set_gate_counts(self.index.lock().unwrap().gate_counts());
+    }
+}
+
+impl Feed {
+    /// A registration stream finished a list that showed `seen`: the registrations of its
+    /// scope that it did not show are gone.
+    fn registrations_listed(&mut self, index: &mut Index, stream: (bool, Option<String>), seen: HashSet<(String, String)>) -> Changes {
+        let scope = &stream.1;
+        let gone: Vec<(String, String)> =
+            index.registrations().filter(|(ns, _)| scope.as_ref().is_none_or(|s| s == ns)).filter(|k| !seen.contains(*k)).cloned().collect();
+        let mut all = Changes::default();
+        for (ns, name) in gone {
+            merge(&mut all, index.delete_registration(&ns, &name));
+        }
+        self.synced_streams.insert(stream);
+        if self.synced() {
+            self.listed_at = Some(std::time::Instant::now());
+        }
+        all
+    }
+}
+
+/// Says at start whether the ServiceRegistration CRD is the one this binary generates (Helm
+/// never upgrades a chart's CRDs). An absent CRD is said by the watch, which notices it too.
+async fn report_crd(client: Client) {
+    use crate::kubernetes::crd::{self, Installed};
+    match crd::installed(&client).await {
+        Ok(Installed::Current) => info!(crd = crd::name(), "the ServiceRegistration CRD is this version's"),
+        Ok(Installed::Absent) => {}
+        Ok(Installed::Differs(d)) => warn!(
+            crd = crd::name(),
+            "the installed ServiceRegistration CRD is not this version's ({d}); Helm does not upgrade CRDs: podlease crd | kubectl apply -f -"
+        ),
+        Err(e) => warn!(crd = crd::name(), "cannot read the ServiceRegistration CRD ({e}); without get on it, a missing CRD is not told from a starting API server"),
     }
 }
 

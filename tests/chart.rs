@@ -116,7 +116,13 @@ fn rendered_objects_are_what_each_value_set_asks_for() {
             "namespaces" => {
                 assert!(args.contains(&"--watch-namespace=team-a".to_string()) && args.contains(&"--watch-namespace=team-b".to_string()));
                 assert!(args.contains(&"--cluster-id=prod-eu-1".to_string()));
-                assert!(find(&objects, "ClusterRole").is_empty(), "no cluster-wide rights when namespaces are listed");
+                // Cluster-wide, only the read of podlease's own CRD object.
+                let cluster_roles = find(&objects, "ClusterRole");
+                assert_eq!(cluster_roles.len(), 1, "{cluster_roles:?}");
+                assert_eq!(
+                    cluster_roles[0]["rules"],
+                    json!([{"apiGroups": ["apiextensions.k8s.io"], "resources": ["customresourcedefinitions"], "resourceNames": ["serviceregistrations.podlease.io"], "verbs": ["get"]}])
+                );
                 let roles: BTreeSet<&str> = find(&objects, "Role").iter().map(|r| r["metadata"]["namespace"].as_str().unwrap()).collect();
                 assert_eq!(roles, BTreeSet::from(["team-a", "team-b", NS]));
             }

@@ -1,6 +1,7 @@
 //! The Kubernetes side: watching pods and ServiceRegistrations into the index, writing
 //! status, finalizers, readiness gates and Events back, and finding the cluster id.
 
+pub mod crd;
 pub mod events;
 pub mod gate;
 pub mod status;

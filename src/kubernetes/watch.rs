@@ -6,6 +6,7 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client};
 
+use crate::kubernetes::crd::{self, Installed};
 use crate::pod::PodInfo;
 use crate::registration::ServiceRegistration;
 
@@ -15,6 +16,10 @@ use crate::registration::ServiceRegistration;
 pub enum Input {
     Pod(Option<String>, watcher::Event<PodInfo>),
     Registration(Option<String>, watcher::Event<ServiceRegistration>),
+    /// The ServiceRegistration CRD is not installed (its object is absent, not merely
+    /// unanswered): this scope has no registrations, which counts as listed. The watch keeps
+    /// retrying, so registrations are picked up once the CRD is applied.
+    RegistrationsAbsent(Option<String>),
     /// A watch failed (it is retried with backoff); for the log.
     Error(String),
 }
@@ -48,11 +53,18 @@ pub fn inputs(client: &Client, namespaces: &[String]) -> (BoxStream<'static, Inp
             });
         streams.push(pods.boxed());
         let s = scope.clone();
+        let c = client.clone();
         let regs = watcher(api::<ServiceRegistration>(client, scope), watcher::Config::default())
             .default_backoff()
-            .map(move |ev| match ev {
-                Ok(ev) => Input::Registration(s.clone(), ev),
-                Err(e) => Input::Error(format!("ServiceRegistration watch: {e}")),
+            .then(move |ev| {
+                let (s, c) = (s.clone(), c.clone());
+                async move {
+                    match ev {
+                        Ok(ev) => Input::Registration(s, ev),
+                        Err(e) if not_found(&e) => registrations_missing(&c, s, e).await,
+                        Err(e) => Input::Error(format!("ServiceRegistration watch: {e}")),
+                    }
+                }
             });
         streams.push(regs.boxed());
     }
@@ -69,3 +81,23 @@ fn map_event<A, B>(ev: watcher::Event<A>, f: impl Fn(A) -> B) -> watcher::Event<
     }
 }
 
+fn not_found(e: &watcher::Error) -> bool {
+    matches!(e, watcher::Error::InitialListFailed(kube::Error::Api(s)) if s.code == 404)
+}
+
+/// A 404 listing ServiceRegistrations means "no such resource" only when the CRD object is
+/// absent too: an API server that is starting answers 404 for custom resources until it has
+/// loaded their definitions, and taking that for "no registrations" would revoke them all.
+async fn registrations_missing(client: &Client, scope: Option<String>, e: watcher::Error) -> Input {
+    let name = crd::name();
+    match crd::installed(client).await {
+        Ok(Installed::Absent) => Input::RegistrationsAbsent(scope),
+        Ok(Installed::Differs(d)) => {
+            Input::Error(format!("ServiceRegistration watch: {e}; the installed CRD {name} is not this version's ({d}): podlease crd | kubectl apply -f -"))
+        }
+        Ok(Installed::Current) => Input::Error(format!("ServiceRegistration watch: {e} (the CRD {name} exists: the API server is not serving it yet)")),
+        Err(ce) => Input::Error(format!(
+            "ServiceRegistration watch: {e}; whether the CRD {name} is installed is unknown ({ce}): grant get on customresourcedefinitions/{name}"
+        )),
+    }
+}
