@@ -52,6 +52,14 @@ fn the_chart_lints_clean_for_every_value_set() {
 #[test]
 fn the_schema_rejects_bad_values() {
     assert_eq!(validate(&json!({})), Ok(()));
+    for good in [
+        json!({"replicaCount": 1, "leaderElection": {"enabled": false}}),
+        json!({"etcd": {"auth": {"username": "podlease", "secretName": "etcd-auth"}}}),
+        json!({"etcd": {"tls": {"secretName": "etcd-client-tls"}, "endpoints": ["https://a:2379", "b:2379"]}}),
+        json!({"global": {"imageRegistry": "r"}}),
+    ] {
+        assert_eq!(validate(&good), Ok(()), "{good}");
+    }
     for (bad, expect) in [
         (json!({"defaults": {"ttlSeconds": 2}}), "ttlSeconds"),
         (json!({"defaults": {"ttlSeconds": 4000}}), "ttlSeconds"),
@@ -66,6 +74,15 @@ fn the_schema_rejects_bad_values() {
         (json!({"allowedPrefixes": ["/a b"]}), "allowedPrefixes"),
         (json!({"defaults": {"prefix": "/config//x"}}), "prefix"),
         (json!({"ownerPrefix": "podlease/owners"}), "ownerPrefix"),
+        // Two unfenced writers; the default replicaCount is 2.
+        (json!({"replicaCount": 2, "leaderElection": {"enabled": false}}), "replicaCount"),
+        (json!({"leaderElection": {"enabled": false}}), "replicaCount"),
+        (json!({"etcd": {"auth": {"username": "podlease"}}}), "secretName"),
+        (json!({"etcd": {"tls": {"secretName": "etcd-client-tls"}, "endpoints": ["https://a:2379", "http://b:2379"]}}), "endpoints"),
+        // Typos are errors, not values silently ignored.
+        (json!({"replicas": 3}), "replicas"),
+        (json!({"etcd": {"endpoint": ["http://a:2379"]}}), "endpoint"),
+        (json!({"leaderElection": {"leaseDuration": 10}}), "leaseDuration"),
     ] {
         let err = validate(&bad).expect_err(&format!("{bad} must be rejected"));
         assert!(err.contains(expect), "{bad}: {err}");
