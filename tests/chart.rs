@@ -307,3 +307,32 @@ async fn the_controller_does_its_whole_job_with_exactly_the_charts_rbac() {
     println!("RBAC rules granted (group, resource, verb): {granted:?}");
     assert_eq!(used, granted, "the chart grants exactly what the controller uses");
 }
+
+/// NOTES.txt shows the key the binary writes for the configured default format and prefix.
+#[test]
+fn the_notes_show_the_key_of_the_default_format() {
+    use podlease::format::{Format, FormatOptions, Instance};
+    use podlease::validate::{Prefix, ServiceName};
+    let ip: std::net::IpAddr = "10.1.2.3".parse().unwrap();
+    let metadata = Default::default();
+    let options = FormatOptions::default();
+    for format in Format::ALL {
+        for prefix in ["", "/custom/root/", "team"] {
+            let n = notes(&json!({"defaults": {"format": format.to_string(), "prefix": prefix}}));
+            let line = n.lines().skip_while(|l| !l.contains("gets its own etcd lease and the key")).nth(1).unwrap_or_else(|| panic!("{n}"));
+            let shown = line.trim().split("   ").next().unwrap();
+            assert!(line.contains(&format!("(format {format})")), "{line}");
+            let service = ServiceName::parse("my-service", format).unwrap();
+            let root = Prefix::parse(if prefix.is_empty() { format.layout().default_prefix() } else { prefix }).unwrap();
+            let inst = Instance { service: &service, namespace: "shop", pod: "my-service-0", node: "n", ip, port: 8080, metadata: &metadata, options: &options };
+            let want = format.layout().key(&root, &inst).with_lease(7587);
+            let filled = shown
+                .replace("<namespace>", "shop")
+                .replace("<pod IP>", "10.1.2.3")
+                .replace("<port>", "8080")
+                .replace("<pod>", "my-service-0")
+                .replace("<lease id>", "7587");
+            assert_eq!(filled, want, "format {format}, prefix {prefix:?}: NOTES show {shown}");
+        }
+    }
+}
