@@ -60,16 +60,7 @@ async fn a_gated_pod_turns_ready_only_after_its_key_is_in_etcd() {
     // The kubelet folds the open gate into Ready.
     set_containers_ready(&bed.kube, NS, "web-0", &pod_ip(1), true).await;
     // What a user sees: kubectl's wide view counts the gate, describe shows its reason.
-    let kubectl = |args: &[&str]| {
-        let out = std::process::Command::new(&Binaries::locate().kubectl)
-            .arg("--kubeconfig")
-            .arg(&bed.kubeconfig)
-            .args(args)
-            .output()
-            .expect("kubectl");
-        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        String::from_utf8(out.stdout).unwrap()
-    };
+    let kubectl = |args: &[&str]| bed.kubectl(args);
     let wide = kubectl(&["get", "pods", "-n", NS, "-o", "wide"]);
     println!("$ kubectl get pods -o wide\n{wide}");
     assert!(wide.lines().next().unwrap().contains("READINESS GATES"), "{wide}");

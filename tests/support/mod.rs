@@ -677,6 +677,13 @@ impl TestBed {
         apply_crd(&self.kube).await
     }
 
+    /// Runs the real kubectl against the bed and returns its output (what a user sees).
+    pub fn kubectl(&self, args: &[&str]) -> String {
+        let out = Command::new(&Binaries::locate().kubectl).arg("--kubeconfig").arg(&self.kubeconfig).args(args).output().expect("kubectl");
+        assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("kubectl prints UTF-8")
+    }
+
     /// The apiserver's log, for failure messages.
     pub fn apiserver_log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("kube-apiserver.log")).unwrap_or_default()
