@@ -36,6 +36,9 @@ pub struct Defaults {
     /// Service names any namespace may publish (the cluster admin's `--shared-service`):
     /// these are not claimed.
     pub shared: BTreeSet<String>,
+    /// The worst-case leader failover, with leader election: registrations whose TTL does
+    /// not outlive it are warned about.
+    pub failover: Option<std::time::Duration>,
 }
 
 impl Defaults {
@@ -47,7 +50,7 @@ impl Defaults {
         if let Some(p) = &prefix {
             allowed.push(AllowedPrefix { format: Some(format), prefix: p.clone() });
         }
-        Ok(Defaults { format, prefix, ttl, key_space: KeySpace::new(allowed, owner)?, shared: BTreeSet::new() })
+        Ok(Defaults { format, prefix, ttl, key_space: KeySpace::new(allowed, owner)?, shared: BTreeSet::new(), failover: None })
     }
 }
 
@@ -59,6 +62,7 @@ impl Default for Defaults {
             ttl: crate::registration::DEFAULT_TTL_SECONDS,
             key_space: KeySpace::default(),
             shared: BTreeSet::new(),
+            failover: None,
         }
     }
 }
@@ -247,6 +251,8 @@ pub struct Summary {
     pub invalid: Option<String>,
     /// Another service's keys lie under the prefix this service's consumers read.
     pub overlap: Option<String>,
+    /// The TTL does not outlive a leader failover: why.
+    pub short_ttl: Option<String>,
     pub namespace: String,
     pub name: String,
     /// Pods whose key another source of theirs publishes: (pod, that source).
@@ -485,6 +491,7 @@ impl Index {
         };
         s.service = plan.service.to_string();
         s.overlap = self.overlap(&plan.read_prefix);
+        s.short_ttl = self.defaults.failover.and_then(|f| crate::leader::short_ttl(plan.ttl, f));
         let selector = entry.selector.as_ref().expect("a valid plan has a selector");
         let mut first: Option<&String> = None;
         let mut more = 0;

@@ -44,6 +44,37 @@ impl LeaderConfig {
             retry_period: (lease_duration * 2 / 15).max(Duration::from_millis(200)),
         }
     }
+
+    /// The longest a standby may take to lead once the leader dies: the Lease runs out
+    /// `lease_duration` after the standby last saw it change (it looks every `retry_period`,
+    /// so up to one period late), and the look after that takes it (15 s → 19 s).
+    pub fn worst_failover(&self) -> Duration {
+        self.lease_duration + self.retry_period * 2
+    }
+}
+
+/// Whether keys with `ttl` seconds outlive a failover of `failover`: leases are renewed
+/// every third of their TTL, so when the leader dies a lease has at least two thirds left.
+pub fn ttl_outlives(ttl: i64, failover: Duration) -> bool {
+    // 2/3 · ttl > failover, in whole nanoseconds.
+    ttl.max(0) as u128 * 2_000_000_000 > 3 * failover.as_nanos()
+}
+
+/// The smallest TTL (seconds) that outlives `failover`.
+pub fn min_ttl(failover: Duration) -> i64 {
+    (3 * failover.as_nanos() / 2_000_000_000) as i64 + 1
+}
+
+/// Why keys with `ttl` do not outlive `failover`, or None when they do.
+pub fn short_ttl(ttl: i64, failover: Duration) -> Option<String> {
+    (!ttl_outlives(ttl, failover)).then(|| {
+        format!(
+            "a TTL of {ttl} s is shorter than a leader failover: a lease has two thirds of its TTL left ({:.1} s) when the leader dies, and a standby may take {:.0} s to take over; keys would expire meanwhile. Use at least {} s",
+            ttl as f64 * 2.0 / 3.0,
+            failover.as_secs_f64(),
+            min_ttl(failover)
+        )
+    })
 }
 
 /// The last record seen and when it was first seen in this form.
@@ -310,6 +341,29 @@ pub async fn recorded_identity(client: &Client, cfg: &LeaderConfig) -> Option<St
         other => {
             warn!(lease = cfg.name, "reading the leader Lease for the last identity failed ({other:?}); checking etcd alone");
             None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_ttl_outlives_the_default_failover_and_shorter_ones_do_not() {
+        let cfg = LeaderConfig::new("ns".into(), "podlease".into(), "a".into(), Duration::from_secs(15));
+        let failover = cfg.worst_failover();
+        assert_eq!(failover, Duration::from_secs(19));
+        assert_eq!(min_ttl(failover), 29);
+        assert!(ttl_outlives(30, failover) && ttl_outlives(29, failover));
+        assert!(!ttl_outlives(28, failover) && !ttl_outlives(10, failover));
+        assert_eq!(short_ttl(30, failover), None);
+        let why = short_ttl(10, failover).unwrap();
+        assert!(why.contains("(6.7 s)") && why.contains("19 s") && why.ends_with("Use at least 29 s"), "{why}");
+        // min_ttl is the boundary for other Lease durations too.
+        for secs in [2, 4, 10, 60, 300] {
+            let f = LeaderConfig::new("ns".into(), "p".into(), "a".into(), Duration::from_secs(secs)).worst_failover();
+            assert!(ttl_outlives(min_ttl(f), f) && !ttl_outlives(min_ttl(f) - 1, f), "{secs}");
         }
     }
 }

@@ -64,14 +64,11 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             Duration::from_secs(args.leader_lease_duration.max(2)),
         )
     });
-    if args.leader_elect && args.default_ttl <= args.leader_lease_duration as i64 {
-        tracing::warn!(
-            default_ttl = args.default_ttl,
-            leader_lease_duration = args.leader_lease_duration,
-            "the default TTL is not above the leader Lease duration: keys may expire before a standby takes over"
-        );
+    let mut defaults = args.defaults().map_err(anyhow::Error::msg)?;
+    defaults.failover = leader.as_ref().map(LeaderConfig::worst_failover);
+    if let Some(why) = defaults.failover.and_then(|f| podlease::leader::short_ttl(args.default_ttl, f)) {
+        tracing::warn!(default_ttl = args.default_ttl, leader_lease_duration = args.leader_lease_duration, "--default-ttl: {why}");
     }
-    let defaults = args.defaults().map_err(anyhow::Error::msg)?;
     let implicit = defaults.prefix.clone().unwrap_or_else(|| defaults.format.layout().default_prefix().parse().expect("valid"));
     if let Err(e) = defaults.key_space.permit(defaults.format, &implicit) {
         tracing::warn!("annotated pods without podlease.io/prefix will be refused: {e}");

@@ -253,6 +253,32 @@ async fn an_invalid_spec_is_reported_and_other_registrations_keep_working() {
     assert_eq!(condition(&st, "InvalidSpec").status, "False");
 }
 
+/// At the defaults (leader election, a 15 s Lease: up to 19 s to fail over), a TTL of 10 s
+/// would let keys expire during a failover: a Warning condition and Event say so, and the
+/// keys are published all the same. The default TTL (30 s) gets no warning.
+#[tokio::test]
+async fn a_ttl_shorter_than_a_failover_is_warned_about() {
+    let (bed, c) = bed_and_controller(&[]).await;
+    ready_pod(&bed, "user-1", &[("app", "user")], "10.0.0.1").await;
+    create_sreg(&bed, "short", json!({"selector": {"matchLabels": {"app": "user"}}, "ttlSeconds": 10})).await;
+    create_sreg(&bed, "default-ttl", json!({"selector": {"matchLabels": {"app": "user"}}})).await;
+
+    let st = wait_status(&bed, "short", "ShortTTL", |s| s.registered == 1 && s.conditions.iter().any(|c| c.type_ == "ShortTTL" && c.status == "True")).await;
+    let short = condition(&st, "ShortTTL");
+    assert_eq!(short.reason, "TTLBelowFailover");
+    assert!(short.message.contains("a standby may take 19 s") && short.message.contains("Use at least 29 s"), "{short:?}");
+    let event = wait_event(&bed, "short", "ShortTTL").await;
+    assert_eq!(event.type_.as_deref(), Some("Warning"));
+    assert_eq!(event.note.as_deref(), Some(short.message.as_str()));
+    let kv = wait_key(&bed.etcd, "/services/short/default/user-1").await;
+    assert_eq!(granted_ttl(&bed.etcd, kv.lease()).await, 10, "published all the same");
+
+    let st = wait_status(&bed, "default-ttl", "registered", |s| s.registered == 1).await;
+    assert_eq!(condition(&st, "ShortTTL").status, "False");
+    assert!(events_for(&bed, "default-ttl").await.iter().all(|e| e.reason.as_deref() != Some("ShortTTL")));
+    assert!(!c.log_text().contains("--default-ttl:"), "the default TTL outlives the default failover");
+}
+
 #[tokio::test]
 async fn annotated_pods_are_published_and_bad_annotations_become_events() {
     let (bed, _c) = bed_and_controller(&["--default-ttl", "15"]).await;

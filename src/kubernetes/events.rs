@@ -15,6 +15,7 @@ pub const REASON_SERVICE_CLAIMED: &str = "ServiceClaimed";
 pub const REASON_INVALID_SPEC: &str = "InvalidSpec";
 pub const REASON_INVALID_ANNOTATION: &str = "InvalidAnnotation";
 pub const REASON_PREFIX_OVERLAP: &str = "PrefixOverlap";
+pub const REASON_SHORT_TTL: &str = "ShortTTL";
 
 #[derive(Clone)]
 pub struct Events {
