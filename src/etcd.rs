@@ -47,8 +47,19 @@ pub enum ConfigError {
     PlainEndpointWithTls(String),
     #[error("connecting to etcd: {0}")]
     Connect(#[from] etcd_client::Error),
+    /// With a username, connecting authenticates, which waits for an endpoint to answer.
+    #[error("connecting to etcd did not finish within {0:?} (no endpoint answered)")]
+    ConnectTimeout(Duration),
     #[error("the etcd endpoints belong to different clusters ({0}): list the members of one cluster")]
     MixedClusters(String),
+}
+
+impl ConfigError {
+    /// Whether this may go away by itself (etcd unreachable, not answering, refusing the
+    /// credentials until a rotated Secret arrives), as opposed to a configuration to fix.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, ConfigError::Connect(_) | ConfigError::ConnectTimeout(_))
+    }
 }
 
 fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, ConfigError> {
@@ -98,10 +109,15 @@ impl EtcdConfig {
         Ok(urls)
     }
 
-    /// Connects (lazily: an unreachable etcd is not an error here, calls fail later).
+    /// Connects (lazily without auth: an unreachable etcd is not an error here, calls fail
+    /// later). With a username it authenticates, within the call timeout.
     pub async fn connect(&self) -> Result<Client, ConfigError> {
         let (urls, opts) = self.options()?;
-        Ok(Client::connect(urls, Some(opts)).await?)
+        self.bounded(Client::connect(urls, Some(opts))).await
+    }
+
+    async fn bounded(&self, connect: impl std::future::Future<Output = Result<Client, etcd_client::Error>>) -> Result<Client, ConfigError> {
+        Ok(tokio::time::timeout(self.call_timeout, connect).await.map_err(|_| ConfigError::ConnectTimeout(self.call_timeout))??)
     }
 
     /// Connects after checking that every reachable endpoint reports the same cluster id:
@@ -127,7 +143,7 @@ impl EtcdConfig {
                 return Err(ConfigError::MixedClusters(list.join(", ")));
             }
         }
-        Ok(Client::connect(urls, Some(opts)).await?)
+        self.bounded(Client::connect(urls, Some(opts))).await
     }
 
     fn options(&self) -> Result<(Vec<String>, ConnectOptions), ConfigError> {

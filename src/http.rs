@@ -1,5 +1,5 @@
-//! The HTTP surface: /healthz (the process serves), /readyz (caches synced, and etcd
-//! reachable while leading), /metrics (Prometheus text format).
+//! The HTTP surface: /healthz (the process serves, from the first moment), /readyz (started,
+//! caches synced, and etcd reachable while leading), /metrics (Prometheus text format).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -23,6 +23,8 @@ pub struct Health {
     pub caches_synced: AtomicBool,
     /// This replica runs a registry term.
     pub leading: AtomicBool,
+    /// The start-up step not done yet (connecting to etcd…), and why, if it failed.
+    pub starting: std::sync::Mutex<Option<String>>,
 }
 
 #[derive(Clone)]
@@ -54,6 +56,9 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics, view: Sh
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    if let Some(step) = s.health.starting.lock().unwrap().clone() {
+        return (StatusCode::SERVICE_UNAVAILABLE, format!("starting: {step}\n"));
+    }
     if !s.health.caches_synced.load(Ordering::Relaxed) {
         return (StatusCode::SERVICE_UNAVAILABLE, "caches not synced\n".to_string());
     }

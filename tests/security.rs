@@ -59,12 +59,43 @@ async fn podlease_registers_over_tls_with_auth_and_never_logs_the_password() {
     let log = c.log_text();
     assert!(!log.contains("s3cret-Pa55word"), "the password leaked into the log");
 
-    // A wrong password is a clear error at start, not a crash loop of cryptic messages.
+    // A wrong password is a clear error at start, not a crash loop: /healthz answers,
+    // /readyz and the log say why, and the right password, once its file has it (a rotated
+    // Secret), is picked up without a restart.
     std::fs::write(&password_file, "wr0ng-Pw-7Qx").unwrap();
     let mut bad = Controller::new(&bed, "c2", bed.kubeconfig.clone(), &args);
     bad.spawn();
-    assert!(!bad.wait_exit().await.success());
+    let why = starting(&bad, "authentication failed").await;
+    assert!(why.starts_with("starting: connecting to etcd: "), "{why}");
+    std::fs::write(&password_file, "s3cret-Pa55word\n").unwrap();
+    bad.wait_ready().await;
     let log = bad.log_text();
     assert!(log.contains("authentication failed"), "{log}");
-    assert!(!log.contains("wr0ng-Pw-7Qx"), "the password leaked into the log");
+    assert!(!log.contains("wr0ng-Pw-7Qx") && !log.contains("s3cret-Pa55word"), "the password leaked into the log");
+
+    // An endpoint that accepts connections and never answers (blackholed): logging in has
+    // a deadline, so the start waits with /healthz up, and continues once etcd answers.
+    let proxy = proxy::FaultProxy::to_url(&etcd.endpoint());
+    proxy.set_mode(proxy::Mode::Blackhole);
+    let endpoint = proxy.endpoint("https");
+    let mut args = args.to_vec();
+    args[1] = &endpoint;
+    let mut slow = Controller::new(&bed, "c3", bed.kubeconfig.clone(), &args);
+    slow.spawn();
+    let why = starting(&slow, "did not finish within").await;
+    assert!(why.starts_with("starting: connecting to etcd: "), "{why}");
+    proxy.set_mode(proxy::Mode::Pass);
+    slow.wait_ready().await;
+    assert!(slow.child.as_mut().unwrap().try_wait().unwrap().is_none(), "still running");
+}
+
+/// Waits until /healthz answers 200 and /readyz 503 with a body containing `what`; the body.
+async fn starting(c: &Controller, what: &str) -> String {
+    let port = c.metrics_port;
+    wait_until(&format!("/readyz saying {what:?} while /healthz is ok"), DEADLINE, || async move {
+        let (healthz, _) = support::controller::http_get(&format!("http://127.0.0.1:{port}/healthz")).await?;
+        let (code, body) = support::controller::http_get(&format!("http://127.0.0.1:{port}/readyz")).await?;
+        (healthz == 200 && code == 503 && body.contains(what)).then(|| body.trim().to_string())
+    })
+    .await
 }

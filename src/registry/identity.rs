@@ -45,7 +45,7 @@ pub fn classify(owner_prefix: &str, key: &str) -> Option<(String, Option<String>
 /// (any owner prefix), and this cluster's records in the layout from before install ids
 /// (`<owner-prefix>/<cluster-id>/`), which a rolling upgrade finds while the old leader
 /// still runs. Other installs' records are never taken for an earlier identity of this one.
-pub async fn check(client: &etcd_client::Client, config: &RegistryConfig, previous: Option<&str>) -> anyhow::Result<()> {
+pub async fn check(client: &etcd_client::Client, config: &RegistryConfig, previous: Option<&str>) -> Result<(), CheckError> {
     let w = &Writer { client: client.clone(), owners: config.owners(), claims: Claims::default(), timeout: config.call_timeout, fence: None };
     let mine = config.fence_key();
     if let Some(from) = &config.migrate_from {
@@ -76,12 +76,22 @@ pub async fn check(client: &etcd_client::Client, config: &RegistryConfig, previo
         return Ok(());
     };
     let list: Vec<String> = found.iter().map(|(root, n)| format!("{n} records of {root}")).collect();
-    anyhow::bail!(
+    Err(CheckError::Refused(format!(
         "refusing to start: this install's identity is {mine}, but etcd holds none of its ownership records and holds those of an earlier identity: {}. \
          The cluster id, install id or owner prefix changed (or podlease was upgraded from a release without install ids); starting anyway would orphan them (every key would conflict, then expire, and consumers would see its instance vanish). \
          To take them over without a DELETE, start with --migrate-from={first} (the chart's migrateFrom). If they belong to an install that is gone for good, delete them with `etcdctl del --prefix {first}/` (their keys then expire within their TTL).",
         list.join("; ")
-    )
+    )))
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckError {
+    /// Starting would orphan records: the message says what to do.
+    #[error("{0}")]
+    Refused(String),
+    /// etcd did not answer: try again.
+    #[error("checking this install's identity in etcd: {0}")]
+    Etcd(#[from] OpError),
 }
 
 /// Live records (under a lease) of identity `root` in namespaces this install watches.

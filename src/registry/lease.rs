@@ -323,7 +323,8 @@ impl Driver {
         if self.fresh_connection
             && let Some(config) = &self.own
         {
-            // Connecting is lazy: this only builds the channel.
+            // Connecting is lazy without auth (this only builds the channel); with auth it
+            // logs in, within the call timeout.
             match config.connect().await {
                 Ok(c) => {
                     self.client = c;
@@ -339,7 +340,9 @@ impl Driver {
         candidates.sort_unstable();
         for lease in candidates {
             let mut lc = self.client.lease_client();
-            match tokio::time::timeout(Duration::from_secs(5), lc.keep_alive(lease)).await {
+            // The etcd call timeout (--etcd-timeout), like every other call.
+            let limit = self.own.as_ref().map_or(crate::etcd::EtcdConfig::default().call_timeout, |c| c.call_timeout);
+            match tokio::time::timeout(limit, lc.keep_alive(lease)).await {
                 Ok(Ok((keeper, stream))) => {
                     debug!(lease = format!("{lease:x}"), "keepalive stream open");
                     self.keeper = Some(keeper);
