@@ -47,15 +47,32 @@ pub struct Settings {
 
 pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Metrics::new();
-    // First, so that a taken port stops the process at once with a clear error.
+    // First, so that a taken port stops the process at once with a clear error; and served
+    // from now on, so that a slow start (etcd not answering) is not a liveness restart loop:
+    // /readyz says what the start waits for.
     let listener = http::bind(settings.metrics_addr).await?;
-    let etcd = settings.etcd.connect_checked().await?;
+    let view: SharedView = Arc::default();
+    let health: Arc<http::Health> = Arc::default();
+    let http_task = tokio::spawn(http::serve(listener, metrics.clone(), view.clone(), health.clone(), shutdown.clone()));
+    let start = Start { health: &health, shutdown: &shutdown };
 
+    let etcd = start
+        .step("connecting to etcd", || async {
+            settings.etcd.connect_checked().await.map_err(|e| if e.is_transient() { Step::Retry(e.to_string()) } else { Step::Fatal(e.into()) })
+        })
+        .await?;
     let mut registry_config = settings.registry.clone();
     registry_config.cluster_id = match &settings.cluster_id {
         Some(id) => id.clone(),
-        // The kube-system UID is one key segment too: checked like the flag.
-        None => crate::cli::parse_cluster_id(&wait_cluster_id(&client, &shutdown).await?).map_err(anyhow::Error::msg)?,
+        None => {
+            let uid = start
+                .step("reading the cluster id (the UID of namespace kube-system)", || async {
+                    crate::kubernetes::cluster_id(&client).await.map_err(|e| Step::Retry(format!("{e} (set --cluster-id to skip)")))
+                })
+                .await?;
+            // The kube-system UID is one key segment too: checked like the flag.
+            crate::cli::parse_cluster_id(&uid).map_err(anyhow::Error::msg)?
+        }
     };
     registry_config.fence = settings.leader.is_some();
     registry_config.keepalive_etcd = Some(settings.etcd.clone());
@@ -67,10 +84,17 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         Some(cfg) => crate::leader::recorded_identity(&client, cfg).await,
         None => None,
     };
-    crate::registry::identity::check(&etcd, &registry_config, previous.as_deref()).await?;
+    start
+        .step("checking this install's identity in etcd", || async {
+            crate::registry::identity::check(&etcd, &registry_config, previous.as_deref()).await.map_err(|e| match e {
+                crate::registry::identity::CheckError::Refused(m) => Step::Fatal(anyhow::anyhow!(m)),
+                e => Step::Retry(e.to_string()),
+            })
+        })
+        .await?;
+    *health.starting.lock().unwrap() = None;
     tokio::spawn(report_crd(client.clone()));
 
-    let view: SharedView = Arc::default();
     let index = Arc::new(Mutex::new(Index::new(settings.defaults.clone())));
     let (notice_tx, notice_rx) = mpsc::unbounded_channel();
     let (signal_tx, signal_rx) = mpsc::unbounded_channel();
@@ -78,14 +102,12 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     let records = crate::registry::Records::new(etcd.clone(), registry_config.owners(), registry_config.call_timeout);
     let writer = StatusWriter::new(client.clone(), index.clone(), view.clone(), events, records, metrics.clone());
     let writer_task = tokio::spawn(writer.run(signal_rx, notice_rx, shutdown.clone()));
-    let health: Arc<http::Health> = Arc::default();
-    let http_task = tokio::spawn(http::serve(listener, metrics.clone(), view.clone(), health.clone(), shutdown.clone()));
 
     // Leadership: an elector (the epoch while leading), or always leading at epoch 0.
     let (leader_tx, mut leader_rx) = watch::channel(settings.leader.is_none().then_some(0));
     let elector_shutdown = CancellationToken::new();
     // What this replica sees of etcd and the fence: who may lead, and whether nobody does.
-    let mut probe = fence::probe(etcd.clone(), registry_config.fence_key(), elector_shutdown.clone());
+    let mut probe = fence::probe(etcd.clone(), registry_config.fence_key(), metrics.etcd_reachable.clone(), elector_shutdown.clone());
     let mut _always_leading = None;
     let elector_task = match settings.leader.clone() {
         Some(cfg) => {
@@ -468,17 +490,40 @@ fn merge(into: &mut Changes, from: Changes) {
     into.holds |= from.holds;
 }
 
-async fn wait_cluster_id(client: &Client, shutdown: &CancellationToken) -> anyhow::Result<String> {
-    let mut backoff = crate::registry::lease::Backoff::default();
-    loop {
-        match crate::kubernetes::cluster_id(client).await {
-            Ok(id) => return Ok(id),
-            Err(e) => {
-                let d = backoff.next();
-                warn!(error = %e, retry_in = ?d, "reading the kube-system namespace UID for the cluster id failed (set --cluster-id to skip)");
-                tokio::select! {
-                    _ = shutdown.cancelled() => anyhow::bail!("shut down before the cluster id was known"),
-                    _ = tokio::time::sleep(d) => {}
+/// The start-up steps before the controller runs: each is retried until it succeeds, the
+/// reason shown on /readyz and in the log, unless it fails for good.
+struct Start<'a> {
+    health: &'a http::Health,
+    shutdown: &'a CancellationToken,
+}
+
+enum Step {
+    /// May go away by itself (etcd or the API server not answering yet): try again.
+    Retry(String),
+    /// A configuration to fix: stop.
+    Fatal(anyhow::Error),
+}
+
+impl Start<'_> {
+    async fn step<T, F, Fut>(&self, what: &str, mut attempt: F) -> anyhow::Result<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Step>>,
+    {
+        *self.health.starting.lock().unwrap() = Some(what.to_string());
+        let mut backoff = crate::registry::lease::Backoff::default();
+        loop {
+            match attempt().await {
+                Ok(v) => return Ok(v),
+                Err(Step::Fatal(e)) => return Err(e),
+                Err(Step::Retry(e)) => {
+                    let d = backoff.next();
+                    warn!(error = %e, retry_in = ?d, "{what} failed");
+                    *self.health.starting.lock().unwrap() = Some(format!("{what}: {e}"));
+                    tokio::select! {
+                        _ = self.shutdown.cancelled() => anyhow::bail!("shut down while {what}"),
+                        _ = tokio::time::sleep(d) => {}
+                    }
                 }
             }
         }

@@ -135,6 +135,10 @@ pub mod condition {
     pub const CONFLICT: &str = "Conflict";
     pub const INVALID_SPEC: &str = "InvalidSpec";
     pub const ETCD_UNAVAILABLE: &str = "EtcdUnavailable";
+    /// The TTL does not outlive a leader failover (keys could expire while a standby takes
+    /// over); a warning, the keys are published all the same.
+    pub const SHORT_TTL: &str = "ShortTTL";
+    pub const ALL: [&str; 5] = [READY, CONFLICT, INVALID_SPEC, ETCD_UNAVAILABLE, SHORT_TTL];
 }
 
 /// The finalizer that makes deleting a ServiceRegistration revoke its leases first.

@@ -48,6 +48,8 @@ pub struct StatusWriter {
     invalid: HashMap<RegKey, String>,
     /// Last prefix overlap reported per registration.
     overlap: HashMap<RegKey, String>,
+    /// Last short-TTL warning reported per registration.
+    short_ttl: HashMap<RegKey, String>,
     /// Registrations whose last write failed: not before this instant again.
     retry: HashMap<RegKey, (std::time::Instant, Backoff)>,
     /// What etcd holds, asked before a finalizer is released.
@@ -55,6 +57,10 @@ pub struct StatusWriter {
     gates: Gates,
     /// The leading term the gates were last marked for (0: none).
     gates_term: u64,
+    /// The conditions that are True in each registration's status as last computed (the
+    /// `podlease_registrations` gauge).
+    conditions: HashMap<RegKey, Vec<String>>,
+    metrics: Metrics,
 }
 
 /// How often a deleted registration's finalizer is checked again while etcd still holds
@@ -67,7 +73,13 @@ const DEBOUNCE: Duration = Duration::from_millis(100);
 impl StatusWriter {
     pub fn new(client: Client, index: Arc<Mutex<Index>>, view: SharedView, events: Events, records: Records, metrics: Metrics) -> StatusWriter {
         StatusWriter {
-            gates: Gates::new(client.clone(), metrics, events.clone()),
+            gates: Gates::new(client.clone(), metrics.clone(), events.clone()),
+            // Zeros until the first write: the series exist before anything goes wrong.
+            conditions: HashMap::new(),
+            metrics: {
+                metrics.set_registration_conditions(std::iter::empty());
+                metrics
+            },
             gates_term: 0,
             client,
             index,
@@ -77,6 +89,7 @@ impl StatusWriter {
             registered: HashMap::new(),
             invalid: HashMap::new(),
             overlap: HashMap::new(),
+            short_ttl: HashMap::new(),
             retry: HashMap::new(),
             records,
         }
@@ -137,9 +150,17 @@ impl StatusWriter {
         };
         if !synced {
             self.gates.clear();
+            if self.gates_term != 0 {
+                // Only the leader's counts mean anything.
+                self.conditions.clear();
+                self.metrics.set_registration_conditions(std::iter::empty());
+            }
             self.gates_term = 0;
         } else if term != self.gates_term {
             self.gates_term = term;
+            // Every status is looked at afresh (written only where it differs).
+            let all: Vec<RegKey> = self.index.lock().unwrap().registrations().cloned().collect();
+            self.dirty.extend(all);
             self.gates.mark_all(&self.index);
             let problems = self.index.lock().unwrap().problems();
             for p in &problems {
@@ -216,6 +237,8 @@ impl StatusWriter {
                 self.registered.remove(&key);
                 self.invalid.remove(&key);
                 self.overlap.remove(&key);
+                self.short_ttl.remove(&key);
+                self.conditions.remove(&key);
                 continue;
             };
             match self.write(&key, summary).await {
@@ -240,6 +263,7 @@ impl StatusWriter {
                 }
             }
         }
+        self.metrics.set_registration_conditions(self.conditions.values().flatten().map(String::as_str));
     }
 
     /// Writes what the registration should show. Ok(false): not done yet (a finalizer
@@ -262,6 +286,7 @@ impl StatusWriter {
         let (status, pods) = match computed {
             Ok(c) => c,
             Err(all_revoked) => {
+                self.conditions.remove(key);
                 if !has_finalizer {
                     return Ok(true);
                 }
@@ -285,6 +310,7 @@ impl StatusWriter {
             api.patch(&key.1, &PatchParams::default(), &Patch::Merge(&patch)).await?;
         }
 
+        self.conditions.insert(key.clone(), status.conditions.iter().filter(|c| c.status == "True").map(|c| c.type_.clone()).collect());
         if summary.status.as_ref() != Some(&status) {
             api.patch_status(&key.1, &PatchParams::default(), &Patch::Merge(&json!({"status": status}))).await?;
         }
@@ -296,6 +322,9 @@ impl StatusWriter {
         });
         report_once(&mut self.overlap, key, summary.overlap.as_ref(), |msg| {
             self.events.publish(true, events::REASON_PREFIX_OVERLAP, "Validate", msg, reference.clone())
+        });
+        report_once(&mut self.short_ttl, key, summary.short_ttl.as_ref(), |msg| {
+            self.events.publish(true, events::REASON_SHORT_TTL, "Validate", msg, reference.clone())
         });
         if let Some(before) = self.registered.get(key) {
             let added: Vec<&String> = pods.difference(before).collect();
@@ -431,6 +460,10 @@ pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view:
         match &etcd {
             Some(m) => cond(condition::ETCD_UNAVAILABLE, true, "EtcdUnreachable", m.clone()),
             None => cond(condition::ETCD_UNAVAILABLE, false, "EtcdReachable", "etcd answers".into()),
+        },
+        match &summary.short_ttl {
+            Some(m) => cond(condition::SHORT_TTL, true, "TTLBelowFailover", m.clone()),
+            None => cond(condition::SHORT_TTL, false, "TTLOutlivesFailover", "keys outlive a leader failover".into()),
         },
     ];
     ServiceRegistrationStatus {
