@@ -2,7 +2,8 @@
 # Installs and caches everything the test bed needs, idempotently:
 #   protoc, etcd 3.5 (Debian sid's etcd-server, unpacked), kube-apiserver and
 #   kube-controller-manager v1.20.2 (built from Debian bookworm's kubernetes source),
-#   kubectl, and a Python virtualenv with helm-python-sdk.
+#   kubectl, Prometheus and promtool (Debian bookworm's prometheus, unpacked), and a Python
+#   virtualenv with helm-python-sdk.
 # A second run finds everything in the cache and takes seconds.
 #
 # Cache directory: $PODLEASE_CACHE, else $XDG_CACHE_HOME/podlease, else ~/.cache/podlease.
@@ -108,6 +109,21 @@ if [ -z "$KUBECTL" ]; then
   KUBECTL=$(command -v kubectl)
 fi
 
+# --- Prometheus and promtool from Debian bookworm, unpacked, not installed -----------------------
+# The alert rules' unit tests (promtool test rules) and a live Prometheus scraping podlease.
+PROM="$CACHE/prometheus/root/usr/bin/prometheus"
+PROMTOOL="$CACHE/prometheus/root/usr/bin/promtool"
+if [ ! -x "$PROM" ] || [ ! -x "$PROMTOOL" ]; then
+  log "fetching prometheus (Debian bookworm)"
+  M=$(mirror)
+  mkdir -p "$CACHE/apt/bookworm-lists/partial" "$CACHE/prometheus"
+  echo "deb $M bookworm main" > "$CACHE/apt/bookworm.list"
+  A=(-o Dir::Etc::SourceList="$CACHE/apt/bookworm.list" -o Dir::Etc::SourceParts=/dev/null -o Dir::State::Lists="$CACHE/apt/bookworm-lists")
+  $SUDO apt-get "${A[@]}" update -qq >&2
+  (cd "$CACHE/prometheus" && rm -rf ./*.deb root && apt-get "${A[@]}" download prometheus >&2 \
+    && dpkg -x prometheus_*.deb root)
+fi
+
 # --- Python virtualenv with helm-python-sdk (real Helm rendering) -------------------------------
 VENV="$CACHE/venv"
 if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import helm_python' 2>/dev/null; then
@@ -124,6 +140,8 @@ PODLEASE_KUBE_APISERVER_BIN=$KBIN/kube-apiserver
 PODLEASE_KUBE_CONTROLLER_MANAGER_BIN=$KBIN/kube-controller-manager
 PODLEASE_KUBECTL_BIN=$KUBECTL
 PODLEASE_HELM_PYTHON=$VENV/bin/python
+PODLEASE_PROMETHEUS_BIN=$PROM
+PODLEASE_PROMTOOL_BIN=$PROMTOOL
 ENV
 log "ready ($CACHE/testbed.env)"
 echo "$CACHE/testbed.env"

@@ -19,6 +19,11 @@ pub struct StateLabels {
     pub state: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConditionLabels {
+    pub condition: String,
+}
+
 #[derive(Clone)]
 pub struct Metrics {
     pub registry: Arc<Registry>,
@@ -38,8 +43,10 @@ pub struct Metrics {
     pub drift_repairs: Counter,
     pub reconcile_duration: Histogram,
     pub etcd_available: Gauge,
+    pub etcd_reachable: Gauge,
     pub gated_pods: Family<StateLabels, Gauge>,
     pub gate_latency: Histogram,
+    pub registrations: Family<ConditionLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -104,7 +111,19 @@ impl Metrics {
             "From a gated pod's ContainersReady transition to its podlease.io/registered condition turning True (whole seconds: metav1.Time)",
             gate_latency.clone(),
         );
-        Metrics {
+        let registrations = Family::<ConditionLabels, Gauge>::default();
+        r.register(
+            "registrations",
+            "ServiceRegistrations whose condition is True, by condition, as the leader last wrote them (0 on a standby)",
+            registrations.clone(),
+        );
+        let etcd_reachable = Gauge::default();
+        r.register(
+            "etcd_reachable",
+            "1 while this replica's etcd probe (a quorum read every 2 s) has succeeded within the last 6 s; every replica",
+            etcd_reachable.clone(),
+        );
+        let m = Metrics {
             registry: Arc::new(r),
             instances,
             leases_held,
@@ -122,8 +141,38 @@ impl Metrics {
             drift_repairs,
             reconcile_duration,
             etcd_available,
+            etcd_reachable,
             gated_pods,
             gate_latency,
+            registrations,
+        };
+        // Series that exist from the start (at zero), so that rates and alerts have them
+        // before anything happens.
+        m.clear_instances();
+        let _ = m.etcd_errors.get_or_create(&OpLabels { op: "keepalive".into() });
+        for op in crate::registry::plan::Op::LABELS {
+            let _ = m.etcd_op_duration.get_or_create(&OpLabels { op: op.into() });
+        }
+        m
+    }
+
+    /// Every instance state at zero (a new term counts afresh; a standby holds none).
+    pub fn clear_instances(&self) {
+        self.instances.clear();
+        for state in crate::registry::view::Shown::STATE_NAMES {
+            let _ = self.instances.get_or_create(&StateLabels { state: state.into() });
+        }
+    }
+
+    /// Sets the registrations-by-condition gauge (every condition type, zeros included, so
+    /// the series exist before anything goes wrong).
+    pub fn set_registration_conditions<'a>(&self, true_conditions: impl Iterator<Item = &'a str>) {
+        let mut counts: std::collections::BTreeMap<&str, i64> = crate::registration::condition::ALL.iter().map(|c| (*c, 0)).collect();
+        for c in true_conditions {
+            *counts.entry(c).or_default() += 1;
+        }
+        for (condition, n) in counts {
+            self.registrations.get_or_create(&ConditionLabels { condition: condition.into() }).set(n);
         }
     }
 

@@ -24,7 +24,7 @@ fn value_sets() -> Vec<(&'static str, Value)> {
         ("tls", json!({"etcd": {"endpoints": ["https://etcd-0.etcd:2379", "https://etcd-1.etcd:2379"], "tls": {"secretName": "etcd-client-tls"}}})),
         ("auth", json!({"etcd": {"auth": {"username": "podlease", "secretName": "etcd-auth"}}})),
         ("namespaces", json!({"watchNamespaces": ["team-a", "team-b"], "clusterId": "prod-eu-1"})),
-        ("monitoring", json!({"metrics": {"serviceMonitor": {"enabled": true}}, "networkPolicy": {"enabled": true}, "priorityClassName": "", "imagePullSecrets": [{"name": "regcred"}]})),
+        ("monitoring", json!({"metrics": {"serviceMonitor": {"enabled": true}, "prometheusRule": {"enabled": true}, "grafanaDashboard": {"enabled": true}}, "networkPolicy": {"enabled": true}, "priorityClassName": "", "imagePullSecrets": [{"name": "regcred"}]})),
         ("allowlist", json!({"allowedPrefixes": ["json=/services", "etcd-naming=", "/registry/team-a"], "defaults": {"prefix": "/svc/"}})),
     ]
 }
@@ -156,11 +156,22 @@ fn rendered_objects_are_what_each_value_set_asks_for() {
             }
             "monitoring" => {
                 assert_eq!(find(&objects, "ServiceMonitor").len(), 1);
+                // The rules and the dashboard exactly as the repository's files have them.
+                let rules = find(&objects, "PrometheusRule");
+                assert_eq!(rules.len(), 1);
+                let file: Value = serde_saphyr::from_str(&std::fs::read_to_string(format!("{}/files/alerts.yaml", support::helm::CHART)).unwrap()).unwrap();
+                assert_eq!(rules[0]["spec"], file);
+                let dashboard = find(&objects, "ConfigMap").into_iter().find(|c| c["metadata"]["name"].as_str().unwrap().ends_with("-dashboard")).expect("dashboard ConfigMap");
+                assert_eq!(dashboard["metadata"]["labels"]["grafana_dashboard"], "1", "Grafana's sidecar looks for this label");
+                let file: Value = serde_json::from_str(&std::fs::read_to_string(format!("{}/files/dashboard.json", support::helm::CHART)).unwrap()).unwrap();
+                let rendered: Value = serde_json::from_str(dashboard["data"]["podlease.json"].as_str().unwrap()).unwrap();
+                assert_eq!(rendered, file);
                 assert_eq!(find(&objects, "NetworkPolicy").len(), 1);
                 assert_eq!(pod["imagePullSecrets"][0]["name"], "regcred");
             }
             _ => {
                 assert!(find(&objects, "ServiceMonitor").is_empty() && find(&objects, "NetworkPolicy").is_empty());
+                assert!(find(&objects, "PrometheusRule").is_empty() && find(&objects, "ConfigMap").is_empty());
                 assert_eq!(find(&objects, "PodDisruptionBudget")[0]["apiVersion"], "policy/v1beta1", "1.20 has no policy/v1");
             }
         }
@@ -172,7 +183,8 @@ fn rendered_objects_are_what_each_value_set_asks_for() {
 #[tokio::test]
 async fn every_rendered_object_is_accepted_by_the_api_server() {
     let bed = TestBed::start().await;
-    // The ServiceMonitor kind comes from prometheus-operator; a stand-in CRD serves it here.
+    // The ServiceMonitor and PrometheusRule kinds come from prometheus-operator; stand-in CRDs
+    // serve them here.
     let stub: Value = json!({
         "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
         "metadata": {"name": "servicemonitors.monitoring.coreos.com"},
@@ -182,6 +194,14 @@ async fn every_rendered_object_is_accepted_by_the_api_server() {
                 "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]},
     });
     apply(&bed.kube, &stub).await;
+    let mut rules = stub.clone();
+    rules["metadata"]["name"] = "prometheusrules.monitoring.coreos.com".into();
+    rules["spec"]["names"] = json!({"kind": "PrometheusRule", "plural": "prometheusrules", "singular": "prometheusrule"});
+    apply(&bed.kube, &rules).await;
+    for kind in ["ServiceMonitor", "PrometheusRule"] {
+        let gvk = kube::core::GroupVersionKind::gvk("monitoring.coreos.com", "v1", kind);
+        wait_until(&format!("{kind} served"), DEADLINE, || async { kube::discovery::pinned_kind(&bed.kube, &gvk).await.ok().map(|_| ()) }).await;
+    }
     for ns in [NS, "team-a", "team-b"] {
         ensure_namespace(&bed.kube, ns).await;
     }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::sync::watch;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -111,8 +112,10 @@ pub struct Probe {
 
 /// Probes etcd every CHECK_INTERVAL with a linearizable read of the fence key (it needs a
 /// quorum, as writes do).
-pub fn probe(client: Client, key: String, shutdown: CancellationToken) -> watch::Receiver<Probe> {
+/// `reachable` is the `podlease_etcd_reachable` gauge (every replica, leader or not).
+pub fn probe(client: Client, key: String, reachable: Gauge, shutdown: CancellationToken) -> watch::Receiver<Probe> {
     let (tx, rx) = watch::channel(Probe { reachable: true, fence: None });
+    reachable.set(1);
     tokio::spawn(async move {
         let mut last_ok = tokio::time::Instant::now();
         let mut fence = None;
@@ -130,6 +133,7 @@ pub fn probe(client: Client, key: String, shutdown: CancellationToken) -> watch:
                 fence = Some(resp.count() > 0);
             }
             let now = Probe { reachable: last_ok.elapsed() < UNREACHABLE_AFTER, fence };
+            reachable.set(i64::from(now.reachable));
             let before = *tx.borrow();
             if before.reachable != now.reachable {
                 if now.reachable {

@@ -222,7 +222,7 @@ impl Registry {
         let (reports_tx, reports) = mpsc::unbounded_channel();
         let keepalive = Keepalive::spawn(client.clone(), config.keepalive_etcd.clone(), reports_tx, metrics.clone(), term.clone());
         *view.write().unwrap() = View::default();
-        metrics.instances.clear();
+        metrics.clear_instances();
         let writer = Writer { client, owners: config.owners(), claims: config.claims(), timeout: config.call_timeout, fence: None };
         Registry {
             writer,
@@ -266,6 +266,9 @@ impl Registry {
         self.view.write().unwrap().synced = false;
         self.metrics.etcd_available.set(0);
         self.term.cancel(); // stops the keepalive driver
+        // What this term held is the next term's to report (none, on a standby).
+        self.metrics.clear_instances();
+        self.metrics.leases_held.set(0);
         end
     }
 

@@ -28,6 +28,9 @@ pub enum Op {
 }
 
 impl Op {
+    /// Every `label`.
+    pub const LABELS: [&'static str; 6] = ["register", "update", "reissue", "replace", "revoke", "transfer"];
+
     pub fn label(&self) -> &'static str {
         match self {
             Op::Register(_) => "register",

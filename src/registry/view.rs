@@ -22,6 +22,9 @@ pub enum Shown {
 
 impl Shown {
     /// The label of the `podlease_instances` gauge.
+    /// Every `state_name`.
+    pub const STATE_NAMES: [&'static str; 4] = ["registered", "conflict", "pending", "failed"];
+
     pub fn state_name(&self) -> &'static str {
         match self {
             Shown::Registered { .. } => "registered",

@@ -54,6 +54,9 @@ pub struct Binaries {
     /// Python of the virtualenv with helm-python-sdk (real Helm rendering).
     pub helm_python: PathBuf,
     pub kubectl: PathBuf,
+    /// Prometheus and promtool (the alert rules' tests).
+    pub prometheus: PathBuf,
+    pub promtool: PathBuf,
 }
 
 impl Binaries {
@@ -90,6 +93,8 @@ impl Binaries {
                 kube_controller_manager: get("PODLEASE_KUBE_CONTROLLER_MANAGER_BIN"),
                 helm_python: get("PODLEASE_HELM_PYTHON"),
                 kubectl: get("PODLEASE_KUBECTL_BIN"),
+                prometheus: get("PODLEASE_PROMETHEUS_BIN"),
+                promtool: get("PODLEASE_PROMTOOL_BIN"),
             }
         })
     }
