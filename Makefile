@@ -41,6 +41,7 @@ soak: testbed
 # Regenerates the checked-in CRD from the Rust types.
 crd:
 	$(CARGO) run -q -- crd > crds/serviceregistrations.podlease.io.yaml
+	cp crds/serviceregistrations.podlease.io.yaml charts/podlease/crds/
 
 # Benchmarks on the real test bed (release build; printed and written to BENCHMARKS.md,
 # not asserted). About 10 minutes.

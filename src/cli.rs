@@ -211,6 +211,9 @@ pub struct GetArgs {
     /// Namespace (the skydns name includes it).
     #[arg(long, default_value = "default")]
     pub namespace: String,
+    /// skydns: the DNS zone, as the registration's `options.zone` (default cluster.local).
+    #[arg(long)]
+    pub zone: Option<String>,
     /// After listing, follow changes (Get, then Watch from the next revision).
     #[arg(long)]
     pub watch: bool,

@@ -10,12 +10,18 @@ use crate::format::FormatOptions;
 use crate::validate::{Prefix, ServiceName, shown};
 
 pub async fn run(args: GetArgs) -> anyhow::Result<()> {
-    let client = args.etcd.config().connect().await?;
+    // Like `run`: endpoints of different etcd clusters are refused.
+    let client = args.etcd.config().connect_checked().await?;
     let layout = args.format.layout();
     let prefix = args.prefix.as_deref().unwrap_or(layout.default_prefix());
     let prefix = Prefix::parse(prefix).map_err(|e| anyhow::anyhow!("--prefix {}: {e}", shown(prefix)))?;
     let service = ServiceName::parse(&args.service, args.format).map_err(|e| anyhow::anyhow!("--service {}: {e}", shown(&args.service)))?;
-    let service_prefix = layout.service_prefix(&prefix, &service, &args.namespace, &FormatOptions::default());
+    let mut options = FormatOptions::default();
+    if let Some(zone) = &args.zone {
+        anyhow::ensure!(args.format == crate::format::Format::Skydns, "--zone is for --format skydns only");
+        options.zone = Some(crate::validate::zone(zone, &service, &args.namespace).map_err(|e| anyhow::anyhow!("--zone {}: {e}", shown(zone)))?);
+    }
+    let service_prefix = layout.service_prefix(&prefix, &service, &args.namespace, &options);
     let timeout = args.etcd.config().call_timeout;
 
     let mut kv = client.kv_client();

@@ -124,7 +124,7 @@ pub struct RegisteredInstance {
     pub pod: String,
     pub address: String,
     pub key: String,
-    /// The etcd lease, in hex as etcdctl prints it.
+    /// The etcd lease, in hex as `etcdctl lease list` prints it (16 digits).
     pub lease_id: String,
     pub since: Time,
 }

@@ -24,7 +24,7 @@ fn value_sets() -> Vec<(&'static str, Value)> {
         ("tls", json!({"etcd": {"endpoints": ["https://etcd-0.etcd:2379", "https://etcd-1.etcd:2379"], "tls": {"secretName": "etcd-client-tls"}}})),
         ("auth", json!({"etcd": {"auth": {"username": "podlease", "secretName": "etcd-auth"}}})),
         ("namespaces", json!({"watchNamespaces": ["team-a", "team-b"], "clusterId": "prod-eu-1"})),
-        ("monitoring", json!({"metrics": {"serviceMonitor": {"enabled": true}, "prometheusRule": {"enabled": true}, "grafanaDashboard": {"enabled": true}}, "networkPolicy": {"enabled": true}, "priorityClassName": "", "imagePullSecrets": [{"name": "regcred"}]})),
+        ("monitoring", json!({"metrics": {"serviceMonitor": {"enabled": true}, "prometheusRule": {"enabled": true}, "grafanaDashboard": {"enabled": true}}, "networkPolicy": {"enabled": true, "etcdTo": [{"ipBlock": {"cidr": "10.9.0.0/24"}}]}, "priorityClassName": "", "imagePullSecrets": [{"name": "regcred"}]})),
         ("allowlist", json!({"allowedPrefixes": ["json=/services", "etcd-naming=", "/registry/team-a"], "defaults": {"prefix": "/svc/"}})),
     ]
 }
@@ -166,7 +166,13 @@ fn rendered_objects_are_what_each_value_set_asks_for() {
                 let file: Value = serde_json::from_str(&std::fs::read_to_string(format!("{}/files/dashboard.json", support::helm::CHART)).unwrap()).unwrap();
                 let rendered: Value = serde_json::from_str(dashboard["data"]["podlease.json"].as_str().unwrap()).unwrap();
                 assert_eq!(rendered, file);
-                assert_eq!(find(&objects, "NetworkPolicy").len(), 1);
+                let np = find(&objects, "NetworkPolicy");
+                assert_eq!(np.len(), 1);
+                // Egress: etcd's port to the named peers only, the API server's and DNS to any.
+                let egress = np[0]["spec"]["egress"].as_array().unwrap();
+                assert_eq!(egress[0], json!({"ports": [{"port": 2379, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.9.0.0/24"}}]}));
+                assert_eq!(egress[1], json!({"ports": [{"port": 443, "protocol": "TCP"}]}));
+                assert_eq!(egress[2]["ports"][0]["port"], 53);
                 assert_eq!(pod["imagePullSecrets"][0]["name"], "regcred");
             }
             _ => {

@@ -94,7 +94,11 @@ async fn a_ready_pod_is_published_under_its_own_lease_and_revoked_when_not_ready
     assert_eq!((st.matching_pods, st.ready_pods), (1, 1));
     assert_eq!(st.service.as_deref(), Some("user"));
     assert_eq!(st.instances[0].key, "/services/user/default/user-1");
-    assert_eq!(st.instances[0].lease_id, format!("{:x}", kv.lease()));
+    // As `etcdctl lease list` prints it: 16 hex digits.
+    assert_eq!(st.instances[0].lease_id, format!("{:016x}", kv.lease()));
+    let listed = support::etcd::etcdctl(&bed.etcd_endpoint(), None, &["lease", "list"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(listed.lines().any(|l| l.trim() == st.instances[0].lease_id), "{listed}");
     assert_eq!(condition(&st, "Ready").status, "True");
 
     // Not ready: revoked at once, far inside the 20 s TTL.
@@ -411,6 +415,27 @@ async fn podlease_get_lists_then_follows_a_service() {
     .await;
     let _ = child.kill();
     let _ = child.wait();
+
+    // skydns with its own zone: --zone names it, as the registration does.
+    create_sreg(&bed, "dns", json!({"selector": {"matchLabels": {"app": "user"}}, "service": "user", "format": "skydns", "options": {"zone": "example.org"}})).await;
+    set_ready(&bed.kube, NS, "user-1", "10.0.0.1", true).await;
+    wait_key(&bed.etcd, "/skydns/org/example/default/user/user-1").await;
+    let get = |extra: &[&str]| {
+        let mut args = vec!["get", "--service", "user", "--format", "skydns", "--etcd-endpoints"];
+        let endpoint = bed.etcd_endpoint();
+        args.push(&endpoint);
+        args.extend_from_slice(extra);
+        std::process::Command::new(support::controller::binary()).args(&args).output().unwrap()
+    };
+    let out = get(&["--zone", "example.org"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8(out.stdout).unwrap().starts_with("/skydns/org/example/default/user/user-1 {\"host\":\"10.0.0.1\""));
+    // Without it, the default zone: nothing there.
+    let out = get(&[]);
+    assert!(out.status.success() && out.stdout.is_empty(), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = get(&["--zone", "bad..zone"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--zone \"bad..zone\""), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 #[tokio::test]

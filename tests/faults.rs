@@ -1676,6 +1676,10 @@ async fn twenty_leader_kills_at_the_defaults_delete_nothing() {
         Vec::<String>::new(),
         "watchers saw DELETEs of ready pods' keys (seed {seed})"
     );
+    // The README's bound: the worst-case failover (15 s Lease + two 2 s retry periods) plus
+    // two seconds for adoption and the readiness poll.
+    let worst = sorted[sorted.len() - 1];
+    assert!(worst < Duration::from_secs(21), "a takeover took {worst:?} (seed {seed}); the README says within 21 s");
     assert_eq!(
         keys(&bed.etcd, "/services/k/").await.len(),
         60,

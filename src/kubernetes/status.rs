@@ -376,7 +376,7 @@ pub fn compute(summary: &Summary, group: Option<&BTreeMap<String, Shown>>, view:
             Shown::Registered { key, lease, since, address, .. } => {
                 registered += 1;
                 if instances.len() < MAX_STATUS_INSTANCES {
-                    let lease_id = format!("{lease:x}");
+                    let lease_id = format!("{lease:016x}");
                     let since =
                         previous.instances.iter().find(|i| &i.pod == pod && i.lease_id == lease_id).map(|i| i.since.clone()).unwrap_or(Time(*since));
                     instances.push(RegisteredInstance { pod: pod.clone(), address: address.clone(), key: key.clone(), lease_id, since });

@@ -419,6 +419,7 @@ impl Registry {
                     break Err(TermEnd::Fenced);
                 }
                 Err(e) => {
+                    self.metrics.etcd_error("fence");
                     self.etcd_failed(e.to_string());
                     let d = backoff.next();
                     warn!(error = %e, retry_in = ?d, "writing the fence key failed");
@@ -558,6 +559,7 @@ impl Registry {
                         break r;
                     }
                     Err(e) => {
+                        self.metrics.etcd_error("adopt");
                         self.etcd_failed(e.to_string());
                         let d = backoff.next();
                         warn!(error = %e, retry_in = ?d, "reading ownership records failed");
