@@ -61,6 +61,9 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
             settings.etcd.connect_checked().await.map_err(|e| if e.is_transient() { Step::Retry(e.to_string()) } else { Step::Fatal(e.into()) })
         })
         .await?;
+    let etcd = crate::etcd::Connection::from(etcd);
+    // Rotated certificates, CA or password: new requests use them, no restart.
+    crate::credentials::watch(etcd.clone(), settings.etcd.clone(), metrics.clone(), health.clone(), shutdown.clone());
     let mut registry_config = settings.registry.clone();
     registry_config.cluster_id = match &settings.cluster_id {
         Some(id) => id.clone(),
@@ -267,7 +270,7 @@ impl Term {
 
 /// What every term is started from.
 struct Terms {
-    etcd: etcd_client::Client,
+    etcd: crate::etcd::Connection,
     config: RegistryConfig,
     notices: mpsc::UnboundedSender<Notice>,
     metrics: Metrics,

@@ -1,11 +1,61 @@
 //! The etcd connection: every endpoint of the cluster, TLS with server-name verification,
 //! username/password auth, HTTP/2 keepalive pings so a dead path is noticed in seconds.
+//! [`Connection`] is the one in use, replaced when rotated credentials arrive
+//! (`credentials`).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
-use etcd_client::{Certificate, Client, ConnectOptions, Identity, TlsOptions};
+use etcd_client::{Certificate, Client, ConnectOptions, Identity, KvClient, LeaseClient, TlsOptions, WatchClient};
 use thiserror::Error;
+
+/// The etcd connection in use. Cheap to clone; every clone sees a replacement. Each request
+/// takes the current connection, so after a credential rotation new requests use the new
+/// material while streams already open finish on the old one (no lease is touched).
+#[derive(Clone)]
+pub struct Connection {
+    current: Arc<RwLock<Client>>,
+    /// How many times the connection was replaced: a long-lived stream that reopens after
+    /// a change must reopen on the new material too.
+    generation: Arc<AtomicU64>,
+}
+
+impl From<Client> for Connection {
+    fn from(client: Client) -> Connection {
+        Connection { current: Arc::new(RwLock::new(client)), generation: Arc::default() }
+    }
+}
+
+impl Connection {
+    /// The current connection.
+    pub fn client(&self) -> Client {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn kv_client(&self) -> KvClient {
+        self.client().kv_client()
+    }
+
+    pub fn lease_client(&self) -> LeaseClient {
+        self.client().lease_client()
+    }
+
+    pub fn watch_client(&self) -> WatchClient {
+        self.client().watch_client()
+    }
+
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Makes `client` the connection every later request uses.
+    pub fn replace(&self, client: Client) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = client;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct EtcdConfig {
@@ -67,6 +117,12 @@ fn read(what: &'static str, path: &PathBuf) -> Result<Vec<u8>, ConfigError> {
 }
 
 impl EtcdConfig {
+    /// The files the credentials are read from (CA, client certificate and key, password):
+    /// Secrets that an operator or cert-manager rotates.
+    pub fn files(&self) -> Vec<&PathBuf> {
+        [&self.ca, &self.cert, &self.key, &self.password_file].into_iter().flatten().collect()
+    }
+
     fn tls(&self) -> Result<Option<TlsOptions>, ConfigError> {
         if self.ca.is_none() && self.cert.is_none() && self.key.is_none() {
             return Ok(None);

@@ -25,6 +25,9 @@ pub struct Health {
     pub leading: AtomicBool,
     /// The start-up step not done yet (connecting to etcd…), and why, if it failed.
     pub starting: std::sync::Mutex<Option<String>>,
+    /// Something an operator must act on soon that does not stop this replica serving (the
+    /// etcd client certificate about to expire): shown in /readyz's body, never a 503.
+    pub warning: std::sync::Mutex<Option<String>>,
 }
 
 #[derive(Clone)]
@@ -56,6 +59,14 @@ pub async fn serve(listener: tokio::net::TcpListener, metrics: Metrics, view: Sh
 }
 
 async fn readyz(State(s): State<AppState>) -> impl IntoResponse {
+    let (code, body) = readiness(&s);
+    match s.health.warning.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
+        Some(w) => (code, format!("{body}warning: {w}\n")),
+        None => (code, body),
+    }
+}
+
+fn readiness(s: &AppState) -> (StatusCode, String) {
     if let Some(step) = s.health.starting.lock().unwrap().clone() {
         return (StatusCode::SERVICE_UNAVAILABLE, format!("starting: {step}\n"));
     }

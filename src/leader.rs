@@ -104,7 +104,7 @@ pub struct Elector {
     observed: Option<Observed>,
     /// Where the fence lives (etcd client, key, call deadline): a Lease created afresh
     /// starts its epochs above the fence's.
-    fence: Option<(etcd_client::Client, String, Duration)>,
+    fence: Option<(crate::etcd::Connection, String, Duration)>,
 }
 
 impl Elector {
@@ -189,7 +189,7 @@ impl Elector {
     }
 
     /// Epochs of a Lease this elector creates start above the fence in etcd (`key`).
-    pub fn with_fence(mut self, client: etcd_client::Client, key: String, timeout: Duration) -> Elector {
+    pub fn with_fence(mut self, client: crate::etcd::Connection, key: String, timeout: Duration) -> Elector {
         self.fence = Some((client, key, timeout));
         self
     }

@@ -4,11 +4,13 @@
 //! desired state), `validate` (the grammar of every string that reaches etcd, and the key
 //! space podlease may write in), `format` (consumer key/value layouts), `registry` (the only etcd
 //! writer: leases, keepalive, ownership, adoption), `kubernetes` (watches, status, events),
-//! `controller` (wiring), `http` and `metrics`, `cli` and `get`.
+//! `controller` (wiring), `etcd` and `credentials` (the connection, rotated
+//! without a restart), `http` and `metrics`, `cli` and `get`.
 
 pub mod annotations;
 pub mod cli;
 pub mod controller;
+pub mod credentials;
 pub mod desired;
 pub mod etcd;
 pub mod failpoint;

@@ -20,6 +20,11 @@ pub struct StateLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ConditionLabels {
     pub condition: String,
 }
@@ -47,6 +52,9 @@ pub struct Metrics {
     pub gated_pods: Family<StateLabels, Gauge>,
     pub gate_latency: Histogram,
     pub registrations: Family<ConditionLabels, Gauge>,
+    pub etcd_client_cert_expiry: Gauge,
+    pub etcd_client_cert_expiring: Gauge,
+    pub credential_reloads: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -123,6 +131,24 @@ impl Metrics {
             "1 while this replica's etcd probe (a quorum read every 2 s) has succeeded within the last 6 s; every replica",
             etcd_reachable.clone(),
         );
+        let etcd_client_cert_expiry = Gauge::default();
+        r.register(
+            "etcd_client_cert_expiry_timestamp_seconds",
+            "When the etcd client certificate in use expires (Unix seconds; 0 without --etcd-cert)",
+            etcd_client_cert_expiry.clone(),
+        );
+        let etcd_client_cert_expiring = Gauge::default();
+        r.register(
+            "etcd_client_cert_expiring",
+            "1 while the etcd client certificate has less than a third of its validity (at most 30 days) left, or has expired, or cannot be read",
+            etcd_client_cert_expiring.clone(),
+        );
+        let credential_reloads = Family::<ResultLabels, Counter>::default();
+        r.register(
+            "etcd_credential_reloads",
+            "Changed etcd credential files (CA, client certificate, key, password) by result: applied (new connections use them) or failed (kept the connection in use)",
+            credential_reloads.clone(),
+        );
         let m = Metrics {
             registry: Arc::new(r),
             instances,
@@ -145,11 +171,17 @@ impl Metrics {
             gated_pods,
             gate_latency,
             registrations,
+            etcd_client_cert_expiry,
+            etcd_client_cert_expiring,
+            credential_reloads,
         };
         // Series that exist from the start (at zero), so that rates and alerts have them
         // before anything happens.
         m.clear_instances();
         let _ = m.etcd_errors.get_or_create(&OpLabels { op: "keepalive".into() });
+        for result in ["applied", "failed"] {
+            let _ = m.credential_reloads.get_or_create(&ResultLabels { result: result.into() });
+        }
         for op in crate::registry::plan::Op::LABELS {
             let _ = m.etcd_op_duration.get_or_create(&OpLabels { op: op.into() });
         }

@@ -634,10 +634,10 @@ async fn a_stale_term_can_never_take_the_fence_from_a_live_leader() {
     let t = Duration::from_secs(5);
     let key = "/podlease/owners/fence-test";
     // The live leader took the Lease at epoch 7; a deposed term of epoch 6 wakes and tries.
-    let (live, _) = fence::take(&bed.etcd, t, key, "b", 7, 15)
+    let (live, _) = fence::take(&bed.etcd.clone().into(), t, key, "b", 7, 15)
         .await
         .expect("the live leader fences");
-    let stale = fence::take(&bed.etcd, t, key, "a", 6, 15).await;
+    let stale = fence::take(&bed.etcd.clone().into(), t, key, "a", 6, 15).await;
     assert!(
         matches!(stale, Err(OpError::Fenced)),
         "a stale epoch is refused: {stale:?}"
@@ -651,10 +651,10 @@ async fn a_stale_term_can_never_take_the_fence_from_a_live_leader() {
     assert_eq!(now[0].value_str().unwrap(), fence::value(7, "b"));
     // The same holder may take it again (a restarted container with the same pod name), and
     // a newer epoch takes it over.
-    fence::take(&bed.etcd, t, key, "b", 7, 15)
+    fence::take(&bed.etcd.clone().into(), t, key, "b", 7, 15)
         .await
         .expect("same epoch and holder");
-    let (newer, _) = fence::take(&bed.etcd, t, key, "a", 8, 15)
+    let (newer, _) = fence::take(&bed.etcd.clone().into(), t, key, "a", 8, 15)
         .await
         .expect("a newer epoch");
     assert_eq!(keys(&bed.etcd, key).await[0].mod_revision(), newer.revision);

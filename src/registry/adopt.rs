@@ -4,7 +4,9 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, GetOptions, KeyValue};
+use etcd_client::{GetOptions, KeyValue};
+
+use crate::etcd::Connection;
 
 use super::owner::{OwnerRecord, Owners};
 use super::write::{Held, OpError, Writer};
@@ -70,7 +72,7 @@ pub struct Records {
 }
 
 impl Records {
-    pub fn new(client: Client, owners: Owners, timeout: Duration) -> Records {
+    pub fn new(client: Connection, owners: Owners, timeout: Duration) -> Records {
         Records { w: Writer { client, owners, claims: Default::default(), timeout, fence: None } }
     }
 

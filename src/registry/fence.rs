@@ -9,7 +9,8 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, PutOptions, Txn, TxnOp};
+use crate::etcd::Connection;
+use etcd_client::{Compare, CompareOp, PutOptions, Txn, TxnOp};
 use tokio::sync::watch;
 use prometheus_client::metrics::gauge::Gauge;
 use tokio_util::sync::CancellationToken;
@@ -54,7 +55,7 @@ pub fn epoch_of(value: &[u8]) -> Option<i64> {
 
 /// The epoch the fence key names now (None: no fence). A Lease created afresh (someone
 /// deleted it) must start above it, or its holder could never take the fence.
-pub async fn current_epoch(client: &Client, timeout: Duration, key: &str) -> Result<Option<i64>, OpError> {
+pub async fn current_epoch(client: &Connection, timeout: Duration, key: &str) -> Result<Option<i64>, OpError> {
     let mut kv = client.kv_client();
     let resp = call(timeout, "fence", kv.get(key, None)).await?;
     Ok(resp.kvs().first().and_then(|kv| epoch_of(kv.value())))
@@ -63,7 +64,7 @@ pub async fn current_epoch(client: &Client, timeout: Duration, key: &str) -> Res
 /// Takes the fence for `epoch` unless a newer epoch holds it; returns the fence and the
 /// fence key's own lease. `Err(Fenced)` when a newer leader holds it. Every call has
 /// `timeout` as its deadline.
-pub async fn take(client: &Client, timeout: Duration, key: &str, identity: &str, epoch: i64, ttl: i64) -> Result<(Fence, i64), OpError> {
+pub async fn take(client: &Connection, timeout: Duration, key: &str, identity: &str, epoch: i64, ttl: i64) -> Result<(Fence, i64), OpError> {
     let drop_lease = |lease: i64| async move {
         let mut lc = client.lease_client();
         let _ = call(timeout, "revoke", lc.revoke(lease)).await;
@@ -113,7 +114,7 @@ pub struct Probe {
 /// Probes etcd every CHECK_INTERVAL with a linearizable read of the fence key (it needs a
 /// quorum, as writes do).
 /// `reachable` is the `podlease_etcd_reachable` gauge (every replica, leader or not).
-pub fn probe(client: Client, key: String, reachable: Gauge, shutdown: CancellationToken) -> watch::Receiver<Probe> {
+pub fn probe(client: Connection, key: String, reachable: Gauge, shutdown: CancellationToken) -> watch::Receiver<Probe> {
     let (tx, rx) = watch::channel(Probe { reachable: true, fence: None });
     reachable.set(1);
     tokio::spawn(async move {

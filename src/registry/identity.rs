@@ -45,7 +45,7 @@ pub fn classify(owner_prefix: &str, key: &str) -> Option<(String, Option<String>
 /// (any owner prefix), and this cluster's records in the layout from before install ids
 /// (`<owner-prefix>/<cluster-id>/`), which a rolling upgrade finds while the old leader
 /// still runs. Other installs' records are never taken for an earlier identity of this one.
-pub async fn check(client: &etcd_client::Client, config: &RegistryConfig, previous: Option<&str>) -> Result<(), CheckError> {
+pub async fn check(client: &crate::etcd::Connection, config: &RegistryConfig, previous: Option<&str>) -> Result<(), CheckError> {
     let w = &Writer { client: client.clone(), owners: config.owners(), claims: Claims::default(), timeout: config.call_timeout, fence: None };
     let mine = config.fence_key();
     if let Some(from) = &config.migrate_from {

@@ -9,6 +9,8 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
+
+use crate::etcd::Connection;
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -42,13 +44,13 @@ pub struct Keepalive {
 }
 
 impl Keepalive {
-    /// Starts the driver. Lost leases are sent on `lost`.
-    /// Starts the driver on `client`; with `own`, on a connection of its own made from that
-    /// configuration instead, replaced by a fresh one whenever the stream stalls (the old
-    /// connection may be the silently dead path, and its HTTP/2 pings take up to 15 s to
-    /// tell).
+    /// Starts the driver on `etcd`'s connection; with `own`, on a connection of its own made
+    /// from that configuration instead, replaced by a fresh one whenever the stream stalls
+    /// (the old connection may be the silently dead path, and its HTTP/2 pings take up to
+    /// 15 s to tell), fails to open, or the credentials were rotated (`etcd` was replaced:
+    /// the old material may no longer be accepted on a new connection).
     pub fn spawn(
-        client: Client,
+        etcd: Connection,
         own: Option<crate::etcd::EtcdConfig>,
         reports: mpsc::UnboundedSender<Report>,
         metrics: Metrics,
@@ -56,7 +58,9 @@ impl Keepalive {
     ) -> Keepalive {
         let (tx, rx) = mpsc::unbounded_channel();
         let driver = Driver {
-            client,
+            client: etcd.client(),
+            generation: etcd.generation(),
+            etcd,
             own,
             fresh_connection: true,
             leases: HashMap::new(),
@@ -97,7 +101,11 @@ struct Tracked {
 }
 
 struct Driver {
+    /// The connection the stream runs on ...
     client: Client,
+    /// ... made at this generation of `etcd` (the credentials in use).
+    generation: u64,
+    etcd: Connection,
     own: Option<crate::etcd::EtcdConfig>,
     /// The next stream opens on a new connection (first open, or after a stall).
     fresh_connection: bool,
@@ -320,6 +328,15 @@ impl Driver {
     /// Opens the one stream, with any live lease as its first request. On failure returns
     /// how long to wait before trying again.
     async fn open_stream(&mut self) -> Result<(), Duration> {
+        let generation = self.etcd.generation();
+        if generation != self.generation {
+            // Rotated credentials: a new stream must not reconnect with the old ones.
+            self.fresh_connection = true;
+            if self.own.is_none() {
+                self.client = self.etcd.client();
+                self.generation = generation;
+            }
+        }
         if self.fresh_connection
             && let Some(config) = &self.own
         {
@@ -328,6 +345,7 @@ impl Driver {
             match config.connect().await {
                 Ok(c) => {
                     self.client = c;
+                    self.generation = generation;
                     self.fresh_connection = false;
                 }
                 Err(e) => {
@@ -368,10 +386,13 @@ impl Driver {
                 Ok(Err(e)) => {
                     debug!(error = %e, "opening keepalive stream failed");
                     let _ = self.reports.send(Report::Down(format!("opening the keepalive stream: {e}")));
+                    // The next try on a new connection, made from the files as they are then.
+                    self.fresh_connection = true;
                     return Err(self.backoff.next());
                 }
                 Err(_) => {
                     let _ = self.reports.send(Report::Down("opening the keepalive stream timed out".into()));
+                    self.fresh_connection = true;
                     return Err(self.backoff.next());
                 }
             }

@@ -25,7 +25,7 @@ use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd_client::Client;
+use crate::etcd::Connection;
 use futures::StreamExt;
 use k8s_openapi::jiff::Timestamp;
 use tokio::sync::mpsc;
@@ -211,7 +211,7 @@ impl Registry {
     /// recorded leases alive (`None`). `view` is reset and then kept current; the keepalive
     /// driver lives as long as `term`.
     pub fn new(
-        client: Client,
+        client: Connection,
         config: RegistryConfig,
         epoch: Option<i64>,
         notices: mpsc::UnboundedSender<Notice>,

@@ -4,7 +4,8 @@
 
 use std::time::Duration;
 
-use etcd_client::{Client, Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
+use crate::etcd::Connection;
+use etcd_client::{Compare, CompareOp, GetOptions, PutOptions, Txn, TxnOp, TxnOpResponse, TxnResponse};
 use k8s_openapi::jiff::Timestamp;
 
 use super::fence::Fence;
@@ -75,7 +76,7 @@ impl OpError {
 /// Everything an operation needs; cheap to clone into a task.
 #[derive(Clone)]
 pub struct Writer {
-    pub client: Client,
+    pub client: Connection,
     pub owners: Owners,
     pub claims: Claims,
     pub timeout: Duration,

@@ -116,3 +116,43 @@ pub fn etcdctl_ok(endpoint: &str, certs: Option<&super::tls::Certs>, args: &[&st
     let out = etcdctl(endpoint, certs, args);
     assert!(out.status.success(), "etcdctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// Every event under `prefix` from revision `from` up to now, read back from etcd's history:
+/// unlike a live [`Recorder`], it misses nothing across etcd restarts or broken watches.
+pub async fn history(etcd: &Client, prefix: &str, from: i64) -> Vec<Seen> {
+    let head = etcd
+        .kv_client()
+        .get(prefix, Some(GetOptions::new().with_prefix().with_count_only()))
+        .await
+        .expect("get")
+        .header()
+        .expect("header")
+        .revision();
+    let mut w = etcd.watch_client();
+    let opts = WatchOptions::new().with_prefix().with_prev_key().with_start_revision(from);
+    let mut stream = w.watch(prefix, Some(opts)).await.expect("watch");
+    let mut seen = Vec::new();
+    let start = std::time::Instant::now();
+    loop {
+        // A progress notice comes only once the watcher has caught up with the store: after
+        // it, every event up to `head` has been delivered.
+        stream.request_progress().await.expect("progress request");
+        if let Ok(resp) = tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
+            let resp = resp.expect("watch").expect("the history watch ended");
+            let at = resp.header().map(|h| h.revision()).unwrap_or(0);
+            if !resp.created() && resp.events().is_empty() && at >= head {
+                return seen;
+            }
+            for ev in resp.events() {
+                let Some(kv) = ev.kv() else { continue };
+                seen.push(Seen {
+                    put: ev.event_type() == EventType::Put,
+                    key: kv.key_str().unwrap_or_default().to_string(),
+                    value: kv.value_str().unwrap_or_default().to_string(),
+                    prev_value: ev.prev_kv().map(|p| p.value_str().unwrap_or_default().to_string()),
+                });
+            }
+        }
+        assert!(start.elapsed() < DEADLINE, "the history of {prefix} from revision {from} did not catch up with revision {head}");
+    }
+}

@@ -326,7 +326,8 @@ impl EtcdServer {
     /// A single member can check /health on its own; a cluster member needs a quorum, so
     /// only wait for the port there.
     fn wait_serving_alone(&self) {
-        if self.initial_cluster.contains(',') {
+        // /health over plain HTTP needs a plain port: a TLS member is waited for by its port.
+        if self.initial_cluster.contains(',') || self.tls {
             let start = Instant::now();
             while std::net::TcpStream::connect(("127.0.0.1", self.client_port)).is_err() {
                 assert!(
