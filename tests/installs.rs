@@ -526,3 +526,66 @@ async fn an_upgrade_from_the_layout_before_install_ids_is_refused_then_migrated_
     let deletes: Vec<String> = recorder.deletes().into_iter().map(|e| e.key).filter(|k| k.starts_with("/services/")).collect();
     assert_eq!(deletes, Vec::<String>::new(), "watchers saw DELETEs");
 }
+
+/// Two installs whose namespaces overlap and that select the same pod's same key: the one
+/// that comes second reports Conflict (metric, Warning Event naming the key) and writes no
+/// key and no ownership record; once the first install is gone for good and its lease has
+/// run out, the second takes the key.
+#[tokio::test]
+async fn a_second_install_that_selects_a_published_key_reports_conflict_and_writes_nothing() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let ns = "shared";
+    ensure_namespace(&bed.kube, ns).await;
+    let install = |id: &str| -> Vec<String> {
+        ["--cluster-id", "c1", "--watch-namespace", ns, "--install-id", id, "--leader-election-name", &format!("podlease-{id}")].map(String::from).to_vec()
+    };
+    let (a_args, b_args) = (install("first"), install("second"));
+    let mut a = Controller::start(&bed, "a", &a_args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let spec = PodSpec::new("web-0").annotation("podlease.io/service", "web").ports(&[("http", 8080)]);
+    create_pod(&bed.kube, ns, &spec).await;
+    set_ready(&bed.kube, ns, "web-0", "10.70.0.1", true).await;
+    let key = "/services/web/shared/web-0";
+    let published = wait_key(&bed.etcd, key).await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+
+    let b = Controller::start(&bed, "b", &b_args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    wait_until("the second install counts a conflict", DEADLINE, || async {
+        (b.metric("podlease_instances{state=\"conflict\"}").await == 1.0).then_some(())
+    })
+    .await;
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(bed.kube.clone(), ns);
+    let note = wait_until("a Conflict Event on the pod from the second install", DEADLINE, || {
+        let events = events.clone();
+        async move {
+            events.list(&Default::default()).await.ok()?.items.into_iter().find_map(|e| {
+                let on_pod = e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some("web-0");
+                (on_pod && e.reason.as_deref() == Some("Conflict") && e.reporting_instance.as_deref() == Some("b") && e.type_.as_deref() == Some("Warning"))
+                    .then(|| e.note.unwrap_or_default())
+            })
+        }
+    })
+    .await;
+    println!("measured: the second install's Event: {note}");
+    assert!(note.contains(key), "the Event names the key: {note}");
+    // Nothing of the second install's in etcd: the key is the first's, untouched.
+    let now = wait_key(&bed.etcd, key).await;
+    assert_eq!((now.mod_revision(), now.lease(), now.value()), (published.mod_revision(), published.lease(), published.value()));
+    // (Its claims lease pointer aside: the install's own bookkeeping, no instance.)
+    let records: Vec<_> = keys(&bed.etcd, "/podlease/owners/c1/second/").await.into_iter().filter(|kv| !kv.key_str().unwrap().contains("@claims")).collect();
+    assert!(records.is_empty(), "the second install wrote an ownership record: {:?}", records.iter().map(|kv| kv.key_str().unwrap().to_string()).collect::<Vec<_>>());
+    let writes: Vec<String> = recorder.all().into_iter().filter(|e| !e.key.contains("/@claims/") && !e.key.starts_with("/podlease/owners/c1/second")).map(|e| e.key).collect();
+    assert!(writes.is_empty(), "writes other than the second install's fence and claim: {writes:?}");
+
+    // The first install gone for good (no revoke: SIGKILL); once its lease runs out the
+    // second install's retry takes the key.
+    a.kill();
+    let taken = wait_until("the second install takes the key over", Duration::from_secs(90), || async {
+        let kv = support::etcd::keys(&bed.etcd, key).await.into_iter().next()?;
+        (kv.lease() != published.lease()).then_some(kv)
+    })
+    .await;
+    let records = keys(&bed.etcd, "/podlease/owners/c1/second/").await.into_iter().filter(|kv| !kv.key_str().unwrap().contains("@claims")).count();
+    assert_eq!(records, 1, "the second install's record");
+    assert_eq!(taken.value(), published.value());
+}
