@@ -150,6 +150,11 @@ pub struct RunArgs {
     /// etcd operations in flight at once.
     #[arg(long, env = "PODLEASE_CONCURRENCY", default_value_t = 128)]
     pub concurrency: usize,
+    /// Leases granted ahead of time per TTL in use, so that a pod turning Ready costs one
+    /// etcd write (its key's Txn) instead of a grant and then the Txn; 0 turns it off.
+    /// Unused ones expire on their own.
+    #[arg(long, env = "PODLEASE_LEASE_POOL_SIZE", default_value_t = 16)]
+    pub lease_pool_size: usize,
     /// Elect one leader among replicas (a coordination.k8s.io Lease); only it writes.
     #[arg(long, env = "PODLEASE_LEADER_ELECT", default_value_t = true, action = clap::ArgAction::Set)]
     pub leader_elect: bool,

@@ -83,6 +83,8 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
             namespaces: watch_namespaces.clone(),
             call_timeout: args.etcd.config().call_timeout,
             concurrency: args.concurrency.max(1),
+            lease_pool_size: args.lease_pool_size,
+            pooled_ttls: vec![args.default_ttl],
             verify_interval: Duration::from_secs(args.verify_interval.max(1)),
             identity,
             revoke_on_shutdown: args.revoke_on_shutdown,

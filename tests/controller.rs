@@ -465,3 +465,38 @@ async fn endpoints_of_two_different_etcd_clusters_are_refused_at_start() {
     assert!(!status.success());
     assert!(c.log_text().contains("belong to different clusters"), "{}", c.log_text());
 }
+
+/// A pod turning Ready takes a lease granted ahead of time: its key is written by one Txn,
+/// under a lease that already existed before the pod was ready. With the pool off, the
+/// lease is granted on the way, as before.
+#[tokio::test]
+async fn a_pod_turning_ready_takes_a_lease_granted_ahead_unless_the_pool_is_off() {
+    for pool in ["16", "0"] {
+        let (bed, c) = bed_and_controller(&["--lease-pool-size", pool]).await;
+        let on = pool != "0";
+        create_sreg(&bed, "user", json!({"selector": {"matchLabels": {"app": "user"}}})).await;
+        if on {
+            // The default TTL (30 s) is pooled from the start.
+            wait_until("the pool filled", DEADLINE, || async { (c.metric("podlease_lease_pool_free").await >= 16.0).then_some(()) }).await;
+        }
+        let mut lc = bed.etcd.lease_client();
+        let before: std::collections::BTreeSet<i64> = lc.leases().await.unwrap().leases().iter().map(|l| l.id()).collect();
+        for i in 0..3 {
+            ready_pod(&bed, &format!("user-{i}"), &[("app", "user")], &pod_ip(i)).await;
+            let kv = wait_key(&bed.etcd, &format!("/services/user/default/user-{i}")).await;
+            assert_eq!(before.contains(&kv.lease()), on, "pool {pool}: lease {:x} granted before the pod was ready", kv.lease());
+            assert_eq!(granted_ttl(&bed.etcd, kv.lease()).await, 30);
+        }
+        let (taken, missed) = (c.metric("podlease_lease_pool_taken_total").await, c.metric("podlease_lease_pool_missed_total").await);
+        assert_eq!((taken, missed), if on { (3.0, 0.0) } else { (0.0, 0.0) }, "pool {pool}: taken, missed");
+        // A pooled lease is renewed like any other: the key outlives its TTL.
+        if on {
+            let lease = wait_key(&bed.etcd, "/services/user/default/user-0").await.lease();
+            wait_until("a renewal of the pooled lease", Duration::from_secs(20), || async {
+                let ttl = bed.etcd.lease_client().time_to_live(lease, None).await.ok()?.ttl();
+                (ttl >= 29).then_some(())
+            })
+            .await;
+        }
+    }
+}

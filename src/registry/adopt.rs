@@ -73,7 +73,7 @@ pub struct Records {
 
 impl Records {
     pub fn new(client: Connection, owners: Owners, timeout: Duration) -> Records {
-        Records { w: Writer { client, owners, claims: Default::default(), timeout, fence: None } }
+        Records { w: Writer { client, owners, claims: Default::default(), timeout, fence: None, pool: Default::default() } }
     }
 
     /// Whether etcd still holds a record of registration `name` in `namespace`.

@@ -46,7 +46,7 @@ pub fn classify(owner_prefix: &str, key: &str) -> Option<(String, Option<String>
 /// (`<owner-prefix>/<cluster-id>/`), which a rolling upgrade finds while the old leader
 /// still runs. Other installs' records are never taken for an earlier identity of this one.
 pub async fn check(client: &crate::etcd::Connection, config: &RegistryConfig, previous: Option<&str>) -> Result<(), CheckError> {
-    let w = &Writer { client: client.clone(), owners: config.owners(), claims: Claims::default(), timeout: config.call_timeout, fence: None };
+    let w = &Writer { client: client.clone(), owners: config.owners(), claims: Claims::default(), timeout: config.call_timeout, fence: None, pool: Default::default() };
     let mine = config.fence_key();
     if let Some(from) = &config.migrate_from {
         let from = from.trim_end_matches('/');

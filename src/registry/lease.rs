@@ -228,12 +228,17 @@ impl Driver {
 
     fn track(&mut self, lease: i64, ttl: i64, renew: Renew) {
         self.forget(lease);
+        let now = Instant::now();
+        let granted_at = match renew {
+            Renew::Granted | Renew::Unknown => now,
+            Renew::GrantedAt(at) => at.min(now),
+        };
         let first = match renew {
-            Renew::Granted => renew_interval(ttl),
+            Renew::Granted | Renew::GrantedAt(_) => (granted_at + renew_interval(ttl)).saturating_duration_since(now),
             Renew::Unknown => Duration::ZERO,
         };
         let timer = self.renewals.insert(lease, first);
-        let deadline = Instant::now() + Duration::from_secs(ttl.max(1) as u64);
+        let deadline = granted_at + Duration::from_secs(ttl.max(1) as u64);
         self.leases.insert(lease, Tracked { ttl, deadline, sent_at: None, timer });
         *self.ttls.entry(ttl).or_default() += 1;
         self.metrics.leases_held.set(self.leases.len() as i64);

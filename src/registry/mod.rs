@@ -18,6 +18,7 @@ pub mod identity;
 pub mod lease;
 pub mod owner;
 pub mod plan;
+pub mod pool;
 pub mod view;
 mod write;
 
@@ -90,6 +91,9 @@ pub struct RegistryConfig {
     /// client), so keepalives never queue behind other calls and a stalled stream can move
     /// to a fresh connection.
     pub keepalive_etcd: Option<crate::etcd::EtcdConfig>,
+    /// Leases granted ahead per TTL in use (0: off), and the TTLs to pool from the start.
+    pub lease_pool_size: usize,
+    pub pooled_ttls: Vec<i64>,
 }
 
 impl Default for RegistryConfig {
@@ -109,6 +113,8 @@ impl Default for RegistryConfig {
             fence_ttl: fence::FENCE_TTL,
             revoke_on_shutdown: false,
             keepalive_etcd: None,
+            lease_pool_size: 0,
+            pooled_ttls: Vec::new(),
         }
     }
 }
@@ -223,7 +229,13 @@ impl Registry {
         let keepalive = Keepalive::spawn(client.clone(), config.keepalive_etcd.clone(), reports_tx, metrics.clone(), term.clone());
         *view.write().unwrap() = View::default();
         metrics.clear_instances();
-        let writer = Writer { client, owners: config.owners(), claims: config.claims(), timeout: config.call_timeout, fence: None };
+        // Only a leading term registers anything: a caretaker needs no pool.
+        let pool = pool::Pool::new(if epoch.is_some() { config.lease_pool_size } else { 0 }, metrics.clone());
+        for ttl in &config.pooled_ttls {
+            pool.prewarm(*ttl);
+        }
+        pool.spawn_refill(client.clone(), config.call_timeout, term.clone());
+        let writer = Writer { client, owners: config.owners(), claims: config.claims(), timeout: config.call_timeout, fence: None, pool };
         Registry {
             writer,
             config,

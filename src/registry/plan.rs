@@ -50,6 +50,9 @@ pub enum Renew {
     Granted,
     /// Adopted or taken back: it may be about to expire, so it is renewed at once.
     Unknown,
+    /// Granted at this instant, ahead of its use (the lease pool): the first renewal is due
+    /// a third of the TTL after it, the expiry a TTL after it.
+    GrantedAt(std::time::Instant),
 }
 
 /// What the actor does after a decision.

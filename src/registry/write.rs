@@ -81,6 +81,8 @@ pub struct Writer {
     pub claims: Claims,
     pub timeout: Duration,
     pub fence: Option<Fence>,
+    /// Leases granted ahead (off where nothing registers).
+    pub pool: super::pool::Pool,
 }
 
 pub(super) fn is_lease_not_found(e: &etcd_client::Error) -> bool {
@@ -147,14 +149,28 @@ impl Writer {
         Held { lease, key, ttl: d.ttl, value_hash: value_hash(&d.value), pod_uid: d.pod_uid.clone(), since: Timestamp::now(), claim: d.claim.clone() }
     }
 
-    /// Grants a lease and writes key + ownership record under it if the key is absent.
+    /// Takes a pooled lease, or grants one, and writes key + ownership record under it if
+    /// the key is absent: with a pooled lease, one etcd write.
     pub async fn register(&self, id: &InstanceId, d: &Desired) -> Result<Outcome, OpError> {
+        if let Some(p) = self.pool.take(d.ttl) {
+            crate::failpoint::hit("after-grant");
+            match self.register_under(id, d, p.lease, Renew::GrantedAt(p.granted_at)).await {
+                // Revoked behind the pool's back (or expired over a long etcd outage):
+                // nothing was written; grant one instead.
+                Ok(Outcome::LeaseGone) => {}
+                other => return other,
+            }
+        }
         let mut lc = self.client.lease_client();
         let lease = self.call("grant", lc.grant(d.ttl, None)).await?.id();
         crate::failpoint::hit("after-grant");
+        self.register_under(id, d, lease, Renew::Granted).await
+    }
+
+    async fn register_under(&self, id: &InstanceId, d: &Desired, lease: i64, renew: Renew) -> Result<Outcome, OpError> {
         let key = d.key.with_lease(lease);
         match self.put_if_absent(id, d, &key, lease).await {
-            Ok(Outcome::Registered { held, .. }) if held.lease == lease => Ok(Outcome::Registered { held, renew: Renew::Granted }),
+            Ok(Outcome::Registered { held, .. }) if held.lease == lease => Ok(Outcome::Registered { held, renew }),
             // The Txn may have been applied and only its answer lost (a timeout, a reset, an
             // etcd leader change): revoking now could delete a key that is live. Keep the
             // lease; the next attempt rewrites under it, which finds out either way.
