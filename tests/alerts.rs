@@ -273,3 +273,29 @@ async fn a_real_prometheus_evaluates_every_rule_and_dashboard_query_and_sees_ale
     c.kill();
     println!("PodleaseNoLeader (no replica scraped): {}", shown(&prom.wait_alert("PodleaseNoLeader", "pending").await));
 }
+
+/// The certificate alert on the bed: podlease on an etcd that only speaks TLS, with a client
+/// certificate that has 60 s of its 150 s left (under a third): the alert goes pending at
+/// once (it fires after 10 minutes: longer than a test should wait), and what an operator
+/// sees is printed.
+#[tokio::test]
+async fn an_etcd_client_certificate_close_to_its_expiry_raises_its_alert() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let pki = bed.dir.path().join("pki");
+    let ca = support::tls::Ca::new(&pki.join("ca"), "podlease-test-ca");
+    let (server_cert, server_key) = ca.server("server");
+    let now = std::time::SystemTime::now();
+    let (cert, key) = ca.client("podlease", "podlease", now - Duration::from_secs(90), now + Duration::from_secs(60));
+    let certs = support::tls::Certs { ca: ca.cert.clone(), server_cert, server_key, client_cert: cert.clone(), client_key: key.clone() };
+    let etcd = EtcdServer::start_tls(bed.dir.path(), "secure", &certs);
+    let args = [
+        "--etcd-endpoints", &etcd.endpoint(),
+        "--etcd-ca", certs.ca.to_str().unwrap(),
+        "--etcd-cert", cert.to_str().unwrap(),
+        "--etcd-key", key.to_str().unwrap(),
+    ];
+    let c = Controller::start(&bed, "tls", &args).await;
+    let prom = Prometheus::start(bed.dir.path(), &[c.metrics_port]);
+    println!("PodleaseEtcdClientCertExpiring: {}", shown(&prom.wait_alert("PodleaseEtcdClientCertExpiring", "pending").await));
+}
