@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs and caches everything the test bed needs, idempotently:
-#   protoc, etcd 3.5 (Debian sid's etcd-server, unpacked), kube-apiserver and
-#   kube-controller-manager v1.20.2 (built from Debian bookworm's kubernetes source),
-#   kubectl, Prometheus and promtool (Debian bookworm's prometheus, unpacked), and a Python
-#   virtualenv with helm-python-sdk.
+#   protoc, etcd 3.5 (Debian sid's etcd-server, unpacked), kube-apiserver,
+#   kube-controller-manager, kube-scheduler and kubelet v1.20.2 (built from Debian bookworm's
+#   kubernetes source), kubectl, Prometheus and promtool (Debian bookworm's prometheus,
+#   unpacked), a Python virtualenv with helm-python-sdk, and the rest of a real node
+#   (containerd, runc, pause and busybox images, the CNI plugin: scripts/node.sh).
 # A second run finds everything in the cache and takes seconds.
 #
 # Cache directory: $PODLEASE_CACHE, else $XDG_CACHE_HOME/podlease, else ~/.cache/podlease.
@@ -71,36 +72,40 @@ case "$ETCD_VERSION" in
   *) log "etcd is not 3.5: $ETCD_VERSION"; exit 1 ;;
 esac
 
-# --- kube-apiserver + kube-controller-manager v1.20.2 from Debian bookworm's source ------------
+# --- kube-apiserver, kube-controller-manager, kube-scheduler, kubelet v1.20.2 -------------------
+# All four from Debian bookworm's source package; the node's pause image needs its tree too.
 KBIN="$CACHE/kube/bin"
-if [ ! -x "$KBIN/kube-apiserver" ] || [ ! -x "$KBIN/kube-controller-manager" ]; then
+KSRC="$CACHE/kube/src/kubernetes-1.20.2"
+KUBE_COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler kubelet)
+kube_source() {
+  [ -d "$KSRC/vendor" ] && return 0
   apt_install golang-go rsync make golang-github-modern-go-reflect2-dev
-  M=$(mirror)
-  mkdir -p "$CACHE/apt/srclists/partial" "$CACHE/kube/src" "$KBIN" "$CACHE/home"
+  local M; M=$(mirror)
+  mkdir -p "$CACHE/apt/srclists/partial" "$CACHE/kube/src"
   echo "deb-src $M bookworm main" > "$CACHE/apt/src.list"
-  A=(-o Dir::Etc::SourceList="$CACHE/apt/src.list" -o Dir::Etc::SourceParts=/dev/null -o Dir::State::Lists="$CACHE/apt/srclists")
-  SRC="$CACHE/kube/src/kubernetes-1.20.2"
-  if [ ! -d "$SRC/vendor" ]; then
-    log "fetching the kubernetes 1.20.2 source package"
-    $SUDO apt-get "${A[@]}" update -qq >&2
-    (cd "$CACHE/kube/src" && apt-get "${A[@]}" source --download-only kubernetes >&2 \
-      && tar xzf kubernetes_1.20.5+really1.20.2.orig.tar.gz)
-    # Kubernetes 1.20 vendors reflect2 v1.0.1, which faults under Go >= 1.18 on the first
-    # CRD write; Debian's reflect2 1.0.2 has the same API.
-    rm -rf "$SRC/vendor/github.com/modern-go/reflect2"
-    mkdir "$SRC/vendor/github.com/modern-go/reflect2"
-    cp /usr/share/gocode/src/github.com/modern-go/reflect2/* "$SRC/vendor/github.com/modern-go/reflect2/"
-    mkdir -p "$SRC/.go/src/k8s.io" && ln -sfn ../../.. "$SRC/.go/src/k8s.io/kubernetes"
+  local A=(-o Dir::Etc::SourceList="$CACHE/apt/src.list" -o Dir::Etc::SourceParts=/dev/null -o Dir::State::Lists="$CACHE/apt/srclists")
+  log "fetching the kubernetes 1.20.2 source package"
+  $SUDO apt-get "${A[@]}" update -qq >&2
+  (cd "$CACHE/kube/src" && apt-get "${A[@]}" source --download-only kubernetes >&2 \
+    && tar xzf kubernetes_1.20.5+really1.20.2.orig.tar.gz)
+  # Kubernetes 1.20 vendors reflect2 v1.0.1, which faults under Go >= 1.18 on the first
+  # CRD write; Debian's reflect2 1.0.2 has the same API.
+  rm -rf "$KSRC/vendor/github.com/modern-go/reflect2"
+  mkdir "$KSRC/vendor/github.com/modern-go/reflect2"
+  cp /usr/share/gocode/src/github.com/modern-go/reflect2/* "$KSRC/vendor/github.com/modern-go/reflect2/"
+  mkdir -p "$KSRC/.go/src/k8s.io" && ln -sfn ../../.. "$KSRC/.go/src/k8s.io/kubernetes"
+}
+for what in "${KUBE_COMPONENTS[@]}"; do
+  if [ ! -x "$KBIN/$what" ]; then
+    kube_source
+    apt_install golang-go rsync make
+    mkdir -p "$KBIN" "$CACHE/home"
+    log "building $what (several minutes the first time)"
+    (cd "$KSRC" && nice -n 19 env GOPATH="$KSRC/.go" GOCACHE="$CACHE/home/go-build" CGO_ENABLED=0 HOME="$CACHE/home" \
+      make WHAT="cmd/$what" >&2)
+    cp "$KSRC/_output/bin/$what" "$KBIN/$what.tmp" && mv "$KBIN/$what.tmp" "$KBIN/$what"
   fi
-  for what in kube-apiserver kube-controller-manager; do
-    if [ ! -x "$KBIN/$what" ]; then
-      log "building $what (several minutes the first time)"
-      (cd "$SRC" && env GOPATH="$SRC/.go" GOCACHE="$CACHE/home/go-build" CGO_ENABLED=0 HOME="$CACHE/home" \
-        make WHAT="cmd/$what" >&2)
-      cp "$SRC/_output/bin/$what" "$KBIN/$what.tmp" && mv "$KBIN/$what.tmp" "$KBIN/$what"
-    fi
-  done
-fi
+done
 
 # --- kubectl -------------------------------------------------------------------------------------
 KUBECTL=$(command -v kubectl || true)
@@ -133,6 +138,11 @@ if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c 'import helm_python' 2
   "$VENV/bin/pip" install -q --disable-pip-version-check helm-python-sdk pyyaml >&2
 fi
 
+# --- the rest of a real node: containerd, runc, images, CNI plugin ----------------------------
+# shellcheck source=scripts/node.sh
+. "$(dirname "${BASH_SOURCE[0]}")/node.sh"
+node_setup
+
 cat > "$CACHE/testbed.env" <<ENV
 PODLEASE_ETCD_BIN=$ETCD
 PODLEASE_ETCDCTL_BIN=$ETCDCTL
@@ -142,6 +152,9 @@ PODLEASE_KUBECTL_BIN=$KUBECTL
 PODLEASE_HELM_PYTHON=$VENV/bin/python
 PODLEASE_PROMETHEUS_BIN=$PROM
 PODLEASE_PROMTOOL_BIN=$PROMTOOL
+PODLEASE_KUBE_SCHEDULER_BIN=$KBIN/kube-scheduler
+PODLEASE_KUBELET_BIN=$KBIN/kubelet
+$(node_env)
 ENV
 log "ready ($CACHE/testbed.env)"
 echo "$CACHE/testbed.env"
