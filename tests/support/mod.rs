@@ -12,6 +12,7 @@ pub mod etcd;
 pub mod gate;
 pub mod helm;
 pub mod kubelet;
+pub mod node;
 pub mod observer;
 pub mod proc;
 pub mod proxy;
