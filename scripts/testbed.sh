@@ -143,6 +143,9 @@ fi
 . "$(dirname "${BASH_SOURCE[0]}")/node.sh"
 node_setup
 
+# --- etcd's own gRPC naming resolver, a real consumer of the etcd-naming format ----------------
+ETCD_RESOLVE=$(bash "$(dirname "${BASH_SOURCE[0]}")/consumer.sh")
+
 cat > "$CACHE/testbed.env" <<ENV
 PODLEASE_ETCD_BIN=$ETCD
 PODLEASE_ETCDCTL_BIN=$ETCDCTL
@@ -154,6 +157,7 @@ PODLEASE_PROMETHEUS_BIN=$PROM
 PODLEASE_PROMTOOL_BIN=$PROMTOOL
 PODLEASE_KUBE_SCHEDULER_BIN=$KBIN/kube-scheduler
 PODLEASE_KUBELET_BIN=$KBIN/kubelet
+PODLEASE_ETCD_RESOLVE_BIN=$ETCD_RESOLVE
 $(node_env)
 ENV
 log "ready ($CACHE/testbed.env)"
