@@ -56,14 +56,13 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     let http_task = tokio::spawn(http::serve(listener, metrics.clone(), view.clone(), health.clone(), shutdown.clone()));
     let start = Start { health: &health, shutdown: &shutdown };
 
+    // An expired client certificate can be why the start waits: say so from the first moment.
+    crate::credentials::check_files(&settings.etcd, &metrics, &health);
     let etcd = start
         .step("connecting to etcd", || async {
-            settings.etcd.connect_checked().await.map_err(|e| if e.is_transient() { Step::Retry(e.to_string()) } else { Step::Fatal(e.into()) })
+            settings.etcd.connection().await.map_err(|e| if e.is_transient() { Step::Retry(e.to_string()) } else { Step::Fatal(e.into()) })
         })
         .await?;
-    let etcd = crate::etcd::Connection::from(etcd);
-    // Rotated certificates, CA or password: new requests use them, no restart.
-    crate::credentials::watch(etcd.clone(), settings.etcd.clone(), metrics.clone(), health.clone(), shutdown.clone());
     let mut registry_config = settings.registry.clone();
     registry_config.cluster_id = match &settings.cluster_id {
         Some(id) => id.clone(),
@@ -78,7 +77,9 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         }
     };
     registry_config.fence = settings.leader.is_some();
-    registry_config.keepalive_etcd = Some(settings.etcd.clone());
+    registry_config.keepalive_own_connection = true;
+    // Rotated certificates, CA or password: new requests use them once etcd accepts them.
+    crate::credentials::watch(etcd.clone(), settings.etcd.clone(), registry_config.fence_key(), metrics.clone(), health.clone(), shutdown.clone());
     info!(cluster_id = registry_config.cluster_id, install_id = registry_config.install_id, "starting");
     registry_config.migrate_from = settings.migrate_from.clone();
     // A changed identity would orphan every record: refuse before anything (or migrate once

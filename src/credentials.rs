@@ -2,19 +2,23 @@
 //! the password are files mounted from Secrets that cert-manager or an operator replaces;
 //! a client that keeps the material it started with dies when its certificate expires (the
 //! classic `UNAVAILABLE: transport is closing`). So the files are read again every
-//! [`RECHECK`]; when they change, a fresh connection is made with them and every later
-//! request uses it (requests in flight finish on the old one; no lease is touched). The
-//! client certificate's expiry is a metric, and is warned about well before it comes.
+//! [`RECHECK`]; when they differ from the material in use, a connection is made with them
+//! and put in use only once etcd has accepted it for what podlease does (a read and a
+//! write permission check): a half-done rotation, a CA etcd does not trust yet or a password
+//! it does not know yet never replaces a working connection, and is tried again. Requests
+//! in flight finish on the old connection; no lease is touched. The expiry of the client
+//! certificate in use is a metric, and is warned about well before it comes.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use etcd_client::{Compare, CompareOp, Txn, TxnOp};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::etcd::{Connection, EtcdConfig};
+use crate::etcd::{Connection, EtcdConfig, Material};
 use crate::http::Health;
-use crate::metrics::Metrics;
+use crate::metrics::{Metrics, ResultLabels};
 
 /// How often the credential files are read again. The kubelet refreshes a mounted Secret
 /// within about a minute of its update; ten more seconds are nothing beside that.
@@ -25,15 +29,26 @@ pub const RECHECK: Duration = Duration::from_secs(10);
 /// before it expires (a one-year certificate: a month before).
 pub const WARN_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 
+/// Before the first connection: the expiry of the certificate in the files, so that a start
+/// that cannot connect because it expired says why.
+pub fn check_files(config: &EtcdConfig, metrics: &Metrics, health: &Health) {
+    if config.cert.is_some() {
+        let material = config.read_material().ok();
+        report(material.as_ref().and_then(|m| m.cert.as_deref()), None, metrics, health);
+    }
+}
+
 /// Watches the credential files of `config` and replaces `etcd`'s connection when they
-/// change; keeps the certificate expiry metric and the readiness warning current.
-pub fn watch(etcd: Connection, config: EtcdConfig, metrics: Metrics, health: Arc<Health>, shutdown: CancellationToken) {
+/// change and etcd accepts the new ones; keeps the certificate expiry metric and the
+/// readiness warning current. `probe_key` is a key podlease reads and writes (its fence).
+pub fn watch(etcd: Connection, config: EtcdConfig, probe_key: String, metrics: Metrics, health: Arc<Health>, shutdown: CancellationToken) {
     if config.files().is_empty() {
         return;
     }
     tokio::spawn(async move {
-        let mut applied = fingerprint(&config);
-        check_expiry(&config, &metrics, &health);
+        report(etcd.material().cert.as_deref(), None, &metrics, &health);
+        // The files' fingerprint last refused, so that a refusal is counted and logged once.
+        let mut refused: Option<u64> = None;
         let mut tick = tokio::time::interval(RECHECK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
@@ -42,71 +57,82 @@ pub fn watch(etcd: Connection, config: EtcdConfig, metrics: Metrics, health: Arc
                 _ = shutdown.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            let now = fingerprint(&config);
-            if now != applied && reconnect(&etcd, &config, &metrics).await {
-                applied = now;
-            }
-            check_expiry(&config, &metrics, &health);
+            let pending = match config.read_material() {
+                Err(e) => Some(format!("the etcd credential files cannot be read ({e}): still using the ones read before")),
+                Ok(files) if files.fingerprint() == etcd.material().fingerprint() => None,
+                Ok(files) => {
+                    let fingerprint = files.fingerprint();
+                    match apply(&etcd, &config, files, &probe_key).await {
+                        Ok(()) => {
+                            metrics.credential_reloads.get_or_create(&ResultLabels { result: "applied".into() }).inc();
+                            info!("the etcd credential files changed: new connections use them");
+                            refused = None;
+                            None
+                        }
+                        Err(why) => {
+                            if refused != Some(fingerprint) {
+                                metrics.credential_reloads.get_or_create(&ResultLabels { result: "failed".into() }).inc();
+                                warn!("the etcd credential files changed, but {why}: still using the ones in use, trying again every {RECHECK:?}");
+                                refused = Some(fingerprint);
+                            }
+                            Some(format!("the etcd credential files changed, but {why}: still using the previous ones"))
+                        }
+                    }
+                }
+            };
+            report(etcd.material().cert.as_deref(), pending.as_deref(), &metrics, &health);
         }
     });
 }
 
-/// Makes a connection from the files as they are now and puts it in use, unless it fails
-/// while the one in use still works (a half-written rotation, a wrong new password: the
-/// old material keeps podlease registered meanwhile). Whether the change is done with.
-async fn reconnect(etcd: &Connection, config: &EtcdConfig, metrics: &Metrics) -> bool {
-    let before = fingerprint(config);
-    let fresh = match config.connect().await {
-        Ok(c) => c,
-        Err(e) => {
-            metrics.credential_reloads.get_or_create(&crate::metrics::ResultLabels { result: "failed".into() }).inc();
-            warn!(error = %e, "the etcd credential files changed but cannot be used yet; keeping the connection in use");
-            return false;
-        }
+/// Connects with `files` and puts the connection in use once etcd accepts it for reading
+/// and writing `probe_key`; why not otherwise.
+async fn apply(etcd: &Connection, config: &EtcdConfig, files: Material, probe_key: &str) -> Result<(), String> {
+    let client = config.connect_with(&files).await.map_err(|e| format!("connecting with them fails ({e})"))?;
+    accepts(client.clone(), probe_key, config.call_timeout).await.map_err(|e| format!("etcd does not accept them ({e})"))?;
+    etcd.replace(client, files);
+    Ok(())
+}
+
+/// Whether etcd serves `client` what podlease needs: a read, and a Txn whose branch that
+/// never runs puts a key (etcd checks the permissions of both branches; nothing is
+/// written). A status call would pass with any certificate of a trusted CA.
+async fn accepts(mut client: etcd_client::Client, key: &str, timeout: Duration) -> Result<(), String> {
+    let check = async {
+        client.get(key, None).await?;
+        let never = Txn::new().when(vec![Compare::version(key, CompareOp::Less, 0)]).and_then(vec![TxnOp::put(key, "", None)]);
+        client.txn(never).await?;
+        Ok::<(), etcd_client::Error>(())
     };
-    // A Secret update swaps every file at once (an atomic symlink flip), but a read may
-    // straddle it: only a connection made from one consistent set counts.
-    if fingerprint(config) != before {
-        return false;
+    match tokio::time::timeout(timeout, check).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err(format!("no answer within {timeout:?}")),
     }
-    let works = |mut c: etcd_client::Client| async move { matches!(tokio::time::timeout(config.call_timeout, c.status()).await, Ok(Ok(_))) };
-    if !works(fresh.clone()).await && works(etcd.client()).await {
-        metrics.credential_reloads.get_or_create(&crate::metrics::ResultLabels { result: "failed".into() }).inc();
-        warn!("the etcd credential files changed, but etcd refuses the new ones while it still accepts the ones in use: keeping the connection in use and trying again");
-        return false;
-    }
-    etcd.replace(fresh);
-    metrics.credential_reloads.get_or_create(&crate::metrics::ResultLabels { result: "applied".into() }).inc();
-    info!("the etcd credential files changed: new connections use them");
-    true
 }
 
-/// The files' contents, hashed: a change of any of them is a rotation.
-fn fingerprint(config: &EtcdConfig) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    for f in config.files() {
-        std::fs::read(f).ok().hash(&mut h);
-    }
-    h.finish()
-}
-
-fn check_expiry(config: &EtcdConfig, metrics: &Metrics, health: &Health) {
-    let Some(path) = &config.cert else { return };
+/// The metrics and the readiness warning for the client certificate `cert` (PEM) in use and
+/// a rotation still `pending`.
+fn report(cert: Option<&[u8]>, pending: Option<&str>, metrics: &Metrics, health: &Health) {
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0);
-    let warning = match std::fs::read(path).ok().and_then(|pem| validity(&pem)) {
-        Some((not_before, not_after)) => {
+    let expiry = match cert.map(validity) {
+        None => None,
+        Some(Some((not_before, not_after))) => {
             metrics.etcd_client_cert_expiry.set(not_after);
             expiry_warning(not_before, not_after, now)
         }
-        None => Some(format!("cannot read the expiry of the etcd client certificate {}", path.display())),
+        Some(None) => Some("the expiry of the etcd client certificate cannot be read (not a PEM certificate?)".to_string()),
     };
-    metrics.etcd_client_cert_expiring.set(warning.is_some() as i64);
+    metrics.etcd_client_cert_expiring.set(expiry.is_some() as i64);
+    let warning = match (expiry, pending) {
+        (Some(e), Some(p)) => Some(format!("{e}; {p}")),
+        (e, p) => e.or(p.map(str::to_string)),
+    };
     let mut current = health.warning.lock().unwrap_or_else(|e| e.into_inner());
     if warning != *current {
         match &warning {
             Some(w) => warn!("{w}"),
-            None => info!("the etcd client certificate is no longer close to its expiry"),
+            None => info!("no warning about the etcd credentials any more"),
         }
         *current = warning;
     }

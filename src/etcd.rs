@@ -16,22 +16,31 @@ use thiserror::Error;
 /// material while streams already open finish on the old one (no lease is touched).
 #[derive(Clone)]
 pub struct Connection {
-    current: Arc<RwLock<Client>>,
+    current: Arc<RwLock<Current>>,
     /// How many times the connection was replaced: a long-lived stream that reopens after
     /// a change must reopen on the new material too.
     generation: Arc<AtomicU64>,
+    /// How it was made (None: from a bare client, as tests do).
+    config: Option<EtcdConfig>,
+}
+
+struct Current {
+    client: Client,
+    /// The credentials it was made with: every further connection (the keepalive stream's
+    /// own) is made from these, never from files that etcd may not accept yet.
+    material: Arc<Material>,
 }
 
 impl From<Client> for Connection {
     fn from(client: Client) -> Connection {
-        Connection { current: Arc::new(RwLock::new(client)), generation: Arc::default() }
+        Connection { current: Arc::new(RwLock::new(Current { client, material: Arc::default() })), generation: Arc::default(), config: None }
     }
 }
 
 impl Connection {
     /// The current connection.
     pub fn client(&self) -> Client {
-        self.current.read().unwrap_or_else(|e| e.into_inner()).clone()
+        self.current.read().unwrap_or_else(|e| e.into_inner()).client.clone()
     }
 
     pub fn kv_client(&self) -> KvClient {
@@ -50,10 +59,56 @@ impl Connection {
         self.generation.load(Ordering::Acquire)
     }
 
-    /// Makes `client` the connection every later request uses.
-    pub fn replace(&self, client: Client) {
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = client;
+    /// The credentials in use.
+    pub fn material(&self) -> Arc<Material> {
+        self.current.read().unwrap_or_else(|e| e.into_inner()).material.clone()
+    }
+
+    /// The deadline of every unary call (the default for a connection made from a client).
+    pub fn call_timeout(&self) -> Duration {
+        self.config.as_ref().map_or(EtcdConfig::default().call_timeout, |c| c.call_timeout)
+    }
+
+    /// A new connection (its own TCP connections) with the credentials in use; the current
+    /// one where there is no configuration to make one from.
+    pub async fn fresh(&self) -> Result<Client, ConfigError> {
+        match &self.config {
+            Some(config) => config.connect_with(&self.material()).await,
+            None => Ok(self.client()),
+        }
+    }
+
+    /// Makes `client`, made with `material`, the connection every later request uses.
+    pub fn replace(&self, client: Client, material: Material) {
+        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Current { client, material: Arc::new(material) };
         self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+}
+
+/// The credentials as read from their files at one moment: the CA, the client certificate
+/// and key, the password.
+#[derive(Default, PartialEq, Eq, Hash)]
+pub struct Material {
+    pub ca: Option<Vec<u8>>,
+    pub cert: Option<Vec<u8>>,
+    pub key: Option<Vec<u8>>,
+    pub password: Option<String>,
+}
+
+impl std::fmt::Debug for Material {
+    // Never the key or the password.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Material {{ ca: {}, cert: {}, key: {}, password: {} }}", self.ca.is_some(), self.cert.is_some(), self.key.is_some(), self.password.is_some())
+    }
+}
+
+impl Material {
+    /// A hash of every file's content: a change of any of them is a rotation.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        self.hash(&mut h);
+        h.finish()
     }
 }
 
@@ -123,16 +178,27 @@ impl EtcdConfig {
         [&self.ca, &self.cert, &self.key, &self.password_file].into_iter().flatten().collect()
     }
 
-    fn tls(&self) -> Result<Option<TlsOptions>, ConfigError> {
+    /// Reads every credential file once: what a connection is then made from.
+    pub fn read_material(&self) -> Result<Material, ConfigError> {
+        let file = |what, p: &Option<PathBuf>| p.as_ref().map(|p| read(what, p)).transpose();
+        let password = match (&self.username, &self.password_file) {
+            (Some(_), Some(pw)) => Some(String::from_utf8_lossy(&read("etcd password file", pw)?).trim().to_string()),
+            (Some(_), None) => return Err(ConfigError::UserWithoutPassword),
+            _ => None,
+        };
+        Ok(Material { ca: file("etcd CA", &self.ca)?, cert: file("etcd client cert", &self.cert)?, key: file("etcd client key", &self.key)?, password })
+    }
+
+    fn tls(&self, m: &Material) -> Result<Option<TlsOptions>, ConfigError> {
         if self.ca.is_none() && self.cert.is_none() && self.key.is_none() {
             return Ok(None);
         }
         let mut tls = TlsOptions::new();
-        if let Some(ca) = &self.ca {
-            tls = tls.ca_certificate(Certificate::from_pem(read("etcd CA", ca)?));
+        if let Some(ca) = &m.ca {
+            tls = tls.ca_certificate(Certificate::from_pem(ca.clone()));
         }
-        match (&self.cert, &self.key) {
-            (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(read("etcd client cert", c)?, read("etcd client key", k)?)),
+        match (&m.cert, &m.key) {
+            (Some(c), Some(k)) => tls = tls.identity(Identity::from_pem(c.clone(), k.clone())),
             (None, None) => {}
             _ => return Err(ConfigError::CertWithoutKey),
         }
@@ -165,10 +231,16 @@ impl EtcdConfig {
         Ok(urls)
     }
 
-    /// Connects (lazily without auth: an unreachable etcd is not an error here, calls fail
-    /// later). With a username it authenticates, within the call timeout.
+    /// Connects with the files as they are now (lazily without auth: an unreachable etcd is
+    /// not an error here, calls fail later). With a username it authenticates, within the
+    /// call timeout.
     pub async fn connect(&self) -> Result<Client, ConfigError> {
-        let (urls, opts) = self.options()?;
+        self.connect_with(&self.read_material()?).await
+    }
+
+    /// Connects with `material`.
+    pub async fn connect_with(&self, material: &Material) -> Result<Client, ConfigError> {
+        let (urls, opts) = self.options(material)?;
         self.bounded(Client::connect(urls, Some(opts))).await
     }
 
@@ -180,7 +252,14 @@ impl EtcdConfig {
     /// requests are balanced over all endpoints, so a list mixing clusters would grant a
     /// lease in one and write under it in another.
     pub async fn connect_checked(&self) -> Result<Client, ConfigError> {
-        let (urls, opts) = self.options()?;
+        Ok(self.connection().await?.client())
+    }
+
+    /// [`connect_checked`](Self::connect_checked), as the connection in use: it remembers the
+    /// credentials it was made with and can make more connections with them.
+    pub async fn connection(&self) -> Result<Connection, ConfigError> {
+        let material = self.read_material()?;
+        let (urls, opts) = self.options(&material)?;
         if urls.len() > 1 {
             let ids = futures::future::join_all(urls.iter().map(|u| {
                 let opts = opts.clone();
@@ -199,11 +278,16 @@ impl EtcdConfig {
                 return Err(ConfigError::MixedClusters(list.join(", ")));
             }
         }
-        self.bounded(Client::connect(urls, Some(opts))).await
+        let client = self.bounded(Client::connect(urls, Some(opts))).await?;
+        Ok(Connection {
+            current: Arc::new(RwLock::new(Current { client, material: Arc::new(material) })),
+            generation: Arc::default(),
+            config: Some(self.clone()),
+        })
     }
 
-    fn options(&self) -> Result<(Vec<String>, ConnectOptions), ConfigError> {
-        let tls = self.tls()?;
+    fn options(&self, material: &Material) -> Result<(Vec<String>, ConnectOptions), ConfigError> {
+        let tls = self.tls(material)?;
         let urls = self.urls(tls.is_some())?;
         let mut opts = ConnectOptions::new()
             .with_keep_alive(Duration::from_secs(10), Duration::from_secs(5))
@@ -213,11 +297,8 @@ impl EtcdConfig {
         if let Some(tls) = tls {
             opts = opts.with_tls(tls);
         }
-        match (&self.username, &self.password_file) {
-            (Some(user), Some(pw)) => {
-                let password = String::from_utf8_lossy(&read("etcd password file", pw)?).trim().to_string();
-                opts = opts.with_user(user.clone(), password).with_auto_token_refresh(true);
-            }
+        match (&self.username, &material.password) {
+            (Some(user), Some(password)) => opts = opts.with_user(user.clone(), password.clone()).with_auto_token_refresh(true),
             (Some(_), None) => return Err(ConfigError::UserWithoutPassword),
             _ => {}
         }

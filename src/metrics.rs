@@ -58,7 +58,6 @@ pub struct Metrics {
     pub lease_pool_free: Gauge,
     pub lease_pool_taken: Counter,
     pub lease_pool_missed: Counter,
-    pub lease_pool_expired: Counter,
 }
 
 impl Default for Metrics {
@@ -154,13 +153,11 @@ impl Metrics {
             credential_reloads.clone(),
         );
         let lease_pool_free = Gauge::default();
-        r.register("lease_pool_free", "Leases granted ahead and not yet taken (every TTL in use; 0 on a standby)", lease_pool_free.clone());
+        r.register("lease_pool_free", "Leases granted ahead, kept alive and not yet taken (every TTL in use; 0 on a standby)", lease_pool_free.clone());
         let lease_pool_taken = Counter::default();
         r.register("lease_pool_taken", "Registrations that took a lease granted ahead (one etcd write instead of two)", lease_pool_taken.clone());
         let lease_pool_missed = Counter::default();
         r.register("lease_pool_missed", "Registrations that found the pool empty and granted a lease first", lease_pool_missed.clone());
-        let lease_pool_expired = Counter::default();
-        r.register("lease_pool_expired", "Leases granted ahead and dropped unused (they expire on their own, holding nothing)", lease_pool_expired.clone());
         let m = Metrics {
             registry: Arc::new(r),
             instances,
@@ -189,7 +186,6 @@ impl Metrics {
             lease_pool_free,
             lease_pool_taken,
             lease_pool_missed,
-            lease_pool_expired,
         };
         // Series that exist from the start (at zero), so that rates and alerts have them
         // before anything happens.

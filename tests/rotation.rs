@@ -200,3 +200,163 @@ async fn rotated_client_certificate_ca_and_password_are_used_without_a_restart_a
     }
     assert!(c.log_text().contains("the etcd credential files changed: new connections use them"), "no log line for the rotation");
 }
+
+// --- Rotations etcd refuses: the connection in use stays, for every request and stream ---
+
+fn files(ca: &std::path::Path, cert: &std::path::Path, key: &std::path::Path, password: Option<&str>) -> Vec<(&'static str, Vec<u8>)> {
+    let mut v = vec![("ca.crt", std::fs::read(ca).unwrap()), ("tls.crt", std::fs::read(cert).unwrap()), ("tls.key", std::fs::read(key).unwrap())];
+    if let Some(p) = password {
+        v.push(("password", p.as_bytes().to_vec()));
+    }
+    v
+}
+
+/// A TLS etcd trusting `ca` (users root and podlease when `auth`), podlease on a valid
+/// certificate of `ca` (with the podlease user's password when `password`), and three ready
+/// pods registered: (etcd, the admin's certificates, the Secret, podlease, revision of the
+/// first key).
+async fn refusal_bed(bed: &TestBed, ca: &Ca, auth: bool, password: bool) -> (EtcdServer, Certs, SecretDir, Controller, i64) {
+    let pki = bed.dir.path().join("pki");
+    let now = SystemTime::now();
+    let (cert, key) = ca.client("podlease-1", "podlease", now - Duration::from_secs(60), now + Duration::from_secs(86_400));
+    let certs = etcd_files(&pki.join("etcd"), ca, &[ca], ca);
+    let etcd = EtcdServer::start_tls(bed.dir.path(), "secure", &certs);
+    let endpoint = etcd.endpoint();
+    wait_until("TLS etcd healthy", DEADLINE, || async {
+        support::etcd::etcdctl(&endpoint, Some(&certs), &["endpoint", "health"]).status.success().then_some(())
+    })
+    .await;
+    if auth {
+        let ctl = |args: &[&str]| support::etcd::etcdctl_ok(&endpoint, Some(&certs), args);
+        ctl(&["user", "add", "root", &format!("--new-user-password={ROOT_PASSWORD}")]);
+        ctl(&["role", "add", "podlease"]);
+        ctl(&["role", "grant-permission", "podlease", "readwrite", "/", "--prefix=true"]);
+        ctl(&["user", "add", "podlease", &format!("--new-user-password={USER_PASSWORD_1}")]);
+        ctl(&["user", "grant-role", "podlease", "podlease"]);
+        ctl(&["auth", "enable"]);
+    }
+    let secret = SecretDir::new(&pki.join("secret"), &files(&ca.cert, &cert, &key, password.then_some(USER_PASSWORD_1)));
+    let (ca_path, cert, key, pw) = (secret.path("ca.crt"), secret.path("tls.crt"), secret.path("tls.key"), secret.path("password"));
+    let mut args = vec![
+        "--etcd-endpoints".to_string(), endpoint.clone(),
+        "--etcd-ca".into(), ca_path.display().to_string(),
+        "--etcd-cert".into(), cert.display().to_string(),
+        "--etcd-key".into(), key.display().to_string(),
+    ];
+    if password {
+        args.extend(["--etcd-username".into(), "podlease".into(), "--etcd-password-file".into(), pw.display().to_string()]);
+    }
+    let c = Controller::start(bed, "c1", &args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    create_registration(&bed.kube, "default", "user", json!({"selector": {"matchLabels": {"app": "user"}}})).await;
+    for i in 0..3 {
+        create_pod(&bed.kube, "default", &PodSpec::new(&format!("user-{i}")).label("app", "user")).await;
+        set_ready(&bed.kube, "default", &format!("user-{i}"), &pod_ip(i), true).await;
+    }
+    let r = reader(&endpoint, &certs, auth).await;
+    let mut from = i64::MAX;
+    for i in 0..3 {
+        from = from.min(wait_key(&r, &format!("{PREFIX}default/user-{i}")).await.mod_revision());
+    }
+    (etcd, certs, secret, c, from)
+}
+
+/// A client of the TLS etcd with the admin's certificate (as root when `root`).
+async fn reader(endpoint: &str, certs: &Certs, root: bool) -> etcd_client::Client {
+    if root {
+        return admin(endpoint, certs).await;
+    }
+    let tls = etcd_client::TlsOptions::new()
+        .ca_certificate(etcd_client::Certificate::from_pem(std::fs::read(&certs.ca).unwrap()))
+        .identity(etcd_client::Identity::from_pem(std::fs::read(&certs.client_cert).unwrap(), std::fs::read(&certs.client_key).unwrap()));
+    let opts = etcd_client::ConnectOptions::new().with_tls(tls);
+    wait_until("a client of the TLS etcd", DEADLINE, || {
+        let opts = opts.clone();
+        async move {
+            let mut c = etcd_client::Client::connect([endpoint], Some(opts)).await.ok()?;
+            c.status().await.ok()?;
+            Some(c)
+        }
+    })
+    .await
+}
+
+/// After a refused rotation: nothing applied, the refusal counted once and shown on
+/// /readyz, a new pod registered and the keys renewed over the connection in use, and no
+/// DELETE since `from`.
+async fn the_connection_in_use_stays(bed: &TestBed, c: &Controller, r: &etcd_client::Client, from: i64, answers: f64) {
+    assert_eq!(c.metric("podlease_etcd_credential_reloads_total{result=\"applied\"}").await, 0.0, "a refused rotation was put in use");
+    let body = readyz(c).await;
+    assert!(body.contains("the etcd credential files changed, but") && body.contains("still using the previous ones"), "{body}");
+    wait_renewals(c, answers, 4.0).await;
+    create_pod(&bed.kube, "default", &PodSpec::new("user-3").label("app", "user")).await;
+    set_ready(&bed.kube, "default", "user-3", &pod_ip(3), true).await;
+    wait_key(r, &format!("{PREFIX}default/user-3")).await;
+    let deletes: Vec<_> = history(r, PREFIX, from).await.into_iter().filter(|e| !e.put).collect();
+    assert!(deletes.is_empty(), "DELETE events: {deletes:?}");
+    assert_eq!(c.metric("podlease_etcd_credential_reloads_total{result=\"failed\"}").await, 1.0, "one refusal, counted once");
+}
+
+/// A new password in the file before etcd knows it, then an etcd restart (every stream
+/// breaks): the keepalive stream reopens with the password in use, not the file's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_etcd_refuses_is_not_used_even_when_every_stream_reconnects() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let ca = Ca::new(&bed.dir.path().join("pki").join("ca1"), "podlease-test-ca-1");
+    let (mut etcd, certs, mut secret, c, from) = refusal_bed(&bed, &ca, true, true).await;
+    let (cert, key) = (secret.path("tls.crt"), secret.path("tls.key"));
+    let (cert, key) = (std::fs::read(cert).unwrap(), std::fs::read(key).unwrap());
+    let tmp = bed.dir.path().join("pki");
+    std::fs::write(tmp.join("c.crt"), cert).unwrap();
+    std::fs::write(tmp.join("c.key"), key).unwrap();
+    secret.update(&files(&ca.cert, &tmp.join("c.crt"), &tmp.join("c.key"), Some(USER_PASSWORD_2)));
+    wait_metric(&c, "the refusal", "podlease_etcd_credential_reloads_total{result=\"failed\"}", |v| v >= 1.0).await;
+    etcd.kill();
+    let answers = c.metric("podlease_keepalive_rtt_seconds_count").await;
+    etcd.resume();
+    let r = reader(&etcd.endpoint(), &certs, true).await;
+    the_connection_in_use_stays(&bed, &c, &r, from, answers).await;
+    // Once etcd knows the new password, it is put in use.
+    r.clone().user_change_password("podlease", USER_PASSWORD_2).await.unwrap();
+    wait_metric(&c, "the password applied", "podlease_etcd_credential_reloads_total{result=\"applied\"}", |v| v == 1.0).await;
+}
+
+/// A certificate from a CA etcd does not trust, arriving while etcd is down: it cannot be
+/// checked, so it is not put in use; once etcd is back it is refused, and the certificate
+/// in use (still valid, still trusted) carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_untrusted_certificate_that_arrives_while_etcd_is_down_is_not_put_in_use() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let pki = bed.dir.path().join("pki");
+    let ca1 = Ca::new(&pki.join("ca1"), "podlease-test-ca-1");
+    let ca2 = Ca::new(&pki.join("ca2"), "podlease-test-ca-2");
+    let (mut etcd, certs, mut secret, c, from) = refusal_bed(&bed, &ca1, false, false).await;
+    let now = SystemTime::now();
+    let (cert, key) = ca2.client("podlease-2", "podlease", now - Duration::from_secs(60), now + Duration::from_secs(86_400));
+    etcd.kill();
+    secret.update(&files(&ca1.cert, &cert, &key, None));
+    wait_metric(&c, "the rotation not put in use while etcd is down", "podlease_etcd_credential_reloads_total{result=\"failed\"}", |v| v >= 1.0).await;
+    let answers = c.metric("podlease_keepalive_rtt_seconds_count").await;
+    etcd.resume();
+    let r = reader(&etcd.endpoint(), &certs, false).await;
+    the_connection_in_use_stays(&bed, &c, &r, from, answers).await;
+}
+
+/// With client-certificate auth: a certificate of the trusted CA whose name is no user with
+/// access. etcd lets it connect (and answer a status call); podlease checks a read and a
+/// write permission, refuses it and keeps writing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trusted_certificate_of_a_user_without_access_is_not_put_in_use() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let ca = Ca::new(&bed.dir.path().join("pki").join("ca1"), "podlease-test-ca-1");
+    let (etcd, certs, mut secret, c, from) = refusal_bed(&bed, &ca, true, false).await;
+    let now = SystemTime::now();
+    let (cert, key) = ca.client("nobody", "nobody", now - Duration::from_secs(60), now + Duration::from_secs(86_400));
+    secret.update(&files(&ca.cert, &cert, &key, None));
+    wait_metric(&c, "the refusal", "podlease_etcd_credential_reloads_total{result=\"failed\"}", |v| v >= 1.0).await;
+    let answers = c.metric("podlease_keepalive_rtt_seconds_count").await;
+    let r = reader(&etcd.endpoint(), &certs, true).await;
+    the_connection_in_use_stays(&bed, &c, &r, from, answers).await;
+}

@@ -34,6 +34,9 @@ pub enum Report {
 #[derive(Debug)]
 enum Command {
     Track { lease: i64, ttl: i64, renew: Renew },
+    /// A lease of the pool: renewed like the others, counted apart, lost without a report
+    /// to anyone but the pool.
+    TrackPooled { lease: i64, ttl: i64 },
     Untrack(i64),
 }
 
@@ -51,7 +54,7 @@ impl Keepalive {
     /// the old material may no longer be accepted on a new connection).
     pub fn spawn(
         etcd: Connection,
-        own: Option<crate::etcd::EtcdConfig>,
+        own: bool,
         reports: mpsc::UnboundedSender<Report>,
         metrics: Metrics,
         shutdown: CancellationToken,
@@ -64,6 +67,7 @@ impl Keepalive {
             own,
             fresh_connection: true,
             leases: HashMap::new(),
+            pooled: 0,
             renewals: DelayQueue::new(),
             outbox: VecDeque::new(),
             keeper: None,
@@ -86,6 +90,17 @@ impl Keepalive {
         let _ = self.tx.send(Command::Track { lease, ttl, renew });
     }
 
+    /// A handle whose driver is gone: commands go nowhere (tests of what holds one).
+    #[cfg(test)]
+    pub fn detached() -> Keepalive {
+        Keepalive { tx: mpsc::unbounded_channel().0 }
+    }
+
+    /// Keeps a pooled lease (just granted, holding nothing) alive until it is taken.
+    pub fn track_pooled(&self, lease: i64, ttl: i64) {
+        let _ = self.tx.send(Command::TrackPooled { lease, ttl });
+    }
+
     /// Stops renewing `lease` (revoked, or no longer ours).
     pub fn untrack(&self, lease: i64) {
         let _ = self.tx.send(Command::Untrack(lease));
@@ -94,6 +109,8 @@ impl Keepalive {
 
 struct Tracked {
     ttl: i64,
+    /// In the lease pool: not an instance's lease (not in leases_held, lost silently).
+    pooled: bool,
     /// When etcd will expire the lease unless renewed (as far as we know).
     deadline: Instant,
     sent_at: Option<Instant>,
@@ -106,10 +123,13 @@ struct Driver {
     /// ... made at this generation of `etcd` (the credentials in use).
     generation: u64,
     etcd: Connection,
-    own: Option<crate::etcd::EtcdConfig>,
+    /// Whether the stream runs on connections of its own (made with the credentials in use).
+    own: bool,
     /// The next stream opens on a new connection (first open, or after a stall).
     fresh_connection: bool,
     leases: HashMap<i64, Tracked>,
+    /// How many of them are the pool's.
+    pooled: usize,
     renewals: DelayQueue<i64>,
     /// Renewal requests waiting for room in the stream's send buffer (never block the loop).
     outbox: VecDeque<i64>,
@@ -164,6 +184,7 @@ impl Driver {
                 cmd = rx.recv() => match cmd {
                     None => return,
                     Some(Command::Track { lease, ttl, renew }) => self.track(lease, ttl, renew),
+                    Some(Command::TrackPooled { lease, ttl }) => self.track_pooled(lease, ttl),
                     Some(Command::Untrack(lease)) => { self.forget(lease); }
                 },
                 _ = stall_check.tick(), if self.keeper.is_some() => {
@@ -227,28 +248,47 @@ impl Driver {
     }
 
     fn track(&mut self, lease: i64, ttl: i64, renew: Renew) {
+        if renew == Renew::Pooled
+            && let Some(t) = self.leases.get_mut(&lease)
+            && t.pooled
+        {
+            // Taken from the pool: its renewals go on as scheduled, now as an instance's.
+            t.pooled = false;
+            self.pooled -= 1;
+            self.count();
+            return;
+        }
         self.forget(lease);
-        let now = Instant::now();
-        let granted_at = match renew {
-            Renew::Granted | Renew::Unknown => now,
-            Renew::GrantedAt(at) => at.min(now),
-        };
         let first = match renew {
-            Renew::Granted | Renew::GrantedAt(_) => (granted_at + renew_interval(ttl)).saturating_duration_since(now),
-            Renew::Unknown => Duration::ZERO,
+            Renew::Granted => renew_interval(ttl),
+            Renew::Unknown | Renew::Pooled => Duration::ZERO,
         };
+        self.insert(lease, ttl, first, false);
+    }
+
+    fn track_pooled(&mut self, lease: i64, ttl: i64) {
+        self.forget(lease);
+        self.insert(lease, ttl, renew_interval(ttl), true);
+    }
+
+    fn insert(&mut self, lease: i64, ttl: i64, first: Duration, pooled: bool) {
         let timer = self.renewals.insert(lease, first);
-        let deadline = granted_at + Duration::from_secs(ttl.max(1) as u64);
-        self.leases.insert(lease, Tracked { ttl, deadline, sent_at: None, timer });
+        let deadline = Instant::now() + Duration::from_secs(ttl.max(1) as u64);
+        self.leases.insert(lease, Tracked { ttl, pooled, deadline, sent_at: None, timer });
         *self.ttls.entry(ttl).or_default() += 1;
-        self.metrics.leases_held.set(self.leases.len() as i64);
+        self.pooled += pooled as usize;
+        self.count();
+    }
+
+    /// Instances' leases held (the pool's apart).
+    fn count(&self) {
+        self.metrics.leases_held.set((self.leases.len() - self.pooled) as i64);
     }
 
     /// The one place a lease stops being tracked.
-    fn forget(&mut self, lease: i64) -> bool {
-        let Some(t) = self.leases.remove(&lease) else {
-            return false;
-        };
+    /// Whether it was tracked, and if so whether it was the pool's.
+    fn forget(&mut self, lease: i64) -> Option<bool> {
+        let t = self.leases.remove(&lease)?;
         self.renewals.remove(&t.timer);
         if let Some(n) = self.ttls.get_mut(&t.ttl) {
             *n -= 1;
@@ -256,8 +296,9 @@ impl Driver {
                 self.ttls.remove(&t.ttl);
             }
         }
-        self.metrics.leases_held.set(self.leases.len() as i64);
-        true
+        self.pooled -= t.pooled as usize;
+        self.count();
+        Some(t.pooled)
     }
 
     /// A lease's renewal time came: queue a request, schedule the next, and give up on it
@@ -271,8 +312,8 @@ impl Driver {
         // restarts and leader changes): keep it, and ask again once the stream is back.
         if self.keeper.is_some() && Instant::now() >= t.deadline {
             // No renewal got through within the TTL: etcd has expired it (or will).
-            self.forget(lease);
-            self.report_lost(lease, "not renewed within its TTL");
+            let pooled = self.forget(lease).unwrap_or(false);
+            self.report_lost(lease, pooled, "not renewed within its TTL");
             return;
         }
         t.timer = self.renewals.insert(lease, renew_interval(t.ttl));
@@ -290,8 +331,8 @@ impl Driver {
                 self.progress_at = Instant::now();
                 let lease = r.id();
                 if r.ttl() <= 0 {
-                    if self.forget(lease) {
-                        self.report_lost(lease, "etcd answered TTL 0");
+                    if let Some(pooled) = self.forget(lease) {
+                        self.report_lost(lease, pooled, "etcd answered TTL 0");
                     }
                 } else if let Some(t) = self.leases.get_mut(&lease) {
                     t.deadline = Instant::now() + Duration::from_secs(r.ttl() as u64);
@@ -305,9 +346,14 @@ impl Driver {
         }
     }
 
-    fn report_lost(&mut self, lease: i64, why: &str) {
-        info!(lease = format!("{lease:x}"), why, "lease lost");
-        self.metrics.leases_lost.inc();
+    /// `pooled`: the lost lease was the pool's (nobody's key was under it).
+    fn report_lost(&mut self, lease: i64, pooled: bool, why: &str) {
+        if pooled {
+            debug!(lease = format!("{lease:x}"), why, "pooled lease lost");
+        } else {
+            info!(lease = format!("{lease:x}"), why, "lease lost");
+            self.metrics.leases_lost.inc();
+        }
         let _ = self.reports.send(Report::Lost(lease));
     }
 
@@ -337,23 +383,23 @@ impl Driver {
         if generation != self.generation {
             // Rotated credentials: a new stream must not reconnect with the old ones.
             self.fresh_connection = true;
-            if self.own.is_none() {
+            if !self.own {
                 self.client = self.etcd.client();
                 self.generation = generation;
             }
         }
-        if self.fresh_connection
-            && let Some(config) = &self.own
-        {
+        if self.fresh_connection && self.own {
+            // With the credentials in use, never the files (etcd may not accept those yet).
             // Connecting is lazy without auth (this only builds the channel); with auth it
             // logs in, within the call timeout.
-            match config.connect().await {
+            match self.etcd.fresh().await {
                 Ok(c) => {
                     self.client = c;
                     self.generation = generation;
                     self.fresh_connection = false;
                 }
                 Err(e) => {
+                    self.metrics.etcd_error("keepalive");
                     let _ = self.reports.send(Report::Down(format!("connecting for keepalives: {e}")));
                     return Err(self.backoff.next());
                 }
@@ -364,7 +410,7 @@ impl Driver {
         for lease in candidates {
             let mut lc = self.client.lease_client();
             // The etcd call timeout (--etcd-timeout), like every other call.
-            let limit = self.own.as_ref().map_or(crate::etcd::EtcdConfig::default().call_timeout, |c| c.call_timeout);
+            let limit = self.etcd.call_timeout();
             match tokio::time::timeout(limit, lc.keep_alive(lease)).await {
                 Ok(Ok((keeper, stream))) => {
                     debug!(lease = format!("{lease:x}"), "keepalive stream open");
@@ -385,17 +431,19 @@ impl Driver {
                     return Ok(());
                 }
                 Ok(Err(etcd_client::Error::LeaseKeepAliveError(msg))) if msg.contains("not found") => {
-                    self.forget(lease);
-                    self.report_lost(lease, "not found when opening the keepalive stream");
+                    let pooled = self.forget(lease).unwrap_or(false);
+                    self.report_lost(lease, pooled, "not found when opening the keepalive stream");
                 }
                 Ok(Err(e)) => {
                     debug!(error = %e, "opening keepalive stream failed");
+                    self.metrics.etcd_error("keepalive");
                     let _ = self.reports.send(Report::Down(format!("opening the keepalive stream: {e}")));
                     // The next try on a new connection, made from the files as they are then.
                     self.fresh_connection = true;
                     return Err(self.backoff.next());
                 }
                 Err(_) => {
+                    self.metrics.etcd_error("keepalive");
                     let _ = self.reports.send(Report::Down("opening the keepalive stream timed out".into()));
                     self.fresh_connection = true;
                     return Err(self.backoff.next());

@@ -87,10 +87,10 @@ pub struct RegistryConfig {
     /// Revoke every lease when the process shuts down and no other replica takes over
     /// (default: leave them for the next leader to adopt).
     pub revoke_on_shutdown: bool,
-    /// Where the keepalive driver connects on its own (None: it shares the registry's
-    /// client), so keepalives never queue behind other calls and a stalled stream can move
-    /// to a fresh connection.
-    pub keepalive_etcd: Option<crate::etcd::EtcdConfig>,
+    /// Whether the keepalive driver makes connections of its own (with the credentials in
+    /// use), so keepalives never queue behind other calls and a stalled stream can move to a
+    /// fresh connection; otherwise it shares the registry's.
+    pub keepalive_own_connection: bool,
     /// Leases granted ahead per TTL in use (0: off), and the TTLs to pool from the start.
     pub lease_pool_size: usize,
     pub pooled_ttls: Vec<i64>,
@@ -112,7 +112,7 @@ impl Default for RegistryConfig {
             identity: "podlease".into(),
             fence_ttl: fence::FENCE_TTL,
             revoke_on_shutdown: false,
-            keepalive_etcd: None,
+            keepalive_own_connection: false,
             lease_pool_size: 0,
             pooled_ttls: Vec::new(),
         }
@@ -226,11 +226,11 @@ impl Registry {
         term: CancellationToken,
     ) -> Registry {
         let (reports_tx, reports) = mpsc::unbounded_channel();
-        let keepalive = Keepalive::spawn(client.clone(), config.keepalive_etcd.clone(), reports_tx, metrics.clone(), term.clone());
+        let keepalive = Keepalive::spawn(client.clone(), config.keepalive_own_connection, reports_tx, metrics.clone(), term.clone());
         *view.write().unwrap() = View::default();
         metrics.clear_instances();
         // Only a leading term registers anything: a caretaker needs no pool.
-        let pool = pool::Pool::new(if epoch.is_some() { config.lease_pool_size } else { 0 }, metrics.clone());
+        let pool = pool::Pool::new(if epoch.is_some() { config.lease_pool_size } else { 0 }, keepalive.clone(), metrics.clone());
         for ttl in &config.pooled_ttls {
             pool.prewarm(*ttl);
         }
@@ -805,6 +805,7 @@ impl Registry {
 
     fn on_lease_lost(&mut self, lease: i64) {
         let Some(id) = self.by_lease.get(&lease).cloned() else {
+            self.writer.pool.lost(lease);
             return;
         };
         if let Some(e) = self.slots.get_mut(&id) {

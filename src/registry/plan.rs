@@ -50,9 +50,9 @@ pub enum Renew {
     Granted,
     /// Adopted or taken back: it may be about to expire, so it is renewed at once.
     Unknown,
-    /// Granted at this instant, ahead of its use (the lease pool): the first renewal is due
-    /// a third of the TTL after it, the expiry a TTL after it.
-    GrantedAt(std::time::Instant),
+    /// Taken from the lease pool, where the keepalive driver already renews it: its
+    /// renewals go on as they were (renewed at once if the driver no longer has it).
+    Pooled,
 }
 
 /// What the actor does after a decision.
@@ -248,8 +248,10 @@ impl Slot {
                 fx.push(Effect::Show(Some(Shown::Pending)));
             }
             Ok(Outcome::Unknown { held, error }) => {
-                // Whatever landed is under this lease: keep it, and rewrite under it.
-                fx.extend(self.set_held(Some(held), Renew::Granted));
+                // Whatever landed is under this lease: keep it, and rewrite under it. How
+                // long ago it was granted is not known here (a pooled lease, a slow answer):
+                // renewed at once.
+                fx.extend(self.set_held(Some(held), Renew::Unknown));
                 self.failed = Some(error.to_string());
                 fx.push(Effect::RetryBackoff);
                 fx.push(Effect::EtcdFailed { op: error.op(), message: error.to_string() });
@@ -486,7 +488,7 @@ mod tests {
         let mut h = held_for(&d, 8);
         h.value_hash.clear();
         let fx = s.done("register", Ok(Outcome::Unknown { held: h.clone(), error: OpError::Timeout { op: "txn", after: Duration::from_secs(5) } }));
-        assert_eq!(fx[0], Effect::Track { lease: 8, ttl: 30, renew: Renew::Granted });
+        assert_eq!(fx[0], Effect::Track { lease: 8, ttl: 30, renew: Renew::Unknown }, "renewed at once: its age is not known");
         assert!(!fx.iter().any(|e| matches!(e, Effect::Untrack(_))), "the lease is not given up: {fx:?}");
         assert!(fx.contains(&Effect::RetryBackoff));
         assert_eq!(s.next(), Next::Run(Op::Update(d, h)));

@@ -2,12 +2,13 @@
 //! writes its key: two raft writes in series on the way to consumers. With a few leases per
 //! TTL granted ahead of time, a registration takes one and writes its key in one Txn.
 //!
-//! A pooled lease holds nothing and is not kept alive: one not taken while at least half of
-//! its TTL is left is dropped and expires on its own. So podlease dying with a full pool
-//! loses nothing and leaves nothing behind for longer than a TTL. A TTL nobody asked for
-//! in [`IDLE`] stops being pooled.
+//! A pooled lease holds nothing and is renewed by the keepalive driver like any other (a
+//! renewal is no raft write), so it always has two thirds of its TTL ahead when it is taken
+//! and keeps its renewal schedule. When the term ends, the driver stops and the pool's
+//! leases expire within a TTL, holding nothing: podlease dying with a full pool loses
+//! nothing. A TTL nobody asked for in [`IDLE`] stops being pooled (the prewarmed ones stay).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,6 +17,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::debug;
 
+use super::lease::{Backoff, Keepalive};
 use super::write::call;
 use crate::etcd::Connection;
 use crate::metrics::Metrics;
@@ -24,79 +26,90 @@ use crate::metrics::Metrics;
 pub const IDLE: Duration = Duration::from_secs(600);
 /// Grants in flight at once while refilling.
 const REFILL_CONCURRENCY: usize = 8;
-/// How often the pool drops stale leases and tops up, besides right after a take.
+/// How often the pool drops idle TTLs and tops up, besides right after a take.
 const TICK: Duration = Duration::from_secs(1);
-
-/// A pooled lease handed to a registration: its id and when it was granted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Pooled {
-    pub lease: i64,
-    pub granted_at: Instant,
-}
 
 #[derive(Default)]
 struct Inner {
-    free: HashMap<i64, VecDeque<Pooled>>,
-    /// TTLs in use, and when each was last asked for.
+    free: HashMap<i64, VecDeque<i64>>,
+    /// TTLs in use, and when each was last asked for ...
     wanted: HashMap<i64, Instant>,
+    /// ... and those pooled whatever the demand (the default TTL).
+    prewarmed: HashSet<i64>,
 }
 
-/// Cheap to clone; clones share the pool. `size` 0 turns pooling off.
+/// Cheap to clone; clones share the pool. Off (size 0, no keepalive driver) by default.
 #[derive(Clone, Default)]
 pub struct Pool {
     size: usize,
     inner: Arc<Mutex<Inner>>,
     wake: Arc<Notify>,
+    keepalive: Option<Keepalive>,
     metrics: Option<Metrics>,
 }
 
-/// Whether a lease granted at `granted_at` with `ttl` seconds is still worth handing out
-/// at `now`: at least half of its TTL left (its first renewal, due at a third, may then be
-/// already due: the keepalive driver sends it at once).
-pub fn fresh(granted_at: Instant, ttl: i64, now: Instant) -> bool {
-    now.saturating_duration_since(granted_at) < Duration::from_millis(ttl.max(1) as u64 * 500)
-}
-
 impl Pool {
-    pub fn new(size: usize, metrics: Metrics) -> Pool {
-        Pool { size, inner: Arc::default(), wake: Arc::default(), metrics: Some(metrics) }
+    /// A pool of `size` leases per TTL in use, kept alive by `keepalive`; `size` 0 is off.
+    pub fn new(size: usize, keepalive: Keepalive, metrics: Metrics) -> Pool {
+        Pool { size, inner: Arc::default(), wake: Arc::default(), keepalive: Some(keepalive), metrics: Some(metrics) }
     }
 
     pub fn enabled(&self) -> bool {
-        self.size > 0
+        self.size > 0 && self.keepalive.is_some()
     }
 
-    /// A fresh lease of `ttl` from the pool, if one is there; either way `ttl` counts as in
-    /// use and the pool tops it up.
-    pub fn take(&self, ttl: i64) -> Option<Pooled> {
+    /// A lease of `ttl` from the pool, if one is there; either way `ttl` counts as in use
+    /// and the pool tops it up.
+    pub fn take(&self, ttl: i64) -> Option<i64> {
         if !self.enabled() {
             return None;
         }
-        let now = Instant::now();
         let taken = {
             let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            inner.wanted.insert(ttl, now);
-            let free = inner.free.entry(ttl).or_default();
-            let mut taken = None;
-            while let Some(p) = free.pop_front() {
-                if fresh(p.granted_at, ttl, now) {
-                    taken = Some(p);
-                    break;
-                }
-                self.count(|m| m.lease_pool_expired.inc());
-            }
-            self.gauge(&inner);
-            taken
+            inner.wanted.insert(ttl, Instant::now());
+            inner.free.get_mut(&ttl).and_then(VecDeque::pop_front)
         };
-        self.count(|m| if taken.is_some() { m.lease_pool_taken.inc() } else { m.lease_pool_missed.inc() });
+        self.count(|m| match taken {
+            Some(_) => {
+                m.lease_pool_free.dec();
+                m.lease_pool_taken.inc();
+            }
+            None => {
+                m.lease_pool_missed.inc();
+            }
+        });
         self.wake.notify_one();
         taken
     }
 
-    /// Starts pooling `ttl` before anything asks for it (the default TTL).
+    /// A taken lease that ends up holding nothing (the registration was refused; the caller
+    /// revokes it): no longer renewed.
+    pub fn discard(&self, lease: i64) {
+        if let Some(k) = &self.keepalive {
+            k.untrack(lease);
+        }
+    }
+
+    /// etcd reported `lease` gone: if it was waiting in the pool, it is not handed out.
+    pub fn lost(&self, lease: i64) {
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut removed = 0;
+        for q in inner.free.values_mut() {
+            let before = q.len();
+            q.retain(|l| *l != lease);
+            removed += before - q.len();
+        }
+        drop(inner);
+        self.count(|m| m.lease_pool_free.dec_by(removed as i64));
+    }
+
+    /// Pools `ttl` from now on, whatever the demand (the default TTL).
     pub fn prewarm(&self, ttl: i64) {
         if self.enabled() {
-            self.inner.lock().unwrap_or_else(|e| e.into_inner()).wanted.insert(ttl, Instant::now());
+            let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            inner.prewarmed.insert(ttl);
+            inner.wanted.insert(ttl, Instant::now());
+            drop(inner);
             self.wake.notify_one();
         }
     }
@@ -107,85 +120,93 @@ impl Pool {
         }
     }
 
-    /// Keeps the pool topped up until `term` ends (then what is left expires on its own).
+    /// Keeps the pool topped up until `term` ends (then the driver stops renewing and what
+    /// is left expires on its own).
     pub fn spawn_refill(&self, etcd: Connection, timeout: Duration, term: CancellationToken) {
         if !self.enabled() {
             return;
         }
         let pool = self.clone();
         tokio::spawn(async move {
+            let mut backoff = Backoff::capped(Duration::from_secs(30));
+            let mut wait = TICK;
             loop {
                 tokio::select! {
                     _ = term.cancelled() => break,
-                    _ = pool.wake.notified() => {}
-                    _ = tokio::time::sleep(TICK) => {}
+                    _ = pool.wake.notified(), if wait == TICK => {}
+                    _ = tokio::time::sleep(wait) => {}
                 }
-                let needed = pool.prune_and_count(Instant::now());
-                for (ttl, n) in needed {
-                    let granted: Vec<Pooled> = futures::stream::iter(0..n)
+                let mut short = false;
+                for (ttl, n) in pool.prune_and_count(Instant::now()) {
+                    let granted: Vec<i64> = futures::stream::iter(0..n)
                         .map(|_| {
                             let mut lc = etcd.lease_client();
-                            async move {
-                                let lease = call(timeout, "grant", lc.grant(ttl, None)).await.ok()?.id();
-                                Some(Pooled { lease, granted_at: Instant::now() })
-                            }
+                            async move { call(timeout, "grant", lc.grant(ttl, None)).await.ok().map(|r| r.id()) }
                         })
                         .buffer_unordered(REFILL_CONCURRENCY)
-                        .filter_map(|p| async move { p })
+                        .take_until(term.cancelled())
+                        .filter_map(|l| async move { l })
                         .collect()
                         .await;
-                    if granted.len() < n {
-                        debug!(ttl, wanted = n, granted = granted.len(), "lease pool: grants failed; trying again at the next tick");
+                    if term.is_cancelled() {
+                        break;
                     }
+                    short |= granted.len() < n;
                     pool.put(ttl, granted);
+                }
+                // Grants failing (etcd down or refusing): try again later, not every tick.
+                wait = if short { backoff.next() } else { backoff.reset(); TICK };
+                if short {
+                    debug!(retry_in = ?wait, "lease pool: grants failed");
                 }
             }
             pool.clear();
         });
     }
 
-    /// Drops stale leases and TTLs no longer in use; how many leases each TTL lacks.
+    /// Drops TTLs no longer in use (their leases are no longer renewed, and expire holding
+    /// nothing); how many leases each TTL in use lacks.
     fn prune_and_count(&self, now: Instant) -> Vec<(i64, usize)> {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        inner.wanted.retain(|_, last| now.saturating_duration_since(*last) < IDLE);
+        let prewarmed = inner.prewarmed.clone();
+        inner.wanted.retain(|ttl, last| prewarmed.contains(ttl) || now.saturating_duration_since(*last) < IDLE);
         let wanted: Vec<i64> = inner.wanted.keys().copied().collect();
-        let mut expired = 0;
-        inner.free.retain(|ttl, q| {
-            let before = q.len();
-            q.retain(|p| fresh(p.granted_at, *ttl, now));
-            expired += before - q.len();
-            wanted.contains(ttl)
-        });
-        self.count(|m| m.lease_pool_expired.inc_by(expired as u64));
-        let mut needed = Vec::new();
-        for ttl in wanted {
-            let have = inner.free.get(&ttl).map_or(0, VecDeque::len);
-            if have < self.size {
-                needed.push((ttl, self.size - have));
+        let idle: Vec<i64> = inner.free.keys().filter(|ttl| !wanted.contains(ttl)).copied().collect();
+        for ttl in idle {
+            for lease in inner.free.remove(&ttl).unwrap_or_default() {
+                self.discard(lease);
+                self.count(|m| m.lease_pool_free.dec());
             }
         }
-        self.gauge(&inner);
-        needed
+        wanted
+            .into_iter()
+            .filter_map(|ttl| {
+                let have = inner.free.get(&ttl).map_or(0, VecDeque::len);
+                (have < self.size).then(|| (ttl, self.size - have))
+            })
+            .collect()
     }
 
-    fn put(&self, ttl: i64, granted: Vec<Pooled>) {
+    /// Fresh grants: kept alive from now on, handed out in grant order.
+    fn put(&self, ttl: i64, granted: Vec<i64>) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        if inner.wanted.contains_key(&ttl) {
-            inner.free.entry(ttl).or_default().extend(granted);
+        let keep = inner.wanted.contains_key(&ttl);
+        for lease in granted {
+            if keep && let Some(k) = &self.keepalive {
+                k.track_pooled(lease, ttl);
+                inner.free.entry(ttl).or_default().push_back(lease);
+                self.count(|m| m.lease_pool_free.inc());
+            }
         }
-        self.gauge(&inner);
     }
 
     fn clear(&self) {
         let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let n: usize = inner.free.values().map(VecDeque::len).sum();
         inner.free.clear();
         inner.wanted.clear();
-        self.gauge(&inner);
-    }
-
-    fn gauge(&self, inner: &Inner) {
-        let free: usize = inner.free.values().map(VecDeque::len).sum();
-        self.count(|m| m.lease_pool_free.set(free as i64));
+        drop(inner);
+        self.count(|m| m.lease_pool_free.dec_by(n as i64));
     }
 }
 
@@ -194,34 +215,31 @@ mod tests {
     use super::*;
 
     fn pool(size: usize) -> Pool {
-        Pool::new(size, Metrics::new())
+        Pool::new(size, Keepalive::detached(), Metrics::new())
     }
 
     #[test]
-    fn a_lease_is_handed_out_while_half_its_ttl_is_left() {
-        let t0 = Instant::now();
-        assert!(fresh(t0, 30, t0 + Duration::from_millis(14_999)));
-        assert!(!fresh(t0, 30, t0 + Duration::from_secs(15)));
-        assert!(!fresh(t0, 1, t0 + Duration::from_millis(500)));
-    }
-
-    #[test]
-    fn takes_come_in_grant_order_and_skip_stale_leases() {
+    fn takes_come_in_grant_order_and_each_ttl_has_its_own() {
         let p = pool(4);
         assert_eq!(p.take(30), None, "empty: the caller grants");
-        let now = Instant::now();
-        let stale = Pooled { lease: 1, granted_at: now - Duration::from_secs(20) };
-        let a = Pooled { lease: 2, granted_at: now };
-        let b = Pooled { lease: 3, granted_at: now };
-        p.put(30, vec![stale, a, b]);
-        assert_eq!(p.take(30), Some(a));
-        assert_eq!(p.take(30), Some(b));
+        p.put(30, vec![2, 3]);
+        assert_eq!(p.take(30), Some(2));
+        assert_eq!(p.take(30), Some(3));
         assert_eq!(p.take(30), None);
         assert_eq!(p.take(10), None, "another TTL has its own leases");
     }
 
     #[test]
-    fn the_pool_tops_up_ttls_in_use_and_forgets_idle_ones() {
+    fn a_lease_reported_lost_is_not_handed_out() {
+        let p = pool(4);
+        let _ = p.take(30);
+        p.put(30, vec![5, 6]);
+        p.lost(5);
+        assert_eq!(p.take(30), Some(6));
+    }
+
+    #[test]
+    fn the_pool_tops_up_ttls_in_use_and_forgets_idle_ones_but_not_the_prewarmed() {
         let p = pool(4);
         assert!(p.prune_and_count(Instant::now()).is_empty(), "nothing asked for yet");
         p.prewarm(30);
@@ -229,19 +247,21 @@ mod tests {
         let mut needed = p.prune_and_count(Instant::now());
         needed.sort();
         assert_eq!(needed, vec![(30, 4), (45, 4)]);
-        let now = Instant::now();
-        p.put(30, vec![Pooled { lease: 7, granted_at: now }, Pooled { lease: 8, granted_at: now }]);
-        assert!(p.prune_and_count(now).contains(&(30, 2)));
-        // Ten minutes later nobody asked for either: neither is pooled any more.
-        assert!(p.prune_and_count(now + IDLE + Duration::from_secs(1)).is_empty());
-        assert_eq!(p.take(30), None, "the idle TTL's leases were dropped");
+        p.put(30, vec![7, 8]);
+        p.put(45, vec![9]);
+        assert!(p.prune_and_count(Instant::now()).contains(&(30, 2)));
+        // Ten minutes later nobody asked for either: 45 is no longer pooled, 30 still is.
+        let later = Instant::now() + IDLE + Duration::from_secs(1);
+        assert_eq!(p.prune_and_count(later), vec![(30, 2)]);
+        assert_eq!(p.take(45), None, "the idle TTL's leases were dropped");
+        assert_eq!(p.take(30), Some(7));
     }
 
     #[test]
     fn a_pool_of_size_zero_is_off() {
         let p = pool(0);
         p.prewarm(30);
-        p.put(30, vec![Pooled { lease: 1, granted_at: Instant::now() }]);
+        p.put(30, vec![1]);
         assert_eq!(p.take(30), None);
         assert!(p.prune_and_count(Instant::now()).is_empty());
     }

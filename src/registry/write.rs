@@ -152,9 +152,9 @@ impl Writer {
     /// Takes a pooled lease, or grants one, and writes key + ownership record under it if
     /// the key is absent: with a pooled lease, one etcd write.
     pub async fn register(&self, id: &InstanceId, d: &Desired) -> Result<Outcome, OpError> {
-        if let Some(p) = self.pool.take(d.ttl) {
+        if let Some(lease) = self.pool.take(d.ttl) {
             crate::failpoint::hit("after-grant");
-            match self.register_under(id, d, p.lease, Renew::GrantedAt(p.granted_at)).await {
+            match self.register_under(id, d, lease, Renew::Pooled).await {
                 // Revoked behind the pool's back (or expired over a long etcd outage):
                 // nothing was written; grant one instead.
                 Ok(Outcome::LeaseGone) => {}
@@ -180,7 +180,9 @@ impl Writer {
                 Ok(Outcome::Unknown { held, error: e })
             }
             other => {
-                // Nothing is under the fresh lease: drop it now rather than at its TTL.
+                // Nothing is under the fresh lease: drop it now rather than at its TTL (and
+                // stop renewing it, if it came from the pool).
+                self.pool.discard(lease);
                 let _ = self.revoke_lease(lease).await;
                 other
             }
