@@ -7,6 +7,7 @@
 //! that started it, so no etcd or apiserver outlives a killed test binary.
 #![allow(dead_code, unused_imports)]
 
+pub mod bench;
 pub mod controller;
 pub mod etcd;
 pub mod gate;

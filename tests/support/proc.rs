@@ -33,3 +33,46 @@ pub async fn cores_over(pids: &[u32], window: Duration) -> Vec<f64> {
     let secs = start.elapsed().as_secs_f64();
     pids.iter().zip(before).map(|(p, b)| (cpu_seconds(*p) - b) / secs).collect()
 }
+
+/// CPU seconds of several processes, and of the whole machine, at one instant: the start of
+/// a measurement window whose end is `cores_since`.
+pub struct CpuMark {
+    at: Instant,
+    pids: Vec<u32>,
+    used: Vec<f64>,
+    machine: (f64, f64),
+}
+
+impl CpuMark {
+    pub fn now(pids: &[u32]) -> CpuMark {
+        CpuMark { at: Instant::now(), pids: pids.to_vec(), used: pids.iter().map(|p| cpu_seconds(*p)).collect(), machine: machine_busy_total() }
+    }
+
+    /// Average cores each process used since the mark, in the order given.
+    pub fn cores_since(&self) -> Vec<f64> {
+        let secs = self.at.elapsed().as_secs_f64().max(1e-9);
+        self.pids.iter().zip(&self.used).map(|(p, b)| (cpu_seconds(*p) - b) / secs).collect()
+    }
+
+    /// Average cores the whole machine was busy since the mark (everything but idle and
+    /// iowait in /proc/stat), whoever used them.
+    pub fn machine_cores_since(&self) -> f64 {
+        let (busy, total) = machine_busy_total();
+        let (b0, t0) = self.machine;
+        if total <= t0 {
+            return 0.0;
+        }
+        (busy - b0) / (total - t0) * super::bench::cores() as f64
+    }
+}
+
+/// (busy, total) jiffies of all CPUs from /proc/stat.
+fn machine_busy_total() -> (f64, f64) {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let Some(cpu) = stat.lines().find(|l| l.starts_with("cpu ")) else { return (0.0, 0.0) };
+    let v: Vec<f64> = cpu.split_whitespace().skip(1).filter_map(|x| x.parse().ok()).collect();
+    // user nice system idle iowait irq softirq steal (guest fields are already in user).
+    let total: f64 = v.iter().take(8).sum();
+    let idle = v.get(3).copied().unwrap_or(0.0) + v.get(4).copied().unwrap_or(0.0);
+    (total - idle, total)
+}

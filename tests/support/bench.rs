@@ -1,0 +1,570 @@
+//! What the benchmarks share: the quiet-machine guard (1-minute load average), the report
+//! section each bench writes (command, machine, bed versions, load at start and end),
+//! latency summaries, watch timelines of what consumers see (etcd keys, EndpointSlice
+//! endpoints), the EndpointSlice controller as the peer with its client rate limiter
+//! visible, load generators that retry the API server's 429s, and registry etcd figures.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::process::{Child, Command};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use etcd_client::{EventType, GetOptions, WatchOptions};
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams, PostParams};
+use kube::core::GroupVersionKind;
+use kube::runtime::watcher;
+use serde_json::json;
+use tokio::sync::Notify;
+
+use super::controller::{Controller, http_get, metric};
+use super::{Binaries, TestBed, free_port, spawn_owned};
+
+/// A machine whose 1-minute load average is above this many runnable tasks per core is busy:
+/// the bench waits for it to settle and refuses to run if it does not (unless forced).
+pub const LOAD_PER_CORE: f64 = 0.5;
+
+/// The flags that turn podlease's pool of pre-granted leases off (today's behaviour before
+/// the pool: grant, then the Txn). The one parameter of the before/after comparison.
+pub const POOL_OFF: &[&str] = &["--lease-pool-size", "0"];
+
+/// The EndpointSlice controller's client rate limit for the main comparison: high enough
+/// that its limiter never binds at the request rates the benches cause (checked from its
+/// own rest_client_rate_limiter_duration_seconds, see `Peer::limiter`).
+pub const PEER_UNTHROTTLED: (u32, u32) = (1000, 1000);
+
+/// kube-controller-manager's own defaults (--kube-api-qps, --kube-api-burst).
+pub const PEER_DEFAULT: (u32, u32) = (20, 30);
+
+pub fn cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// The 1-minute load average.
+pub fn loadavg() -> f64 {
+    std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(f64::NAN)
+}
+
+fn env_secs(name: &str, default: u64) -> Duration {
+    Duration::from_secs(std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default))
+}
+
+/// The machine's load when a bench started, and whether it ran forced on a busy machine.
+#[derive(Debug, Clone)]
+pub struct Load {
+    pub threshold: f64,
+    pub at_start: f64,
+    pub busy: bool,
+}
+
+/// Waits up to $BENCH_SETTLE_SECS (default 180: the previous bench's own load decays from 2
+/// to 1 in about 40 s) for the 1-minute load average to fall to `LOAD_PER_CORE` × cores.
+/// If it does not, exits with status 2 before starting anything, unless BENCH_FORCE=1: then
+/// the bench runs and its report says in bold that it was measured on a busy machine.
+pub async fn require_quiet_machine() -> Load {
+    let threshold = LOAD_PER_CORE * cores() as f64;
+    let settle = env_secs("BENCH_SETTLE_SECS", 180);
+    let forced = std::env::var("BENCH_FORCE").is_ok_and(|v| v == "1");
+    let start = Instant::now();
+    let mut said = Instant::now() - Duration::from_secs(60);
+    loop {
+        let load = loadavg();
+        if load <= threshold {
+            return Load { threshold, at_start: load, busy: false };
+        }
+        if forced {
+            eprintln!("BENCH_FORCE=1: running on a busy machine (1-minute load {load:.2} > {threshold:.2}); the report says so");
+            return Load { threshold, at_start: load, busy: true };
+        }
+        if start.elapsed() >= settle {
+            eprintln!(
+                "refusing to benchmark: the 1-minute load average is {load:.2}, above {threshold:.2} ({LOAD_PER_CORE} per core on {} cores), after waiting {}s for it to settle. Stop what else runs, or set BENCH_FORCE=1 to measure anyway (the report will say so).",
+                cores(),
+                settle.as_secs()
+            );
+            std::process::exit(2);
+        }
+        if said.elapsed() >= Duration::from_secs(15) {
+            eprintln!("waiting for the machine to settle: 1-minute load {load:.2} > {threshold:.2}");
+            said = Instant::now();
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await; // the load average moves every 5 s
+    }
+}
+
+/// Test runners call every harness=false target with `--list`: a bench then does nothing.
+pub fn listing() -> bool {
+    std::env::args().any(|a| a == "--list")
+}
+
+/// One section of BENCHMARKS.md. Its first line names it for scripts/benchmarks-md.sh, which
+/// replaces that section and keeps the others.
+pub struct Report {
+    name: &'static str,
+    title: String,
+    load: Load,
+    started: Instant,
+    bed: String,
+    pub md: String,
+}
+
+impl Report {
+    pub fn new(name: &'static str, title: &str, load: Load) -> Report {
+        Report { name, title: title.to_string(), load, started: Instant::now(), bed: String::new(), md: String::new() }
+    }
+
+    /// Records the versions the bed really runs (asked from the live processes).
+    pub async fn bed(&mut self, bed: &TestBed) {
+        let apiserver = bed.kube.apiserver_version().await.map(|v| v.git_version).unwrap_or_else(|_| "?".into());
+        let etcd = bed.etcd.maintenance_client().status().await.map(|s| s.version().to_string()).unwrap_or_else(|_| "?".into());
+        self.bed = format!("kube-apiserver {apiserver}, etcd {etcd} (registry and API server storage, one member each)");
+    }
+
+    /// The command that reproduces this section: the bench, its arguments and every BENCH_*
+    /// setting it ran with.
+    fn command(&self) -> String {
+        let mut env: Vec<String> = std::env::vars().filter(|(k, _)| k.starts_with("BENCH_") && k != "BENCH_OUT").map(|(k, v)| format!("{k}={v} ")).collect();
+        env.sort();
+        let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+        let args = if args.is_empty() { String::new() } else { format!(" -- {}", args.join(" ")) };
+        format!("{}cargo bench --bench {}{args}", env.concat(), self.name)
+    }
+
+    /// Prints the section and writes it to $BENCH_OUT when set.
+    pub fn finish(self) {
+        let end = loadavg();
+        let mut out = String::new();
+        writeln!(out, "<!-- bench:{} -->", self.name).unwrap();
+        writeln!(out, "## {}\n", self.title).unwrap();
+        if self.load.busy {
+            writeln!(out, "**Measured on a busy machine (1-minute load {:.2} at start, above {:.2}; BENCH_FORCE=1): not figures to rely on.**\n", self.load.at_start, self.load.threshold).unwrap();
+        }
+        writeln!(out, "`{}` — {}; {}. Machine: {}. 1-minute load average {:.2} at start, {:.2} at end (the bench refuses to start above {:.2}); took {:.0} s.\n",
+            self.command(), date(), self.bed, machine(), self.load.at_start, end, self.load.threshold, self.started.elapsed().as_secs_f64()).unwrap();
+        out.push_str(&self.md);
+        print!("{out}");
+        if let Ok(path) = std::env::var("BENCH_OUT") {
+            std::fs::write(&path, out).unwrap_or_else(|e| panic!("write {path}: {e}"));
+        }
+    }
+}
+
+fn date() -> String {
+    k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC").to_string()
+}
+
+/// Cores, CPU model and memory, from /proc.
+pub fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo.lines().find_map(|l| l.strip_prefix("model name")?.split_once(':').map(|(_, m)| m.trim().to_string())).unwrap_or_else(|| "?".into());
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| m.lines().find_map(|l| l.strip_prefix("MemTotal:")?.split_whitespace().next()?.parse::<f64>().ok()))
+        .map(|kib| format!("{:.0} GiB", kib / 1048576.0))
+        .unwrap_or_else(|| "?".into());
+    format!("{} cores ({model}), {mem}", cores())
+}
+
+/// Latencies, sorted.
+#[derive(Debug, Clone, Default)]
+pub struct Dist(Vec<Duration>);
+
+impl Dist {
+    pub fn new(mut v: Vec<Duration>) -> Dist {
+        v.sort();
+        Dist(v)
+    }
+    pub fn n(&self) -> usize {
+        self.0.len()
+    }
+    /// The `q` quantile in ms (nearest rank).
+    pub fn ms(&self, q: f64) -> f64 {
+        if self.0.is_empty() {
+            return f64::NAN;
+        }
+        super::percentile(&self.0, q).as_secs_f64() * 1000.0
+    }
+    pub fn max_ms(&self) -> f64 {
+        self.0.last().map(|d| d.as_secs_f64() * 1000.0).unwrap_or(f64::NAN)
+    }
+    /// `n | p50 | p90 | p99 | max` table cells.
+    pub fn cells(&self) -> String {
+        format!("{} | {} | {} | {} | {}", self.n(), fmt_ms(self.ms(0.5)), fmt_ms(self.ms(0.9)), fmt_ms(self.ms(0.99)), fmt_ms(self.max_ms()))
+    }
+}
+
+pub fn fmt_ms(ms: f64) -> String {
+    if ms >= 1000.0 { format!("{:.2} s", ms / 1000.0) } else { format!("{ms:.1} ms") }
+}
+
+pub fn verdict(ok: bool) -> &'static str {
+    if ok { "met" } else { "missed" }
+}
+
+/// Whether a latency sits within ±1 ms of a multiple of 50 ms: the signature of a client
+/// rate limiter at 20 requests/s pacing a closed loop.
+pub fn at_multiple_of_50ms(ms: f64) -> bool {
+    let k = (ms / 50.0).round();
+    k >= 1.0 && (ms - k * 50.0).abs() <= 1.0
+}
+
+/// What a consumer sees per pod IP: every transition to published (`true`) or not, with
+/// the instant the watch delivered it.
+#[derive(Default)]
+pub struct Seen {
+    events: Mutex<HashMap<String, Vec<(bool, Instant)>>>,
+    changed: Notify,
+}
+
+impl Seen {
+    fn record(&self, ip: String, ready: bool, at: Instant) {
+        self.events.lock().unwrap().entry(ip).or_default().push((ready, at));
+        self.changed.notify_waiters();
+    }
+
+    /// When `ip` was first seen `ready` at or after `after`.
+    pub fn first(&self, ip: &str, ready: bool, after: Instant) -> Option<Instant> {
+        self.events.lock().unwrap().get(ip)?.iter().find(|(r, at)| *r == ready && *at >= after).map(|(_, at)| *at)
+    }
+
+    /// Waits (woken by each event, no polling) until `ip` is seen `ready` at or after `after`.
+    pub async fn wait(&self, ip: &str, ready: bool, after: Instant, within: Duration) -> Instant {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if let Some(at) = self.first(ip, ready, after) {
+                return at;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                panic!("{ip} not seen ready={ready} within {within:?}");
+            }
+        }
+    }
+}
+
+/// An etcd watch under `prefix` of json-format keys: a PUT publishes the value's address, a
+/// DELETE withdraws the previous value's. Established when this returns.
+pub async fn watch_etcd(etcd: &etcd_client::Client, prefix: &str) -> Arc<Seen> {
+    let seen = Arc::new(Seen::default());
+    let mut w = etcd.watch_client();
+    let mut stream = w.watch(prefix, Some(WatchOptions::new().with_prefix().with_prev_key())).await.expect("etcd watch");
+    let sink = seen.clone();
+    tokio::spawn(async move {
+        let _keep = w;
+        while let Ok(Some(resp)) = stream.message().await {
+            let at = Instant::now();
+            for ev in resp.events() {
+                let put = ev.event_type() == EventType::Put;
+                let kv = if put { ev.kv() } else { ev.prev_kv() };
+                let ip = kv
+                    .and_then(|kv| serde_json::from_slice::<serde_json::Value>(kv.value()).ok())
+                    .and_then(|v| Some(v["addr"].as_str()?.rsplit_once(':')?.0.to_string()));
+                if let Some(ip) = ip {
+                    sink.record(ip, put, at);
+                }
+            }
+        }
+    });
+    seen
+}
+
+/// A watch of the EndpointSlices (discovery.k8s.io/v1beta1 on 1.20) of Service `service` in
+/// every namespace: an endpoint's `ready` condition per address, recorded when it changes.
+pub fn watch_slices(kube: &kube::Client, service: &str) -> Arc<Seen> {
+    let seen = Arc::new(Seen::default());
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"), "endpointslices");
+    let slices: Api<DynamicObject> = Api::all_with(kube.clone(), &ar);
+    let cfg = watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
+    let sink = seen.clone();
+    tokio::spawn(async move {
+        let mut last: HashMap<String, bool> = HashMap::new();
+        let mut events = watcher(slices, cfg).boxed();
+        while let Some(ev) = events.next().await {
+            let at = Instant::now();
+            let Ok(watcher::Event::Apply(o) | watcher::Event::InitApply(o)) = ev else { continue };
+            for ep in o.data["endpoints"].as_array().into_iter().flatten() {
+                let ready = ep["conditions"]["ready"].as_bool().unwrap_or(false);
+                for ip in ep["addresses"].as_array().into_iter().flatten().filter_map(|a| a.as_str()) {
+                    if last.insert(ip.to_string(), ready) != Some(ready) {
+                        sink.record(ip.to_string(), ready, at);
+                    }
+                }
+            }
+        }
+    });
+    seen
+}
+
+/// kube-controller-manager running only the EndpointSlice controller, with its client's
+/// QPS and burst, and its (deprecated, plain HTTP) metrics port open so the rate limiter's
+/// waits can be read.
+pub struct Peer {
+    child: Child,
+    metrics_port: u16,
+    pub qps: (u32, u32),
+}
+
+impl Drop for Peer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The peer's API requests over a window, sampled once a second from its
+/// rest_client_requests_total (client-go 1.20 does not export its rate limiter's waits:
+/// rest_client_rate_limiter_duration_seconds is never registered). A token bucket of rate
+/// q and burst b delays no request while fewer than b requests come in any one second, and
+/// a one-second window spans at most two samples: a peak below b/2 per sample proves it.
+pub struct RequestRate {
+    samples: Arc<Mutex<Vec<(Instant, f64)>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for RequestRate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl RequestRate {
+    /// (requests, seconds, highest requests in one sample).
+    pub fn summary(&self) -> (f64, f64, f64) {
+        let s = self.samples.lock().unwrap();
+        let (Some(first), Some(last)) = (s.first(), s.last()) else { return (0.0, 0.0, 0.0) };
+        let peak = s.windows(2).map(|w| w[1].1 - w[0].1).fold(0.0, f64::max);
+        (last.1 - first.1, (last.0 - first.0).as_secs_f64(), peak)
+    }
+
+    /// What the report says about the limiter of rate `qps` (q, b).
+    pub fn describe(&self, qps: (u32, u32)) -> String {
+        let (n, secs, peak) = self.summary();
+        let binds = if peak < qps.1 as f64 / 2.0 {
+            format!("below half its burst of {}, so its limiter never delayed a request", qps.1)
+        } else if peak >= qps.0 as f64 {
+            format!("at its limiter's refill rate of {}/s: the limiter paced its requests", qps.0)
+        } else {
+            format!("enough that its limiter ({}/s, burst {}) may have delayed some", qps.0, qps.1)
+        };
+        format!("{n:.0} API requests in {secs:.0} s ({:.1}/s on average), at most {peak:.0} in one 1-s sample: {binds}", n / secs.max(1e-9))
+    }
+}
+
+impl Peer {
+    pub async fn start(bed: &TestBed, qps: (u32, u32), name: &str) -> Peer {
+        let metrics_port = free_port();
+        let mut cmd = Command::new(&Binaries::locate().kube_controller_manager);
+        cmd.arg(format!("--kubeconfig={}", bed.kubeconfig.display())).args(Peer::flags_for(qps, metrics_port));
+        let child = spawn_owned(&mut cmd, &bed.dir.path().join(format!("kube-controller-manager-{name}.log")));
+        let peer = Peer { child, metrics_port, qps };
+        super::wait_until("kube-controller-manager serves /healthz", super::DEADLINE, || async {
+            http_get(&format!("http://127.0.0.1:{metrics_port}/healthz")).await.filter(|(c, _)| *c == 200).map(|_| ())
+        })
+        .await;
+        peer
+    }
+
+    fn flags_for(qps: (u32, u32), metrics_port: u16) -> Vec<String> {
+        vec![
+            "--controllers=endpointslice".into(),
+            "--leader-elect=false".into(),
+            "--bind-address=127.0.0.1".into(),
+            "--secure-port=0".into(),
+            "--address=127.0.0.1".into(),
+            format!("--port={metrics_port}"),
+            format!("--kube-api-qps={}", qps.0),
+            format!("--kube-api-burst={}", qps.1),
+            "--v=1".into(),
+        ]
+    }
+
+    /// Its flags as the report shows them (every other setting is the default).
+    pub fn flags(&self) -> String {
+        let shown: Vec<String> = Peer::flags_for(self.qps, 0).into_iter().filter(|f| !f.starts_with("--port=") && !f.starts_with("--address=")).collect();
+        format!("`kube-controller-manager --kubeconfig=… {}` (plus a loopback metrics port)", shown.join(" "))
+    }
+
+    /// Every API request the peer has made so far.
+    pub async fn requests(&self) -> Option<f64> {
+        PeerMetrics(self.metrics_port).requests().await
+    }
+
+    /// Samples `requests` once a second from now until the result is dropped.
+    pub async fn sample_requests(&self) -> RequestRate {
+        let samples: Arc<Mutex<Vec<(Instant, f64)>>> = Arc::default();
+        let first = self.requests().await.expect("kube-controller-manager /metrics");
+        samples.lock().unwrap().push((Instant::now(), first));
+        let (sink, port) = (samples.clone(), self.metrics_port);
+        let task = tokio::spawn(async move {
+            let peer = PeerMetrics(port);
+            let mut tick = tokio::time::interval(Duration::from_secs(1)); // the sampling period
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                if let Some(n) = peer.requests().await {
+                    sink.lock().unwrap().push((Instant::now(), n));
+                }
+            }
+        });
+        RequestRate { samples, task }
+    }
+}
+
+struct PeerMetrics(u16);
+
+impl PeerMetrics {
+    async fn requests(&self) -> Option<f64> {
+        let (_, text) = http_get(&format!("http://127.0.0.1:{}/metrics", self.0)).await?;
+        Some(metric_sum(&text, "rest_client_requests_total"))
+    }
+}
+
+/// podlease's flags for one install of several side by side: its own namespace, leader
+/// Lease and thus install id; everything else at the defaults.
+pub fn install_flags(namespace: &str, lease: &str, extra: &[&str]) -> Vec<String> {
+    let mut f: Vec<String> = vec!["--log-level".into(), "info".into(), "--watch-namespace".into(), namespace.into(), "--leader-election-name".into(), lease.into()];
+    f.extend(extra.iter().map(|s| s.to_string()));
+    f
+}
+
+/// Whether the podlease binary under test has the lease pool flag at all.
+pub fn pool_flag_supported() -> bool {
+    Command::new(super::controller::binary()).args(["run", "--help"]).output().is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains(POOL_OFF[0]))
+}
+
+/// Waits until `c` answers /readyz with 200 and a body containing `want`.
+pub async fn wait_readyz(c: &Controller, want: &str, within: Duration) {
+    super::wait_until(&format!("podlease /readyz says {want:?}"), within, || async {
+        let (code, body) = http_get(&format!("http://127.0.0.1:{}/readyz", c.metrics_port)).await?;
+        (code == 200 && body.contains(want)).then_some(())
+    })
+    .await
+}
+
+/// The sum of every sample of `name` (all label sets) in a Prometheus exposition.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+pub async fn podlease_metric(c: &Controller, name: &str) -> f64 {
+    match http_get(&format!("http://127.0.0.1:{}/metrics", c.metrics_port)).await {
+        Some((_, text)) => metric(&text, name),
+        None => f64::NAN,
+    }
+}
+
+/// API server requests a load generator had to repeat (429 Too Many Requests, 5xx, broken
+/// connections), counted so the report can say where the API server pushed back.
+#[derive(Default)]
+pub struct Retries(std::sync::atomic::AtomicUsize);
+
+impl Retries {
+    pub fn get(&self) -> usize {
+        self.0.load(std::sync::atomic::Ordering::Relaxed)
+    }
+}
+
+/// Runs `op` until it succeeds; 409 AlreadyExists counts as success (a create repeated
+/// after a lost answer). Gives up after two minutes of failures.
+async fn retrying<F, Fut, T>(what: &str, retries: &Retries, mut op: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let start = Instant::now();
+    let mut pause = Duration::from_millis(50);
+    loop {
+        match op().await {
+            Ok(_) => return,
+            Err(kube::Error::Api(e)) if e.code == 409 => return,
+            Err(e) => {
+                let transient = match &e {
+                    kube::Error::Api(s) => s.code == 429 || s.code >= 500,
+                    _ => true,
+                };
+                assert!(transient && start.elapsed() < Duration::from_secs(120), "{what}: {e}");
+                retries.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(pause).await; // back off before asking the API server again
+                pause = (pause * 2).min(Duration::from_secs(2));
+            }
+        }
+    }
+}
+
+/// Creates pod `name` bound to the kubelet helpers' node (create that first:
+/// `ensure_node`), as `kubelet::create_pod` does, retrying the API server's push-back.
+pub async fn create_pod_retrying(kube: &kube::Client, ns: &str, name: &str, labels: &serde_json::Value, retries: &Retries) {
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {"nodeName": super::NODE, "containers": [{"name": "app", "image": "example.invalid/app:1", "ports": [{"name": "http", "containerPort": 8080}]}]},
+    }))
+    .unwrap();
+    let pp = PostParams::default();
+    retrying(&format!("create pod {name}"), retries, || pods.create(&pp, &pod)).await
+}
+
+/// The kubelet's status patch of `kubelet::set_ready` (Running, the IP, Ready and
+/// ContainersReady `ready`), retrying the API server's push-back.
+pub async fn set_ready_retrying(kube: &kube::Client, ns: &str, name: &str, ip: &str, ready: bool, retries: &Retries) {
+    let pods: Api<Pod> = Api::namespaced(kube.clone(), ns);
+    let status = if ready { "True" } else { "False" };
+    let t = k8s_openapi::jiff::Timestamp::from_second(k8s_openapi::jiff::Timestamp::now().as_second()).unwrap().to_string();
+    let cond = |type_: &str, st: &str| json!({"type": type_, "status": st, "lastTransitionTime": t});
+    let patch = json!({"status": {
+        "phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "192.0.2.1",
+        "conditions": [cond("Initialized", "True"), cond("ContainersReady", status), cond("Ready", status), cond("PodScheduled", "True")],
+    }});
+    let (pp, patch) = (PatchParams::default(), Patch::Strategic(&patch));
+    retrying(&format!("patch status of {name}"), retries, || pods.patch_status(name, &pp, &patch)).await
+}
+
+/// Keys under `prefix` in the registry etcd.
+pub async fn count_keys(etcd: &etcd_client::Client, prefix: &str) -> i64 {
+    etcd.kv_client().get(prefix, Some(GetOptions::new().with_prefix().with_count_only())).await.map(|r| r.count()).unwrap_or(-1)
+}
+
+/// The registry etcd's current revision (a history watch from here + 1 sees what follows).
+pub async fn revision(etcd: &etcd_client::Client) -> i64 {
+    etcd.kv_client().get("\0", Some(GetOptions::new().with_count_only())).await.expect("etcd get").header().expect("header").revision()
+}
+
+/// The registry etcd's database size in MiB (its bolt file, free pages included).
+pub async fn db_mib(etcd: &etcd_client::Client) -> f64 {
+    etcd.maintenance_client().status().await.map(|s| s.db_size() as f64 / 1048576.0).unwrap_or(f64::NAN)
+}
+
+/// Leases etcd holds.
+pub async fn lease_count(etcd: &etcd_client::Client) -> usize {
+    etcd.lease_client().leases().await.map(|l| l.leases().len()).unwrap_or(0)
+}
+
+/// Empties the registry etcd: every key and every lease, so the next start is a cold sync.
+pub async fn wipe(etcd: &etcd_client::Client) {
+    etcd.kv_client().delete("\0", Some(etcd_client::DeleteOptions::new().with_from_key())).await.expect("etcd delete");
+    let leases: Vec<i64> = etcd.lease_client().leases().await.expect("etcd leases").leases().iter().map(|l| l.id()).collect();
+    futures::stream::iter(leases)
+        .for_each_concurrent(64, |l| {
+            let mut lc = etcd.lease_client();
+            async move {
+                let _ = lc.revoke(l).await;
+            }
+        })
+        .await;
+}
+
+/// One etcd metric (summed over label sets) from a member's /metrics on its client URL.
+pub async fn etcd_metric(endpoint: &str, name: &str) -> f64 {
+    match http_get(&format!("{endpoint}/metrics")).await {
+        Some((_, text)) => metric_sum(&text, name),
+        None => f64::NAN,
+    }
+}
