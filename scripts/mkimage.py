@@ -7,7 +7,7 @@ usage: mkimage.py OUT.tar REPO:TAG [--entrypoint JSON] [--cmd JSON] [--user U[:G
                   [--env K=V]... [--workdir DIR] [--expose PORT/tcp]... SPEC...
   SRC:DEST              host file SRC at DEST (mode kept, owned by root)
   @link:DEST:TARGET     symlink DEST -> TARGET
-  @dir:DEST             empty directory (mode 0755; /tmp is 1777)
+  @dir:DEST[:UID:GID:MODE]  empty directory (default root, 0755; /tmp is 1777)
 """
 import argparse
 import hashlib
@@ -46,7 +46,17 @@ def layer_bytes(specs):
                 ti.linkname = target
                 t.addfile(ti)
             elif s.startswith("@dir:"):
-                adddir(s[5:])
+                dest, *owner = s[5:].split(":")
+                if not owner:
+                    adddir(dest)
+                    continue
+                uid, gid, mode = owner
+                adddir(os.path.dirname(dest.rstrip("/")))
+                ti = tarfile.TarInfo(dest.strip("/"))
+                ti.type = tarfile.DIRTYPE
+                ti.uid, ti.gid, ti.mode = int(uid), int(gid), int(mode, 8)
+                t.addfile(ti)
+                dirs.add(dest.strip("/"))
             else:
                 src, dest = s.split(":", 1)
                 adddir(os.path.dirname(dest))

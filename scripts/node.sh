@@ -7,6 +7,7 @@
 #                    local/pause:3.2 (static pause from the Kubernetes tree's pause.c) and
 #                    local/busybox:1 (Debian's busybox-static), made by scripts/mkimage.py
 #   CNI plugin       scripts/node/nsonly, installed as "nsonly" and as "loopback"
+#   CA bundle        Debian's ca-certificates, for the podlease image (scripts/image.sh)
 # The test harness (tests/support/node.rs) starts containerd and kubelet from these, always
 # inside a private mount namespace (scripts/node/nsinit.sh).
 
@@ -83,6 +84,17 @@ node_setup() {
     mv "$BUSYBOX_IMAGE.tmp" "$BUSYBOX_IMAGE"
   fi
 
+  # The CA bundle of the podlease image (scripts/image.sh): Debian's, not this machine's own.
+  CA_BUNDLE="$NODE_DIR/ca-certificates/ca-certificates.crt"
+  if [ ! -s "$CA_BUNDLE" ]; then
+    log "fetching ca-certificates (Debian bookworm)"
+    unpack_deb ca-certificates "$NODE_DIR/ca-certificates"
+    # What update-ca-certificates writes: every certificate Debian ships, concatenated.
+    find "$NODE_DIR/ca-certificates/root/usr/share/ca-certificates" -name '*.crt' -print0 | sort -z \
+      | xargs -0 cat > "$CA_BUNDLE.tmp"
+    mv "$CA_BUNDLE.tmp" "$CA_BUNDLE"
+  fi
+
   CNI_BIN="$NODE_DIR/cni/bin"
   if ! cmp -s "$NODE_SCRIPTS/node/nsonly" "$CNI_BIN/nsonly"; then
     install -m 0755 "$NODE_SCRIPTS/node/nsonly" "$CNI_BIN/nsonly.tmp" && mv "$CNI_BIN/nsonly.tmp" "$CNI_BIN/nsonly"
@@ -98,5 +110,6 @@ PODLEASE_RUNC_BIN=$RUNC
 PODLEASE_CNI_BIN_DIR=$CNI_BIN
 PODLEASE_PAUSE_IMAGE=$PAUSE_IMAGE
 PODLEASE_BUSYBOX_IMAGE=$BUSYBOX_IMAGE
+PODLEASE_CA_BUNDLE=$CA_BUNDLE
 ENV
 }
