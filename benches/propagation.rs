@@ -32,11 +32,6 @@ use support::*;
 /// The Service (the peer's) in every namespace; podlease's services are named per variant.
 const SERVICE: &str = "bench";
 
-struct Variant {
-    label: String,
-    controller: Controller,
-}
-
 /// One pod of one variant.
 #[derive(Clone)]
 struct Target {
@@ -89,43 +84,15 @@ async fn main() {
     let bed = TestBed::start().await;
     bed.apply_crd().await;
     report.bed(&bed).await;
-    ensure_node(&bed.kube, NODE).await;
 
-    let pool = pool_flag_supported();
-    let specs: Vec<(&str, &str, &[&str])> = if pool {
-        vec![("podlease, lease pool on (default)", "pool", &[]), ("podlease, lease pool off", "nopool", POOL_OFF)]
-    } else {
-        vec![("podlease (this build has no lease pool)", "nopool", &[])]
-    };
+    let installs = pool_on_and_off(&bed, SERVICE, warm + n).await;
+    let pool = installs.len() > 1;
     let per_pod = warm + n;
-    let mut variants = Vec::new();
-    let mut targets: Vec<Vec<Target>> = Vec::new();
-    for (v, (label, tag, extra)) in specs.iter().enumerate() {
-        let ns = format!("prop-{tag}");
-        ensure_namespace(&bed.kube, &ns).await;
-        // podlease's service and the peer's Service select the same pods.
-        create_registration(&bed.kube, &ns, &format!("bench-{tag}"), json!({"selector": {"matchLabels": {"app": "bench"}}})).await;
-        let svcs: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(bed.kube.clone(), &ns);
-        let svc = serde_json::from_value(json!({
-            "apiVersion": "v1", "kind": "Service", "metadata": {"name": SERVICE},
-            "spec": {"selector": {"app": "bench"}, "ports": [{"port": 80, "targetPort": 8080}]},
-        }))
-        .unwrap();
-        svcs.create(&PostParams::default(), &svc).await.unwrap();
-        let pods: Vec<Target> = (0..per_pod).map(|i| Target { variant: v, ns: ns.clone(), name: format!("bench-{i}"), ip: pod_ip(v * per_pod + i + 1) }).collect();
-        let retries = Retries::default();
-        futures::stream::iter(&pods)
-            .for_each_concurrent(64, |t| {
-                let (kube, retries) = (bed.kube.clone(), &retries);
-                async move { create_pod_retrying(&kube, &t.ns, &t.name, &json!({"app": "bench"}), retries).await }
-            })
-            .await;
-        let flags = install_flags(&ns, &format!("podlease-{tag}"), extra);
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let controller = Controller::start(&bed, &format!("prop-{tag}"), &flags).await;
-        variants.push(Variant { label: label.to_string(), controller });
-        targets.push(pods);
-    }
+    let targets: Vec<Vec<Target>> = installs
+        .iter()
+        .enumerate()
+        .map(|(v, i)| i.pods.iter().map(|p| Target { variant: v, ns: p.ns.clone(), name: p.name.clone(), ip: p.ip.clone() }).collect())
+        .collect();
     let peer = Peer::start(&bed, PEER_UNTHROTTLED, "unthrottled").await;
     let etcd = watch_etcd(&bed.etcd, "/services/").await;
     let slices = watch_slices(&bed.kube, SERVICE);
@@ -140,14 +107,13 @@ async fn main() {
 
     let m = interleaved(warm..per_pod);
     let rate = peer.sample_requests().await;
-    let taken0 = podlease_metric(&variants[0].controller, "podlease_lease_pool_taken_total").await;
-    let missed0 = podlease_metric(&variants[0].controller, "podlease_lease_pool_missed_total").await;
+    let taken0 = podlease_metric(&installs[0].controller, "podlease_lease_pool_taken_total").await;
+    let missed0 = podlease_metric(&installs[0].controller, "podlease_lease_pool_missed_total").await;
     let on = sweep(&bed.kube, &etcd, &slices, &m, true).await;
     let off = sweep(&bed.kube, &etcd, &slices, &m, false).await;
-    let limiter = rate.describe(peer.qps);
-drop(rate);
-    let taken = podlease_metric(&variants[0].controller, "podlease_lease_pool_taken_total").await - taken0;
-    let missed = podlease_metric(&variants[0].controller, "podlease_lease_pool_missed_total").await - missed0;
+    let limiter = rate.describe(peer.qps).await;
+    let taken = podlease_metric(&installs[0].controller, "podlease_lease_pool_taken_total").await - taken0;
+    let missed = podlease_metric(&installs[0].controller, "podlease_lease_pool_missed_total").await - missed0;
     let main_flags = peer.flags();
     drop(peer);
 
@@ -160,8 +126,7 @@ drop(rate);
     let rate = peer.sample_requests().await;
     let ton = sweep(&bed.kube, &etcd, &slices, &tm, true).await;
     let toff = sweep(&bed.kube, &etcd, &slices, &tm, false).await;
-    let tlimiter = rate.describe(peer.qps);
-drop(rate);
+    let tlimiter = rate.describe(peer.qps).await;
     let default_flags = peer.flags();
     drop(peer);
 
@@ -170,25 +135,24 @@ drop(rate);
     let by_dir = |ready: bool| if ready { &on } else { &off };
     let md = &mut report.md;
     writeln!(md, "Each transition: the test patches one pod's status as the kubelet would (Ready and ContainersReady), then waits until podlease's key event reaches an etcd watcher and the EndpointSlice controller's endpoint change reaches an EndpointSlice watcher; times run from just before the patch request, so both include the API server's write and watch fan-out. {n} measured transitions per direction and per podlease variant, after {warm} discarded warm-up transitions each (both sides).\n").unwrap();
-    writeln!(md, "podlease: {} installs side by side, each a single replica at the defaults except `--watch-namespace <its namespace> --leader-election-name <its own>` (release build, `--log-level info`), transitions alternating between them so both see the same machine at the same moments{}. Peer: kube-controller-manager v1.20 running only the EndpointSlice controller, {main_flags}: a client rate limit high enough never to bind (checked below).\n",
-        variants.len(), if pool { format!("; pool off is `{}`", POOL_OFF.join(" ")) } else { String::new() }).unwrap();
+    writeln!(md, "{}, transitions alternating between them so both see the same machine at the same moments. Peer: kube-controller-manager v1.20 running only the EndpointSlice controller, {main_flags}: a client rate limit high enough never to bind (checked below).\n", installs_described(&installs)).unwrap();
     writeln!(md, "| transition | watcher | n | p50 | p90 | p99 | max |").unwrap();
     writeln!(md, "|---|---|---|---|---|---|---|").unwrap();
     for ready in [true, false] {
         let s = by_dir(ready);
-        for (v, var) in variants.iter().enumerate() {
+        for (v, var) in installs.iter().enumerate() {
             writeln!(md, "| {} | {} → etcd key | {} |", direction(ready), var.label, dist(s, v).cells()).unwrap();
         }
         writeln!(md, "| {} | EndpointSlice controller (unthrottled) → endpoint | {} |", direction(ready), Dist::new(s.peer.clone()).cells()).unwrap();
     }
     writeln!(md, "\nRatios from the same run (podlease ÷ EndpointSlice controller; below 1: podlease is faster):\n").unwrap();
-    let header: Vec<String> = variants.iter().map(|v| format!("{}: p50 | p99", v.label)).collect();
+    let header: Vec<String> = installs.iter().map(|v| format!("{}: p50 | p99", v.label)).collect();
     writeln!(md, "| transition | {} |", header.join(" | ")).unwrap();
-    writeln!(md, "|---|{}", "---|---|".repeat(variants.len())).unwrap();
+    writeln!(md, "|---|{}", "---|---|".repeat(installs.len())).unwrap();
     for ready in [true, false] {
         let s = by_dir(ready);
         let peer = Dist::new(s.peer.clone());
-        let cells: Vec<String> = (0..variants.len()).map(|v| format!("{:.2} | {:.2}", dist(s, v).ms(0.5) / peer.ms(0.5), dist(s, v).ms(0.99) / peer.ms(0.99))).collect();
+        let cells: Vec<String> = (0..installs.len()).map(|v| format!("{:.2} | {:.2}", dist(s, v).ms(0.5) / peer.ms(0.5), dist(s, v).ms(0.99) / peer.ms(0.99))).collect();
         writeln!(md, "| {} | {} |", direction(ready), cells.join(" | ")).unwrap();
     }
     if pool {
@@ -212,22 +176,22 @@ drop(rate);
     let (r, g) = (dist(&on, 0), dist(&off, 0));
     let (pr, pg) = (Dist::new(on.peer.clone()), Dist::new(off.peer.clone()));
     writeln!(md, "\nTargets ({}): p50 ≤ 0.5 × the unthrottled EndpointSlice controller's p50: {} on Ready ({:.2}×), {} on not ready ({:.2}×); p99 ≤ 50 ms: {} on Ready ({}), {} on not ready ({}).",
-        variants[0].label,
+        installs[0].label,
         verdict(r.ms(0.5) <= 0.5 * pr.ms(0.5)), r.ms(0.5) / pr.ms(0.5),
         verdict(g.ms(0.5) <= 0.5 * pg.ms(0.5)), g.ms(0.5) / pg.ms(0.5),
         verdict(r.ms(0.99) <= 50.0), fmt_ms(r.ms(0.99)),
         verdict(g.ms(0.99) <= 50.0), fmt_ms(g.ms(0.99))).unwrap();
 
     writeln!(md, "\n### The peer at kube-controller-manager's default client QPS (not the comparison to quote)\n").unwrap();
-    writeln!(md, "The same bed right after, the peer restarted as {default_flags} (its defaults), {throttled} transitions per direction on {}'s pods after {warm} warm-up ones. Earlier versions of this bench ran the peer this way.\n", variants[0].label).unwrap();
+    writeln!(md, "The same bed right after, the peer restarted as {default_flags} (its defaults), {throttled} transitions per direction on {}'s pods after {warm} warm-up ones. Earlier versions of this bench ran the peer this way.\n", installs[0].label).unwrap();
     writeln!(md, "| transition | watcher | n | p50 | p90 | p99 | max |").unwrap();
     writeln!(md, "|---|---|---|---|---|---|---|").unwrap();
     for (ready, s) in [(true, &ton), (false, &toff)] {
-        writeln!(md, "| {} | {} → etcd key | {} |", direction(ready), variants[0].label, dist(s, 0).cells()).unwrap();
+        writeln!(md, "| {} | {} → etcd key | {} |", direction(ready), installs[0].label, dist(s, 0).cells()).unwrap();
         writeln!(md, "| {} | EndpointSlice controller at 20 QPS / burst 30 → endpoint | {} |", direction(ready), Dist::new(s.peer.clone()).cells()).unwrap();
     }
     writeln!(md, "\nIts client meanwhile: {tlimiter}. p50 Ready {}, not ready {}{}.", fmt_ms(peer_p50(&ton)), fmt_ms(peer_p50(&toff)),
         if at_multiple_of_50ms(peer_p50(&ton)) || at_multiple_of_50ms(peer_p50(&toff)) { ": at a multiple of 50 ms, the limiter pacing the loop at 20 requests/s" } else { "" }).unwrap();
-    drop(variants);
+    drop(installs);
     report.finish();
 }

@@ -323,6 +323,7 @@ impl Drop for Peer {
 pub struct RequestRate {
     samples: Arc<Mutex<Vec<(Instant, f64)>>>,
     task: tokio::task::JoinHandle<()>,
+    port: u16,
 }
 
 impl Drop for RequestRate {
@@ -340,8 +341,13 @@ impl RequestRate {
         (last.1 - first.1, (last.0 - first.0).as_secs_f64(), peak)
     }
 
-    /// What the report says about the limiter of rate `qps` (q, b).
-    pub fn describe(&self, qps: (u32, u32)) -> String {
+    /// Takes a last sample, stops sampling, and says what that means for a limiter of rate
+    /// `qps` (q, b).
+    pub async fn describe(self, qps: (u32, u32)) -> String {
+        self.task.abort();
+        if let Some(n) = PeerMetrics(self.port).requests().await {
+            self.samples.lock().unwrap().push((Instant::now(), n));
+        }
         let (n, secs, peak) = self.summary();
         let binds = if peak < qps.1 as f64 / 2.0 {
             format!("below half its burst of {}, so its limiter never delayed a request", qps.1)
@@ -410,7 +416,7 @@ impl Peer {
                 }
             }
         });
-        RequestRate { samples, task }
+        RequestRate { samples, task, port: self.metrics_port }
     }
 }
 
@@ -429,6 +435,71 @@ pub fn install_flags(namespace: &str, lease: &str, extra: &[&str]) -> Vec<String
     let mut f: Vec<String> = vec!["--log-level".into(), "info".into(), "--watch-namespace".into(), namespace.into(), "--leader-election-name".into(), lease.into()];
     f.extend(extra.iter().map(|s| s.to_string()));
     f
+}
+
+/// One pod a bench drives.
+#[derive(Debug, Clone)]
+pub struct PodRef {
+    pub ns: String,
+    pub name: String,
+    pub ip: String,
+}
+
+/// One podlease install of several side by side, with the pods it publishes.
+pub struct Install {
+    pub label: String,
+    pub controller: Controller,
+    pub pods: Vec<PodRef>,
+}
+
+/// podlease with its lease pool (the default) and without it (`POOL_OFF`), side by side: each
+/// an install of its own (one replica, `install_flags`) on a namespace of its own
+/// (`<bench>-pool`, `<bench>-nopool`) with `pods` not-yet-ready pods selected by a
+/// ServiceRegistration of that name and by a Service named `bench` (the peer's). A binary
+/// without the pool flag gets the second install only. Pod IPs are unique across installs.
+pub async fn pool_on_and_off(bed: &TestBed, bench: &str, pods: usize) -> Vec<Install> {
+    let specs: Vec<(&str, &str, &[&str])> = if pool_flag_supported() {
+        vec![("podlease, lease pool on (default)", "pool", &[]), ("podlease, lease pool off", "nopool", POOL_OFF)]
+    } else {
+        vec![("podlease (this build has no lease pool)", "nopool", &[])]
+    };
+    super::ensure_node(&bed.kube, super::NODE).await;
+    let mut installs = Vec::new();
+    for (v, (label, tag, extra)) in specs.into_iter().enumerate() {
+        let ns = format!("{bench}-{tag}");
+        super::ensure_namespace(&bed.kube, &ns).await;
+        super::create_registration(&bed.kube, &ns, &ns, json!({"selector": {"matchLabels": {"app": bench}}})).await;
+        let svcs: Api<k8s_openapi::api::core::v1::Service> = Api::namespaced(bed.kube.clone(), &ns);
+        let svc = serde_json::from_value(json!({
+            "apiVersion": "v1", "kind": "Service", "metadata": {"name": bench},
+            "spec": {"selector": {"app": bench}, "ports": [{"port": 80, "targetPort": 8080}]},
+        }))
+        .unwrap();
+        svcs.create(&PostParams::default(), &svc).await.expect("create Service");
+        let refs: Vec<PodRef> = (0..pods).map(|i| PodRef { ns: ns.clone(), name: format!("{bench}-{i}"), ip: super::pod_ip(v * pods + i + 1) }).collect();
+        let retries = Retries::default();
+        let labels = json!({"app": bench});
+        futures::stream::iter(&refs)
+            .for_each_concurrent(64, |p| {
+                let (kube, retries, labels) = (bed.kube.clone(), &retries, &labels);
+                async move { create_pod_retrying(&kube, &p.ns, &p.name, labels, retries).await }
+            })
+            .await;
+        let flags = install_flags(&ns, &format!("podlease-{tag}"), extra);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let controller = Controller::start(bed, &ns, &flags).await;
+        installs.push(Install { label: label.to_string(), controller, pods: refs });
+    }
+    installs
+}
+
+/// What the report says about how the installs ran.
+pub fn installs_described(installs: &[Install]) -> String {
+    format!(
+        "podlease: {} side by side, each a single replica at the defaults except `--watch-namespace <its namespace> --leader-election-name <its own>` (release build, `--log-level info`){}",
+        if installs.len() > 1 { "two installs" } else { "one install" },
+        if installs.len() > 1 { format!("; pool off is `{}`", POOL_OFF.join(" ")) } else { String::new() }
+    )
 }
 
 /// Whether the podlease binary under test has the lease pool flag at all.
