@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs and caches everything the test bed needs, idempotently:
-#   protoc, etcd 3.5 (Debian sid's etcd-server, unpacked), kube-apiserver,
+#   protoc, etcd 3.5 (Debian sid's etcd-server, unpacked) and 3.4 (bookworm's), kube-apiserver,
 #   kube-controller-manager, kube-scheduler and kubelet v1.20.2 (built from Debian bookworm's
 #   kubernetes source), kubectl, Prometheus and promtool (Debian bookworm's prometheus,
 #   unpacked), a Python virtualenv with helm-python-sdk, and the rest of a real node
@@ -71,6 +71,20 @@ case "$ETCD_VERSION" in
   *"etcd Version: 3.5."*) ;;
   *) log "etcd is not 3.5: $ETCD_VERSION"; exit 1 ;;
 esac
+
+# --- etcd 3.4 from Debian bookworm, unpacked: a real etcd below 3.5.13 ------------------------
+# `podlease doctor` must name the lease bugs of an older member (tests/doctor.rs runs it).
+ETCD_OLD="$CACHE/etcd-3.4/root/usr/bin/etcd"
+if [ ! -x "$ETCD_OLD" ]; then
+  log "fetching etcd 3.4 (Debian bookworm etcd-server)"
+  M=$(mirror)
+  mkdir -p "$CACHE/apt/bookworm-lists/partial" "$CACHE/etcd-3.4"
+  echo "deb $M bookworm main" > "$CACHE/apt/bookworm.list"
+  A=(-o Dir::Etc::SourceList="$CACHE/apt/bookworm.list" -o Dir::Etc::SourceParts=/dev/null -o Dir::State::Lists="$CACHE/apt/bookworm-lists")
+  $SUDO apt-get "${A[@]}" update -qq >&2
+  (cd "$CACHE/etcd-3.4" && rm -rf ./*.deb root && apt-get "${A[@]}" download etcd-server >&2 \
+    && dpkg -x etcd-server_*.deb root)
+fi
 
 # --- kube-apiserver, kube-controller-manager, kube-scheduler, kubelet v1.20.2 -------------------
 # All four from Debian bookworm's source package; the node's pause image needs its tree too.
@@ -149,6 +163,7 @@ ETCD_RESOLVE=$(bash "$(dirname "${BASH_SOURCE[0]}")/consumer.sh")
 cat > "$CACHE/testbed.env" <<ENV
 PODLEASE_ETCD_BIN=$ETCD
 PODLEASE_ETCDCTL_BIN=$ETCDCTL
+PODLEASE_ETCD_OLD_BIN=$ETCD_OLD
 PODLEASE_KUBE_APISERVER_BIN=$KBIN/kube-apiserver
 PODLEASE_KUBE_CONTROLLER_MANAGER_BIN=$KBIN/kube-controller-manager
 PODLEASE_KUBECTL_BIN=$KUBECTL
