@@ -29,6 +29,10 @@ pub enum Commands {
     Crd,
     /// Show what etcd holds for a service, as its consumers read it.
     Get(GetArgs),
+    /// Check, with `run`'s flags, what would stop podlease from working: RBAC, the CRD,
+    /// every etcd endpoint, the etcd version, TTLs against the failover time, the clock.
+    /// Exits 1 when a check FAILs.
+    Doctor(DoctorArgs),
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
@@ -193,12 +197,33 @@ fn segment(s: &str) -> Option<String> {
 }
 
 impl RunArgs {
+    /// Namespace of the leader Lease: the flag, else $POD_NAMESPACE, else `default` (as `run`).
+    pub fn leader_namespace(&self) -> String {
+        self.leader_election_namespace.clone().or_else(|| std::env::var("POD_NAMESPACE").ok()).unwrap_or_else(|| "default".into())
+    }
+
     /// The defaults and the key space, or why the flags contradict each other.
     pub fn defaults(&self) -> Result<Defaults, String> {
         let mut d = Defaults::new(self.default_format, self.default_prefix.clone(), self.default_ttl, self.allowed_prefix.clone(), self.owner_prefix.clone())?;
         d.shared = self.shared_service.iter().map(|s| s.trim().to_string()).filter(|s| !s.is_empty()).collect();
         Ok(d)
     }
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum Output {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Args)]
+pub struct DoctorArgs {
+    /// Every `podlease run` flag, so the command line of a running install can be checked as is.
+    #[command(flatten)]
+    pub run: RunArgs,
+    /// text: one line per finding; json: one JSON object with every finding.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    pub output: Output,
 }
 
 #[derive(Debug, Args)]

@@ -5,13 +5,14 @@
 //! space podlease may write in), `format` (consumer key/value layouts), `registry` (the only etcd
 //! writer: leases, keepalive, ownership, adoption), `kubernetes` (watches, status, events),
 //! `controller` (wiring), `etcd` and `credentials` (the connection, rotated
-//! without a restart), `http` and `metrics`, `cli` and `get`.
+//! without a restart), `http` and `metrics`, `cli`, `get` and `doctor`.
 
 pub mod annotations;
 pub mod cli;
 pub mod controller;
 pub mod credentials;
 pub mod desired;
+pub mod doctor;
 pub mod etcd;
 pub mod failpoint;
 pub mod format;

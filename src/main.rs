@@ -38,6 +38,11 @@ async fn main() -> anyhow::Result<()> {
             init_logging(&cli.log);
             run(args).await
         }
+        Commands::Doctor(args) => {
+            init_logging(&cli.log);
+            let client = kube_client(&args.run).await;
+            std::process::exit(podlease::doctor::run(args, client).await)
+        }
     }
 }
 
