@@ -598,6 +598,57 @@ pub async fn set_ready_retrying(kube: &kube::Client, ns: &str, name: &str, ip: &
     retrying(&format!("patch status of {name}"), retries, || pods.patch_status(name, &pp, &patch)).await
 }
 
+/// Pods `range` in `ns`, named `<name>-<i>` with IP `pod_ip(i + 1)` and the labels `labels(i)`
+/// gives, created and turned Ready as a kubelet would have left them, `concurrency` pods at
+/// a time. Returns how many API requests had to be repeated.
+pub async fn populate_ready(kube: &kube::Client, ns: &str, name: &str, range: std::ops::Range<usize>, labels: impl Fn(usize) -> serde_json::Value, concurrency: usize) -> usize {
+    super::ensure_node(kube, super::NODE).await;
+    let retries = Retries::default();
+    let (labels, retries_ref) = (&labels, &retries);
+    futures::stream::iter(range)
+        .for_each_concurrent(concurrency, |i| async move {
+            let pod = format!("{name}-{i}");
+            create_pod_retrying(kube, ns, &pod, &labels(i), retries_ref).await;
+            set_ready_retrying(kube, ns, &pod, &super::pod_ip(i + 1), true, retries_ref).await;
+        })
+        .await;
+    retries.get()
+}
+
+/// Spawns `c` and waits until /readyz says `want`, within `within` (a large initial sync
+/// takes longer than the harness's usual deadline).
+pub async fn start_within(c: &mut Controller, want: &str, within: Duration) {
+    c.spawn();
+    wait_readyz(c, want, within).await;
+}
+
+/// Registry keys and their leases under `prefix`.
+pub async fn key_leases(etcd: &etcd_client::Client, prefix: &str) -> Vec<i64> {
+    let r = etcd.kv_client().get(prefix, Some(GetOptions::new().with_prefix().with_keys_only())).await.expect("etcd get");
+    r.kvs().iter().map(|kv| kv.lease()).collect()
+}
+
+/// Of `leases` (granted `ttl` seconds), those not renewed since `since`: a lease last renewed
+/// before `since` has at most `ttl - (now - since)` seconds left (whole seconds, hence the
+/// margin of 2); gone leases count as not renewed.
+pub async fn not_renewed_since(etcd: &etcd_client::Client, leases: &[i64], ttl: i64, since: Instant) -> Vec<i64> {
+    let asked = Instant::now();
+    let bound = ttl as f64 - asked.duration_since(since).as_secs_f64() + 2.0;
+    let stale = Mutex::new(Vec::new());
+    futures::stream::iter(leases)
+        .for_each_concurrent(64, |&l| {
+            let (mut lc, stale) = (etcd.lease_client(), &stale);
+            async move {
+                let left = lc.time_to_live(l, None).await.map(|r| r.ttl()).unwrap_or(-1);
+                if (left as f64) <= bound {
+                    stale.lock().unwrap().push(l);
+                }
+            }
+        })
+        .await;
+    stale.into_inner().unwrap()
+}
+
 /// Keys under `prefix` in the registry etcd.
 pub async fn count_keys(etcd: &etcd_client::Client, prefix: &str) -> i64 {
     etcd.kv_client().get(prefix, Some(GetOptions::new().with_prefix().with_count_only())).await.map(|r| r.count()).unwrap_or(-1)
