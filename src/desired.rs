@@ -288,6 +288,9 @@ pub struct Index {
     gate_counts: GateCounts,
     /// Per pod, sources whose key another source of the pod publishes (its owner).
     served: HashMap<PodKey, BTreeMap<Source, Source>>,
+    /// Per pod, the fixed keys in `emitted` and which source publishes each: whether a
+    /// source's key collides is one lookup, not a pass over the pod's sources.
+    fixed_keys: HashMap<PodKey, HashMap<String, Source>>,
 }
 
 impl Index {
@@ -378,6 +381,7 @@ impl Index {
         if old == new {
             return;
         }
+        let (old_key, new_key) = (old.clone(), new.clone());
         let mut changed = false;
         if let Some(old) = old
             && let Some(n) = self.read_prefixes.get_mut(&old)
@@ -394,7 +398,13 @@ impl Index {
             changed |= *n == 1;
         }
         if changed {
-            changes.registrations.extend(self.registrations.keys().cloned());
+            // Only a registration whose read prefix nests with the one that came or went can
+            // have its overlap change (a new prefix is not a status write for every
+            // registration of the cluster).
+            let moved: Vec<&String> = [&old_key, &new_key].into_iter().flatten().collect();
+            let nests = |p: &str| moved.iter().any(|m| p.starts_with(m.as_str()) || m.starts_with(p));
+            let touched = self.registrations.iter().filter(|(_, e)| e.plan.as_ref().is_ok_and(|p| nests(&p.read_prefix))).map(|(k, _)| k.clone());
+            changes.registrations.extend(touched);
         }
     }
 
@@ -643,9 +653,11 @@ impl Index {
             }
         }
         // A key another source of the pod also wants (or wanted): who owns it is decided
-        // over all the pod's sources.
-        let collides = self.served.contains_key(key)
-            || matches!(&now, Some(Ok(d)) if self.emitted.get(key).is_some_and(|e| e.iter().any(|(s, o)| *s != source && same_fixed_key(o, d))));
+        // over all the pod's sources. Only when this source is in a collision (served, or
+        // serving another) or is about to be: a pod in many registrations is not re-derived
+        // whole for each of them.
+        let collides = self.served.get(key).is_some_and(|m| m.iter().any(|(s, o)| *s == source || *o == source))
+            || matches!(&now, Some(Ok(Desired { key: Key::Fixed(k), .. })) if self.fixed_keys.get(key).and_then(|m| m.get(k)).is_some_and(|s| *s != source));
         if collides {
             self.recompute_pod(key, changes);
             return;
@@ -676,22 +688,36 @@ impl Index {
             self.failures.remove(key);
         }
         let emitted = self.emitted.entry(key.clone()).or_default();
-        match now {
+        let replaced = match now {
             Some(Ok(d)) => {
                 if emitted.get(&source).is_none_or(|o| **o != d) {
                     let d = Arc::new(d);
-                    emitted.insert(source.clone(), d.clone());
-                    changes.updates.push(Update::Upsert(id(key, &source), d));
+                    let old = emitted.insert(source.clone(), d.clone());
+                    changes.updates.push(Update::Upsert(id(key, &source), d.clone()));
+                    Some((old, Some(d)))
+                } else {
+                    None
                 }
             }
-            _ => {
-                if emitted.remove(&source).is_some() {
-                    changes.updates.push(Update::Remove(id(key, &source)));
-                }
-            }
-        }
+            _ => emitted.remove(&source).map(|old| {
+                changes.updates.push(Update::Remove(id(key, &source)));
+                (Some(old), None)
+            }),
+        };
         if emitted.is_empty() {
             self.emitted.remove(key);
+        }
+        if let Some((old, new)) = replaced {
+            let fixed = self.fixed_keys.entry(key.clone()).or_default();
+            if let Some(Key::Fixed(k)) = old.as_ref().map(|o| &o.key) {
+                fixed.remove(k);
+            }
+            if let Some(Key::Fixed(k)) = new.as_ref().map(|n| &n.key) {
+                fixed.insert(k.clone(), source.clone());
+            }
+            if fixed.is_empty() {
+                self.fixed_keys.remove(key);
+            }
         }
     }
 
@@ -810,6 +836,13 @@ impl Index {
             if !now.contains_key(source) && !handed.contains_key(source) {
                 changes.updates.push(Update::Remove(id(key, source)));
             }
+        }
+        let fixed: HashMap<String, Source> =
+            now.iter().filter_map(|(s, d)| if let Key::Fixed(k) = &d.key { Some((k.clone(), s.clone())) } else { None }).collect();
+        if fixed.is_empty() {
+            self.fixed_keys.remove(key);
+        } else {
+            self.fixed_keys.insert(key.clone(), fixed);
         }
         if !now.is_empty() {
             self.emitted.insert(key.clone(), now);
