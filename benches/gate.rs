@@ -35,13 +35,16 @@ fn row(md: &mut String, what: &str, v: &mut [Duration]) {
 
 #[tokio::main]
 async fn main() {
-    if std::env::args().any(|a| a == "--list") {
-        return; // test runners list targets; this is a benchmark
+    if support::bench::listing() {
+        return;
     }
     let pods: usize = std::env::args().skip(1).find_map(|a| a.parse().ok()).unwrap_or(500);
+    let load = support::bench::require_quiet_machine().await;
+    let mut report = support::bench::Report::new("gate", &format!("Readiness gate: ContainersReady → key in etcd → gate True ({pods} pods)"), load);
     let bed = TestBed::start().await;
     bed.apply_crd().await;
-    let _controller = Controller::start(&bed, "bench", &["--log-level", "warn"]).await;
+    report.bed(&bed).await;
+    let _controller = Controller::start(&bed, "bench", &["--log-level", "info"]).await;
     create_registration(&bed.kube, NS, "bench", json!({"selector": {"matchLabels": {"app": "bench"}}})).await;
     let kube = bed.kube.clone();
     futures::StreamExt::for_each_concurrent(futures::stream::iter(0..pods), 32, |i| {
@@ -105,22 +108,18 @@ async fn main() {
         key_gate.push(open.at - put.at);
     }
 
-    let mut md = String::new();
-    writeln!(md, "### Readiness gate: ContainersReady → key in etcd → gate True ({pods} pods)\n").unwrap();
+    let md = &mut report.md;
     writeln!(md, "podlease at the defaults, one replica, release build; the test patches ContainersReady as the kubelet would (a GET and a PATCH, both inside the figures), an etcd watch sees the key, a pod watch sees the condition. Times include the API server's writes and watch fan-out. podlease writes gates as soon as nothing else is queued (no debounce) with up to 32 patches in flight.\n").unwrap();
     writeln!(md, "| one pod at a time | n | p50 | p90 | p99 | max |").unwrap();
     writeln!(md, "|---|---|---|---|---|---|").unwrap();
-    row(&mut md, "ContainersReady → key PUT", &mut key);
-    row(&mut md, "key PUT → gate True", &mut gap);
-    row(&mut md, "ContainersReady → gate True", &mut gate);
+    row(md, "ContainersReady → key PUT", &mut key);
+    row(md, "key PUT → gate True", &mut gap);
+    row(md, "ContainersReady → gate True", &mut gate);
     writeln!(md, "\n| all {pods} at once (patched in {:.1} s, 32 in flight) | n | p50 | p90 | p99 | max |", patched.as_secs_f64()).unwrap();
     writeln!(md, "|---|---|---|---|---|---|").unwrap();
-    row(&mut md, "burst start → gate True", &mut burst);
-    row(&mut md, "the pod's own ContainersReady patch → key PUT", &mut own_key);
-    row(&mut md, "key PUT → gate True", &mut key_gate);
-    row(&mut md, "the pod's own ContainersReady patch → gate True", &mut own);
-    print!("{md}");
-    if let Ok(path) = std::env::var("BENCH_OUT") {
-        std::fs::write(path, md).unwrap();
-    }
+    row(md, "burst start → gate True", &mut burst);
+    row(md, "the pod's own ContainersReady patch → key PUT", &mut own_key);
+    row(md, "key PUT → gate True", &mut key_gate);
+    row(md, "the pod's own ContainersReady patch → gate True", &mut own);
+    report.finish();
 }

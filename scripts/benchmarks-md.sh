@@ -1,18 +1,67 @@
 #!/usr/bin/env bash
-# Assembles BENCHMARKS.md from the benchmark sections (see `make bench`).
+# Writes BENCHMARKS.md from benchmark sections: scripts/benchmarks-md.sh OUT [SECTION.md ...]
+# Each section file starts with `<!-- bench:NAME -->` (benches/*.rs write them). A section
+# given replaces the one of that name in OUT; the other sections of OUT stay, so `make bench`
+# keeps what `make bench-scale` measured and the other way round. Section files that do not
+# exist (a bench that refused to start on a busy machine) are skipped with a warning.
 set -euo pipefail
-cat <<HEAD
+out=$1
+shift
+order=(propagation burst failover gate scale etcd-load)
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+
+# The sections OUT has now, one file each.
+if [[ -f $out ]]; then
+  awk -v dir="$tmp" '
+    /^<!-- bench:[a-z-]+ -->$/ { name = $0; sub(/^<!-- bench:/, "", name); sub(/ -->$/, "", name); file = dir "/old-" name }
+    file != "" { print > file }
+  ' "$out"
+fi
+for f in "$@"; do
+  if [[ ! -f $f ]]; then
+    echo "benchmarks-md: $f does not exist (its bench did not run): keeping that section as it was" >&2
+    continue
+  fi
+  name=$(head -n 1 "$f" | sed -n 's/^<!-- bench:\([a-z-]*\) -->$/\1/p')
+  if [[ -z $name ]]; then
+    echo "benchmarks-md: $f does not start with <!-- bench:NAME -->" >&2
+    exit 1
+  fi
+  cp "$f" "$tmp/new-$name"
+done
+
+{
+  cat <<'HEAD'
 # Benchmarks
 
-Produced by \`make bench\` (benches/propagation.rs, benches/scale.rs and benches/gate.rs, release build) on
-the real test bed: kube-apiserver v1.20.2, etcd 3.5 and, for comparison,
-kube-controller-manager v1.20.2 running only the EndpointSlice controller, all on one
-machine together with the load generator.
+Measured on the real test bed: kube-apiserver v1.20.2 built from Debian's source package,
+etcd 3.5 from Debian (one member for the registry, one for the API server's storage), and,
+as the peer, kube-controller-manager v1.20.2 running only the EndpointSlice controller, all
+on one machine together with the load generator. Release build of podlease. Nothing here is
+asserted by the test suite; each section says the command that produced it, when, on what
+machine and at what load (every bench refuses to start when the 1-minute load average is
+above 0.5 per core, unless forced with BENCH_FORCE=1, and then says so in bold).
 
-Machine: $(nproc) cores ($(awk -F: '/model name/{print $2; exit}' /proc/cpuinfo | sed 's/^ *//')), $(awk '/MemTotal/{printf "%.0f GiB", $2/1048576}' /proc/meminfo). Date: $(date -u +%Y-%m-%d).
+- `make bench` (about 15 minutes): propagation against the EndpointSlice controller with the
+  lease pool on and off, the 1,000-pod rollout burst, failover at 10,000 pods, the readiness
+  gate.
+- `make bench-scale` (hours): initial sync, steady state, churn and adoption at 10,000,
+  50,000 and 150,000 pods; etcd's CPU against lease renewals per second.
 
 HEAD
-for f in "$@"; do
-  cat "$f"
-  echo
-done
+  known=" ${order[*]} "
+  names=("${order[@]}")
+  for f in "$tmp"/new-* "$tmp"/old-*; do
+    [[ -e $f ]] || continue
+    n=${f##*/}; n=${n#new-}; n=${n#old-}
+    [[ $known == *" $n "* ]] || { names+=("$n"); known+="$n "; }
+  done
+  for n in "${names[@]}"; do
+    if [[ -f $tmp/new-$n ]]; then src=$tmp/new-$n; elif [[ -f $tmp/old-$n ]]; then src=$tmp/old-$n; else continue; fi
+    # One blank line between sections, whatever the file ends with.
+    sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' "$src"
+    echo
+  done
+} > "$tmp/out"
+mv "$tmp/out" "$out"

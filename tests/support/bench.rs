@@ -42,6 +42,13 @@ pub fn cores() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
 }
 
+impl TestBed {
+    /// The API server's storage etcd (its memory is part of what a cluster of N pods costs).
+    pub fn storage_pid(&self) -> Option<u32> {
+        self.storage.pid()
+    }
+}
+
 /// The 1-minute load average.
 pub fn loadavg() -> f64 {
     std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next()?.parse().ok()).unwrap_or(f64::NAN)
@@ -132,8 +139,39 @@ impl Report {
         format!("{}cargo bench --bench {}{args}", env.concat(), self.name)
     }
 
+    /// Writes the section so far to $BENCH_OUT with `pending` at its end (what has not been
+    /// measured yet), so that a run that dies later still leaves what it measured.
+    pub fn checkpoint(&self, pending: &str) {
+        if let Ok(path) = std::env::var("BENCH_OUT") {
+            let mut out = self.render();
+            writeln!(out, "\n{pending}").unwrap();
+            std::fs::write(&path, &out).unwrap_or_else(|e| panic!("write {path}: {e}"));
+            *LAST_CHECKPOINT.lock().unwrap() = Some((path, out));
+        }
+    }
+
+    /// After `checkpoint`, a panic appends its message to the section written (why the run
+    /// stopped), then unwinds as usual.
+    pub fn report_panics() {
+        let default = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            if let Some((path, out)) = LAST_CHECKPOINT.lock().ok().and_then(|mut c| c.take()) {
+                let _ = std::fs::write(&path, format!("{out}\n**The run stopped here**: {info}\n"));
+            }
+            default(info);
+        }));
+    }
+
     /// Prints the section and writes it to $BENCH_OUT when set.
     pub fn finish(self) {
+        let out = self.render();
+        print!("{out}");
+        if let Ok(path) = std::env::var("BENCH_OUT") {
+            std::fs::write(&path, out).unwrap_or_else(|e| panic!("write {path}: {e}"));
+        }
+    }
+
+    fn render(&self) -> String {
         let end = loadavg();
         let mut out = String::new();
         writeln!(out, "<!-- bench:{} -->", self.name).unwrap();
@@ -144,12 +182,11 @@ impl Report {
         writeln!(out, "`{}` — {}; {}. Machine: {}. 1-minute load average {:.2} at start, {:.2} at end (the bench refuses to start above {:.2}); took {:.0} s.\n",
             self.command(), date(), self.bed, machine(), self.load.at_start, end, self.load.threshold, self.started.elapsed().as_secs_f64()).unwrap();
         out.push_str(&self.md);
-        print!("{out}");
-        if let Ok(path) = std::env::var("BENCH_OUT") {
-            std::fs::write(&path, out).unwrap_or_else(|e| panic!("write {path}: {e}"));
-        }
+        out
     }
 }
+
+static LAST_CHECKPOINT: Mutex<Option<(String, String)>> = Mutex::new(None);
 
 fn date() -> String {
     k8s_openapi::jiff::Timestamp::now().strftime("%Y-%m-%d %H:%M UTC").to_string()
@@ -647,6 +684,109 @@ pub async fn not_renewed_since(etcd: &etcd_client::Client, leases: &[i64], ttl: 
         })
         .await;
     stale.into_inner().unwrap()
+}
+
+/// How many keys exist under a prefix, followed by one etcd watch from a known revision (no
+/// polling: a count query over 150,000 keys costs etcd more than the watch does).
+pub struct KeyCount {
+    inner: Arc<Counted>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Counted {
+    /// Keys now, and when the watch last delivered a change.
+    state: Mutex<(i64, Option<Instant>)>,
+    changed: Notify,
+}
+
+impl Drop for KeyCount {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl KeyCount {
+    pub async fn start(etcd: &etcd_client::Client, prefix: &str) -> KeyCount {
+        let r = etcd.kv_client().get(prefix, Some(GetOptions::new().with_prefix().with_count_only())).await.expect("etcd count");
+        let from = r.header().expect("header").revision() + 1;
+        let mut w = etcd.watch_client();
+        let mut stream = w.watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(from))).await.expect("etcd watch");
+        let inner = Arc::new(Counted { state: Mutex::new((r.count(), None)), changed: Notify::new() });
+        let sink = inner.clone();
+        let task = tokio::spawn(async move {
+            let _keep = w;
+            while let Ok(Some(resp)) = stream.message().await {
+                let at = Instant::now();
+                let mut st = sink.state.lock().unwrap();
+                for ev in resp.events() {
+                    let created = ev.kv().is_some_and(|kv| kv.create_revision() == kv.mod_revision());
+                    match ev.event_type() {
+                        EventType::Put if created => st.0 += 1,
+                        EventType::Delete => st.0 -= 1,
+                        _ => {}
+                    }
+                }
+                if !resp.events().is_empty() {
+                    st.1 = Some(at);
+                }
+                drop(st);
+                sink.changed.notify_waiters();
+            }
+        });
+        KeyCount { inner, task }
+    }
+
+    pub fn now(&self) -> i64 {
+        self.inner.state.lock().unwrap().0
+    }
+
+    /// Waits until exactly `n` keys exist; the instant the watch delivered the last change.
+    pub async fn wait(&self, n: i64, within: Duration) -> Instant {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let changed = self.inner.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            let (count, at) = *self.inner.state.lock().unwrap();
+            if count == n {
+                return at.unwrap_or_else(Instant::now);
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                panic!("{count} keys, not {n}, after {within:?}");
+            }
+        }
+    }
+}
+
+/// (PUT, DELETE) events under `prefix` from revision `from` to now, read back from etcd's
+/// history (misses nothing, unlike a live watch that starts late).
+pub async fn events_since(etcd: &etcd_client::Client, prefix: &str, from: i64, within: Duration) -> (usize, usize) {
+    let head = revision(etcd).await;
+    if head < from {
+        return (0, 0);
+    }
+    let mut w = etcd.watch_client();
+    let mut stream = w.watch(prefix, Some(WatchOptions::new().with_prefix().with_start_revision(from))).await.expect("etcd watch");
+    let (mut puts, mut deletes) = (0, 0);
+    let start = Instant::now();
+    loop {
+        // A progress notice comes once the watch has caught up with the store.
+        stream.request_progress().await.expect("progress request");
+        if let Ok(resp) = tokio::time::timeout(Duration::from_millis(500), stream.message()).await {
+            let resp = resp.expect("watch").expect("the history watch ended");
+            if !resp.created() && resp.events().is_empty() && resp.header().map(|h| h.revision()).unwrap_or(0) >= head {
+                return (puts, deletes);
+            }
+            for ev in resp.events() {
+                match ev.event_type() {
+                    EventType::Put => puts += 1,
+                    EventType::Delete => deletes += 1,
+                }
+            }
+        }
+        assert!(start.elapsed() < within, "the history of {prefix} from revision {from} did not catch up with {head} within {within:?}");
+    }
 }
 
 /// Keys under `prefix` in the registry etcd.

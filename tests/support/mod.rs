@@ -177,10 +177,16 @@ pub struct EtcdServer {
 impl EtcdServer {
     /// Starts a one-member etcd cluster under `dir` and waits until it serves.
     pub fn start(dir: &Path, name: &str) -> EtcdServer {
+        EtcdServer::start_with(dir, name, &[])
+    }
+
+    /// The same with extra etcd flags (e.g. a larger --quota-backend-bytes).
+    pub fn start_with(dir: &Path, name: &str, extra: &[&str]) -> EtcdServer {
         let client_port = free_port();
         let peer_port = free_port();
         let initial_cluster = format!("{name}=http://127.0.0.1:{peer_port}");
         let mut s = EtcdServer::configured(dir, name, client_port, peer_port, initial_cluster);
+        s.extra = extra.iter().map(|f| f.to_string()).collect();
         s.resume();
         s
     }
@@ -485,7 +491,7 @@ impl TestBed {
     /// The same, with a registry etcd of `members` members (`registry` is member 0, the rest
     /// are in `registry_cluster`); `bed.etcd` talks to all of them.
     pub async fn start_with_registry_cluster(members: usize) -> TestBed {
-        TestBed::start_full(false, members).await
+        TestBed::start_full(false, members, &[]).await
     }
 
     /// Every request the apiserver audited (one JSON object per line).
@@ -498,10 +504,16 @@ impl TestBed {
     }
 
     async fn start_with(audit: bool) -> TestBed {
-        TestBed::start_full(audit, 1).await
+        TestBed::start_full(audit, 1, &[]).await
     }
 
-    async fn start_full(audit: bool, registry_members: usize) -> TestBed {
+    /// The same, with extra flags for the API server's storage etcd (the scale bench's
+    /// 150,000 pods need more than its default 2 GiB quota).
+    pub async fn start_with_storage_flags(flags: &[&str]) -> TestBed {
+        TestBed::start_full(false, 1, flags).await
+    }
+
+    async fn start_full(audit: bool, registry_members: usize, storage_flags: &[&str]) -> TestBed {
         let dir = tempfile::Builder::new()
             .prefix("podlease-testbed-")
             .tempdir()
@@ -509,7 +521,7 @@ impl TestBed {
         let root = dir.path().to_path_buf();
         let bins = Binaries::locate();
 
-        let storage = EtcdServer::start(&root, "storage");
+        let storage = EtcdServer::start_with(&root, "storage", storage_flags);
         let (registry, registry_cluster) = if registry_members > 1 {
             let mut members = EtcdServer::start_cluster(&root, "registry", registry_members);
             let rest = members.split_off(1);
