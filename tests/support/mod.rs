@@ -8,6 +8,7 @@
 #![allow(dead_code, unused_imports)]
 
 pub mod bench;
+pub mod consumer;
 pub mod controller;
 pub mod etcd;
 pub mod gate;
