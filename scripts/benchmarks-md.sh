@@ -3,7 +3,8 @@
 # Each section file starts with `<!-- bench:NAME -->` (benches/*.rs write them). A section
 # given replaces the one of that name in OUT; the other sections of OUT stay, so `make bench`
 # keeps what `make bench-scale` measured and the other way round. Section files that do not
-# exist (a bench that refused to start on a busy machine) are skipped with a warning.
+# exist (a bench that refused to start on a busy machine) are skipped with a warning. The
+# README's TTL table is copied from the etcd-load section.
 set -euo pipefail
 out=$1
 shift
@@ -65,3 +66,14 @@ HEAD
   done
 } > "$tmp/out"
 mv "$tmp/out" "$out"
+
+# The README's TTL guidance is the etcd-load section's table (between the same markers).
+readme=$(dirname "$0")/../README.md
+if [[ -f $readme ]] && grep -q '^<!-- etcd-load:ttl -->$' "$out" && grep -q '^<!-- etcd-load:ttl -->$' "$readme"; then
+  awk -v src="$out" '
+    BEGIN { while ((getline l < src) > 0) { if (l == "<!-- etcd-load:ttl -->") on = 1; if (on) block = block l "\n"; if (l == "<!-- /etcd-load:ttl -->") on = 0 } }
+    $0 == "<!-- etcd-load:ttl -->" { printf "%s", block; skip = 1; next }
+    skip && $0 == "<!-- /etcd-load:ttl -->" { skip = 0; next }
+    !skip { print }
+  ' "$readme" > "$tmp/readme" && cat "$tmp/readme" > "$readme"
+fi

@@ -136,7 +136,7 @@ impl Report {
         env.sort();
         let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
         let args = if args.is_empty() { String::new() } else { format!(" -- {}", args.join(" ")) };
-        format!("{}cargo bench --bench {}{args}", env.concat(), self.name)
+        format!("{}cargo bench --bench {}{args}", env.concat(), self.name.replace('-', "_"))
     }
 
     /// Writes the section so far to $BENCH_OUT with `pending` at its end (what has not been
