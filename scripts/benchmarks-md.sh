@@ -58,12 +58,17 @@ HEAD
     n=${f##*/}; n=${n#new-}; n=${n#old-}
     [[ $known == *" $n "* ]] || { names+=("$n"); known+="$n "; }
   done
+  shown=0
   for n in "${names[@]}"; do
     if [[ -f $tmp/new-$n ]]; then src=$tmp/new-$n; elif [[ -f $tmp/old-$n ]]; then src=$tmp/old-$n; else continue; fi
+    shown=$((shown + 1))
     # One blank line between sections, whatever the file ends with.
     sed -e :a -e '/^\n*$/{$d;N;ba' -e '}' "$src"
     echo
   done
+  if ((shown == 0)); then
+    echo "Nothing measured yet: run \`make bench\` and \`make bench-scale\` on a quiet machine."
+  fi
 } > "$tmp/out"
 mv "$tmp/out" "$out"
 
