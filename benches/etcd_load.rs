@@ -44,6 +44,8 @@ struct Point {
     etcd_cores: f64,
     podlease_cores: f64,
     etcd_rss: f64,
+    /// The whole machine's busy cores (where the curve bends, this shows why).
+    machine: f64,
     window: Duration,
 }
 
@@ -83,6 +85,7 @@ async fn point(bed: &TestBed, pods: usize, services: usize, ttl: i64) -> Point {
         etcd_cores: cores[0],
         podlease_cores: cores[1],
         etcd_rss: rss_mib(bed.registry.pid().unwrap()),
+        machine: cpu.machine_cores_since(),
         window: w,
     };
     assert_eq!(keys.now(), pods as i64, "every key there through the window");
@@ -147,12 +150,12 @@ async fn main() {
     let per_1000 = b * 1000.0;
     let md = &mut report.md;
     writeln!(md, "One podlease replica at the defaults, the TTL set in every ServiceRegistration (`spec.ttlSeconds`, before podlease starts), release build, on one registry etcd member (its leader); every pod Ready. Each point starts from an empty etcd, waits for a full renewal round after the initial sync, then measures over whole renewal periods (at least {} s). CPU from /proc (user + system). etcd's own count of renewals (`etcd_debugging_lease_renewed_total`) is shown beside podlease's keepalive requests. TTLs under 29 s do not outlive a leader failover at the defaults (podlease flags them ShortTTL); they are here for the curve.\n", MIN_WINDOW.as_secs()).unwrap();
-    writeln!(md, "| leases | TTL | renewals/s sent | renewals/s etcd counted | etcd CPU | etcd CPU above idle | podlease CPU | etcd RSS | window |").unwrap();
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|").unwrap();
-    writeln!(md, "| 0 | — | 0 | — | {idle:.3} cores | — | — | — | {} s |", MIN_WINDOW.as_secs()).unwrap();
+    writeln!(md, "| leases | TTL | renewals/s sent | renewals/s etcd counted | etcd CPU | etcd CPU above idle | podlease CPU | machine | etcd RSS | window |").unwrap();
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|").unwrap();
+    writeln!(md, "| 0 | — | 0 | — | {idle:.3} cores | — | — | — | — | {} s |", MIN_WINDOW.as_secs()).unwrap();
     for p in &points {
-        writeln!(md, "| {} | {} s | {:.0} | {:.0} | {:.3} cores | {:.3} cores | {:.3} cores | {:.0} MiB | {:.0} s |",
-            p.pods, p.ttl, p.sent_per_s, p.etcd_renewed_per_s, p.etcd_cores, p.etcd_cores - idle, p.podlease_cores, p.etcd_rss, p.window.as_secs_f64()).unwrap();
+        writeln!(md, "| {} | {} s | {:.0} | {:.0} | {:.3} cores | {:.3} cores | {:.3} cores | {:.2} of {} cores | {:.0} MiB | {:.0} s |",
+            p.pods, p.ttl, p.sent_per_s, p.etcd_renewed_per_s, p.etcd_cores, p.etcd_cores - idle, p.podlease_cores, p.machine, cores(), p.etcd_rss, p.window.as_secs_f64()).unwrap();
     }
     writeln!(md, "\nFitted over these points (idle included): etcd CPU ≈ {a:.3} + {per_1000:.3} × (renewals/s ÷ 1000) cores, i.e. {per_1000:.3} cores of the etcd leader per 1,000 renewals/s on this machine.\n").unwrap();
     writeln!(md, "TTL per cluster size: renewals/s = 3 × registrations ÷ TTL; a lease outlives a podlease that is gone entirely by up to one TTL (keys of pods that died meanwhile stay that long: the crash-safety window). The recommended TTL is the smallest of 30, 60, 120, 300 s whose renewals cost etcd at most {BUDGET_CORES} core above idle by the line above, and never under {FAILOVER_FLOOR} s (the default, just above the failover floor of 29 s).\n").unwrap();
