@@ -60,7 +60,7 @@ bench: testbed
 	done; \
 	bash scripts/benchmarks-md.sh BENCHMARKS.md $(BENCHES:%=target/bench/%.md); exit $$status
 
-# `make bench-scale` (long: hours): initial sync, steady state, churn and adoption by another
+# `make bench-scale` (long: an hour or more): initial sync, steady state, churn and adoption by another
 # replica at 10,000, 50,000 and 150,000 pods (SCALE_SIZES), and the registry etcd's CPU
 # against lease renewals per second (LOAD_SIZES leases at BENCH_TTLS). A run that stops
 # early (the bed cannot hold a size) still writes what it measured and why it stopped.

@@ -47,7 +47,7 @@ above 0.5 per core, unless forced with BENCH_FORCE=1, and then says so in bold).
 - `make bench` (about 15 minutes): propagation against the EndpointSlice controller with the
   lease pool on and off, the 1,000-pod rollout burst, failover at 10,000 pods, the readiness
   gate.
-- `make bench-scale` (hours): initial sync, steady state, churn and adoption at 10,000,
+- `make bench-scale` (long: an hour or more): initial sync, steady state, churn and adoption at 10,000,
   50,000 and 150,000 pods; etcd's CPU against lease renewals per second.
 
 HEAD
