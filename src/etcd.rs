@@ -266,7 +266,9 @@ impl EtcdConfig {
                 async move {
                     let probe = async {
                         let mut c = Client::connect([u.as_str()], Some(opts)).await.ok()?;
-                        c.status().await.ok()?.header().map(|h| h.cluster_id())
+                        // The member list, not a status call: with auth on, Status is for
+                        // root only, and the check would compare nothing.
+                        c.member_list().await.ok()?.header().map(|h| h.cluster_id())
                     };
                     (u.clone(), tokio::time::timeout(self.call_timeout, probe).await.ok().flatten())
                 }

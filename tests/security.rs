@@ -99,3 +99,47 @@ async fn starting(c: &Controller, what: &str) -> String {
     })
     .await
 }
+
+/// A TLS etcd with auth on: users root and podlease (readwrite under "/").
+async fn auth_etcd(dir: &std::path::Path, name: &str, certs: &tls::Certs) -> EtcdServer {
+    let etcd = EtcdServer::start_tls(dir, name, certs);
+    let endpoint = etcd.endpoint();
+    wait_until("TLS etcd healthy", DEADLINE, || async {
+        support::etcd::etcdctl(&endpoint, Some(certs), &["endpoint", "health"]).status.success().then_some(())
+    })
+    .await;
+    etcdctl(&etcd, certs, &["user", "add", "root", "--new-user-password=root-secret-pw"]);
+    etcdctl(&etcd, certs, &["role", "add", "podlease"]);
+    etcdctl(&etcd, certs, &["role", "grant-permission", "podlease", "readwrite", "/", "--prefix=true"]);
+    etcdctl(&etcd, certs, &["user", "add", "podlease", "--new-user-password=s3cret-Pa55word"]);
+    etcdctl(&etcd, certs, &["user", "grant-role", "podlease", "podlease"]);
+    etcdctl(&etcd, certs, &["auth", "enable"]);
+    etcd
+}
+
+/// With auth on, a user that is not root cannot ask for the status of a member: the check
+/// that every endpoint is one cluster reads the member list instead, so it still compares.
+#[tokio::test]
+async fn endpoints_of_two_clusters_are_refused_for_a_user_without_root_too() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let certs = tls::make(&bed.dir.path().join("pki"));
+    let a = auth_etcd(bed.dir.path(), "one", &certs).await;
+    let b = auth_etcd(bed.dir.path(), "two", &certs).await;
+    let password_file = bed.dir.path().join("etcd-password");
+    std::fs::write(&password_file, "s3cret-Pa55word\n").unwrap();
+    let endpoints = format!("{},{}", a.endpoint(), b.endpoint());
+    let args = [
+        "--etcd-endpoints", &endpoints,
+        "--etcd-ca", certs.ca.to_str().unwrap(),
+        "--etcd-cert", certs.client_cert.to_str().unwrap(),
+        "--etcd-key", certs.client_key.to_str().unwrap(),
+        "--etcd-username", "podlease",
+        "--etcd-password-file", password_file.to_str().unwrap(),
+    ];
+    let mut c = Controller::new(&bed, "c1", bed.kubeconfig.clone(), &args);
+    c.spawn();
+    let status = c.wait_exit().await;
+    assert!(!status.success());
+    assert!(c.log_text().contains("belong to different clusters"), "{}", c.log_text());
+}
