@@ -143,27 +143,60 @@ async fn a_registry_cluster_serves_with_a_member_down_and_takes_it_back() {
 }
 
 /// The project's shell scripts never pipe into a reader that may stop early (`head`,
-/// `grep -q`, `grep -m`): under `set -o pipefail` the writer's SIGPIPE fails the whole
-/// pipeline at random, which once made the setup fail one run in seven on a busy machine.
+/// `grep -q`, `grep -m`, `grep -l`, an awk program that exits): under `set -o pipefail` the
+/// writer's SIGPIPE fails the whole pipeline at random, which once made the setup fail one
+/// run in seven on a busy machine. Every file under scripts/ (every directory, scripts/node/
+/// included) and .ci/, and the Makefile; a line ending in `\` is read together with the next.
 #[test]
 fn no_script_pipes_into_a_reader_that_stops_early() {
-    let early = regex::Regex::new(r"\|\s*(head\b|grep\s+(-[a-zA-Z]*[qm]|--quiet|--max-count))").unwrap();
-    let mut scripts = vec![std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/Makefile"))];
-    for dir in ["scripts", ".ci"] {
-        for e in std::fs::read_dir(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(dir)).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_file() && std::fs::read_to_string(&p).is_ok() {
-                scripts.push(p);
+    // A pipe (`|` or `|&`, not `||`) into such a reader.
+    let early = regex::Regex::new(r"(?:^|[^|])\|&?\s*(head\b|grep\s+(-[a-zA-Z]*[qml]|--quiet|--silent|--max-count|--files-with)|awk\s+'[^']*\bexit\b)").unwrap();
+    // The first line number of each command that does, comments left out and a line ending
+    // in `\` joined with the next.
+    let flagged = |text: &str| -> Vec<(usize, String)> {
+        let mut found = Vec::new();
+        let mut command: Option<(usize, String)> = None;
+        for (i, line) in text.lines().enumerate() {
+            let code = if line.trim_start().starts_with('#') { "" } else { line.split(" #").next().unwrap_or("") };
+            let (code, continued) = match code.trim_end().strip_suffix('\\') {
+                Some(rest) => (rest, true),
+                None => (code, false),
+            };
+            let c = command.get_or_insert_with(|| (i + 1, String::new()));
+            c.1.push_str(code);
+            c.1.push(' ');
+            if !continued && let Some((n, c)) = command.take() && early.is_match(&c) {
+                found.push((n, c.split_whitespace().collect::<Vec<_>>().join(" ")));
+            }
+        }
+        found.extend(command.filter(|(_, c)| early.is_match(c)));
+        found
+    };
+    // The check itself: a continued line is one command; comments and `||` are no pipe.
+    let sample = "set -o pipefail\nv=$(cmd --version \\\n  | head -1)\n# cmd | head\ncmd || head\ncmd # | grep -q x\nyes |& grep -qE y\nls | awk '{print; exit}'\nls | awk '{print}' || exit 1\n";
+    assert_eq!(flagged(sample).iter().map(|(n, _)| *n).collect::<Vec<_>>(), [2, 7, 8], "{:#?}", flagged(sample));
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    fn walk(dir: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        let mut entries: Vec<_> = std::fs::read_dir(dir).unwrap_or_else(|e| panic!("{}: {e}", dir.display())).map(|e| e.unwrap().path()).collect();
+        entries.sort();
+        for p in entries {
+            if p.is_dir() {
+                walk(&p, out);
+            } else if p.is_file() && std::fs::read_to_string(&p).is_ok() {
+                out.push(p);
             }
         }
     }
+    let mut scripts = vec![root.join("Makefile")];
+    for dir in ["scripts", ".ci"] {
+        walk(&root.join(dir), &mut scripts);
+    }
+    assert!(scripts.iter().any(|p| p.starts_with(root.join("scripts/node"))), "scripts/node/ was not read: {scripts:#?}");
     let mut found = Vec::new();
     for p in &scripts {
-        for (n, line) in std::fs::read_to_string(p).unwrap().lines().enumerate() {
-            let code = line.split(" #").next().unwrap_or("");
-            if !code.trim_start().starts_with('#') && early.is_match(code) {
-                found.push(format!("{}:{}: {}", p.display(), n + 1, line.trim()));
-            }
+        for (n, command) in flagged(&std::fs::read_to_string(p).unwrap()) {
+            found.push(format!("{}:{n}: {command}", p.strip_prefix(root).unwrap_or(p).display()));
         }
     }
     assert!(found.is_empty(), "pipes into an early-exiting reader: {found:#?}");
