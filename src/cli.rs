@@ -53,8 +53,10 @@ pub struct LogArgs {
 
 #[derive(Debug, Args, Clone)]
 pub struct EtcdArgs {
-    /// etcd endpoints, comma separated: every member of one cluster (endpoints of different
-    /// clusters are refused at start).
+    /// etcd endpoints, comma separated: every member of one cluster. With more than one, each
+    /// is asked alone for its member list at start (within --etcd-timeout), and endpoints that
+    /// answer from different clusters stop the process with an error; an endpoint that does
+    /// not answer then is not compared.
     #[arg(long, env = "PODLEASE_ETCD_ENDPOINTS", value_delimiter = ',', default_value = "http://127.0.0.1:2379")]
     pub etcd_endpoints: Vec<String>,
     /// CA bundle that signed the etcd server certificates (enables TLS).
@@ -123,7 +125,12 @@ pub struct RunArgs {
     /// (ServiceClaimed). Only the cluster admin sets this; no namespace can.
     #[arg(long = "shared-service", env = "PODLEASE_SHARED_SERVICES", value_delimiter = ',')]
     pub shared_service: Vec<String>,
-    /// Lease TTL in seconds where neither a registration nor an annotation sets one.
+    /// Lease TTL in seconds of annotated pods without podlease.io/ttl, 5..3600 (a
+    /// ServiceRegistration's ttlSeconds has its own default, 30). It must outlive a leader
+    /// failover: a lease has two thirds of its TTL left when the leader dies, and a standby
+    /// may take --leader-lease-duration plus two retry periods to lead (19 s at the
+    /// defaults). With leader election on, a TTL below 1.5 × that (29 s at the defaults) is
+    /// logged as a warning at start; the keys are published all the same.
     #[arg(long, env = "PODLEASE_DEFAULT_TTL", default_value = "30", value_parser = parse_ttl)]
     pub default_ttl: i64,
     /// Where ownership records live in etcd (absolute; never writable by a registration).
@@ -168,12 +175,15 @@ pub struct RunArgs {
     /// Name of the leader Lease.
     #[arg(long, env = "PODLEASE_LEADER_ELECTION_NAME", default_value = "podlease")]
     pub leader_election_name: String,
-    /// Leader Lease duration in seconds: how long a dead leader's standby waits.
+    /// Leader Lease duration in seconds (at least 2): a standby takes the Lease once it has
+    /// not been renewed for this long. The worst failover is this plus two retry periods of
+    /// 2/15 of it (19 s at 15); every TTL should be at least 1.5 × that.
     #[arg(long, env = "PODLEASE_LEADER_LEASE_DURATION", default_value_t = 15)]
     pub leader_lease_duration: u64,
-    /// On SIGTERM of the leader, hand the leader Lease over and wait up to one Lease duration:
-    /// if no other replica takes it, revoke every lease (deregister everything) before
-    /// exiting. A rollout (another replica takes over) and a leadership loss never revoke.
+    /// On SIGTERM of the leader, hand the leader Lease over and wait to see whether another
+    /// replica takes over: if none does, revoke every lease (deregister everything; service
+    /// claims stay) before exiting. A rollout (another replica takes over) and a leadership
+    /// loss never revoke; with --leader-elect=false nobody takes over, so every SIGTERM revokes.
     #[arg(long, env = "PODLEASE_REVOKE_ON_SHUTDOWN")]
     pub revoke_on_shutdown: bool,
     /// Seconds between checks that every managed key is still in etcd as written.
