@@ -150,7 +150,7 @@ impl Elector {
                 tokio::select! {
                     _ = shutdown.cancelled() => {
                         let _ = leader.send(None);
-                        return self.hand_over(wait_for_taker).await;
+                        return self.hand_over(epoch, wait_for_taker).await;
                     }
                     _ = tokio::time::sleep(self.cfg.retry_period) => {}
                     _ = eligible.changed() => {}
@@ -195,15 +195,59 @@ impl Elector {
     }
 
     /// Releases the Lease and, if asked, waits to see whether another replica takes it.
-    async fn hand_over(&mut self, wait_for_taker: bool) -> Handover {
+    async fn hand_over(&mut self, epoch: i64, wait_for_taker: bool) -> Handover {
         // Shutdown must not hang on an API server that does not answer.
-        if !tokio::time::timeout(Duration::from_secs(5), self.release()).await.unwrap_or(false) {
-            return Handover::Unknown;
-        }
+        let released = tokio::time::timeout(Duration::from_secs(5), self.release()).await.unwrap_or(false);
         if !wait_for_taker {
             return Handover::Unknown;
         }
-        // A live standby tries every retry period; a slow API server gets the rest.
+        match self.fence.clone() {
+            Some((etcd, key, timeout)) => self.wait_for_fence(&etcd, &key, timeout, epoch, released).await,
+            None if released => self.wait_for_lease_holder().await,
+            None => Handover::Unknown,
+        }
+    }
+
+    /// Whether another replica takes over: a newer term's fence in etcd, or another holder
+    /// of the Lease. The fence needs no API server, which may be gone with this replica's
+    /// RBAC (an uninstall deletes both at once); the Lease shows a taker before its term has
+    /// relisted and fenced. Revoking while another replica takes over would deregister every
+    /// pod, so any sign of a taker counts. Released, a standby takes the Lease within a retry
+    /// period; not released, once the Lease has expired: then wait for the worst failover.
+    async fn wait_for_fence(&self, etcd: &crate::etcd::Connection, key: &str, timeout: Duration, epoch: i64, released: bool) -> Handover {
+        let wait = if released { self.cfg.lease_duration.max(self.cfg.retry_period * 3) } else { self.cfg.worst_failover() + self.cfg.retry_period };
+        let deadline = Instant::now() + wait;
+        loop {
+            let fence = crate::registry::fence::current_epoch(etcd, timeout.min(Duration::from_secs(2)), key).await;
+            let read_ok = match fence {
+                Ok(Some(e)) if e > epoch => {
+                    info!(epoch = e, "another replica took over (its fence is in etcd)");
+                    return Handover::TakenOver;
+                }
+                Ok(_) => true,
+                Err(e) => {
+                    warn!(error = %e, "reading the fence while handing over failed");
+                    false
+                }
+            };
+            if let Ok(Ok(Some(l))) = tokio::time::timeout(Duration::from_secs(2), self.api.get_opt(&self.cfg.name)).await {
+                let holder = l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
+                if !holder.is_empty() && holder != self.cfg.identity {
+                    info!(holder, "another replica took over the Lease");
+                    return Handover::TakenOver;
+                }
+            }
+            if Instant::now() >= deadline {
+                // Only an etcd that answered can say that nobody took over.
+                return if read_ok { Handover::NoTaker } else { Handover::Unknown };
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Without a fence (tests of the elector alone): whether another replica holds the
+    /// released Lease within one Lease duration.
+    async fn wait_for_lease_holder(&self) -> Handover {
         let deadline = Instant::now() + self.cfg.lease_duration.max(self.cfg.retry_period * 3);
         while Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(200)).await;

@@ -362,3 +362,108 @@ fn the_notes_show_the_key_of_the_default_format() {
         }
     }
 }
+
+/// `helm uninstall` with revokeOnShutdown: Helm deletes the Deployment and, right after it,
+/// the RBAC, so the terminating leader can no longer release or read its Lease. It decides
+/// from the fence in etcd instead: no newer term took over within the worst failover, so it
+/// revokes, within the pod's 30 s grace period. (Deleting a ServiceRegistration first
+/// remains the way to deregister without waiting.)
+#[tokio::test]
+async fn an_uninstall_with_revoke_on_shutdown_revokes_although_the_rbac_is_gone_first() {
+    let bed = TestBed::start().await;
+    ensure_namespace(&bed.kube, NS).await;
+    let values = json!({"etcd": {"endpoints": [bed.etcd_endpoint()]}, "revokeOnShutdown": true});
+    let objects = render(&values, RELEASE, NS);
+    for obj in &objects {
+        apply(&bed.kube, obj).await;
+        if obj["kind"] == "CustomResourceDefinition" {
+            apply_crd(&bed.kube).await;
+        }
+    }
+    let sa = find(&objects, "ServiceAccount")[0]["metadata"]["name"].as_str().unwrap().to_string();
+    let sas: Api<ServiceAccount> = Api::namespaced(bed.kube.clone(), NS);
+    let req = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}});
+    let tr: Value = sas.create_subresource("token", &sa, &PostParams::default(), &req).await.expect("TokenRequest");
+    let kubeconfig = bed.kubeconfig_with_token("sa", tr["status"]["token"].as_str().unwrap());
+    let args: Vec<String> = container_args(&objects).into_iter().skip(1).filter(|a| !a.starts_with("--metrics-addr")).collect();
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    assert!(arg_refs.contains(&"--revoke-on-shutdown"), "{arg_refs:?}");
+    // The chart's two replicas (POD_NAMESPACE as the Deployment sets it).
+    let mut replicas = Vec::new();
+    for name in ["rel-podlease-a", "rel-podlease-b"] {
+        let mut c = Controller::new(&bed, name, kubeconfig.clone(), &arg_refs);
+        c.env.push(("POD_NAMESPACE".into(), NS.into()));
+        c.restart().await;
+        replicas.push(c);
+    }
+    let leader = support::controller::wait_leader(&replicas.iter().collect::<Vec<_>>()).await;
+    create_registration(&bed.kube, "default", "user", json!({"selector": {"matchLabels": {"app": "user"}}})).await;
+    for i in 0..3 {
+        create_pod(&bed.kube, "default", &PodSpec::new(&format!("user-{i}")).label("app", "user")).await;
+        set_ready(&bed.kube, "default", &format!("user-{i}"), &pod_ip(i + 1), true).await;
+        wait_key(&bed.etcd, &format!("/services/user/default/user-{i}")).await;
+    }
+
+    // The uninstall: the RBAC goes, and both replicas get SIGTERM.
+    for kind in ["RoleBinding", "ClusterRoleBinding"] {
+        for obj in find(&objects, kind) {
+            let name = obj["metadata"]["name"].as_str().unwrap();
+            let ns = obj["metadata"]["namespace"].as_str();
+            let gvk = kube::api::GroupVersionKind::gvk("rbac.authorization.k8s.io", "v1", kind);
+            let ar = kube::api::ApiResource::from_gvk(&gvk);
+            let api: Api<kube::api::DynamicObject> = match ns {
+                Some(ns) => Api::namespaced_with(bed.kube.clone(), ns, &ar),
+                None => Api::all_with(bed.kube.clone(), &ar),
+            };
+            api.delete(name, &DeleteParams::default()).await.expect("deleting the RBAC");
+        }
+    }
+    let start = std::time::Instant::now();
+    for c in &replicas {
+        c.signal(libc::SIGTERM);
+    }
+    let status = replicas[leader].terminate(); // asserts the exit within 30 s
+    println!("measured: the leader revoked and exited {:?} after SIGTERM", start.elapsed());
+    assert!(status.success());
+    assert!(keys(&bed.etcd, "/services/").await.is_empty(), "the uninstall left keys behind: {}", replicas[leader].log_text());
+    assert!(replicas[leader].log_text().contains("revok"), "{}", replicas[leader].log_text());
+}
+
+/// The NetworkPolicy's API server egress rule: `apiServerPort` and `apiServerTo` render as
+/// given, beside the etcd and DNS rules, which they leave alone; by default the API server's
+/// port 443 to any address (its addresses vary by cluster, so only the values can name them).
+#[test]
+fn the_network_policys_api_server_egress_renders_as_its_values_say() {
+    let egress = |values: Value| -> Vec<Value> {
+        let objects = render(&values, RELEASE, NS);
+        let np = find(&objects, "NetworkPolicy");
+        assert_eq!(np.len(), 1, "{values}");
+        assert_eq!(np[0]["spec"]["policyTypes"], json!(["Ingress", "Egress"]), "egress is restricted at all");
+        np[0]["spec"]["egress"].as_array().unwrap().clone()
+    };
+    let etcd = json!({"ports": [{"port": 2379, "protocol": "TCP"}]});
+    let dns = json!({"ports": [{"port": 53, "protocol": "UDP"}, {"port": 53, "protocol": "TCP"}]});
+
+    // Off unless enabled; on at the defaults: three rules, each to any address.
+    assert!(find(&render(&json!({}), RELEASE, NS), "NetworkPolicy").is_empty());
+    assert_eq!(egress(json!({"networkPolicy": {"enabled": true}})), [etcd.clone(), json!({"ports": [{"port": 443, "protocol": "TCP"}]}), dns.clone()]);
+
+    // Peers and port as the values say, the other rules untouched.
+    let peers = json!([
+        {"ipBlock": {"cidr": "192.0.2.10/32"}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}, "podSelector": {"matchLabels": {"component": "kube-apiserver"}}},
+    ]);
+    let rules = egress(json!({"networkPolicy": {"enabled": true, "apiServerPort": 6443, "apiServerTo": peers}}));
+    assert_eq!(rules, [etcd.clone(), json!({"ports": [{"port": 6443, "protocol": "TCP"}], "to": peers}), dns.clone()]);
+    // etcdTo does not leak into the API server's rule.
+    let rules = egress(json!({"networkPolicy": {"enabled": true, "etcdTo": [{"ipBlock": {"cidr": "10.9.0.0/24"}}]}}));
+    assert_eq!(rules[1], json!({"ports": [{"port": 443, "protocol": "TCP"}]}));
+    assert_eq!(lint_problems(&json!({"networkPolicy": {"enabled": true, "apiServerPort": 6443, "apiServerTo": peers}})), Vec::<String>::new());
+
+    // The schema refuses what could not be a port or a peer list.
+    for bad in [json!({"apiServerPort": 0}), json!({"apiServerPort": 65536}), json!({"apiServerPort": "443"}), json!({"apiServerTo": "10.0.0.1/32"}), json!({"apiServerTo": ["10.0.0.1/32"]})] {
+        let mut values = json!({"networkPolicy": {"enabled": true}});
+        values["networkPolicy"].as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
+        assert!(validate(&values).is_err(), "{values} must be refused");
+    }
+}

@@ -365,8 +365,14 @@ impl Registry {
                 }
                 done = join(&mut self.fence_check) => {
                     self.fence_check = None;
-                    if let Ok(Ok(now)) = done && let Some(end) = self.on_fence_read(now) {
-                        return end;
+                    match done {
+                        Ok(Ok(now)) => {
+                            if let Some(end) = self.on_fence_read(now) {
+                                return end;
+                            }
+                        }
+                        Ok(Err(_)) => self.metrics.etcd_error("fence"),
+                        Err(_) => {}
                     }
                 }
                 cmd = commands.recv() => match cmd {
@@ -526,12 +532,13 @@ impl Registry {
         }
         let held: Vec<(InstanceId, Held)> = self.slots.iter().filter_map(|(id, e)| e.slot.held.clone().map(|h| (id.clone(), h))).collect();
         info!(leases = held.len(), "revoking every lease before exit");
-        let writer = self.writer.clone();
+        let (writer, metrics) = (self.writer.clone(), self.metrics.clone());
         futures::stream::iter(held)
             .for_each_concurrent(self.config.concurrency, |(id, h)| {
-                let writer = writer.clone();
+                let (writer, metrics) = (writer.clone(), metrics.clone());
                 async move {
                     if let Err(e) = writer.revoke(&id, &h).await {
+                        metrics.etcd_error("revoke");
                         warn!(error = %e, key = h.key, "revoking on shutdown failed; the key expires with its TTL");
                     }
                 }

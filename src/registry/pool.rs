@@ -140,8 +140,14 @@ impl Pool {
                 for (ttl, n) in pool.prune_and_count(Instant::now()) {
                     let granted: Vec<i64> = futures::stream::iter(0..n)
                         .map(|_| {
-                            let mut lc = etcd.lease_client();
-                            async move { call(timeout, "grant", lc.grant(ttl, None)).await.ok().map(|r| r.id()) }
+                            let (mut lc, pool) = (etcd.lease_client(), pool.clone());
+                            async move {
+                                let granted = call(timeout, "grant", lc.grant(ttl, None)).await.ok().map(|r| r.id());
+                                if granted.is_none() {
+                                    pool.count(|m| m.etcd_error("grant"));
+                                }
+                                granted
+                            }
                         })
                         .buffer_unordered(REFILL_CONCURRENCY)
                         .take_until(term.cancelled())
