@@ -442,7 +442,10 @@ impl Feed {
             let _ = self.signal_tx.send(Signal::Dirty(k));
         }
         for p in changes.problems {
-            self.metrics.invalid_annotations.inc();
+            // A short podlease.io/ttl is published all the same: warned about, not invalid.
+            if p.kind == crate::desired::ProblemKind::Invalid {
+                self.metrics.invalid_annotations.inc();
+            }
             let _ = self.signal_tx.send(Signal::Problem(p));
         }
         for k in changes.gated {

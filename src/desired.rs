@@ -151,6 +151,18 @@ pub struct PodProblem {
     pub pod: String,
     pub uid: String,
     pub message: String,
+    pub kind: ProblemKind,
+}
+
+/// What kind of problem a [`PodProblem`] is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProblemKind {
+    /// The annotations are refused (or their service reads another's keys).
+    Invalid,
+    /// The annotations are published, but `podlease.io/ttl` does not outlive a leader
+    /// failover: the keys could expire while a standby takes over (the annotated pod's
+    /// counterpart of a registration's ShortTTL condition).
+    ShortTtl,
 }
 
 /// What one index operation changed.
@@ -272,6 +284,9 @@ pub struct Index {
     matched: HashMap<PodKey, BTreeSet<String>>,
     /// Last annotation problem per pod, so each distinct one is reported once.
     problems: HashMap<PodKey, String>,
+    /// Per pod, why its `podlease.io/ttl` does not outlive a leader failover (its keys are
+    /// published all the same), so each distinct warning is reported once.
+    short_ttls: HashMap<PodKey, String>,
     /// Every prefix some service's consumers read, with how many registrations (and
     /// annotated pods) publish under it, to detect one service reading another's keys.
     read_prefixes: BTreeMap<String, usize>,
@@ -325,6 +340,7 @@ impl Index {
             self.recompute_pod(&key, &mut changes);
         }
         self.problems.remove(&key);
+        self.short_ttls.remove(&key);
         changes
     }
 
@@ -546,13 +562,16 @@ impl Index {
 
     /// Every pod's current annotation problem (for a new leader to report).
     pub fn problems(&self) -> Vec<PodProblem> {
-        self.problems
-            .iter()
-            .map(|(k, message)| PodProblem {
+        let invalid = self.problems.iter().map(|(k, m)| (k, m, ProblemKind::Invalid));
+        let short = self.short_ttls.iter().map(|(k, m)| (k, m, ProblemKind::ShortTtl));
+        invalid
+            .chain(short)
+            .map(|(k, message, kind)| PodProblem {
                 namespace: k.0.clone(),
                 pod: k.1.clone(),
                 uid: self.pods.get(k).map(|p| p.uid.clone()).unwrap_or_default(),
                 message: message.clone(),
+                kind,
             })
             .collect()
     }
@@ -728,6 +747,7 @@ impl Index {
         let mut annotation_claim: Option<String> = None;
         let mut matched: BTreeSet<String> = BTreeSet::new();
         let mut failed: BTreeMap<String, String> = BTreeMap::new();
+        let mut short_ttl: Option<String> = None;
         if self.pods.get(key).is_some_and(|p| p.gated) {
             changes.gated.insert(key.clone());
         }
@@ -756,14 +776,20 @@ impl Index {
                 }
             }
             // Annotation mode.
-            let plan = annotations::parse(&pod.annotations)
-                .map_err(|e| e.to_string())
-                .and_then(|spec| spec.map(|spec| annotation_plan(&spec, &pod.namespace, &self.defaults)).transpose());
+            let spec = annotations::parse(&pod.annotations).map_err(|e| e.to_string());
+            let plan = match &spec {
+                Ok(Some(spec)) => annotation_plan(spec, &pod.namespace, &self.defaults).map(Some),
+                Ok(None) => Ok(None),
+                Err(e) => Err(e.clone()),
+            };
             match plan {
                 Ok(None) => {
                     self.problems.remove(key);
                 }
                 Ok(Some(plan)) => {
+                    if let Ok(Some(spec)) = &spec {
+                        short_ttl = annotation_short_ttl(spec, &self.defaults);
+                    }
                     annotation_prefix = Some(plan.read_prefix.clone());
                     annotation_claim = plan.claim(&self.defaults);
                     let result = if pod.publishable(false) { desire(&plan, pod, &self.defaults).map(Some) } else { Ok(None) };
@@ -784,6 +810,17 @@ impl Index {
             self.failures.remove(key);
         } else {
             self.failures.insert(key.clone(), failed);
+        }
+        match short_ttl {
+            Some(message) if self.short_ttls.get(key) != Some(&message) => {
+                self.short_ttls.insert(key.clone(), message.clone());
+                let uid = self.pods.get(key).map(|p| p.uid.clone()).unwrap_or_default();
+                changes.problems.push(PodProblem { namespace: key.0.clone(), pod: key.1.clone(), uid, message, kind: ProblemKind::ShortTtl });
+            }
+            Some(_) => {}
+            None => {
+                self.short_ttls.remove(key);
+            }
         }
         let old_prefix = self.annotation_prefixes.remove(key);
         if let Some(p) = &annotation_prefix {
@@ -853,7 +890,7 @@ impl Index {
         if self.problems.get(key) != Some(&message) {
             self.problems.insert(key.clone(), message.clone());
             let uid = self.pods.get(key).map(|p| p.uid.clone()).unwrap_or_default();
-            changes.problems.push(PodProblem { namespace: key.0.clone(), pod: key.1.clone(), uid, message });
+            changes.problems.push(PodProblem { namespace: key.0.clone(), pod: key.1.clone(), uid, message, kind: ProblemKind::Invalid });
         }
     }
 }
@@ -1036,6 +1073,15 @@ fn annotation_plan(spec: &AnnotationSpec, namespace: &str, defaults: &Defaults) 
         namespace,
         defaults,
     )
+}
+
+/// Why an annotated pod's own `podlease.io/ttl` does not outlive a leader failover (None:
+/// it does, there is no failover, or the TTL is `--default-ttl`'s, warned about at start).
+/// The keys are published all the same: a risk to point out, not a value to refuse.
+fn annotation_short_ttl(spec: &AnnotationSpec, defaults: &Defaults) -> Option<String> {
+    let ttl = spec.ttl?;
+    let why = crate::leader::short_ttl(ttl, defaults.failover?)?;
+    Some(format!("annotation {}=\"{ttl}\": {why}", annotations::TTL))
 }
 
 /// Validates a ServiceRegistration into its selector and plan, or says what is wrong.

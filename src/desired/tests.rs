@@ -167,6 +167,58 @@ fn annotated_pods_use_the_defaults_and_report_bad_values_once() {
     assert!(c.problems.is_empty(), "the same problem is reported once");
 }
 
+/// The annotated pod's counterpart of a registration's ShortTTL: a `podlease.io/ttl` that
+/// does not outlive the leader failover is published all the same, and warned about once.
+#[test]
+fn an_annotated_ttl_below_the_failover_is_published_and_warned_about_once() {
+    let failover = crate::leader::LeaderConfig::new("ns".into(), "p".into(), "a".into(), std::time::Duration::from_secs(15)).worst_failover();
+    let mut defaults = Defaults::default();
+    defaults.failover = Some(failover);
+    let mut idx = Index::new(defaults.clone());
+    let mut p = annotated("a1", &[("podlease.io/service", "cart"), ("podlease.io/ttl", "10")]);
+    let c = idx.apply_pod(p.clone());
+    assert_eq!(upserted(&c), vec![("a1".into(), "/services/cart/shop/a1".into())], "published all the same");
+    let Update::Upsert(_, d) = &c.updates[0] else { panic!() };
+    assert_eq!(d.ttl, 10);
+    assert_eq!(c.problems.len(), 1, "{c:?}");
+    let warning = &c.problems[0];
+    assert_eq!((warning.kind, warning.pod.as_str(), warning.uid.as_str()), (ProblemKind::ShortTtl, "a1", "uid-a1"));
+    assert!(warning.message.starts_with("annotation podlease.io/ttl=\"10\": a TTL of 10 s is shorter than a leader failover"), "{}", warning.message);
+    assert!(warning.message.ends_with("Use at least 29 s"), "{}", warning.message);
+    assert_eq!(idx.problems(), vec![warning.clone()], "a new leader reports it too");
+
+    // Once per distinct warning, whatever else changes on the pod.
+    p.labels.insert("touch".into(), "1".into());
+    p.ready = false;
+    let c = idx.apply_pod(p.clone());
+    assert_eq!(removed(&c), vec!["a1"]);
+    assert!(c.problems.is_empty(), "{c:?}");
+    p.ready = true;
+    assert!(idx.apply_pod(p.clone()).problems.is_empty());
+
+    // At the boundary (29 s) nothing; back below it, warned again.
+    p.annotations.insert("podlease.io/ttl".into(), "29".into());
+    let c = idx.apply_pod(p.clone());
+    assert!(c.problems.is_empty() && idx.problems().is_empty(), "{c:?}");
+    p.annotations.insert("podlease.io/ttl".into(), "28".into());
+    let c = idx.apply_pod(p.clone());
+    assert_eq!(c.problems.iter().map(|w| w.kind).collect::<Vec<_>>(), vec![ProblemKind::ShortTtl]);
+    assert!(c.problems[0].message.contains("podlease.io/ttl=\"28\""), "{}", c.problems[0].message);
+    idx.delete_pod("shop", "a1");
+    assert!(idx.problems().is_empty(), "a deleted pod's warning goes with it");
+
+    // Not for the default TTL (--default-ttl is checked at start), nor without leader election.
+    let mut short_default = defaults.clone();
+    short_default.ttl = 10;
+    let c = Index::new(short_default).apply_pod(annotated("a2", &[("podlease.io/service", "cart")]));
+    assert!(c.problems.is_empty() && upserted(&c).len() == 1, "{c:?}");
+    let c = Index::new(Defaults::default()).apply_pod(annotated("a3", &[("podlease.io/service", "cart"), ("podlease.io/ttl", "10")]));
+    assert!(c.problems.is_empty() && upserted(&c).len() == 1, "{c:?}");
+    // An invalid TTL stays an invalid annotation, not a warning.
+    let c = Index::new(defaults).apply_pod(annotated("a4", &[("podlease.io/service", "cart"), ("podlease.io/ttl", "2")]));
+    assert_eq!(c.problems.iter().map(|w| w.kind).collect::<Vec<_>>(), vec![ProblemKind::Invalid]);
+}
+
 #[test]
 fn a_pod_in_two_registrations_gets_two_instances() {
     let mut idx = Index::new(Defaults::default());

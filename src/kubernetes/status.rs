@@ -17,7 +17,7 @@ use tracing::{debug, warn};
 use super::events::{self, Events};
 use super::gate::Gates;
 use crate::metrics::Metrics;
-use crate::desired::{Index, PodProblem, Source, Summary};
+use crate::desired::{Index, PodProblem, ProblemKind, Source, Summary};
 use crate::registration::{FINALIZER, MAX_STATUS_INSTANCES, RegisteredInstance, ServiceRegistration, ServiceRegistrationStatus, condition};
 use crate::registry::lease::Backoff;
 use crate::registry::{Notice, Records, SharedView, Shown, View};
@@ -170,7 +170,11 @@ impl StatusWriter {
     }
 
     fn report_problem(&self, p: &PodProblem) {
-        self.events.publish(true, events::REASON_INVALID_ANNOTATION, "Validate", p.message.clone(), events::pod_ref(&p.namespace, &p.pod, &p.uid));
+        let reason = match p.kind {
+            ProblemKind::Invalid => events::REASON_INVALID_ANNOTATION,
+            ProblemKind::ShortTtl => events::REASON_SHORT_TTL,
+        };
+        self.events.publish(true, reason, "Validate", p.message.clone(), events::pod_ref(&p.namespace, &p.pod, &p.uid));
     }
 
     fn on_notice(&mut self, n: Notice) {
