@@ -56,6 +56,9 @@ pub struct Seen {
     pub key: String,
     pub value: String,
     pub prev_value: Option<String>,
+    /// The revision of the event (the key's mod revision; for a DELETE, the revision that
+    /// deleted it), to order events across keys.
+    pub revision: i64,
 }
 
 /// Records every event under a prefix from now on (with previous values, as go-micro reads).
@@ -83,6 +86,7 @@ impl Recorder {
                         key: kv.key_str().unwrap_or_default().to_string(),
                         value: kv.value_str().unwrap_or_default().to_string(),
                         prev_value: ev.prev_kv().map(|p| p.value_str().unwrap_or_default().to_string()),
+                        revision: kv.mod_revision(),
                     });
                 }
             }
@@ -150,9 +154,44 @@ pub async fn history(etcd: &Client, prefix: &str, from: i64) -> Vec<Seen> {
                     key: kv.key_str().unwrap_or_default().to_string(),
                     value: kv.value_str().unwrap_or_default().to_string(),
                     prev_value: ev.prev_kv().map(|p| p.value_str().unwrap_or_default().to_string()),
+                    revision: kv.mod_revision(),
                 });
             }
         }
         assert!(start.elapsed() < DEADLINE, "the history of {prefix} from revision {from} did not catch up with revision {head}");
     }
+}
+
+/// The current revision of the registry etcd: [`history`] from one past it sees everything
+/// that happens from now on.
+pub async fn revision(etcd: &Client) -> i64 {
+    etcd.kv_client().get("/", Some(GetOptions::new().with_count_only())).await.expect("etcd get").header().expect("header").revision()
+}
+
+/// The first event of `put` kind on `key` in `events`, if any.
+pub fn first_event<'a>(events: &'a [Seen], key: &str, put: bool) -> Option<&'a Seen> {
+    events.iter().find(|e| e.key == key && e.put == put)
+}
+
+/// The password of the `podlease` user of an [`auth_etcd`].
+pub const AUTH_USER_PASSWORD: &str = "s3cret-Pa55word";
+
+/// A one-member TLS etcd with auth on: users root and podlease (readwrite under "/", not
+/// root, so it may not ask a member for its status), password [`AUTH_USER_PASSWORD`].
+pub async fn auth_etcd(dir: &std::path::Path, name: &str, certs: &super::tls::Certs) -> super::EtcdServer {
+    let etcd = super::EtcdServer::start_tls(dir, name, certs);
+    let endpoint = etcd.endpoint();
+    wait_until("TLS etcd healthy", DEADLINE, || async { etcdctl(&endpoint, Some(certs), &["endpoint", "health"]).status.success().then_some(()) }).await;
+    let user = format!("--new-user-password={AUTH_USER_PASSWORD}");
+    for args in [
+        &["user", "add", "root", "--new-user-password=root-secret-pw"][..],
+        &["role", "add", "podlease"],
+        &["role", "grant-permission", "podlease", "readwrite", "/", "--prefix=true"],
+        &["user", "add", "podlease", &user],
+        &["user", "grant-role", "podlease", "podlease"],
+        &["auth", "enable"],
+    ] {
+        etcdctl_ok(&endpoint, Some(certs), args);
+    }
+    etcd
 }

@@ -216,3 +216,18 @@ pub async fn create_registration(client: &Client, ns: &str, name: &str, spec: se
     .unwrap();
     api.create(&PostParams::default(), &obj).await.unwrap_or_else(|e| panic!("create ServiceRegistration {name}: {e}"))
 }
+
+/// Every Event in `ns` about the object named `name` (a pod, a ServiceRegistration).
+pub async fn events_about(client: &Client, ns: &str, name: &str) -> Vec<k8s_openapi::api::events::v1::Event> {
+    let api: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(client.clone(), ns);
+    let all = api.list(&Default::default()).await.unwrap_or_else(|e| panic!("list events in {ns}: {e}"));
+    all.items.into_iter().filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name)).collect()
+}
+
+/// Waits for an Event with `reason` about the object named `name` in `ns`, and returns it.
+pub async fn wait_event_about(client: &Client, ns: &str, name: &str, reason: &str) -> k8s_openapi::api::events::v1::Event {
+    super::wait_until(&format!("a {reason} Event about {name}"), super::DEADLINE, || async {
+        events_about(client, ns, name).await.into_iter().find(|e| e.reason.as_deref() == Some(reason))
+    })
+    .await
+}
