@@ -7,15 +7,42 @@
                                         --kube-version` does)
   helm.py lint CHART                    values as JSON on stdin; prints the lint report
   helm.py validate CHART                values as JSON on stdin; exit 1 with the message on failure
+  helm.py install CHART NAME NAMESPACE KUBECONFIG
+  helm.py upgrade CHART NAME NAMESPACE KUBECONFIG
+                                        values as JSON on stdin; installs (creating the namespace)
+                                        or upgrades the release on that cluster as `helm install`
+                                        / `helm upgrade` do, prints the release summary as JSON
+  helm.py uninstall NAME NAMESPACE KUBECONFIG
 """
 import json
 import sys
 
 from helm_python import _native
 from helm_python.chart import Chart, lint
+from helm_python.config import Config
+
+
+def release(cmd: str) -> int:
+    """install / upgrade / uninstall against a cluster."""
+    if cmd == "uninstall":
+        name, namespace, kubeconfig = sys.argv[2:5]
+        with Config(kubeconfig_path=kubeconfig, namespace=namespace) as cfg:
+            print(json.dumps(cfg.uninstall(name)))
+        return 0
+    chart, name, namespace, kubeconfig = sys.argv[2:6]
+    values = json.loads(sys.stdin.read() or "{}")
+    with Config(kubeconfig_path=kubeconfig, namespace=namespace) as cfg:
+        if cmd == "install":
+            out = cfg.install(chart, name, values, namespace=namespace, create_namespace=True, timeout=120)
+        else:
+            out = cfg.upgrade(chart, name, values, namespace=namespace, timeout=120)
+    print(json.dumps(out))
+    return 0
 
 
 def main() -> int:
+    if sys.argv[1] in ("install", "upgrade", "uninstall"):
+        return release(sys.argv[1])
     cmd, chart = sys.argv[1], sys.argv[2]
     values = json.loads(sys.stdin.read() or "{}")
     if cmd == "render":

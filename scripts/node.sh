@@ -6,10 +6,10 @@
 #   images           docker-archive tarballs for `ctr images import` (no registry is reachable):
 #                    local/pause:3.2 (static pause from the Kubernetes tree's pause.c) and
 #                    local/busybox:1 (Debian's busybox-static), made by scripts/mkimage.py
-#   CNI plugin       scripts/node/nsonly, installed as "nsonly" and as "loopback"
+#   CNI plugins      Debian's containernetworking-plugins (bridge, host-local, loopback), unpacked
 #   CA bundle        Debian's ca-certificates, for the podlease image (scripts/image.sh)
-# The test harness (tests/support/node.rs) starts containerd and kubelet from these, always
-# inside a private mount namespace (scripts/node/nsinit.sh).
+# The test harness (tests/support/node.rs) starts the whole cluster from these, always inside
+# private mount and network namespaces (scripts/node/nsinit.sh).
 
 NODE_DIR="$CACHE/node"
 NODE_SCRIPTS="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,7 +36,7 @@ unpack_deb() {
 }
 
 node_setup() {
-  mkdir -p "$NODE_DIR/images" "$NODE_DIR/cni/bin"
+  mkdir -p "$NODE_DIR/images"
   command -v nsenter >/dev/null && command -v unshare >/dev/null || apt_install util-linux
   command -v ip >/dev/null || apt_install iproute2
 
@@ -95,11 +95,11 @@ node_setup() {
     mv "$CA_BUNDLE.tmp" "$CA_BUNDLE"
   fi
 
-  CNI_BIN="$NODE_DIR/cni/bin"
-  if ! cmp -s "$NODE_SCRIPTS/node/nsonly" "$CNI_BIN/nsonly"; then
-    install -m 0755 "$NODE_SCRIPTS/node/nsonly" "$CNI_BIN/nsonly.tmp" && mv "$CNI_BIN/nsonly.tmp" "$CNI_BIN/nsonly"
+  CNI_BIN="$NODE_DIR/cni-plugins/root/usr/lib/cni"
+  if [ ! -x "$CNI_BIN/bridge" ] || [ ! -x "$CNI_BIN/host-local" ] || [ ! -x "$CNI_BIN/loopback" ]; then
+    log "fetching containernetworking-plugins (Debian bookworm)"
+    unpack_deb containernetworking-plugins "$NODE_DIR/cni-plugins"
   fi
-  ln -sfn nsonly "$CNI_BIN/loopback"
 }
 
 # The node's lines of testbed.env.

@@ -22,6 +22,7 @@ fn value_sets() -> Vec<(&'static str, Value)> {
     vec![
         ("defaults", json!({})),
         ("tls", json!({"etcd": {"endpoints": ["https://etcd-0.etcd:2379", "https://etcd-1.etcd:2379"], "tls": {"secretName": "etcd-client-tls"}}})),
+        ("tls-ca-only", json!({"etcd": {"endpoints": ["https://etcd-0.etcd:2379"], "tls": {"secretName": "etcd-ca", "clientCertificate": false}}})),
         ("auth", json!({"etcd": {"auth": {"username": "podlease", "secretName": "etcd-auth"}}})),
         ("namespaces", json!({"watchNamespaces": ["team-a", "team-b"], "clusterId": "prod-eu-1"})),
         ("monitoring", json!({"metrics": {"serviceMonitor": {"enabled": true}, "prometheusRule": {"enabled": true}, "grafanaDashboard": {"enabled": true}}, "networkPolicy": {"enabled": true, "etcdTo": [{"ipBlock": {"cidr": "10.9.0.0/24"}}]}, "priorityClassName": "", "imagePullSecrets": [{"name": "regcred"}]})),
@@ -114,6 +115,7 @@ fn rendered_objects_are_what_each_value_set_asks_for() {
         assert_eq!(c["readinessProbe"]["httpGet"]["path"], "/readyz");
         assert_eq!(deploy["spec"]["replicas"], 2);
         assert!(args.contains(&"--leader-elect=true".to_string()));
+        assert!(args.contains(&"--lease-pool-size=16".to_string()), "{name}: {args:?}");
         // Each install its own identity: the release's namespace and name.
         assert!(args.contains(&format!("--install-id={NS}.{RELEASE}")), "{name}: {args:?}");
         // No secret ever lands in args or env.
@@ -124,9 +126,18 @@ fn rendered_objects_are_what_each_value_set_asks_for() {
                 assert!(args.contains(&"--etcd-ca=/etc/podlease/etcd-tls/ca.crt".to_string()));
                 assert!(args.contains(&"--etcd-key=/etc/podlease/etcd-tls/tls.key".to_string()));
                 assert_eq!(pod["volumes"][0]["secret"]["secretName"], "etcd-client-tls");
+                // Root's files, readable by podlease's user through the pod's group only.
+                assert_eq!(pod["volumes"][0]["secret"]["defaultMode"], 0o440);
+                assert_eq!(pod["securityContext"]["fsGroup"], 65532);
+                assert_eq!(pod["securityContext"]["runAsUser"], 65532);
+            }
+            "tls-ca-only" => {
+                assert!(args.contains(&"--etcd-ca=/etc/podlease/etcd-tls/ca.crt".to_string()));
+                assert!(!args.iter().any(|a| a.starts_with("--etcd-cert") || a.starts_with("--etcd-key")), "{args:?}");
             }
             "auth" => {
                 assert!(args.contains(&"--etcd-username=podlease".to_string()));
+                assert_eq!(pod["volumes"][0]["secret"]["defaultMode"], 0o440);
                 assert!(args.contains(&"--etcd-password-file=/etc/podlease/etcd-auth/password".to_string()));
                 assert_eq!(pod["volumes"][0]["secret"]["secretName"], "etcd-auth");
             }

@@ -1,27 +1,36 @@
 //! A real one-node Kubernetes v1.20.2 cluster, started on request: its own etcd, a
 //! kube-apiserver with ServiceAccount admission and token signing, kube-controller-manager
 //! with its default controllers (ReplicaSet, Deployment, EndpointSlice, the ServiceAccount
-//! token controller), kube-scheduler, and one node: containerd 1.6 + runc + kubelet with the
-//! namespace-only CNI plugin. Pods really run (busybox, pause and images imported from
+//! token controller), kube-scheduler, and one node: containerd 1.6 + runc + kubelet with
+//! Debian's bridge CNI. Pods really run (busybox, pause and images imported from
 //! docker-archive tarballs; nothing is pulled).
 //!
-//! containerd and kubelet always run inside a private mount namespace
-//! (scripts/node/nsinit.sh): the host's /run, /var/lib, /var/log and the sysctls kubelet
-//! rewrites are never touched. Ports are picked free at run time and all state is in a temp
-//! dir of the cluster, so two clusters can run side by side. Dropping the cluster (also on
-//! panic) stops kubelet, kills every container and shim explicitly (they are not our
-//! children), stops containerd, lets the mount namespace go and removes the cgroups runc
-//! made (`/k8s.io/<container id>` in every hierarchy: with `cgroupsPerQOS: false` kubelet
-//! names no cgroup parent, so containerd's default is used); `Leftovers` proves nothing
-//! stayed on the host.
+//! The whole cluster runs inside private mount and network namespaces of its own
+//! (scripts/node/nsinit.sh). Mounts: the host's /run, /var/lib, /var/log and the sysctls
+//! kubelet rewrites are never touched. Network: the namespace has lo and the node's address
+//! (`NODE_ADDRESS`) and no way out, so pod IPs are real and reachable inside it (kubelet's
+//! httpGet probes, pods talking to pods, a consumer run with `in_node`) while no packet from
+//! it can leave the machine and the host's network stays as it is. Never dial a pod or node
+//! address from the host (it would leave through the default route): the test reaches the
+//! API server through a port on the host's 127.0.0.1 (`netns::out_of`), `reach` does the
+//! same for any address inside, and `expose` lets pods reach something the test runs on the
+//! host (a registry etcd).
 //!
-//! Network safety: pod IPs of pods that are not hostNetwork (10.88.x from the CNI plugin)
-//! are routed nowhere on this machine; never dial one from the host. Exec probes only on
-//! such pods; whatever a test must connect to runs hostNetwork.
+//! All state is in a temp dir of the cluster and every port inside is the namespace's own,
+//! so clusters run side by side. Dropping the cluster (also on panic) stops kubelet, kills
+//! every container and shim explicitly (they are not our children), stops containerd and
+//! the control plane, lets the namespaces go and removes the cgroups runc made
+//! (`/k8s.io/<container id>` in every hierarchy: with `cgroupsPerQOS: false` kubelet names
+//! no cgroup parent, so containerd's default is used); a test process killed outright runs
+//! no destructor, and the next cluster's start sweeps what it left. `Leftovers` proves
+//! nothing stayed on the host.
 //!
 //! Binaries come from `scripts/testbed.sh` (testbed.env), like the fast bed's.
 
+pub mod netns;
+
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
 use std::sync::OnceLock;
@@ -31,10 +40,26 @@ use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::api::Api;
 use kube::Client;
 
-use super::{client_from, free_port, kill_child, kubeconfig_yaml, run, spawn_owned, Binaries, EtcdServer, ADMIN_TOKEN};
+use super::{client_from, kill_child, kubeconfig_yaml, run, spawn_owned, Binaries, ADMIN_TOKEN};
+use netns::{Forward, NetNs};
 
 /// The one node's name.
 pub const NODE_NAME: &str = "podlease-node";
+/// The node's address, inside the cluster's network namespace only (the same in every
+/// cluster: each has its own namespace).
+pub const NODE_ADDRESS: &str = "10.77.0.1";
+const NODE_CIDR: &str = "10.77.0.1/24";
+/// Pod addresses (the bridge CNI's subnet, inside the namespace).
+pub const POD_SUBNET: &str = "10.88.0.0/16";
+/// The API server's port inside the namespace, on every address there (pods use
+/// `NODE_ADDRESS:APISERVER_PORT`).
+pub const APISERVER_PORT: u16 = 6443;
+const STORAGE_PORTS: (u16, u16) = (2379, 2380);
+const KUBELET_PORT: u16 = 10250;
+const KUBELET_HEALTHZ_PORT: u16 = 10248;
+const SCHEDULER_PORT: u16 = 10259;
+const CONTROLLER_MANAGER_PORT: u16 = 10257;
+const STREAM_SERVER_PORT: u16 = 10010;
 /// The images every node has (imported at start; pods use `imagePullPolicy: Never`).
 pub const PAUSE_IMAGE: &str = "local/pause:3.2";
 pub const BUSYBOX_IMAGE: &str = "local/busybox:1";
@@ -44,8 +69,9 @@ const CRI_NAMESPACE: &str = "k8s.io";
 const DIR_PREFIX: &str = "plnode-";
 /// The sysctls kubelet would rewrite on the host if it ran outside the mount namespace.
 const GUARDED_SYSCTLS: &[&str] = &["vm/overcommit_memory", "vm/panic_on_oom", "kernel/panic", "kernel/panic_on_oops", "kernel/keys/root_maxkeys", "kernel/keys/root_maxbytes"];
-/// Host paths containerd and kubelet hard-code; the mount namespace keeps them off the host.
-const GUARDED_PATHS: &[&str] = &["/run/containerd", "/var/lib/kubelet", "/var/lib/containerd", "/var/log/pods", "/var/log/containers"];
+/// Host paths containerd, kubelet and the CNI plugins hard-code; the mount namespace keeps
+/// them off the host.
+const GUARDED_PATHS: &[&str] = &["/run/containerd", "/var/lib/kubelet", "/var/lib/containerd", "/var/lib/cni", "/var/log/pods", "/var/log/containers"];
 
 /// Paths of the node's binaries and images (testbed.env, written by scripts/testbed.sh).
 #[derive(Debug, Clone)]
@@ -55,6 +81,7 @@ pub struct NodeBinaries {
     /// Directory with containerd, ctr and containerd-shim-runc-v2.
     pub containerd_dir: PathBuf,
     pub runc: PathBuf,
+    /// Debian's containernetworking-plugins (bridge, host-local, loopback).
     pub cni_bin_dir: PathBuf,
     pub pause_image: PathBuf,
     pub busybox_image: PathBuf,
@@ -106,30 +133,8 @@ fn node_scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/node")
 }
 
-/// This machine's own global IPv4 address: kubelet refuses a loopback node IP.
-pub fn node_ip() -> String {
-    let out = Command::new("ip").args(["-4", "-o", "addr", "show", "scope", "global"]).output().expect("run ip");
-    let text = String::from_utf8_lossy(&out.stdout);
-    // "4: eth0    inet 192.0.2.2/24 brd ... scope global eth0"
-    text.lines()
-        .filter_map(|l| {
-            let mut words = l.split_whitespace();
-            words.find(|w| *w == "inet")?;
-            Some(words.next()?.split('/').next()?.to_string())
-        })
-        .next()
-        .unwrap_or_else(|| panic!("no global IPv4 address on this machine (ip -4 addr):\n{text}"))
-}
-
-/// Ports of one cluster, all picked free at start.
-#[derive(Debug, Clone, Copy)]
-pub struct Ports {
-    pub apiserver: u16,
-    pub scheduler: u16,
-    pub controller_manager: u16,
-    pub kubelet: u16,
-    pub kubelet_healthz: u16,
-    pub stream_server: u16,
+fn addr(ip: &str, port: u16) -> SocketAddr {
+    format!("{ip}:{port}").parse().unwrap()
 }
 
 /// How long the start took, step by step (for reports).
@@ -142,27 +147,27 @@ pub struct StartTimes {
 
 /// A running mini-cluster. Everything stops when it is dropped (see the module docs).
 pub struct MiniCluster {
-    pub ports: Ports,
-    pub node_ip: String,
+    /// The admin's client and kubeconfig (through a port on the host's 127.0.0.1).
     pub kube: Client,
     pub kubeconfig: PathBuf,
     pub started: StartTimes,
     /// A directory every pod may mount as a hostPath (readiness files of exec probes).
     pub probe_dir: PathBuf,
     procs: Procs,
+    forwards: Vec<Forward>,
     traces: Traces,
     dir: Option<tempfile::TempDir>,
 }
 
-/// The cluster's processes. containerd's shims and the containers are not among them: they
-/// are daemons of containerd, found and killed at teardown.
+/// The cluster's processes, all inside its namespaces. containerd's shims and the containers
+/// are not among them: they are daemons of containerd, found and killed at teardown.
 struct Procs {
-    storage: Option<EtcdServer>,
+    /// `sleep infinity` holding the namespaces open.
+    holder: Option<Child>,
+    storage: Option<Child>,
     apiserver: Option<Child>,
     controller_manager: Option<Child>,
     scheduler: Option<Child>,
-    /// `sleep infinity` holding the private mount namespace open.
-    holder: Option<Child>,
     containerd: Option<Child>,
     kubelet: Option<Child>,
 }
@@ -172,8 +177,9 @@ struct Procs {
 pub struct Traces {
     /// The cluster's temp dir (every state path, socket and process argument is under it).
     pub dir: PathBuf,
-    /// Inode of the private mount namespace (no process may stay in it).
+    /// Inodes of the private mount and network namespaces (no process may stay in them).
     pub mount_ns: Option<u64>,
+    pub net_ns: Option<u64>,
     /// Every container containerd ran (its cgroup is `/k8s.io/<id>` in every hierarchy).
     pub container_ids: BTreeSet<String>,
     /// What the host looked like before the cluster started.
@@ -189,89 +195,25 @@ impl MiniCluster {
         let dir = cluster_dir();
         let root = dir.path().to_path_buf();
         std::fs::write(root.join(OWNER_FILE), owner_stamp(std::process::id()).expect("own stamp")).unwrap();
-        let bins = Binaries::locate();
-        let nbins = NodeBinaries::locate();
-        let ports = Ports {
-            apiserver: free_port(),
-            scheduler: free_port(),
-            controller_manager: free_port(),
-            kubelet: free_port(),
-            kubelet_healthz: free_port(),
-            stream_server: free_port(),
-        };
-        let node_ip = node_ip();
-        let traces = Traces { dir: root.clone(), mount_ns: None, container_ids: BTreeSet::new(), before };
+        let traces = Traces { dir: root.clone(), mount_ns: None, net_ns: None, container_ids: BTreeSet::new(), before };
         let probe_dir = root.join("probe");
         std::fs::create_dir_all(&probe_dir).unwrap();
         let mut c = MiniCluster {
-            ports,
-            node_ip,
             kube: Client::try_from(kube::Config::new("https://127.0.0.1:1".parse().unwrap())).unwrap(),
             kubeconfig: root.join("kubeconfig"),
             started: StartTimes::default(),
             probe_dir,
-            procs: Procs { storage: None, apiserver: None, controller_manager: None, scheduler: None, holder: None, containerd: None, kubelet: None },
+            procs: Procs { holder: None, storage: None, apiserver: None, controller_manager: None, scheduler: None, containerd: None, kubelet: None },
+            forwards: Vec::new(),
             traces,
             dir: Some(dir),
         };
-
-        // Control plane.
-        let storage = EtcdServer::start(&root, "storage");
-        let storage_endpoint = storage.endpoint();
-        c.procs.storage = Some(storage);
-        let sa_key = root.join("sa.key");
-        let sa_pub = root.join("sa.pub");
-        run(Command::new("openssl").args(["genrsa", "-out"]).arg(&sa_key).arg("2048"));
-        run(Command::new("openssl").args(["rsa", "-in"]).arg(&sa_key).args(["-pubout", "-out"]).arg(&sa_pub));
-        let tokens = root.join("tokens.csv");
-        std::fs::write(&tokens, format!("{ADMIN_TOKEN},admin,admin,system:masters\n")).unwrap();
-        let mut cmd = Command::new(&bins.kube_apiserver);
-        cmd.arg(format!("--etcd-servers={storage_endpoint}"))
-            .arg("--bind-address=127.0.0.1")
-            .arg("--advertise-address=127.0.0.1")
-            .arg(format!("--secure-port={}", ports.apiserver))
-            .arg("--insecure-port=0")
-            .arg(format!("--cert-dir={}", root.join("certs").display()))
-            .arg(format!("--token-auth-file={}", tokens.display()))
-            .arg("--authorization-mode=Node,RBAC")
-            .arg("--service-account-issuer=https://kubernetes.default.svc")
-            .arg(format!("--service-account-key-file={}", sa_pub.display()))
-            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
-            .arg("--service-cluster-ip-range=10.96.0.0/16")
-            .arg("--v=1");
-        c.procs.apiserver = Some(spawn_owned(&mut cmd, &root.join("kube-apiserver.log")));
-        std::fs::write(&c.kubeconfig, kubeconfig_yaml(ports.apiserver, ADMIN_TOKEN)).unwrap();
-        c.kube = super::wait_apiserver_ready(&c.kubeconfig, &root).await;
+        c.start_namespaces();
+        c.start_control_plane().await;
         c.started.apiserver_ready = t0.elapsed();
-
-        let mut cmd = Command::new(&bins.kube_controller_manager);
-        cmd.arg(format!("--kubeconfig={}", c.kubeconfig.display()))
-            .arg("--controllers=*")
-            .arg("--leader-elect=false")
-            .arg("--port=0")
-            .arg("--bind-address=127.0.0.1")
-            .arg(format!("--secure-port={}", ports.controller_manager))
-            .arg(format!("--cert-dir={}", root.join("kcm-certs").display()))
-            .arg(format!("--service-account-private-key-file={}", sa_key.display()))
-            // The token controller puts this CA into every ServiceAccount token Secret.
-            .arg(format!("--root-ca-file={}", root.join("certs/apiserver.crt").display()))
-            .arg(format!("--flex-volume-plugin-dir={}", root.join("kcm-flex").display()))
-            .arg("--v=1");
-        c.procs.controller_manager = Some(spawn_owned(&mut cmd, &root.join("kube-controller-manager.log")));
-        let mut cmd = Command::new(&nbins.kube_scheduler);
-        cmd.arg(format!("--kubeconfig={}", c.kubeconfig.display()))
-            .arg("--leader-elect=false")
-            .arg("--port=0")
-            .arg("--bind-address=127.0.0.1")
-            .arg(format!("--secure-port={}", ports.scheduler))
-            .arg(format!("--cert-dir={}", root.join("scheduler-certs").display()))
-            .arg("--v=1");
-        c.procs.scheduler = Some(spawn_owned(&mut cmd, &root.join("kube-scheduler.log")));
-
-        // The node: mount namespace, containerd, images, kubelet.
-        c.start_mount_namespace();
         c.write_node_config();
         c.start_containerd();
+        let nbins = NodeBinaries::locate();
         c.import_image(&nbins.pause_image);
         c.import_image(&nbins.busybox_image);
         c.started.containerd_ready = t0.elapsed();
@@ -294,46 +236,185 @@ impl MiniCluster {
         self.root().join("containerd.sock")
     }
 
-    fn holder_pid(&self) -> Option<u32> {
-        self.procs.holder.as_ref().map(|c| c.id())
+    /// The kubeconfig the cluster's own components use (the API server inside the namespace).
+    fn node_kubeconfig(&self) -> PathBuf {
+        self.root().join("node-kubeconfig")
     }
 
-    fn start_mount_namespace(&mut self) {
+    fn holder_pid(&self) -> u32 {
+        self.procs.holder.as_ref().map(|c| c.id()).expect("the cluster's namespaces")
+    }
+
+    /// The cluster's network namespace.
+    pub fn netns(&self) -> NetNs {
+        NetNs::of(self.holder_pid())
+    }
+
+    fn start_namespaces(&mut self) {
         let ns_dir = self.root().join("ns");
         let mut cmd = Command::new("unshare");
-        cmd.args(["-m", "--propagation", "private"]).arg(node_scripts().join("nsinit.sh")).arg(&ns_dir).args(["sleep", "infinity"]);
+        cmd.args(["-m", "-n", "--propagation", "private"]).arg(node_scripts().join("nsinit.sh")).arg(&ns_dir).arg(NODE_CIDR).args(["sleep", "infinity"]);
         let mut child = spawn_owned(&mut cmd, &self.root().join("ns.log"));
         let pid = child.id();
-        // nsinit.sh execs `sleep` once its mounts are in place (same PID throughout).
+        // nsinit.sh execs `sleep` once its mounts and interfaces are in place (same PID).
         let start = Instant::now();
         loop {
             if let Some(status) = child.try_wait().unwrap() {
-                panic!("mount namespace setup failed ({status}): {}", std::fs::read_to_string(self.root().join("ns.log")).unwrap_or_default());
+                panic!("namespace setup failed ({status}): {}", std::fs::read_to_string(self.root().join("ns.log")).unwrap_or_default());
             }
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
             if cmdline.starts_with(b"sleep\0") {
                 break;
             }
-            assert!(start.elapsed() < super::DEADLINE, "mount namespace holder did not come up");
+            assert!(start.elapsed() < super::DEADLINE, "the namespace holder did not come up");
             std::thread::sleep(Duration::from_millis(10));
         }
-        let ns = mount_ns_of(pid).expect("holder's mount namespace");
-        assert_ne!(Some(ns), mount_ns_of(std::process::id()), "the holder shares the host's mount namespace");
-        self.traces.mount_ns = Some(ns);
+        let (mnt, net) = (ns_inode(pid, "mnt"), ns_inode(pid, "net"));
+        let me = std::process::id();
+        assert!(mnt.is_some() && mnt != ns_inode(me, "mnt"), "the holder shares the host's mount namespace");
+        assert!(net.is_some() && net != ns_inode(me, "net"), "the holder shares the host's network namespace");
+        self.traces.mount_ns = mnt;
+        self.traces.net_ns = net;
         self.procs.holder = Some(child);
+        self.assert_sealed();
     }
 
-    /// A command run inside the node's mount namespace.
-    fn inside(&self, program: &Path) -> Command {
+    /// The network namespace has no way off this machine: no default route, no route to
+    /// anything but its own subnets, no interface but its own (lo, the node's veth pair, the
+    /// pods' bridge and their veths, whose other ends are in pod namespaces).
+    pub fn assert_sealed(&self) {
+        let ip = |args: &[&str]| {
+            let out = self.in_node("ip").args(args).output().expect("ip in the node's namespace");
+            assert!(out.status.success(), "ip {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).to_string()
+        };
+        let routes = ip(&["-4", "route", "show", "table", "all"]);
+        for r in routes.lines().filter(|l| !l.trim().is_empty()) {
+            let local = r.starts_with("local ") || r.starts_with("broadcast ") || r.contains(" proto kernel ");
+            assert!(local && !r.starts_with("default"), "a route that could lead off the machine in the node's namespace: {r}\n{routes}");
+        }
+        let links = ip(&["-o", "link", "show"]);
+        for l in links.lines() {
+            let name = l.split(':').nth(1).unwrap_or("").trim().split('@').next().unwrap_or("");
+            assert!(["lo", "node0", "node1", "cni0"].contains(&name) || name.starts_with("veth"), "an interface the node's namespace should not have: {l}");
+        }
+    }
+
+    /// A command run inside the cluster's mount and network namespaces: where everything of
+    /// the cluster runs, and where pod and node addresses may be dialled.
+    pub fn in_node(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
         let mut cmd = Command::new("nsenter");
-        cmd.arg("-t").arg(self.holder_pid().expect("mount namespace").to_string()).args(["-m", "--"]).arg(program);
+        cmd.arg("-t").arg(self.holder_pid().to_string()).args(["-m", "-n", "--"]).arg(program);
         cmd
+    }
+
+    /// Waits until something listens at `addr` inside the namespace.
+    fn wait_listening(&mut self, what: &str, addr: SocketAddr, log: &str) {
+        let ns = self.netns();
+        let start = Instant::now();
+        while ns.connect(addr, Duration::from_secs(1)).is_err() {
+            assert!(start.elapsed() < super::DEADLINE, "{what} did not listen on {addr}; log:\n{}", self.log_tail(log, 30));
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    async fn start_control_plane(&mut self) {
+        let root = self.root().to_path_buf();
+        let bins = Binaries::locate();
+        let nbins = NodeBinaries::locate();
+        let (client_port, peer_port) = STORAGE_PORTS;
+        let mut cmd = self.in_node(&bins.etcd);
+        cmd.arg("--name=storage")
+            .arg(format!("--data-dir={}", root.join("etcd-storage").display()))
+            .arg(format!("--listen-client-urls=http://127.0.0.1:{client_port}"))
+            .arg(format!("--advertise-client-urls=http://127.0.0.1:{client_port}"))
+            .arg(format!("--listen-peer-urls=http://127.0.0.1:{peer_port}"))
+            .arg(format!("--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}"))
+            .arg(format!("--initial-cluster=storage=http://127.0.0.1:{peer_port}"))
+            .arg("--log-level=warn");
+        self.procs.storage = Some(spawn_owned(&mut cmd, &root.join("etcd-storage.log")));
+        self.wait_listening("etcd", addr("127.0.0.1", client_port), "etcd-storage.log");
+
+        let sa_key = root.join("sa.key");
+        let sa_pub = root.join("sa.pub");
+        run(Command::new("openssl").args(["genrsa", "-out"]).arg(&sa_key).arg("2048"));
+        run(Command::new("openssl").args(["rsa", "-in"]).arg(&sa_key).args(["-pubout", "-out"]).arg(&sa_pub));
+        let tokens = root.join("tokens.csv");
+        std::fs::write(&tokens, format!("{ADMIN_TOKEN},admin,admin,system:masters\n")).unwrap();
+        let mut cmd = self.in_node(&bins.kube_apiserver);
+        cmd.arg(format!("--etcd-servers=http://127.0.0.1:{client_port}"))
+            .arg("--bind-address=0.0.0.0")
+            // Pods find the API server here (the `kubernetes` Endpoints); the self-signed
+            // certificate names it.
+            .arg(format!("--advertise-address={NODE_ADDRESS}"))
+            .arg(format!("--secure-port={APISERVER_PORT}"))
+            .arg("--insecure-port=0")
+            .arg(format!("--cert-dir={}", root.join("certs").display()))
+            .arg(format!("--token-auth-file={}", tokens.display()))
+            .arg("--authorization-mode=Node,RBAC")
+            .arg("--service-account-issuer=https://kubernetes.default.svc")
+            .arg(format!("--service-account-key-file={}", sa_pub.display()))
+            .arg(format!("--service-account-signing-key-file={}", sa_key.display()))
+            .arg("--service-cluster-ip-range=10.96.0.0/16")
+            // kubectl logs/exec: the API server dials the kubelet at the node's address,
+            // which is only ever inside the namespace.
+            .arg("--kubelet-preferred-address-types=InternalIP")
+            .arg("--v=1");
+        self.procs.apiserver = Some(spawn_owned(&mut cmd, &root.join("kube-apiserver.log")));
+        std::fs::write(self.node_kubeconfig(), kubeconfig_yaml(APISERVER_PORT, ADMIN_TOKEN)).unwrap();
+        let forward = netns::out_of(&self.netns(), addr("127.0.0.1", APISERVER_PORT));
+        std::fs::write(&self.kubeconfig, kubeconfig_yaml(forward.addr.port(), ADMIN_TOKEN)).unwrap();
+        self.forwards.push(forward);
+        self.kube = super::wait_apiserver_ready(&self.kubeconfig, &root).await;
+
+        let kubeconfig = self.node_kubeconfig();
+        let mut cmd = self.in_node(&bins.kube_controller_manager);
+        cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg("--controllers=*")
+            .arg("--leader-elect=false")
+            .arg("--port=0")
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={CONTROLLER_MANAGER_PORT}"))
+            .arg(format!("--cert-dir={}", root.join("kcm-certs").display()))
+            .arg(format!("--service-account-private-key-file={}", sa_key.display()))
+            // The token controller puts this CA into every ServiceAccount token Secret.
+            .arg(format!("--root-ca-file={}", root.join("certs/apiserver.crt").display()))
+            .arg(format!("--flex-volume-plugin-dir={}", root.join("kcm-flex").display()))
+            .arg("--v=1");
+        self.procs.controller_manager = Some(spawn_owned(&mut cmd, &root.join("kube-controller-manager.log")));
+        let mut cmd = self.in_node(&nbins.kube_scheduler);
+        cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg("--leader-elect=false")
+            .arg("--port=0")
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--secure-port={SCHEDULER_PORT}"))
+            .arg(format!("--cert-dir={}", root.join("scheduler-certs").display()))
+            .arg("--v=1");
+        self.procs.scheduler = Some(spawn_owned(&mut cmd, &root.join("kube-scheduler.log")));
+    }
+
+    /// Lets pods reach `target`, a port on the host's 127.0.0.1 (e.g. a registry etcd the
+    /// test started), at the returned address inside the namespace (`NODE_ADDRESS`, same port).
+    pub fn expose(&mut self, target: SocketAddr) -> SocketAddr {
+        let f = netns::into(&self.netns(), addr(NODE_ADDRESS, target.port()), target);
+        let at = f.addr;
+        self.forwards.push(f);
+        at
+    }
+
+    /// A port on the host's 127.0.0.1 that reaches `target` inside the namespace (a pod's
+    /// metrics, a hostNetwork server): the connection is made from inside.
+    pub fn reach(&mut self, target: SocketAddr) -> SocketAddr {
+        let f = netns::out_of(&self.netns(), target);
+        let at = f.addr;
+        self.forwards.push(f);
+        at
     }
 
     fn write_node_config(&self) {
         let root = self.root();
         let nbins = NodeBinaries::locate();
-        for d in ["containerd/root", "containerd/state", "containerd/opt", "cni/net.d", "cni/data", "kubelet/pki", "kubelet/volume-plugins"] {
+        for d in ["containerd/root", "containerd/state", "containerd/opt", "cni/net.d", "cni/ipam", "kubelet/pki", "kubelet/volume-plugins"] {
             std::fs::create_dir_all(root.join(d)).unwrap();
         }
         let containerd = format!(
@@ -358,7 +439,7 @@ oom_score = 0
     tolerate_missing_hugetlb_controller = true
     netns_mounts_under_state_dir = true
     stream_server_address = "127.0.0.1"
-    stream_server_port = "{stream}"
+    stream_server_port = "{STREAM_SERVER_PORT}"
     disable_apparmor = true
     [plugins."io.containerd.grpc.v1.cri".containerd]
       snapshotter = "overlayfs"
@@ -374,25 +455,30 @@ oom_score = 0
 "#,
             root = root.display(),
             sock = self.sock().display(),
-            stream = self.ports.stream_server,
             runc = nbins.runc.display(),
             cni_bin = nbins.cni_bin_dir.display(),
         );
         std::fs::write(root.join("containerd.toml"), containerd).unwrap();
-        // Written before containerd starts, so the network is ready from the first sync.
+        // A bridge in the namespace; pods route everything to it, and the namespace routes
+        // nothing further (no masquerade, no way out). Written before containerd starts, so
+        // the network is ready from its first sync.
         std::fs::write(
-            root.join("cni/net.d/10-nsonly.conflist"),
-            format!(r#"{{"cniVersion": "0.4.0", "name": "nsonly", "plugins": [{{"type": "nsonly", "dataDir": "{}"}}]}}"#, root.join("cni/data").display()),
+            root.join("cni/net.d/10-pods.conflist"),
+            format!(
+                r#"{{"cniVersion": "0.4.0", "name": "pods", "plugins": [{{"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "ipam": {{"type": "host-local", "subnet": "{POD_SUBNET}", "dataDir": "{}", "routes": [{{"dst": "0.0.0.0/0"}}]}}}}]}}"#,
+                root.join("cni/ipam").display()
+            ),
         )
         .unwrap();
         let kubelet = format!(
             "apiVersion: kubelet.config.k8s.io/v1beta1
 kind: KubeletConfiguration
-address: 127.0.0.1
-port: {port}
+# On every address of the namespace: the API server dials the node's (logs, exec).
+address: 0.0.0.0
+port: {KUBELET_PORT}
 readOnlyPort: 0
 healthzBindAddress: 127.0.0.1
-healthzPort: {healthz}
+healthzPort: {KUBELET_HEALTHZ_PORT}
 authentication:
   anonymous: {{enabled: true}}
   webhook: {{enabled: false}}
@@ -416,8 +502,6 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 ",
-            port = self.ports.kubelet,
-            healthz = self.ports.kubelet_healthz,
         );
         std::fs::write(root.join("kubelet.yaml"), kubelet).unwrap();
     }
@@ -425,7 +509,7 @@ serializeImagePulls: false
     fn start_containerd(&mut self) {
         let nbins = NodeBinaries::locate();
         let path = format!("{}:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", nbins.containerd_dir.display());
-        let mut cmd = self.inside(Path::new("/usr/bin/env"));
+        let mut cmd = self.in_node("/usr/bin/env");
         cmd.arg(format!("PATH={path}")).arg(nbins.containerd_dir.join("containerd")).arg("--config").arg(self.root().join("containerd.toml"));
         self.procs.containerd = Some(spawn_owned(&mut cmd, &self.root().join("containerd.log")));
         let start = Instant::now();
@@ -445,9 +529,9 @@ serializeImagePulls: false
         let root = self.root().to_path_buf();
         let nbins = NodeBinaries::locate();
         let sock = format!("unix://{}", self.sock().display());
-        let mut cmd = self.inside(&nbins.kubelet);
+        let mut cmd = self.in_node(&nbins.kubelet);
         cmd.arg(format!("--config={}", root.join("kubelet.yaml").display()))
-            .arg(format!("--kubeconfig={}", self.kubeconfig.display()))
+            .arg(format!("--kubeconfig={}", self.node_kubeconfig().display()))
             .arg("--container-runtime=remote")
             .arg(format!("--container-runtime-endpoint={sock}"))
             .arg(format!("--image-service-endpoint={sock}"))
@@ -455,7 +539,8 @@ serializeImagePulls: false
             .arg(format!("--cert-dir={}", root.join("kubelet/pki").display()))
             .arg(format!("--volume-plugin-dir={}", root.join("kubelet/volume-plugins").display()))
             .arg(format!("--hostname-override={NODE_NAME}"))
-            .arg(format!("--node-ip={}", self.node_ip))
+            // kubelet refuses a loopback node IP; this one exists in the namespace only.
+            .arg(format!("--node-ip={NODE_ADDRESS}"))
             .arg("--v=1");
         self.procs.kubelet = Some(spawn_owned(&mut cmd, &root.join("kubelet.log")));
     }
@@ -464,7 +549,7 @@ serializeImagePulls: false
     /// /run/containerd, which is the namespace's own).
     pub fn ctr(&self, args: &[&str]) -> Output {
         let nbins = NodeBinaries::locate();
-        let mut cmd = self.inside(&nbins.containerd_dir.join("ctr"));
+        let mut cmd = self.in_node(nbins.containerd_dir.join("ctr"));
         cmd.arg("-a").arg(self.sock()).args(["-n", CRI_NAMESPACE]).args(args);
         cmd.output().expect("run ctr")
     }
@@ -529,6 +614,62 @@ serializeImagePulls: false
         .await;
     }
 
+    /// Waits until Deployment `ns/name` has `replicas` ready and available replicas of its
+    /// latest generation; returns how long that took.
+    pub async fn wait_deployment(&self, ns: &str, name: &str, replicas: i32, within: Duration) -> Duration {
+        use k8s_openapi::api::apps::v1::Deployment;
+        let api: Api<Deployment> = Api::namespaced(self.kube.clone(), ns);
+        let start = Instant::now();
+        super::wait_until(&format!("Deployment {ns}/{name} with {replicas} available replicas"), within, || {
+            let api = api.clone();
+            async move {
+                let d = api.get(name).await.ok()?;
+                let generation = d.metadata.generation;
+                let s = d.status?;
+                let done = s.observed_generation == generation
+                    && s.updated_replicas == Some(replicas)
+                    && s.ready_replicas == Some(replicas)
+                    && s.available_replicas == Some(replicas)
+                    && s.replicas == Some(replicas);
+                done.then_some(())
+            }
+        })
+        .await;
+        start.elapsed()
+    }
+
+    /// Installs `chart` as release `name` in `ns` with real Helm (scripts/helm.py), as
+    /// `helm install --create-namespace` does; panics with Helm's error.
+    pub fn helm_install(&self, chart: &Path, name: &str, ns: &str, values: &serde_json::Value) -> serde_json::Value {
+        self.helm("install", chart, name, ns, values)
+    }
+
+    /// `helm upgrade` of release `name` in `ns` to `chart` with `values`.
+    pub fn helm_upgrade(&self, chart: &Path, name: &str, ns: &str, values: &serde_json::Value) -> serde_json::Value {
+        self.helm("upgrade", chart, name, ns, values)
+    }
+
+    fn helm(&self, action: &str, chart: &Path, name: &str, ns: &str, values: &serde_json::Value) -> serde_json::Value {
+        use std::io::Write;
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/helm.py");
+        let mut child = Command::new(&Binaries::locate().helm_python)
+            .arg(script)
+            .arg(action)
+            .arg(chart)
+            .arg(name)
+            .arg(ns)
+            .arg(&self.kubeconfig)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run scripts/helm.py");
+        child.stdin.take().unwrap().write_all(values.to_string().as_bytes()).unwrap();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success(), "helm {action} {name}: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("helm {action} printed no release ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+    }
+
     /// Runs the real kubectl against the cluster and returns its output.
     pub fn kubectl(&self, args: &[&str]) -> String {
         let out = Command::new(&Binaries::locate().kubectl)
@@ -582,16 +723,18 @@ serializeImagePulls: false
             terminate(&mut c, Duration::from_secs(10));
         }
         kill_cgroups(&self.traces.container_ids);
-        // The last process in the namespace: its mounts (overlays, netns, tmpfs) go with it.
+        self.forwards.clear();
+        let p = &mut self.procs;
+        for child in [p.scheduler.take(), p.controller_manager.take(), p.apiserver.take(), p.storage.take()].into_iter().flatten() {
+            let mut child = child;
+            kill_child(&mut child);
+        }
+        // The last process in the namespaces: their mounts (overlays, pod netns, tmpfs) and
+        // interfaces (bridge, veths) go with it.
         if let Some(mut h) = self.procs.holder.take() {
             kill_child(&mut h);
         }
         remove_cgroups(&self.traces.container_ids);
-        for child in [self.procs.scheduler.take(), self.procs.controller_manager.take(), self.procs.apiserver.take()].into_iter().flatten() {
-            let mut child = child;
-            kill_child(&mut child);
-        }
-        self.procs.storage.take();
         if let Some(dir) = self.dir.take() {
             if std::thread::panicking() && std::env::var_os("PODLEASE_KEEP_TESTBED").is_some() {
                 eprintln!("mini-cluster kept in {}", dir.keep().display());
@@ -766,9 +909,10 @@ fn kill_matching(matches: impl Fn(&str) -> bool, what: &str) {
     }
 }
 
-fn mount_ns_of(pid: u32) -> Option<u64> {
+/// The inode of a process's namespace of `kind` ("mnt", "net").
+fn ns_inode(pid: u32, kind: &str) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
-    std::fs::metadata(format!("/proc/{pid}/ns/mnt")).ok().map(|m| m.ino())
+    std::fs::metadata(format!("/proc/{pid}/ns/{kind}")).ok().map(|m| m.ino())
 }
 
 /// Every cgroup hierarchy's mount point (v1 controllers and the v2 unified one).
@@ -906,8 +1050,10 @@ impl Leftovers {
             }
             if cmd.contains(&dir) {
                 found.push(format!("process {pid}: {cmd}"));
-            } else if traces.mount_ns.is_some() && mount_ns_of(pid) == traces.mount_ns {
-                found.push(format!("process {pid} in the node's mount namespace: {cmd}"));
+            } else if traces.mount_ns.is_some() && ns_inode(pid, "mnt") == traces.mount_ns {
+                found.push(format!("process {pid} in the cluster's mount namespace: {cmd}"));
+            } else if traces.net_ns.is_some() && ns_inode(pid, "net") == traces.net_ns {
+                found.push(format!("process {pid} in the cluster's network namespace: {cmd}"));
             }
         }
         let now = HostState::capture();
