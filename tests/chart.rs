@@ -182,7 +182,7 @@ fn rendered_objects_are_what_each_value_set_asks_for() {
                 // Egress: etcd's port to the named peers only, the API server's and DNS to any.
                 let egress = np[0]["spec"]["egress"].as_array().unwrap();
                 assert_eq!(egress[0], json!({"ports": [{"port": 2379, "protocol": "TCP"}], "to": [{"ipBlock": {"cidr": "10.9.0.0/24"}}]}));
-                assert_eq!(egress[1], json!({"ports": [{"port": 443, "protocol": "TCP"}]}));
+                assert_eq!(egress[1], json!({"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]}));
                 assert_eq!(egress[2]["ports"][0]["port"], 53);
                 assert_eq!(pod["imagePullSecrets"][0]["name"], "regcred");
             }
@@ -440,9 +440,10 @@ async fn an_uninstall_with_revoke_on_shutdown_revokes_although_the_rbac_is_gone_
     assert!(replicas[leader].log_text().contains("revok"), "{}", replicas[leader].log_text());
 }
 
-/// The NetworkPolicy's API server egress rule: `apiServerPort` and `apiServerTo` render as
-/// given, beside the etcd and DNS rules, which they leave alone; by default the API server's
-/// port 443 to any address (its addresses vary by cluster, so only the values can name them).
+/// The NetworkPolicy's API server egress rule: `apiServerPorts` and `apiServerTo` render as
+/// given, beside the etcd and DNS rules, which they leave alone; by default ports 443 (the
+/// Service's) and 6443 (where kubeadm's and k3s' API servers listen: plugins may match egress
+/// after the Service address is translated) to any address (only the values can name them).
 #[test]
 fn the_network_policys_api_server_egress_renders_as_its_values_say() {
     let egress = |values: Value| -> Vec<Value> {
@@ -457,22 +458,22 @@ fn the_network_policys_api_server_egress_renders_as_its_values_say() {
 
     // Off unless enabled; on at the defaults: three rules, each to any address.
     assert!(find(&render(&json!({}), RELEASE, NS), "NetworkPolicy").is_empty());
-    assert_eq!(egress(json!({"networkPolicy": {"enabled": true}})), [etcd.clone(), json!({"ports": [{"port": 443, "protocol": "TCP"}]}), dns.clone()]);
+    assert_eq!(egress(json!({"networkPolicy": {"enabled": true}})), [etcd.clone(), json!({"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]}), dns.clone()]);
 
     // Peers and port as the values say, the other rules untouched.
     let peers = json!([
         {"ipBlock": {"cidr": "192.0.2.10/32"}},
         {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}, "podSelector": {"matchLabels": {"component": "kube-apiserver"}}},
     ]);
-    let rules = egress(json!({"networkPolicy": {"enabled": true, "apiServerPort": 6443, "apiServerTo": peers}}));
+    let rules = egress(json!({"networkPolicy": {"enabled": true, "apiServerPorts": [6443], "apiServerTo": peers}}));
     assert_eq!(rules, [etcd.clone(), json!({"ports": [{"port": 6443, "protocol": "TCP"}], "to": peers}), dns.clone()]);
     // etcdTo does not leak into the API server's rule.
     let rules = egress(json!({"networkPolicy": {"enabled": true, "etcdTo": [{"ipBlock": {"cidr": "10.9.0.0/24"}}]}}));
-    assert_eq!(rules[1], json!({"ports": [{"port": 443, "protocol": "TCP"}]}));
-    assert_eq!(lint_problems(&json!({"networkPolicy": {"enabled": true, "apiServerPort": 6443, "apiServerTo": peers}})), Vec::<String>::new());
+    assert_eq!(rules[1], json!({"ports": [{"port": 443, "protocol": "TCP"}, {"port": 6443, "protocol": "TCP"}]}));
+    assert_eq!(lint_problems(&json!({"networkPolicy": {"enabled": true, "apiServerPorts": [6443], "apiServerTo": peers}})), Vec::<String>::new());
 
     // The schema refuses what could not be a port or a peer list.
-    for bad in [json!({"apiServerPort": 0}), json!({"apiServerPort": 65536}), json!({"apiServerPort": "443"}), json!({"apiServerTo": "10.0.0.1/32"}), json!({"apiServerTo": ["10.0.0.1/32"]})] {
+    for bad in [json!({"apiServerPorts": [0]}), json!({"apiServerPorts": [65536]}), json!({"apiServerPorts": ["443"]}), json!({"apiServerPorts": []}), json!({"apiServerPorts": 443}), json!({"apiServerTo": "10.0.0.1/32"}), json!({"apiServerTo": ["10.0.0.1/32"]})] {
         let mut values = json!({"networkPolicy": {"enabled": true}});
         values["networkPolicy"].as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
         assert!(validate(&values).is_err(), "{values} must be refused");
