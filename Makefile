@@ -8,8 +8,8 @@ CARGO ?= cargo
 
 all: build
 
-# Installs protoc, etcd 3.5, kube-apiserver/kube-controller-manager v1.20.2, kubectl and the
-# Helm virtualenv into the cache (PODLEASE_CACHE, default ~/.cache/podlease). Idempotent.
+# Installs into the cache (PODLEASE_CACHE, default ~/.cache/podlease) everything the tests,
+# the demo and the benches use: the README says what (its first section). Idempotent.
 testbed:
 	@bash scripts/testbed.sh >/dev/null
 

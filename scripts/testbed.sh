@@ -5,7 +5,7 @@
 #   kubernetes source), kubectl, Prometheus and promtool (Debian bookworm's prometheus,
 #   unpacked), a Python virtualenv with helm-python-sdk, and the rest of a real node
 #   (containerd, runc, pause and busybox images, the CNI plugin: scripts/node.sh).
-# A second run finds everything in the cache and takes seconds.
+# A second run finds everything in the cache, installs nothing and only checks it.
 #
 # Cache directory: $PODLEASE_CACHE, else $XDG_CACHE_HOME/podlease, else ~/.cache/podlease.
 # Prints nothing but progress to stderr; writes "$CACHE/testbed.env" with the binaries' paths.
