@@ -748,6 +748,7 @@ impl Index {
         let mut matched: BTreeSet<String> = BTreeSet::new();
         let mut failed: BTreeMap<String, String> = BTreeMap::new();
         let mut short_ttl: Option<String> = None;
+        let mut clear_problem = false;
         if self.pods.get(key).is_some_and(|p| p.gated) {
             changes.gated.insert(key.clone());
         }
@@ -783,9 +784,7 @@ impl Index {
                 Err(e) => Err(e.clone()),
             };
             match plan {
-                Ok(None) => {
-                    self.problems.remove(key);
-                }
+                Ok(None) => clear_problem = true,
                 Ok(Some(plan)) => {
                     if let Ok(Some(spec)) = &spec {
                         short_ttl = annotation_short_ttl(spec, &self.defaults);
@@ -795,7 +794,7 @@ impl Index {
                     let result = if pod.publishable(false) { desire(&plan, pod, &self.defaults).map(Some) } else { Ok(None) };
                     match result {
                         Ok(d) => {
-                            self.problems.remove(key);
+                            clear_problem = true;
                             if let Some(d) = d {
                                 now.insert(Source::Annotations, Arc::new(d));
                             }
@@ -828,11 +827,15 @@ impl Index {
         }
         self.move_prefix(old_prefix, annotation_prefix.clone(), changes);
         self.move_annotation_claim(key, annotation_claim, changes);
-        if let Some(p) = &annotation_prefix
-            && now.contains_key(&Source::Annotations)
-            && let Some(msg) = self.overlap(p)
-        {
-            self.report(key, msg, changes);
+        // Cleared only after the overlap check: clearing first would report a lasting
+        // overlap again on every change of the pod.
+        let overlap = annotation_prefix.as_ref().filter(|_| now.contains_key(&Source::Annotations)).and_then(|p| self.overlap(p));
+        match overlap {
+            Some(msg) => self.report(key, msg, changes),
+            None if clear_problem => {
+                self.problems.remove(key);
+            }
+            None => {}
         }
 
         // Registrations whose counts may change: those that select the pod now or did before.

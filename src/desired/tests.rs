@@ -546,3 +546,25 @@ fn a_name_whose_consumers_would_read_another_allowed_prefix_is_refused() {
     idx.apply_registration(&sreg("ok", json!({"selector": {"matchLabels": {"app": "k"}}, "format": "etcd-naming", "service": "orders"})));
     assert!(idx.summary("shop", "ok").unwrap().invalid.is_none());
 }
+
+/// An annotated service whose consumers would read another service's keys is reported once,
+/// not again on every change of the pod, and cleared when the other service goes.
+#[test]
+fn a_lasting_overlap_of_an_annotated_service_is_reported_once() {
+    let mut idx = Index::new(Defaults::default());
+    idx.apply_registration(&sreg("user2", json!({"selector": {"matchLabels": {"app": "u2"}}, "format": "kitex"})));
+    let mut p = annotated("a1", &[("podlease.io/service", "user"), ("podlease.io/format", "kitex")]);
+    let c = idx.apply_pod(p.clone());
+    assert_eq!(c.problems.len(), 1, "{c:?}");
+    assert!(c.problems[0].message.contains("kitex/registry-etcd/user2"), "{}", c.problems[0].message);
+    for i in 0..3 {
+        p.labels.insert("touch".into(), i.to_string());
+        let c = idx.apply_pod(p.clone());
+        assert!(c.problems.is_empty(), "reported again on change {i}: {c:?}");
+    }
+    assert_eq!(idx.problems().len(), 1, "a new leader reports it");
+    idx.delete_registration("shop", "user2");
+    p.labels.insert("touch".into(), "cleared".into());
+    idx.apply_pod(p);
+    assert!(idx.problems().is_empty(), "{:?}", idx.problems());
+}
