@@ -179,7 +179,17 @@ pub const AUTH_USER_PASSWORD: &str = "s3cret-Pa55word";
 /// A one-member TLS etcd with auth on: users root and podlease (readwrite under "/", not
 /// root, so it may not ask a member for its status), password [`AUTH_USER_PASSWORD`].
 pub async fn auth_etcd(dir: &std::path::Path, name: &str, certs: &super::tls::Certs) -> super::EtcdServer {
-    let etcd = super::EtcdServer::start_tls(dir, name, certs);
+    enable_auth(super::EtcdServer::start_tls(dir, name, certs), certs).await
+}
+
+/// [`auth_etcd`] on an etcd that speaks TLS but asks for no client certificate: the password
+/// is the only credential.
+pub async fn auth_etcd_without_client_certs(dir: &std::path::Path, name: &str, certs: &super::tls::Certs) -> super::EtcdServer {
+    enable_auth(super::EtcdServer::start_tls_without_client_certs(dir, name, certs), certs).await
+}
+
+/// Adds the users and role of [`auth_etcd`] to a TLS etcd and turns auth on.
+async fn enable_auth(etcd: super::EtcdServer, certs: &super::tls::Certs) -> super::EtcdServer {
     let endpoint = etcd.endpoint();
     wait_until("TLS etcd healthy", DEADLINE, || async { etcdctl(&endpoint, Some(certs), &["endpoint", "health"]).status.success().then_some(()) }).await;
     let user = format!("--new-user-password={AUTH_USER_PASSWORD}");

@@ -241,6 +241,16 @@ impl EtcdServer {
     /// A one-member cluster that only speaks TLS and requires client certificates signed
     /// by `certs.ca`.
     pub fn start_tls(dir: &Path, name: &str, certs: &tls::Certs) -> EtcdServer {
+        EtcdServer::start_tls_with(dir, name, certs, true)
+    }
+
+    /// A TLS etcd that does not ask clients for a certificate (server TLS only: clients
+    /// verify it against the CA and authenticate, if at all, with a password).
+    pub fn start_tls_without_client_certs(dir: &Path, name: &str, certs: &tls::Certs) -> EtcdServer {
+        EtcdServer::start_tls_with(dir, name, certs, false)
+    }
+
+    fn start_tls_with(dir: &Path, name: &str, certs: &tls::Certs, client_cert_auth: bool) -> EtcdServer {
         let client_port = free_port();
         let peer_port = free_port();
         let initial_cluster = format!("{name}=http://127.0.0.1:{peer_port}");
@@ -249,9 +259,13 @@ impl EtcdServer {
         s.extra = vec![
             format!("--cert-file={}", certs.server_cert.display()),
             format!("--key-file={}", certs.server_key.display()),
-            format!("--trusted-ca-file={}", certs.ca.display()),
-            "--client-cert-auth".into(),
         ];
+        // etcd asks for (and requires) a client certificate as soon as it has a trusted CA,
+        // --client-cert-auth or not: without client certificates, it gets neither.
+        if client_cert_auth {
+            s.extra.push(format!("--trusted-ca-file={}", certs.ca.display()));
+            s.extra.push("--client-cert-auth".into());
+        }
         s.spawn();
         let start = Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", s.client_port)).is_err() {

@@ -1147,3 +1147,97 @@ pub fn assert_nothing_left(what: &str, check: impl Fn() -> Leftovers) {
         std::thread::sleep(Duration::from_millis(100));
     }
 }
+
+/// The chart in this tree (charts/podlease).
+pub fn podlease_chart() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/podlease")
+}
+
+/// The podlease image `local/podlease:<tag>` as a docker-archive in `dir`, made by
+/// scripts/image.sh from the binary `bin` (a test's `env!("CARGO_BIN_EXE_podlease")`);
+/// import it with [`MiniCluster::import_image`].
+pub fn podlease_image(dir: &Path, bin: &Path, tag: &str) -> PathBuf {
+    let tarball = dir.join(format!("podlease-{tag}.tar"));
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/image.sh"))
+        .arg(&tarball)
+        .arg(format!("local/podlease:{tag}"))
+        .env("PODLEASE_BIN", bin)
+        .output()
+        .expect("run scripts/image.sh");
+    assert!(out.status.success(), "scripts/image.sh: {}", String::from_utf8_lossy(&out.stderr));
+    tarball
+}
+
+/// The chart values every install on the node needs and nothing more: the imported image
+/// `local/podlease:<tag>` (never pulled), the registry `endpoints`, and the API server at the
+/// node's address for in-cluster config (no kube-proxy routes the `kubernetes` Service here).
+pub fn podlease_values(tag: &str, endpoints: &[String]) -> serde_json::Value {
+    serde_json::json!({
+        "image": {"repository": "local/podlease", "tag": tag, "pullPolicy": "Never"},
+        "etcd": {"endpoints": endpoints},
+        "extraEnv": [
+            {"name": "KUBERNETES_SERVICE_HOST", "value": NODE_ADDRESS},
+            {"name": "KUBERNETES_SERVICE_PORT", "value": APISERVER_PORT.to_string()},
+        ],
+    })
+}
+
+impl MiniCluster {
+    /// Waits like [`wait_deployment`](Self::wait_deployment); on timeout the panic shows what
+    /// the Deployment's pods say: their phase, container states, and each one's log
+    /// (`kubectl logs`, the previous run's too when it restarted).
+    pub async fn wait_deployment_explained(&self, ns: &str, name: &str, selector: &str, replicas: i32, within: Duration) -> Duration {
+        use k8s_openapi::api::apps::v1::Deployment;
+        let api: Api<Deployment> = Api::namespaced(self.kube.clone(), ns);
+        let start = Instant::now();
+        loop {
+            if let Ok(d) = api.get(name).await {
+                let generation = d.metadata.generation;
+                if let Some(s) = d.status {
+                    let done = s.observed_generation == generation
+                        && s.updated_replicas == Some(replicas)
+                        && s.ready_replicas == Some(replicas)
+                        && s.available_replicas == Some(replicas)
+                        && s.replicas == Some(replicas);
+                    if done {
+                        return start.elapsed();
+                    }
+                }
+            }
+            if start.elapsed() >= within {
+                panic!("timed out after {within:?} waiting for Deployment {ns}/{name} with {replicas} available replicas; its pods:\n{}", self.pods_explained(ns, selector));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The pods matching `selector` in `ns`: `kubectl get pods -o wide`, then each pod's
+    /// container statuses and its log (and its previous container's, if any).
+    pub fn pods_explained(&self, ns: &str, selector: &str) -> String {
+        let run = |args: &[&str]| {
+            let out = Command::new(&Binaries::locate().kubectl)
+                .arg("--kubeconfig")
+                .arg(&self.kubeconfig)
+                .arg("--cache-dir")
+                .arg(self.root().join("kubecache"))
+                .args(args)
+                .output()
+                .expect("kubectl");
+            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+        };
+        let mut text = run(&["get", "pods", "-n", ns, "-l", selector, "-o", "wide"]);
+        let names = run(&["get", "pods", "-n", ns, "-l", selector, "-o", "jsonpath={.items[*].metadata.name}"]);
+        for pod in names.split_whitespace() {
+            let statuses = run(&["get", "pod", "-n", ns, pod, "-o", "jsonpath={.status.containerStatuses}"]);
+            let log = run(&["logs", "-n", ns, pod, "--tail=20"]);
+            text += &format!("\n--- {pod}: container statuses {statuses}\n--- {pod}: log\n{log}");
+            // A crashed container's log is the current one until it runs again.
+            let previous = run(&["logs", "-n", ns, pod, "--previous", "--tail=20"]);
+            if !previous.contains("not found") && previous != log {
+                text += &format!("--- {pod}: previous container's log\n{previous}");
+            }
+        }
+        text
+    }
+}

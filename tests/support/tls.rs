@@ -1,4 +1,5 @@
-//! A throwaway CA with a server certificate for 127.0.0.1 and a client certificate, made
+//! A throwaway CA with a server certificate for 127.0.0.1 (and the mini-cluster's node
+//! address) and a client certificate, made
 //! with openssl, for testing etcd over TLS.
 
 use std::path::{Path, PathBuf};
@@ -29,7 +30,13 @@ fn leaf(dir: &Path, name: &str, cn: &str, ext: &str) {
 pub fn make(dir: &Path) -> Certs {
     std::fs::create_dir_all(dir).unwrap();
     openssl(dir, &["req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=podlease-test-ca"]);
-    leaf(dir, "server", "127.0.0.1", "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost\n");
+    // The server certificate also names the mini-cluster's node address: pods reach an etcd
+    // the test runs on the host at NODE_ADDRESS (`MiniCluster::expose`) and verify that name.
+    let server_ext = format!(
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost,IP:{}\n",
+        super::node::NODE_ADDRESS
+    );
+    leaf(dir, "server", "127.0.0.1", &server_ext);
     leaf(dir, "client", "podlease", "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=clientAuth\n");
     Certs {
         ca: dir.join("ca.crt"),
