@@ -299,3 +299,82 @@ async fn an_etcd_client_certificate_close_to_its_expiry_raises_its_alert() {
     let prom = Prometheus::start(bed.dir.path(), &[c.metrics_port]);
     println!("PodleaseEtcdClientCertExpiring: {}", shown(&prom.wait_alert("PodleaseEtcdClientCertExpiring", "pending").await));
 }
+
+/// The three alerts the first scenario does not raise, each from a real cause on the bed:
+/// keys that reach etcd late (a slow link to etcd while pods turn Ready), keepalive streams broken
+/// again and again, and a leader whose writes keep being fenced off (the fence key rewritten
+/// as another replica taking over would). What an operator sees is printed.
+#[tokio::test]
+async fn late_keys_broken_keepalives_and_fenced_writes_raise_their_alerts() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let proxy = support::proxy::FaultProxy::to_url(&bed.etcd_endpoint());
+    let c = Controller::start(&bed, "a", &["--etcd-endpoints", &proxy.endpoint("http")]).await;
+    let prom = Prometheus::start(bed.dir.path(), &[c.metrics_port]);
+    wait_until("podlease scraped", Duration::from_secs(60), || async { prom.query("podlease_leader == 1").await.ok().filter(|r| r.len() == 1) }).await;
+    let ns = "default";
+    create_registration(&bed.kube, ns, "web", json!({"selector": {"matchLabels": {"app": "web"}}})).await;
+    for i in 0..2 {
+        let pod = format!("web-{i}");
+        create_pod(&bed.kube, ns, &PodSpec::new(&pod).label("app", "web")).await;
+        set_ready(&bed.kube, ns, &pod, &pod_ip(1 + i), true).await;
+        wait_key(&bed.etcd, &format!("/services/web/{ns}/{pod}")).await;
+    }
+    // Healthy first (the very first evaluation may precede the first scrape).
+    wait_until("no alert on a healthy install", Duration::from_secs(30), || async { prom.alerts().await.is_empty().then_some(()) }).await;
+
+    // Pods turn Ready while every etcd round trip takes 4.4 s (2.2 s each way, under the 5 s
+    // call timeout): their keys land that much after their Ready transitions. (A longer
+    // outage or freeze would end the term, whose successor does not count transitions from
+    // before it.)
+    proxy.set_mode(support::proxy::Mode::Latency(Duration::from_millis(2200)));
+    for i in 2..6 {
+        let pod = format!("web-{i}");
+        create_pod(&bed.kube, ns, &PodSpec::new(&pod).label("app", "web")).await;
+        set_ready(&bed.kube, ns, &pod, &pod_ip(1 + i), true).await;
+    }
+    for i in 2..6 {
+        wait_key(&bed.etcd, &format!("/services/web/{ns}/web-{i}")).await;
+    }
+    proxy.set_mode(support::proxy::Mode::Pass);
+    println!("PodleasePropagationSlow: {}", shown(&prom.wait_alert("PodleasePropagationSlow", "pending").await));
+
+    // Every etcd connection reset, four times, each once the keepalive stream is back.
+    const KEEPALIVE_ERRORS: &str = "podlease_etcd_errors_total{op=\"keepalive\"}";
+    for _ in 0..4 {
+        let before = c.metric(KEEPALIVE_ERRORS).await;
+        let renewals = c.metric("podlease_keepalive_requests_total").await;
+        wait_until("keepalives flowing", Duration::from_secs(60), || async { (c.metric("podlease_keepalive_requests_total").await > renewals).then_some(()) }).await;
+        proxy.reset_all();
+        wait_until("the broken stream counted", Duration::from_secs(60), || async { (c.metric(KEEPALIVE_ERRORS).await > before).then_some(()) }).await;
+    }
+    println!("PodleaseKeepalivesFailing: {}", shown(&prom.wait_alert("PodleaseKeepalivesFailing", "pending").await));
+
+    // The fence key rewritten while a pod flips, again and again: each write of the term
+    // is refused, the term ends and the next one fences anew.
+    let owners = keys(&bed.etcd, "/podlease/owners/").await;
+    let names: Vec<String> = owners.iter().map(|kv| kv.key_str().unwrap().to_string()).collect();
+    let fence = names.iter().find(|k| names.iter().any(|o| o.starts_with(&format!("{k}/")))).expect("the fence key").clone();
+    let kv = bed.etcd.kv_client();
+    let mut flip = false;
+    wait_until("six fenced writes", Duration::from_secs(180), || {
+        flip = !flip;
+        let (mut kv, fence, kube, c) = (kv.clone(), fence.clone(), bed.kube.clone(), &c);
+        let ready = flip;
+        async move {
+            if c.metric("podlease_fenced_writes_total").await >= 6.0 {
+                return Some(());
+            }
+            // Only a term that leads has writes to refuse.
+            if !c.leads().await {
+                return None;
+            }
+            let current = kv.get(fence.as_str(), None).await.ok()?.kvs().first().map(|f| (f.value().to_vec(), f.lease()))?;
+            kv.put(fence.as_str(), current.0, Some(etcd_client::PutOptions::new().with_lease(current.1))).await.ok()?;
+            set_ready(&kube, ns, "web-0", &pod_ip(1), ready).await;
+            None
+        }
+    })
+    .await;
+    println!("PodleaseFencedWrites: {}", shown(&prom.wait_alert("PodleaseFencedWrites", "firing").await));
+}
