@@ -4,7 +4,7 @@
 SHELL := /bin/bash
 CARGO ?= cargo
 
-.PHONY: all build testbed test demo crd bench bench-scale soak
+.PHONY: all build testbed test demo demo-fast demo-node demo-shell crd bench bench-scale soak
 
 all: build
 
@@ -25,10 +25,29 @@ test: testbed
 		$(CARGO) test --lib --bins --tests --no-fail-fast; \
 	fi
 
-# Test bed up, controller running, pods turning ready and keys appearing in etcd.
-demo: testbed
+# `make demo` is `make demo-node` (below): the story on a real node.
+demo: demo-node
+
+# The fast bed's demo (an API server and etcd, no node: pod readiness is patched by hand):
+# controller running, pods turning ready and keys appearing in etcd.
+demo-fast: testbed
 	$(CARGO) build --bin podlease --example demo
 	PODLEASE_BIN=$(CURDIR)/target/debug/podlease $(CURDIR)/target/debug/examples/demo
+
+# On a real node: the mini-cluster (kubelet, containerd, scheduler, controller
+# manager, in namespaces of its own with no way off the machine) up, podlease installed by its
+# Helm chart from its own image, a Deployment through scale-up, a failing readiness probe, a
+# rollout and a scale-down, printing the real output of kubectl and `podlease get --watch`.
+# Root, like `make test`'s node tests. Under a minute once built; nothing is left behind.
+demo-node: testbed
+	$(CARGO) build --bin podlease --example demo_node
+	PODLEASE_BIN=$(CURDIR)/target/debug/podlease $(CURDIR)/target/debug/examples/demo_node
+
+# demo-node's cluster, podlease and a 3-replica Deployment left running: prints KUBECONFIG and
+# ETCDCTL_ENDPOINTS (ports on 127.0.0.1) to use from another shell; Ctrl-C tears it down.
+demo-shell: testbed
+	$(CARGO) build --bin podlease --example demo_node
+	PODLEASE_BIN=$(CURDIR)/target/debug/podlease $(CURDIR)/target/debug/examples/demo_node --shell
 
 # The hostile-input property test with 10,000 cases, then random fault schedules at the
 # defaults for SOAK_SECS seconds (default 1800) and a summary: schedules, faults by kind,
