@@ -250,32 +250,34 @@ fn granted(objects: &[Value]) -> BTreeSet<(String, String, String)> {
     out
 }
 
-#[tokio::test]
-async fn the_controller_does_its_whole_job_with_exactly_the_charts_rbac() {
-    let bed = TestBed::start_audited().await;
+/// The chart rendered with `values` and applied to the bed as Helm would (CRDs served
+/// before anything uses them); returns the objects, a kubeconfig with a token of the chart's
+/// ServiceAccount (as the kubelet would mount it) and the Deployment's own arguments, but
+/// for the metrics port (tests run side by side).
+async fn install_rendered(bed: &TestBed, values: &Value) -> (Vec<Value>, std::path::PathBuf, Vec<String>) {
     ensure_namespace(&bed.kube, NS).await;
-    let values = json!({"etcd": {"endpoints": [bed.etcd_endpoint()]}, "leaderElection": {"leaseDurationSeconds": 4}, "verifyIntervalSeconds": 1});
-    let objects = render(&values, RELEASE, NS);
+    let objects = render(values, RELEASE, NS);
     for obj in &objects {
         apply(&bed.kube, obj).await;
         if obj["kind"] == "CustomResourceDefinition" {
             apply_crd(&bed.kube).await;
         }
     }
-
-    // A token of the chart's ServiceAccount, as the kubelet would mount it.
     let sa = find(&objects, "ServiceAccount")[0]["metadata"]["name"].as_str().unwrap().to_string();
     let sas: Api<ServiceAccount> = Api::namespaced(bed.kube.clone(), NS);
     let req = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}});
-    let tr: Value = sas
-        .create_subresource("token", &sa, &PostParams::default(), &req)
-        .await
-        .expect("TokenRequest");
-    let token = tr["status"]["token"].as_str().unwrap();
-    let kubeconfig = bed.kubeconfig_with_token("sa", token);
-
-    // The Deployment's own arguments, but for the metrics port (tests run side by side).
+    let tr: Value = sas.create_subresource("token", &sa, &PostParams::default(), &req).await.expect("TokenRequest");
+    let kubeconfig = bed.kubeconfig_with_token("sa", tr["status"]["token"].as_str().unwrap());
     let args: Vec<String> = container_args(&objects).into_iter().skip(1).filter(|a| !a.starts_with("--metrics-addr")).collect();
+    (objects, kubeconfig, args)
+}
+
+#[tokio::test]
+async fn the_controller_does_its_whole_job_with_exactly_the_charts_rbac() {
+    let bed = TestBed::start_audited().await;
+    let values = json!({"etcd": {"endpoints": [bed.etcd_endpoint()]}, "leaderElection": {"leaseDurationSeconds": 4}, "verifyIntervalSeconds": 1});
+    let (objects, kubeconfig, args) = install_rendered(&bed, &values).await;
+    let sa = find(&objects, "ServiceAccount")[0]["metadata"]["name"].as_str().unwrap().to_string();
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     let c = Controller::start_as(&bed, "rel-podlease-0", kubeconfig, &arg_refs).await;
 
@@ -382,21 +384,8 @@ fn the_notes_show_the_key_of_the_default_format() {
 #[tokio::test]
 async fn an_uninstall_with_revoke_on_shutdown_revokes_although_the_rbac_is_gone_first() {
     let bed = TestBed::start().await;
-    ensure_namespace(&bed.kube, NS).await;
     let values = json!({"etcd": {"endpoints": [bed.etcd_endpoint()]}, "revokeOnShutdown": true});
-    let objects = render(&values, RELEASE, NS);
-    for obj in &objects {
-        apply(&bed.kube, obj).await;
-        if obj["kind"] == "CustomResourceDefinition" {
-            apply_crd(&bed.kube).await;
-        }
-    }
-    let sa = find(&objects, "ServiceAccount")[0]["metadata"]["name"].as_str().unwrap().to_string();
-    let sas: Api<ServiceAccount> = Api::namespaced(bed.kube.clone(), NS);
-    let req = json!({"apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest", "spec": {"expirationSeconds": 3600}});
-    let tr: Value = sas.create_subresource("token", &sa, &PostParams::default(), &req).await.expect("TokenRequest");
-    let kubeconfig = bed.kubeconfig_with_token("sa", tr["status"]["token"].as_str().unwrap());
-    let args: Vec<String> = container_args(&objects).into_iter().skip(1).filter(|a| !a.starts_with("--metrics-addr")).collect();
+    let (objects, kubeconfig, args) = install_rendered(&bed, &values).await;
     let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
     assert!(arg_refs.contains(&"--revoke-on-shutdown"), "{arg_refs:?}");
     // The chart's two replicas (POD_NAMESPACE as the Deployment sets it).

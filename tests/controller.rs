@@ -14,13 +14,6 @@ use support::*;
 
 const NS: &str = "default";
 
-async fn bed_and_controller(extra: &[&str]) -> (TestBed, Controller) {
-    let bed = TestBed::start().await;
-    bed.apply_crd().await;
-    let c = Controller::start(&bed, "c1", extra).await;
-    (bed, c)
-}
-
 async fn create_sreg(bed: &TestBed, name: &str, spec: serde_json::Value) -> ServiceRegistration {
     create_registration(&bed.kube, NS, name, spec).await
 }

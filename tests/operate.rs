@@ -17,13 +17,6 @@ use support::*;
 
 const NS: &str = "default";
 
-async fn bed_and_controller(extra: &[&str]) -> (TestBed, Controller) {
-    let bed = TestBed::start().await;
-    bed.apply_crd().await;
-    let c = Controller::start(&bed, "c1", extra).await;
-    (bed, c)
-}
-
 async fn ready_annotated(bed: &TestBed, name: &str, annotations: &[(&str, &str)], ip: &str) {
     let mut spec = PodSpec::new(name);
     for (k, v) in annotations {

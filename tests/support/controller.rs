@@ -168,6 +168,14 @@ impl Drop for Controller {
     }
 }
 
+/// A fresh bed with the CRD applied and one podlease, "c1", started with `extra` flags.
+pub async fn bed_and_controller(extra: &[&str]) -> (TestBed, Controller) {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let c = Controller::start(&bed, "c1", extra).await;
+    (bed, c)
+}
+
 /// Waits until one of `replicas` leads; its index.
 pub async fn wait_leader<'a>(replicas: &'a [&'a Controller]) -> usize {
     super::wait_until("a leader", DEADLINE, || async {

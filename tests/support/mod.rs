@@ -33,7 +33,7 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
 use kube::{Client, Config};
 
-pub use controller::Controller;
+pub use controller::{Controller, bed_and_controller};
 pub use kubelet::*;
 
 /// The `p` quantile (0..=1) of sorted figures, nearest rank (for the benchmarks' tables).
