@@ -196,8 +196,9 @@ impl Elector {
 
     /// Releases the Lease and, if asked, waits to see whether another replica takes it.
     async fn hand_over(&mut self, epoch: i64, wait_for_taker: bool) -> Handover {
-        // Shutdown must not hang on an API server that does not answer.
-        let released = tokio::time::timeout(Duration::from_secs(5), self.release()).await.unwrap_or(false);
+        // Shutdown must not hang on an API server that does not answer (the pod's grace
+        // period has the wait for a taker and the revokes to hold as well).
+        let released = tokio::time::timeout(Duration::from_secs(3), self.release()).await.unwrap_or(false);
         if !wait_for_taker {
             return Handover::Unknown;
         }
@@ -208,40 +209,59 @@ impl Elector {
         }
     }
 
-    /// Whether another replica takes over: a newer term's fence in etcd, or another holder
-    /// of the Lease. The fence needs no API server, which may be gone with this replica's
-    /// RBAC (an uninstall deletes both at once); the Lease shows a taker before its term has
-    /// relisted and fenced. Revoking while another replica takes over would deregister every
-    /// pod, so any sign of a taker counts. Released, a standby takes the Lease within a retry
-    /// period; not released, once the Lease has expired: then wait for the worst failover.
+    /// Whether another replica takes over. A newer term's fence in etcd says so at once; it
+    /// needs no API server, which may be gone with this replica's RBAC (an uninstall deletes
+    /// both at once). Another holder of the Lease is a taker that has not fenced yet (it
+    /// relists first): it counts if it still holds the Lease at the end; one that let it go
+    /// again without fencing was stopping too (a scale to zero). Nobody took over only on
+    /// evidence to the end: etcd answered, and so did the Lease read (free, ours, gone, or
+    /// refused because this ServiceAccount's RBAC is gone: no replica running as it can take
+    /// over), both within the last two retry periods. A read that timed out or failed
+    /// otherwise proves nothing: revoking while a slow API server delays the standby would
+    /// deregister every pod in a rollout. Released, a standby takes the Lease within a retry
+    /// period; not released, once it has expired: then wait for the worst failover. Every
+    /// read is cut to the time left, so the wait ends on time.
     async fn wait_for_fence(&self, etcd: &crate::etcd::Connection, key: &str, timeout: Duration, epoch: i64, released: bool) -> Handover {
         let wait = if released { self.cfg.lease_duration.max(self.cfg.retry_period * 3) } else { self.cfg.worst_failover() + self.cfg.retry_period };
         let deadline = Instant::now() + wait;
+        let (mut etcd_answered, mut lease_answered): (Option<Instant>, Option<Instant>) = (None, None);
+        let mut other_holder: Option<String> = None;
         loop {
-            let fence = crate::registry::fence::current_epoch(etcd, timeout.min(Duration::from_secs(2)), key).await;
-            let read_ok = match fence {
+            let read_timeout = deadline.saturating_duration_since(Instant::now()).clamp(Duration::from_millis(200), Duration::from_secs(2));
+            match crate::registry::fence::current_epoch(etcd, timeout.min(read_timeout), key).await {
                 Ok(Some(e)) if e > epoch => {
                     info!(epoch = e, "another replica took over (its fence is in etcd)");
                     return Handover::TakenOver;
                 }
-                Ok(_) => true,
-                Err(e) => {
-                    warn!(error = %e, "reading the fence while handing over failed");
-                    false
+                Ok(_) => etcd_answered = Some(Instant::now()),
+                Err(e) => warn!(error = %e, "reading the fence while handing over failed"),
+            }
+            match tokio::time::timeout(read_timeout, self.api.get_opt(&self.cfg.name)).await {
+                Ok(Ok(lease)) => {
+                    lease_answered = Some(Instant::now());
+                    let holder = lease.and_then(|l| l.spec).and_then(|s| s.holder_identity).unwrap_or_default();
+                    let other = (!holder.is_empty() && holder != self.cfg.identity).then_some(holder);
+                    if other.is_some() && other != other_holder {
+                        info!(holder = other.as_deref(), "another replica holds the Lease; waiting for its fence");
+                    }
+                    other_holder = other;
                 }
-            };
-            if let Ok(Ok(Some(l))) = tokio::time::timeout(Duration::from_secs(2), self.api.get_opt(&self.cfg.name)).await {
-                let holder = l.spec.and_then(|s| s.holder_identity).unwrap_or_default();
-                if !holder.is_empty() && holder != self.cfg.identity {
+                Ok(Err(kube::Error::Api(e))) if e.code == 401 || e.code == 403 => {
+                    lease_answered = Some(Instant::now());
+                    other_holder = None;
+                }
+                Ok(Err(e)) => warn!(error = %e, "reading the leader Lease while handing over failed"),
+                Err(_) => warn!("reading the leader Lease while handing over timed out"),
+            }
+            if Instant::now() >= deadline {
+                if let Some(holder) = other_holder {
                     info!(holder, "another replica took over the Lease");
                     return Handover::TakenOver;
                 }
+                let recent = |t: Option<Instant>| t.is_some_and(|t| t.elapsed() <= self.cfg.retry_period * 2);
+                return if recent(etcd_answered) && recent(lease_answered) { Handover::NoTaker } else { Handover::Unknown };
             }
-            if Instant::now() >= deadline {
-                // Only an etcd that answered can say that nobody took over.
-                return if read_ok { Handover::NoTaker } else { Handover::Unknown };
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(deadline.saturating_duration_since(Instant::now()).min(Duration::from_millis(200))).await;
         }
     }
 

@@ -627,6 +627,38 @@ async fn a_rollout_with_revoke_on_shutdown_deregisters_nothing() {
     );
 }
 
+/// A rollout with --revoke-on-shutdown while the API server answers the leader 1.2 s late
+/// each way (its Lease reads time out; it still renews within its deadline) and the standby
+/// 5 s late: the standby takes the Lease and fences only after the leader's wait is over.
+/// Not knowing is not "nobody took over": the leader must not revoke (it did, and every pod
+/// was deregistered, while an unanswered Lease read counted as no taker).
+#[tokio::test]
+async fn a_rollout_with_revoke_on_shutdown_through_a_slow_api_server_deregisters_nothing() {
+    use support::proxy::{FaultProxy, Mode};
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let (api_a, api_b) = (FaultProxy::to_port(bed.apiserver.port), FaultProxy::to_port(bed.apiserver.port));
+    let mut a = Controller::start_as(&bed, "a", bed.kubeconfig_for_port("proxy-a", api_a.port()), &["--revoke-on-shutdown"]).await;
+    support::controller::wait_adopted(&a, DEADLINE).await;
+    let b = Controller::start_as(&bed, "b", bed.kubeconfig_for_port("proxy-b", api_b.port()), &["--revoke-on-shutdown"]).await;
+    create_sreg(&bed, "slow", json!({"selector": {"matchLabels": {"app": "slow"}}})).await;
+    ready_pods(&bed, "slow", 10).await;
+    wait_count(&bed, "/services/slow/", 10).await;
+    let before = leases_under(&bed.etcd, "/services/slow/").await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+    api_a.set_mode(Mode::Latency(Duration::from_millis(1200)));
+    api_b.set_mode(Mode::Latency(Duration::from_secs(5)));
+    // The chart's grace period, then SIGKILL (the wait for a taker and the status writer may
+    // take longer against an API server that does not answer: no revoke is lost by that).
+    let exited = a.terminate_within(Duration::from_secs(30));
+    eprintln!("the leader {} within the grace period", if exited { "exited" } else { "was killed at the end of" });
+    assert!(!a.log_text().contains("revoking every lease before exit"), "the leader revoked:\n{}", a.log_text());
+    api_b.set_mode(Mode::Pass);
+    support::controller::wait_adopted(&b, DEADLINE).await;
+    assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new(), "watchers saw DELETEs");
+    assert_eq!(leases_under(&bed.etcd, "/services/slow/").await, before, "every key adopted under its lease");
+}
+
 #[tokio::test]
 async fn a_stale_term_can_never_take_the_fence_from_a_live_leader() {
     use podlease::registry::{OpError, fence};

@@ -114,6 +114,25 @@ impl Controller {
     }
 
     /// SIGTERM and wait for the exit (a rollout).
+    /// SIGTERM, then SIGKILL if the process is still running after `grace`, as the kubelet
+    /// does at a pod's termination grace period. Whether it exited within the grace.
+    pub fn terminate_within(&mut self, grace: Duration) -> bool {
+        self.signal(libc::SIGTERM);
+        let start = Instant::now();
+        let mut c = self.child.take().expect("running");
+        loop {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            if start.elapsed() >= grace {
+                let _ = c.kill();
+                let _ = c.wait();
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         self.signal(libc::SIGTERM);
         let mut c = self.child.take().expect("running");
