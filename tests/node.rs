@@ -182,41 +182,7 @@ fn annotated_deployment(name: &str, replicas: i32, probe_dir: &std::path::Path) 
     d
 }
 
-
 const PODLEASE_NS: &str = "podlease-system";
-
-fn chart_dir() -> &'static std::path::Path {
-    std::path::Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/charts/podlease"))
-}
-
-/// `local/podlease:<tag>` as a docker-archive in `dir`, made by scripts/image.sh from this
-/// build's binary.
-fn podlease_image_tarball(dir: &std::path::Path, tag: &str) -> std::path::PathBuf {
-    let tarball = dir.join(format!("podlease-{tag}.tar"));
-    let image = std::process::Command::new("bash")
-        .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/image.sh"))
-        .arg(&tarball)
-        .arg(format!("local/podlease:{tag}"))
-        .env("PODLEASE_BIN", env!("CARGO_BIN_EXE_podlease"))
-        .output()
-        .unwrap();
-    assert!(image.status.success(), "scripts/image.sh: {}", String::from_utf8_lossy(&image.stderr));
-    tarball
-}
-
-/// The chart's values for the node: the imported image, the registry's address inside the
-/// namespace, the API server at the node's address (no kube-proxy here). Everything else
-/// stays at the chart's defaults.
-fn node_values(tag: &str, etcd_in_node: std::net::SocketAddr) -> serde_json::Value {
-    json!({
-        "image": {"repository": "local/podlease", "tag": tag, "pullPolicy": "Never"},
-        "etcd": {"endpoints": [format!("http://{etcd_in_node}")]},
-        "extraEnv": [
-            {"name": "KUBERNETES_SERVICE_HOST", "value": NODE_ADDRESS},
-            {"name": "KUBERNETES_SERVICE_PORT", "value": APISERVER_PORT.to_string()},
-        ],
-    })
-}
 
 /// podlease installed by its chart on a fresh node, against a registry etcd on the host.
 struct Installed {
@@ -276,7 +242,7 @@ async fn podlease_pods(cluster: &MiniCluster) -> Vec<Pod> {
 /// a read-only root filesystem, kubelet probing /healthz and /readyz, one of them leading.
 async fn install_podlease(tag: &str) -> Installed {
     let work = tempfile::Builder::new().prefix("podlease-node-test-").tempdir().unwrap();
-    let tarball = podlease_image_tarball(work.path(), tag);
+    let tarball = podlease_image(work.path(), std::path::Path::new(env!("CARGO_BIN_EXE_podlease")), tag);
     let mut cluster = MiniCluster::start().await;
     eprintln!("node Ready {:?} after start", cluster.started.node_ready);
     cluster.import_image(&tarball);
@@ -284,9 +250,9 @@ async fn install_podlease(tag: &str) -> Installed {
     let etcd_in_node = cluster.expose(format!("127.0.0.1:{}", registry.client_port).parse().unwrap());
     let etcd = etcd_client::Client::connect([registry.endpoint()], None).await.unwrap();
 
-    let values = node_values(tag, etcd_in_node);
+    let values = podlease_values(tag, &[format!("http://{etcd_in_node}")]);
     let t = Instant::now();
-    let release = cluster.helm_install(chart_dir(), "podlease", PODLEASE_NS, &values);
+    let release = cluster.helm_install(&podlease_chart(), "podlease", PODLEASE_NS, &values);
     assert_eq!(release["status"], "deployed", "{release}");
     let rollout = cluster.wait_deployment(PODLEASE_NS, "podlease", 2, Duration::from_secs(120)).await;
     eprintln!("helm install → 2 podlease pods ready in {:?} (install call {:?})", t.elapsed(), t.elapsed() - rollout);
@@ -809,7 +775,7 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
 
     // 6. helm upgrade to a new image tag: both podlease pods replaced, keys untouched.
     let t = Instant::now();
-    let tarball2 = podlease_image_tarball(work.path(), TAG2);
+    let tarball2 = podlease_image(work.path(), std::path::Path::new(env!("CARGO_BIN_EXE_podlease")), TAG2);
     cluster.import_image(&tarball2);
     eprintln!("[6] image {TAG2} built and imported in {:?}", t.elapsed());
     let before_upgrade: Vec<String> = podlease_pods(&cluster).await.into_iter().filter_map(|p| p.metadata.name).collect();
@@ -819,7 +785,7 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
     let t6 = Instant::now();
     let mut values2 = values.clone();
     values2["image"]["tag"] = json!(TAG2);
-    let release = cluster.helm_upgrade(chart_dir(), "podlease", PODLEASE_NS, &values2);
+    let release = cluster.helm_upgrade(&podlease_chart(), "podlease", PODLEASE_NS, &values2);
     assert_eq!(release["status"], "deployed", "{release}");
     let image2 = format!("local/podlease:{TAG2}");
     let upgraded = wait_until("2 podlease pods of the new image, Ready, none else", Duration::from_secs(180), || {
