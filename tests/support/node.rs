@@ -670,16 +670,16 @@ serializeImagePulls: false
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("helm {action} printed no release ({e}): {}", String::from_utf8_lossy(&out.stdout)))
     }
 
+    /// The real kubectl with the admin's kubeconfig and a cache dir of the cluster's.
+    fn kubectl_command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(&Binaries::locate().kubectl);
+        cmd.arg("--kubeconfig").arg(&self.kubeconfig).arg("--cache-dir").arg(self.root().join("kubecache")).args(args);
+        cmd
+    }
+
     /// Runs the real kubectl against the cluster and returns its output.
     pub fn kubectl(&self, args: &[&str]) -> String {
-        let out = Command::new(&Binaries::locate().kubectl)
-            .arg("--kubeconfig")
-            .arg(&self.kubeconfig)
-            .arg("--cache-dir")
-            .arg(self.root().join("kubecache"))
-            .args(args)
-            .output()
-            .expect("kubectl");
+        let out = self.kubectl_command(args).output().expect("kubectl");
         assert!(out.status.success(), "kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
         String::from_utf8(out.stdout).expect("kubectl prints UTF-8")
     }
@@ -1216,14 +1216,7 @@ impl MiniCluster {
     /// container statuses and its log (and its previous container's, if any).
     pub fn pods_explained(&self, ns: &str, selector: &str) -> String {
         let run = |args: &[&str]| {
-            let out = Command::new(&Binaries::locate().kubectl)
-                .arg("--kubeconfig")
-                .arg(&self.kubeconfig)
-                .arg("--cache-dir")
-                .arg(self.root().join("kubecache"))
-                .args(args)
-                .output()
-                .expect("kubectl");
+            let out = self.kubectl_command(args).output().expect("kubectl");
             format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
         };
         let mut text = run(&["get", "pods", "-n", ns, "-l", selector, "-o", "wide"]);
