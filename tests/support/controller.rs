@@ -113,37 +113,25 @@ impl Controller {
         }
     }
 
-    /// SIGTERM and wait for the exit (a rollout).
     /// SIGTERM, then SIGKILL if the process is still running after `grace`, as the kubelet
     /// does at a pod's termination grace period. Whether it exited within the grace.
     pub fn terminate_within(&mut self, grace: Duration) -> bool {
         self.signal(libc::SIGTERM);
-        let start = Instant::now();
         let mut c = self.child.take().expect("running");
-        loop {
-            if let Ok(Some(_)) = c.try_wait() {
-                return true;
-            }
-            if start.elapsed() >= grace {
-                let _ = c.kill();
-                let _ = c.wait();
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        if exit_within(&mut c, grace).is_some() {
+            return true;
         }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
     }
+
+    /// SIGTERM and wait for the exit (a rollout).
 
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         self.signal(libc::SIGTERM);
         let mut c = self.child.take().expect("running");
-        let start = Instant::now();
-        loop {
-            if let Ok(Some(s)) = c.try_wait() {
-                return s;
-            }
-            assert!(start.elapsed() < DEADLINE, "podlease did not exit on SIGTERM");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        exit_within(&mut c, DEADLINE).expect("podlease did not exit on SIGTERM")
     }
 
     pub fn log_text(&self) -> String {
@@ -184,6 +172,20 @@ impl Controller {
 impl Drop for Controller {
     fn drop(&mut self) {
         self.kill();
+    }
+}
+
+/// The exit status of `c` once it has exited, or None if it is still running after `within`.
+fn exit_within(c: &mut Child, within: Duration) -> Option<std::process::ExitStatus> {
+    let start = Instant::now();
+    loop {
+        if let Ok(Some(s)) = c.try_wait() {
+            return Some(s);
+        }
+        if start.elapsed() >= within {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 

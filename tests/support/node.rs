@@ -622,17 +622,7 @@ serializeImagePulls: false
         let start = Instant::now();
         super::wait_until(&format!("Deployment {ns}/{name} with {replicas} available replicas"), within, || {
             let api = api.clone();
-            async move {
-                let d = api.get(name).await.ok()?;
-                let generation = d.metadata.generation;
-                let s = d.status?;
-                let done = s.observed_generation == generation
-                    && s.updated_replicas == Some(replicas)
-                    && s.ready_replicas == Some(replicas)
-                    && s.available_replicas == Some(replicas)
-                    && s.replicas == Some(replicas);
-                done.then_some(())
-            }
+            async move { rolled_out(&api, name, replicas).await.then_some(()) }
         })
         .await;
         start.elapsed()
@@ -1148,6 +1138,20 @@ pub fn assert_nothing_left(what: &str, check: impl Fn() -> Leftovers) {
     }
 }
 
+/// Whether Deployment `name` has rolled out its current spec to exactly `replicas`
+/// replicas, all ready and available.
+async fn rolled_out(api: &Api<k8s_openapi::api::apps::v1::Deployment>, name: &str, replicas: i32) -> bool {
+    let Ok(d) = api.get(name).await else { return false };
+    let generation = d.metadata.generation;
+    d.status.is_some_and(|s| {
+        s.observed_generation == generation
+            && s.updated_replicas == Some(replicas)
+            && s.ready_replicas == Some(replicas)
+            && s.available_replicas == Some(replicas)
+            && s.replicas == Some(replicas)
+    })
+}
+
 /// The chart in this tree (charts/podlease).
 pub fn podlease_chart() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("charts/podlease")
@@ -1192,18 +1196,8 @@ impl MiniCluster {
         let api: Api<Deployment> = Api::namespaced(self.kube.clone(), ns);
         let start = Instant::now();
         loop {
-            if let Ok(d) = api.get(name).await {
-                let generation = d.metadata.generation;
-                if let Some(s) = d.status {
-                    let done = s.observed_generation == generation
-                        && s.updated_replicas == Some(replicas)
-                        && s.ready_replicas == Some(replicas)
-                        && s.available_replicas == Some(replicas)
-                        && s.replicas == Some(replicas);
-                    if done {
-                        return start.elapsed();
-                    }
-                }
+            if rolled_out(&api, name, replicas).await {
+                return start.elapsed();
             }
             if start.elapsed() >= within {
                 panic!("timed out after {within:?} waiting for Deployment {ns}/{name} with {replicas} available replicas; its pods:\n{}", self.pods_explained(ns, selector));
