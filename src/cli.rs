@@ -181,9 +181,11 @@ pub struct RunArgs {
     #[arg(long, env = "PODLEASE_LEADER_LEASE_DURATION", default_value_t = 15)]
     pub leader_lease_duration: u64,
     /// On SIGTERM of the leader, hand the leader Lease over and wait to see whether another
-    /// replica takes over: if none does, revoke every lease (deregister everything; service
-    /// claims stay) before exiting. A rollout (another replica takes over) and a leadership
-    /// loss never revoke; with --leader-elect=false nobody takes over, so every SIGTERM revokes.
+    /// replica takes over: if etcd and the API server answer to the end that none does,
+    /// revoke every lease (deregister everything; service claims stay) before exiting; if
+    /// either does not answer, revoke nothing (the keys expire with their TTL). A rollout
+    /// (another replica takes over) and a leadership loss never revoke; with
+    /// --leader-elect=false nobody takes over, so every SIGTERM revokes.
     #[arg(long, env = "PODLEASE_REVOKE_ON_SHUTDOWN")]
     pub revoke_on_shutdown: bool,
     /// Seconds between checks that every managed key is still in etcd as written.
