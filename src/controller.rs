@@ -14,7 +14,7 @@ use kube::runtime::watcher::Event;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::desired::{Changes, Defaults, Index};
 use crate::etcd::EtcdConfig;
@@ -84,9 +84,18 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     registry_config.migrate_from = settings.migrate_from.clone();
     // A changed identity would orphan every record: refuse before anything (or migrate once
     // leading). The leader Lease records the last leader's identity.
-    let previous = match &settings.leader {
-        Some(cfg) => crate::leader::recorded_identity(&client, cfg).await,
-        None => None,
+    // A Lease that cannot be read now (the API server down) says nothing: the check runs on
+    // what etcd shows, and again once the Lease answers, before this replica may lead (it may
+    // keep leases alive meanwhile: that changes no record).
+    let (previous, recheck) = match &settings.leader {
+        Some(cfg) => match crate::leader::recorded_identity(&client, cfg).await {
+            Ok(previous) => (previous, false),
+            Err(e) => {
+                warn!(error = e, "the last leader's identity is unknown for now; checked again before this replica may lead");
+                (None, true)
+            }
+        },
+        None => (None, false),
     };
     start
         .step("checking this install's identity in etcd", || async {
@@ -117,8 +126,17 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         Some(cfg) => {
             info!(lease = cfg.name, namespace = cfg.namespace, identity = cfg.identity, "leader election on");
             let wait_for_taker = registry_config.revoke_on_shutdown;
+            let recheck = recheck.then(|| (client.clone(), cfg.clone(), etcd.clone(), registry_config.clone()));
             let elector = Elector::new(client.clone(), cfg).with_fence(etcd.clone(), registry_config.fence_key(), registry_config.call_timeout);
-            Some(tokio::spawn(elector.run(leader_tx, probe.clone(), elector_shutdown.clone(), wait_for_taker)))
+            let (probe, elector_shutdown) = (probe.clone(), elector_shutdown.clone());
+            Some(tokio::spawn(async move {
+                if let Some((client, cfg, etcd, config)) = recheck
+                    && !identity_recheck(&client, &cfg, &etcd, &config, &elector_shutdown).await
+                {
+                    return Handover::Unknown;
+                }
+                elector.run(leader_tx, probe, elector_shutdown, wait_for_taker).await
+            }))
         }
         None => {
             _always_leading = Some(leader_tx);
@@ -233,6 +251,30 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
         warn!("the status writer did not finish within 5 s; exiting anyway");
     }
     Ok(())
+}
+
+/// The identity check of a replica that could not read the leader Lease at start: repeated
+/// until the Lease answers (every 2 s). A refusal ends the process, as it would have at start
+/// (this replica never led, so nothing of its own is left half done). False: shut down first.
+async fn identity_recheck(client: &Client, cfg: &LeaderConfig, etcd: &crate::etcd::Connection, config: &RegistryConfig, shutdown: &CancellationToken) -> bool {
+    loop {
+        let outcome = match crate::leader::recorded_identity(client, cfg).await {
+            Ok(previous) => match crate::registry::identity::check(etcd, config, previous.as_deref()).await {
+                Ok(()) => return true,
+                Err(crate::registry::identity::CheckError::Refused(m)) => {
+                    error!("{m}");
+                    std::process::exit(1);
+                }
+                Err(e) => e.to_string(),
+            },
+            Err(e) => e,
+        };
+        debug!(error = outcome, "the identity check waits for the leader Lease and etcd");
+        tokio::select! {
+            _ = shutdown.cancelled() => return false,
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
 }
 
 /// One registry term: its task and the channel that feeds it.

@@ -854,21 +854,29 @@ impl Index {
             self.served.insert(key.clone(), served);
         }
         let old = self.emitted.remove(key).unwrap_or_default();
-        // A source that goes while another takes its key over: a transfer, not a revoke.
+        // A source that lets go of a key (it goes, or now wants another key) while another
+        // takes it over: a transfer, not a revoke.
+        let lets_go = |s: &Source, o: &Desired| now.get(s).is_none_or(|n| !same_fixed_key(o, n));
         let mut handed: BTreeMap<Source, Source> = BTreeMap::new();
         for (source, d) in &now {
-            if old.contains_key(source) {
+            if old.get(source).is_some_and(|o| same_fixed_key(o, d)) {
                 continue;
             }
-            let from = old.iter().find(|(s, o)| !now.contains_key(*s) && !handed.contains_key(*s) && same_fixed_key(o, d)).map(|(s, _)| s.clone());
+            let from = old.iter().find(|(s, o)| *s != source && lets_go(s, o) && !handed.contains_key(*s) && same_fixed_key(o, d)).map(|(s, _)| s.clone());
             if let Some(from) = from {
                 handed.insert(from, source.clone());
             }
         }
+        // Transfers first: a giver that still wants another key registers it afresh after
+        // its old key has moved (an upsert first would replace, and so delete, that key).
+        for (from, to) in &handed {
+            changes.updates.push(Update::Transfer { from: id(key, from), to: id(key, to), desired: now[to].clone() });
+        }
         for (source, d) in &now {
-            if let Some((from, _)) = handed.iter().find(|(_, to)| *to == source) {
-                changes.updates.push(Update::Transfer { from: id(key, from), to: id(key, source), desired: d.clone() });
-            } else if old.get(source).is_none_or(|o| o != d) {
+            if handed.values().any(|to| to == source) {
+                continue;
+            }
+            if handed.contains_key(source) || old.get(source).is_none_or(|o| o != d) {
                 changes.updates.push(Update::Upsert(id(key, source), d.clone()));
             }
         }

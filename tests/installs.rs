@@ -72,6 +72,43 @@ async fn a_changed_cluster_id_is_refused_and_migrating_takes_every_record_over_w
     wait_until("status: 19 registered", DEADLINE, || async { (api.get("web").await.ok()?.status?.registered == 19).then_some(()) }).await;
 }
 
+#[tokio::test]
+async fn a_changed_cluster_id_is_refused_even_when_the_api_server_is_down_at_start() {
+    let mut bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let old_root = "/podlease/owners/c1/default.podlease";
+    let _c = Controller::start(&bed, "c", &["--cluster-id", "c1"]).await;
+    create_registration(&bed.kube, NS, "web", json!({"selector": {"matchLabels": {"app": "web"}}})).await;
+    for i in 0..5 {
+        let name = format!("web-{i}");
+        create_pod(&bed.kube, NS, &PodSpec::new(&name).label("app", "web")).await;
+        set_ready(&bed.kube, NS, &name, &pod_ip(i + 1), true).await;
+    }
+    wait_until("5 keys", DEADLINE, || async { (keys(&bed.etcd, "/services/web/").await.len() == 5).then_some(()) }).await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+
+    // A rollout that changes the cluster id while the API server is down: the Lease that
+    // names the last identity cannot be read, so the start goes on (this replica may keep
+    // leases alive), but the check is made again once the Lease answers.
+    bed.stall_apiserver();
+    let mut n = Controller::new(&bed, "n", bed.kubeconfig.clone(), &["--cluster-id", "c2"]);
+    n.spawn();
+    wait_until("the replica past its start steps (/readyz no longer says starting)", DEADLINE, || async {
+        let (_, body) = support::controller::http_get(&format!("http://127.0.0.1:{}/readyz", n.metrics_port)).await?;
+        (!body.starts_with("starting")).then_some(())
+    })
+    .await;
+    bed.resume_apiserver();
+    let status = n.wait_exit().await;
+    let log = n.log_text();
+    assert!(log.contains("the last leader's identity is unknown for now"), "{log}");
+    assert!(!status.success(), "led with a changed cluster id; log:\n{log}");
+    assert!(log.contains("refusing to start") && log.contains(&format!("--migrate-from={old_root}")), "{log}");
+    assert_eq!(records_under(&keys(&bed.etcd, "/podlease/owners/").await, old_root), 5, "nothing was touched");
+    let deletes: Vec<String> = recorder.deletes().into_iter().map(|e| e.key).filter(|k| k.starts_with("/services/")).collect();
+    assert_eq!(deletes, Vec::<String>::new(), "watchers saw DELETEs");
+}
+
 /// One namespace's churn: pods made ready, unready and deleted, each step waited for.
 struct Churn {
     ns: &'static str,
@@ -279,6 +316,44 @@ async fn two_sources_of_one_key_have_one_owner_and_hand_it_over_without_a_delete
     let target = c.metric("podlease_keepalive_requests_total").await + 30.0;
     wait_until("three renewal rounds", TAKEOVER, || async { (c.metric("podlease_keepalive_requests_total").await >= target).then_some(()) }).await;
     assert_eq!(keys(&bed.etcd, "/services/web/").await.len(), 10);
+}
+
+#[tokio::test]
+async fn an_owner_that_changes_its_service_hands_its_keys_over_without_a_delete() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let c = Controller::start(&bed, "c", &[]).await;
+    for name in ["a", "b"] {
+        create_registration(&bed.kube, NS, name, json!({"selector": {"matchLabels": {"app": "web"}}, "service": "web"})).await;
+    }
+    for i in 0..10 {
+        let name = format!("web-{i}");
+        create_pod(&bed.kube, NS, &PodSpec::new(&name).label("app", "web")).await;
+        set_ready(&bed.kube, NS, &name, &pod_ip(i + 1), true).await;
+    }
+    let api: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), NS);
+    for name in ["a", "b"] {
+        wait_until(&format!("{name}: all 10 registered"), DEADLINE, || async { (api.get(name).await.ok()?.status?.registered == 10).then_some(()) }).await;
+    }
+    let before = leases_under(&bed.etcd, "/services/web/").await;
+    assert_eq!(before.len(), 10);
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+
+    // a, the owner (first by name), now publishes another service: b takes every web key
+    // over in place, and a's new keys appear beside them.
+    let patch = json!({"spec": {"service": "cart"}});
+    api.patch("a", &kube::api::PatchParams::default(), &kube::api::Patch::Merge(&patch)).await.unwrap();
+    wait_until("10 cart keys", DEADLINE, || async { (keys(&bed.etcd, "/services/cart/").await.len() == 10).then_some(()) }).await;
+    wait_until("b: all 10 registered, no conflict", DEADLINE, || async {
+        let st = api.get("b").await.ok()?.status?;
+        let conflict = st.conditions.iter().any(|c| c.type_ == "Conflict" && c.status == "True");
+        (st.registered == 10 && !conflict).then_some(())
+    })
+    .await;
+    assert_eq!(leases_under(&bed.etcd, "/services/web/").await, before, "every web key under the same lease");
+    let deletes: Vec<String> = recorder.deletes().into_iter().map(|e| e.key).filter(|k| k.starts_with("/services/")).collect();
+    assert_eq!(deletes, Vec::<String>::new(), "watchers saw DELETEs");
+    assert_eq!(c.metric("podlease_conflicts_total").await, 0.0);
 }
 
 #[tokio::test]

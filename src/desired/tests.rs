@@ -493,6 +493,35 @@ fn one_source_owns_a_key_the_others_are_served_and_take_it_over_when_it_goes() {
 }
 
 #[test]
+fn an_owner_that_changes_its_key_hands_the_old_one_over_first_then_registers_the_new_one() {
+    let mut idx = Index::new(Defaults::default());
+    for name in ["a", "b"] {
+        idx.apply_registration(&sreg(name, json!({"selector": {"matchLabels": {"app": "user"}}, "service": "user"})));
+    }
+    idx.apply_pod(pod("u1", &[("app", "user")], true));
+    // a (the owner) now publishes another service: b takes /services/user/ over in place, and
+    // only then does a register its new key (an upsert first would replace, so delete, it).
+    let c = idx.apply_registration(&sreg("a", json!({"selector": {"matchLabels": {"app": "user"}}, "service": "cart"})));
+    let seen: Vec<String> = c
+        .updates
+        .iter()
+        .map(|u| match u {
+            Update::Transfer { from, to, desired } => format!("transfer {:?} -> {:?} {}", from.source, to.source, desired.key.with_lease(1)),
+            Update::Upsert(id, d) => format!("upsert {:?} {}", id.source, d.key.with_lease(1)),
+            Update::Remove(id) => format!("remove {:?}", id.source),
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            r#"transfer Registration("a") -> Registration("b") /services/user/shop/u1"#.to_string(),
+            r#"upsert Registration("a") /services/cart/shop/u1"#.to_string(),
+        ]
+    );
+    assert!(idx.summary("shop", "b").unwrap().served.is_empty());
+}
+
+#[test]
 fn holds_follow_registrations_and_annotated_pods_not_readiness() {
     let mut defaults = Defaults::default();
     defaults.shared.insert("open".into());

@@ -702,11 +702,14 @@ impl Registry {
             self.apply(Update::Upsert(to, desired));
             return;
         };
-        // `from` lets go without revoking: its lease is `to`'s from now on.
-        if let Some(e) = self.slots.remove(&from)
-            && let Some(k) = e.retry
-        {
-            self.retries.remove(&k);
+        // `from` lets go without revoking: its lease is `to`'s from now on. A giver that
+        // still wants a key (another one: its service or format changed) starts afresh.
+        let mut still_wanted = None;
+        if let Some(e) = self.slots.remove(&from) {
+            if let Some(k) = e.retry {
+                self.retries.remove(&k);
+            }
+            still_wanted = e.slot.desired.filter(|d| !d.key.matches(&held.key));
         }
         self.show(&from, None);
         let entry = self.slots.entry(to.clone()).or_default();
@@ -714,8 +717,11 @@ impl Registry {
             self.retries.remove(&k);
         }
         self.by_lease.insert(held.lease, to.clone());
-        let fx = entry.slot.take_over(from, held, desired);
+        let fx = entry.slot.take_over(from.clone(), held, desired);
         self.perform(&to, fx);
+        if let Some(d) = still_wanted {
+            self.apply(Update::Upsert(from, d));
+        }
     }
 
     fn enqueue(&mut self, id: InstanceId) {
