@@ -158,6 +158,7 @@ async fn check(args: &DoctorArgs, kube: anyhow::Result<kube::Client>) -> Vec<Fin
         if crd_present {
             found.extend(ttl::registrations(&client, &scope.namespaces, failover).await);
         }
+        found.extend(ttl::annotated_pods(&client, &scope.namespaces, failover).await);
         found
     };
     let (etcd_config, probes) = (run.etcd.config(), probes(run));

@@ -216,6 +216,7 @@ async fn the_charts_setup_passes_and_each_kubernetes_side_misconfiguration_is_na
     run.line("OK", "crd", &["is this version's"]);
     run.line("OK", "ttl", &["--default-ttl 30 s outlives a leader failover (19 s; at least 29 s needed)"]);
     run.line("OK", "ttl", &["the TTLs of all 0 ServiceRegistrations"]);
+    run.line("OK", "ttl", &["the podlease.io/ttl of all 0 annotated pods that set one outlive a leader failover"]);
     run.line("OK", "etcd", &[&etcd.server.endpoint(), "TLS with a client certificate, as user \"podlease\""]);
     run.line("OK", "etcd-version", &["runs etcd 3.5."]);
     run.line("OK", "etcd-cluster", &["every answering endpoint (1) is in cluster"]);
@@ -230,7 +231,7 @@ async fn the_charts_setup_passes_and_each_kubernetes_side_misconfiguration_is_na
     let run = doctor(dir, "json", &kubeconfig, &json_args).await;
     let report: Value = run.output.lines().find_map(|l| serde_json::from_str(l).ok()).expect("a JSON report");
     assert_eq!((report["fails"].as_u64(), report["warnings"].as_u64(), run.code), (Some(0), Some(0), 0), "{}", run.output);
-    assert_eq!(report["findings"].as_array().unwrap().len(), 13, "{report:#}");
+    assert_eq!(report["findings"].as_array().unwrap().len(), 14, "{report:#}");
     assert!(report["findings"].as_array().unwrap().iter().all(|f| f["level"] == "ok" && f["check"].is_string() && f["found"].is_string()));
 
     // RBAC missing a verb: the cluster-wide role without patch on pods/status.
@@ -266,6 +267,16 @@ async fn the_charts_setup_passes_and_each_kubernetes_side_misconfiguration_is_na
     run.passes();
     run.line("WARN", "ttl", &["ServiceRegistration default/short: a TTL of 10 s is shorter than a leader failover", "set its spec.ttlSeconds to at least 29 s"]);
     assert_eq!(run.with("WARN").len(), 1, "only the short one:\n{}", run.output);
+
+    // An annotated pod whose podlease.io/ttl is shorter than a failover: a warning naming it
+    // (the pod's own ShortTTL Event says the same); one at 30 s passes.
+    for (name, ttl) in [("short-pod", "10"), ("fine-pod", "30")] {
+        create_pod(&bed.kube, "default", &PodSpec::new(name).annotation("podlease.io/service", "cart").annotation("podlease.io/ttl", ttl)).await;
+    }
+    let run = doctor(dir, "short-annotation", &kubeconfig, &args).await;
+    run.passes();
+    run.line("WARN", "ttl", &["pod default/short-pod (podlease.io/ttl: 10): a TTL of 10 s is shorter than a leader failover", "set its podlease.io/ttl to at least 29 s"]);
+    assert_eq!(run.with("WARN").len(), 2, "the short registration and the short pod only:\n{}", run.output);
 
     // --default-ttl shorter than a failover: the operator's own flag, a FAIL.
     let short = with_flag(&args, "--default-ttl", "20");

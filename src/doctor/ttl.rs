@@ -7,6 +7,9 @@ use std::time::Duration;
 use kube::Client;
 use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 
+use k8s_openapi::api::core::v1::Pod;
+
+use crate::annotations;
 use crate::leader::{min_ttl, short_ttl};
 use crate::registration::{DEFAULT_TTL_SECONDS, ServiceRegistration};
 
@@ -30,10 +33,61 @@ pub fn default_ttl(ttl: i64, failover: Option<Duration>) -> Finding {
 pub async fn registrations(client: &Client, namespaces: &[String], failover: Option<Duration>) -> Vec<Finding> {
     let Some(failover) = failover else { return Vec::new() };
     let resource = ApiResource::erase::<ServiceRegistration>(&());
+    let (mut findings, seen) = each_object(client, namespaces, &resource, "ServiceRegistrations", "serviceregistrations", |r| {
+        let ttl = r.data["spec"]["ttlSeconds"].as_i64().unwrap_or(DEFAULT_TTL_SECONDS);
+        short_ttl(ttl, failover).map(|why| {
+            Finding::warn(CHECK, format!("ServiceRegistration {}: {why}", name(r)), format!("set its spec.ttlSeconds to at least {} s", min_ttl(failover)))
+        })
+    })
+    .await;
+    if findings.is_empty() {
+        findings.push(Finding::ok(CHECK, format!("the TTLs of all {seen} ServiceRegistrations outlive a leader failover")));
+    }
+    findings
+}
+
+/// Each annotated pod's `podlease.io/ttl` (a namespace user's choice: a short one WARNs, as
+/// the ShortTTL Event on the pod does). A pod without the annotation takes `--default-ttl`,
+/// checked on its own; a value that is not a number is the controller's InvalidAnnotation.
+pub async fn annotated_pods(client: &Client, namespaces: &[String], failover: Option<Duration>) -> Vec<Finding> {
+    let Some(failover) = failover else { return Vec::new() };
+    let resource = ApiResource::erase::<Pod>(&());
+    let mut annotated = 0;
+    let (mut findings, _) = each_object(client, namespaces, &resource, "pods", "pods", |pod| {
+        let annotations = pod.metadata.annotations.as_ref()?;
+        annotations.get(annotations::SERVICE)?;
+        let ttl: i64 = annotations.get(annotations::TTL)?.trim().parse().ok()?;
+        annotated += 1;
+        short_ttl(ttl, failover).map(|why| {
+            Finding::warn(CHECK, format!("pod {} ({}: {ttl}): {why}", name(pod), annotations::TTL), format!("set its {} to at least {} s (in the pod template)", annotations::TTL, min_ttl(failover)))
+        })
+    })
+    .await;
+    if findings.is_empty() {
+        findings.push(Finding::ok(CHECK, format!("the {} of all {annotated} annotated pods that set one outlive a leader failover", annotations::TTL)));
+    }
+    findings
+}
+
+fn name(o: &DynamicObject) -> String {
+    format!("{}/{}", o.metadata.namespace.as_deref().unwrap_or_default(), o.metadata.name.as_deref().unwrap_or_default())
+}
+
+/// Lists `resource` in every watched namespace (or all), page by page, and returns the
+/// findings `judge` made of the objects (plus a WARN per scope that could not be listed) and
+/// how many objects were seen.
+async fn each_object(
+    client: &Client,
+    namespaces: &[String],
+    resource: &ApiResource,
+    what: &str,
+    rbac_resource: &str,
+    mut judge: impl FnMut(&DynamicObject) -> Option<Finding>,
+) -> (Vec<Finding>, usize) {
     let apis: Vec<(Api<DynamicObject>, String)> = if namespaces.is_empty() {
-        vec![(Api::all_with(client.clone(), &resource), "all namespaces".into())]
+        vec![(Api::all_with(client.clone(), resource), "all namespaces".into())]
     } else {
-        namespaces.iter().map(|ns| (Api::namespaced_with(client.clone(), ns, &resource), format!("namespace {ns}"))).collect()
+        namespaces.iter().map(|ns| (Api::namespaced_with(client.clone(), ns, resource), format!("namespace {ns}"))).collect()
     };
     let mut findings = Vec::new();
     let mut seen = 0;
@@ -43,32 +97,23 @@ pub async fn registrations(client: &Client, namespaces: &[String], failover: Opt
             let page = match tokio::time::timeout(KUBE_TIMEOUT, api.list(&params)).await {
                 Ok(Ok(page)) => page,
                 Ok(Err(e)) => {
-                    findings.push(Finding::warn(CHECK, format!("cannot list ServiceRegistrations in {where_} to check their TTLs: {e}"), "grant list on serviceregistrations (see the rbac line)"));
+                    findings.push(Finding::warn(CHECK, format!("cannot list {what} in {where_} to check their TTLs: {e}"), format!("grant list on {rbac_resource} (see the rbac line)")));
                     break;
                 }
                 Err(_) => {
-                    findings.push(Finding::warn(CHECK, format!("listing ServiceRegistrations in {where_} did not answer within {KUBE_TIMEOUT:?}"), "check the API server"));
+                    findings.push(Finding::warn(CHECK, format!("listing {what} in {where_} did not answer within {KUBE_TIMEOUT:?}"), "check the API server"));
                     break;
                 }
             };
-            for r in &page.items {
-                seen += 1;
-                let ttl = r.data["spec"]["ttlSeconds"].as_i64().unwrap_or(DEFAULT_TTL_SECONDS);
-                if let Some(why) = short_ttl(ttl, failover) {
-                    let name = format!("{}/{}", r.metadata.namespace.as_deref().unwrap_or_default(), r.metadata.name.as_deref().unwrap_or_default());
-                    findings.push(Finding::warn(CHECK, format!("ServiceRegistration {name}: {why}"), format!("set its spec.ttlSeconds to at least {} s", min_ttl(failover))));
-                }
-            }
+            seen += page.items.len();
+            findings.extend(page.items.iter().filter_map(&mut judge));
             match page.metadata.continue_.filter(|c| !c.is_empty()) {
                 Some(token) => params = params.continue_token(&token),
                 None => break,
             }
         }
     }
-    if findings.is_empty() {
-        findings.push(Finding::ok(CHECK, format!("the TTLs of all {seen} ServiceRegistrations outlive a leader failover")));
-    }
-    findings
+    (findings, seen)
 }
 
 #[cfg(test)]
