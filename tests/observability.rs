@@ -106,6 +106,12 @@ async fn metrics_health_and_logs_tell_what_podlease_is_doing() {
     assert_eq!(number(sample(&s, "podlease_etcd_available", None)), 0.0);
     let errors: f64 = s.samples.iter().filter(|x| x.metric == "podlease_etcd_errors_total").map(|x| number(&x.value)).sum();
     assert!(errors >= 1.0, "etcd errors counted");
+    // The leader's fence re-read (every 2 s) fails too, and is counted under its own name.
+    wait_until("a failed fence read counted", DEADLINE, || async {
+        let s = scrape(&c).await;
+        s.samples.iter().any(|x| x.metric == "podlease_etcd_errors_total" && x.labels.get("op") == Some("fence") && number(&x.value) >= 1.0).then_some(())
+    })
+    .await;
     bed.registry.resume();
     wait_until("ready again", Duration::from_secs(60), || async { (readyz(&c).await.0 == 200).then_some(()) }).await;
 
@@ -117,6 +123,44 @@ async fn metrics_health_and_logs_tell_what_podlease_is_doing() {
         let v: serde_json::Value = serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
         assert!(v["level"].is_string() && v["fields"]["message"].is_string(), "{line}");
     }
+}
+
+/// The README's promise for the gauges of the replica that led: once a successor holds the
+/// leases (a newer fence), its term ends and it reports what a standby does, not its last
+/// counts. At the defaults: the leader is frozen (SIGSTOP) long enough to lose the Lease.
+#[tokio::test]
+async fn a_former_leader_reports_no_instances_and_no_leases_once_a_successor_holds_them() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let a = Controller::start(&bed, "a", &[]).await;
+    wait_until("a leads", DEADLINE, || async { a.leads().await.then_some(()) }).await;
+    let b = Controller::start(&bed, "b", &[]).await;
+    create_registration(&bed.kube, NS, "m", json!({"selector": {"matchLabels": {"app": "m"}}})).await;
+    for i in 0..10 {
+        create_pod(&bed.kube, NS, &PodSpec::new(&format!("m-{i}")).label("app", "m")).await;
+        set_ready(&bed.kube, NS, &format!("m-{i}"), &pod_ip(i + 1), true).await;
+    }
+    let registered = |s: &Scrape| -> f64 {
+        s.samples.iter().filter(|x| x.metric == "podlease_instances" && x.labels.get("state") == Some("registered")).map(|x| number(&x.value)).sum()
+    };
+    wait_until("10 registered by a", DEADLINE, || async { (registered(&scrape(&a).await) == 10.0).then_some(()) }).await;
+    assert_eq!(number(sample(&scrape(&a).await, "podlease_leases_held", None)), 12.0, "10 instances + the fence + the claims lease");
+    let s = scrape(&b).await;
+    assert_eq!((registered(&s), number(sample(&s, "podlease_leases_held", None))), (0.0, 0.0), "a standby holds nothing");
+
+    a.signal(libc::SIGSTOP);
+    support::controller::wait_adopted(&b, Duration::from_secs(60)).await;
+    wait_until("b holds the 10 instances", DEADLINE, || async { (registered(&scrape(&b).await) == 10.0).then_some(()) }).await;
+    a.signal(libc::SIGCONT);
+    wait_until("the former leader's gauges back to 0", Duration::from_secs(60), || async {
+        let s = scrape(&a).await;
+        let instances: f64 = s.samples.iter().filter(|x| x.metric == "podlease_instances").map(|x| number(&x.value)).sum();
+        let held = number(sample(&s, "podlease_leases_held", None));
+        let leader = number(sample(&s, "podlease_leader", None));
+        (instances == 0.0 && held == 0.0 && leader == 0.0).then_some(())
+    })
+    .await;
+    assert_eq!(registered(&scrape(&b).await), 10.0, "the successor still holds them");
 }
 
 #[tokio::test]
