@@ -20,7 +20,7 @@ fn say(start: Instant, what: &str) {
 
 /// The real `kubectl get serviceregistrations`, as a user would type it.
 fn table(bed: &TestBed) {
-    println!("        $ kubectl get serviceregistrations");
+    println!("        $ kubectl get serviceregistrations -n {NS}");
     for line in bed.kubectl(&["get", "serviceregistrations", "-n", NS]).lines() {
         println!("        {line}");
     }

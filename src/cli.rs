@@ -121,8 +121,9 @@ pub struct RunArgs {
     pub allowed_prefix: Vec<AllowedPrefix>,
     /// Service names that any namespace may publish (repeatable or comma separated). Every
     /// other service name (under a given read prefix) belongs to the first namespace that
-    /// publishes it, until its last instance goes: another namespace is refused
-    /// (ServiceClaimed). Only the cluster admin sets this; no namespace can.
+    /// asks for it (a ServiceRegistration or an annotated pod, ready or not), as long as one
+    /// of them exists: another namespace is refused (ServiceClaimed). Only the cluster admin
+    /// sets this; no namespace can.
     #[arg(long = "shared-service", env = "PODLEASE_SHARED_SERVICES", value_delimiter = ',')]
     pub shared_service: Vec<String>,
     /// Lease TTL in seconds of annotated pods without podlease.io/ttl, 5..3600 (a

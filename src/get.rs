@@ -39,9 +39,10 @@ pub async fn run(args: GetArgs) -> anyhow::Result<()> {
     }
     let revision = resp.header().map(|h| h.revision()).unwrap_or(0);
     let mut watch = client.watch_client();
-    let mut stream = watch
-        .watch(service_prefix.as_str(), Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1)))
-        .await?;
+    // Opening the watch has the deadline of every call; the stream itself lives until it ends.
+    let mut stream = tokio::time::timeout(timeout, watch.watch(service_prefix.as_str(), Some(WatchOptions::new().with_prefix().with_start_revision(revision + 1))))
+        .await
+        .map_err(|_| anyhow::anyhow!("opening the etcd watch timed out after {timeout:?}"))??;
     while let Some(resp) = stream.message().await? {
         let mut out = std::io::stdout().lock();
         for ev in resp.events() {
