@@ -160,7 +160,8 @@ node_setup
 # --- etcd's own gRPC naming resolver, a real consumer of the etcd-naming format ----------------
 ETCD_RESOLVE=$(bash "$(dirname "${BASH_SOURCE[0]}")/consumer.sh")
 
-cat > "$CACHE/testbed.env" <<ENV
+# Written aside and renamed: a test or demo reading it meanwhile never sees half a file.
+cat > "$CACHE/testbed.env.tmp.$$" <<ENV
 PODLEASE_ETCD_BIN=$ETCD
 PODLEASE_ETCDCTL_BIN=$ETCDCTL
 PODLEASE_ETCD_OLD_BIN=$ETCD_OLD
@@ -175,5 +176,6 @@ PODLEASE_KUBELET_BIN=$KBIN/kubelet
 PODLEASE_ETCD_RESOLVE_BIN=$ETCD_RESOLVE
 $(node_env)
 ENV
+mv -f "$CACHE/testbed.env.tmp.$$" "$CACHE/testbed.env"
 log "ready ($CACHE/testbed.env)"
 echo "$CACHE/testbed.env"
