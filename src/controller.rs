@@ -14,7 +14,7 @@ use kube::runtime::watcher::Event;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, error, info, warn};
+use tracing::{error, info, warn};
 
 use crate::desired::{Changes, Defaults, Index};
 use crate::etcd::EtcdConfig;
@@ -257,7 +257,7 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
 /// until the Lease answers (every 2 s). A refusal ends the process, as it would have at start
 /// (this replica never led, so nothing of its own is left half done). False: shut down first.
 async fn identity_recheck(client: &Client, cfg: &LeaderConfig, etcd: &crate::etcd::Connection, config: &RegistryConfig, shutdown: &CancellationToken) -> bool {
-    loop {
+    for attempt in 0u64.. {
         let outcome = match crate::leader::recorded_identity(client, cfg).await {
             Ok(previous) => match crate::registry::identity::check(etcd, config, previous.as_deref()).await {
                 Ok(()) => return true,
@@ -269,12 +269,17 @@ async fn identity_recheck(client: &Client, cfg: &LeaderConfig, etcd: &crate::etc
             },
             Err(e) => e,
         };
-        debug!(error = outcome, "the identity check waits for the leader Lease and etcd");
+        // Said at once and then every minute: a replica that cannot read its Lease (RBAC, an
+        // API server that stays slow) never leads, and must say why.
+        if attempt % 30 == 0 {
+            warn!(error = outcome, "this replica may not lead until the identity check can read the leader Lease and etcd");
+        }
         tokio::select! {
             _ = shutdown.cancelled() => return false,
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }
+    false
 }
 
 /// One registry term: its task and the channel that feeds it.

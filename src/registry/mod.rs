@@ -698,7 +698,12 @@ impl Registry {
             .filter(|h| desired.key.matches(&h.key));
         let free = self.slots.get(&to).is_none_or(|e| e.slot.held.is_none() && e.slot.transfer.is_none() && !e.slot.busy);
         let Some(held) = held.filter(|_| free) else {
-            self.apply(Update::Remove(from));
+            // No hand-over in place: `from` lets go the ordinary way, unless it still wants
+            // another key (its service or format changed), which it keeps wanting.
+            match self.slots.get(&from).and_then(|e| e.slot.desired.clone()).filter(|d| d.key != desired.key) {
+                Some(other) => self.apply(Update::Upsert(from, other)),
+                None => self.apply(Update::Remove(from)),
+            }
             self.apply(Update::Upsert(to, desired));
             return;
         };
