@@ -105,6 +105,19 @@ fn fit(xy: &[(f64, f64)]) -> (f64, f64) {
     (my - slope * mx, slope)
 }
 
+/// The measured points so far (the section's first part, rewritten at each checkpoint).
+fn points_table(md: &mut String, idle: f64, points: &[Point]) {
+    md.clear();
+    writeln!(md, "One podlease replica at the defaults, the TTL set in every ServiceRegistration (`spec.ttlSeconds`, before podlease starts), release build, on one registry etcd member (its leader); every pod Ready. Each point starts from an empty etcd, waits for a full renewal round after the initial sync, then measures over whole renewal periods (at least {} s). CPU from /proc (user + system). etcd's own count of renewals (`etcd_debugging_lease_renewed_total`) is shown beside podlease's keepalive requests. TTLs under 29 s do not outlive a leader failover at the defaults (podlease flags them ShortTTL); they are here for the curve.\n", MIN_WINDOW.as_secs()).unwrap();
+    writeln!(md, "| leases | TTL | renewals/s sent | renewals/s etcd counted | etcd CPU | etcd CPU above idle | podlease CPU | machine | etcd RSS | window |").unwrap();
+    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|").unwrap();
+    writeln!(md, "| 0 | — | 0 | — | {idle:.3} cores | — | — | — | — | {} s |", MIN_WINDOW.as_secs()).unwrap();
+    for p in &points {
+        writeln!(md, "| {} | {} s | {:.0} | {:.0} | {:.3} cores | {:.3} cores | {:.3} cores | {:.2} of {} cores | {:.0} MiB | {:.0} s |",
+            p.pods, p.ttl, p.sent_per_s, p.etcd_renewed_per_s, p.etcd_cores, p.etcd_cores - idle, p.podlease_cores, p.machine, cores(), p.etcd_rss, p.window.as_secs_f64()).unwrap();
+    }
+}
+
 #[tokio::main]
 async fn main() {
     if listing() {
@@ -140,6 +153,8 @@ async fn main() {
         populate_ready(&bed.kube, NS, "load", created..n, |i| json!({"svc": format!("load-{}", i / PODS_PER_SERVICE)}), 64).await;
         created = n;
         for &ttl in &ttls {
+            // What is measured so far is in the section: a run that stops keeps it.
+            points_table(&mut report.md, idle, &points);
             report.checkpoint(&format!("**Still to measure from {n} leases at TTL {ttl} s** (the run is in progress or stopped; see below)."));
             points.push(point(&bed, n, services, ttl).await);
         }
@@ -148,20 +163,13 @@ async fn main() {
     let xy: Vec<(f64, f64)> = std::iter::once((0.0, idle)).chain(points.iter().map(|p| (p.sent_per_s, p.etcd_cores))).collect();
     let (a, b) = fit(&xy);
     let per_1000 = b * 1000.0;
+    points_table(&mut report.md, idle, &points);
     let md = &mut report.md;
-    writeln!(md, "One podlease replica at the defaults, the TTL set in every ServiceRegistration (`spec.ttlSeconds`, before podlease starts), release build, on one registry etcd member (its leader); every pod Ready. Each point starts from an empty etcd, waits for a full renewal round after the initial sync, then measures over whole renewal periods (at least {} s). CPU from /proc (user + system). etcd's own count of renewals (`etcd_debugging_lease_renewed_total`) is shown beside podlease's keepalive requests. TTLs under 29 s do not outlive a leader failover at the defaults (podlease flags them ShortTTL); they are here for the curve.\n", MIN_WINDOW.as_secs()).unwrap();
-    writeln!(md, "| leases | TTL | renewals/s sent | renewals/s etcd counted | etcd CPU | etcd CPU above idle | podlease CPU | machine | etcd RSS | window |").unwrap();
-    writeln!(md, "|---|---|---|---|---|---|---|---|---|---|").unwrap();
-    writeln!(md, "| 0 | — | 0 | — | {idle:.3} cores | — | — | — | — | {} s |", MIN_WINDOW.as_secs()).unwrap();
-    for p in &points {
-        writeln!(md, "| {} | {} s | {:.0} | {:.0} | {:.3} cores | {:.3} cores | {:.3} cores | {:.2} of {} cores | {:.0} MiB | {:.0} s |",
-            p.pods, p.ttl, p.sent_per_s, p.etcd_renewed_per_s, p.etcd_cores, p.etcd_cores - idle, p.podlease_cores, p.machine, cores(), p.etcd_rss, p.window.as_secs_f64()).unwrap();
-    }
     writeln!(md, "\nFitted over these points (idle included): etcd CPU ≈ {a:.3} + {per_1000:.3} × (renewals/s ÷ 1000) cores, i.e. {per_1000:.3} cores of the etcd leader per 1,000 renewals/s on this machine.\n").unwrap();
-    writeln!(md, "TTL per cluster size: renewals/s = 3 × registrations ÷ TTL; a lease outlives a podlease that is gone entirely by up to one TTL (keys of pods that died meanwhile stay that long: the crash-safety window). The recommended TTL is the smallest of 30, 60, 120, 300 s whose renewals cost etcd at most {BUDGET_CORES} core above idle by the line above, and never under {FAILOVER_FLOOR} s (the default, just above the failover floor of 29 s).\n").unwrap();
+    writeln!(md, "TTL per cluster size: renewals/s = 3 × registered pods (one lease each) ÷ TTL; a lease outlives a podlease that is gone entirely by up to one TTL (keys of pods that died meanwhile stay that long: the crash-safety window). The recommended TTL is the smallest of 30, 60, 120, 300 s whose renewals cost etcd at most {BUDGET_CORES} core above idle by the line above, and never under {FAILOVER_FLOOR} s (the default, just above the failover floor of 29 s).\n").unwrap();
     // The README's TTL guidance is this table: scripts/benchmarks-md.sh copies it there.
     writeln!(md, "<!-- etcd-load:ttl -->").unwrap();
-    writeln!(md, "| registrations | renewals/s at TTL 30 s | etcd CPU for them | at 60 s | at 120 s | at 300 s | recommended TTL |").unwrap();
+    writeln!(md, "| registered pods (leases) | renewals/s at TTL 30 s | etcd CPU for them | at 60 s | at 120 s | at 300 s | recommended TTL |").unwrap();
     writeln!(md, "|---|---|---|---|---|---|---|").unwrap();
     for n in [1_000usize, 10_000, 50_000, 150_000] {
         let rate = |ttl: i64| 3.0 * n as f64 / ttl as f64;

@@ -59,13 +59,19 @@ async fn main() {
 
     // One at a time.
     let (mut key, mut gate, mut gap) = (Vec::new(), Vec::new(), Vec::new());
+    // The key and the gate arrive on two watch streams: their order as seen here can differ
+    // from etcd's and the API server's by the streams' delivery (podlease's own order is
+    // asserted by tests/gate.rs). Counted, not asserted.
+    let mut seen_inverted = 0;
     for i in 0..pods {
         let name = format!("bench-{i}");
         let t0 = Instant::now();
         set_containers_ready(&bed.kube, NS, &name, &pod_ip(i + 1), true).await;
         let put = t.wait_key_event(&format!("/services/bench/default/{name}"), true, t0, long).await;
         let open = t.wait_gate(&name, "True", "Registered", long).await;
-        assert!(put.at <= open.at, "{name}: the gate opened before the key");
+        if open.at < put.at {
+            seen_inverted += 1;
+        }
         key.push(put.at - t0);
         gate.push(open.at - t0);
         gap.push(open.at - put.at);
@@ -115,6 +121,7 @@ async fn main() {
     row(md, "ContainersReady → key PUT", &mut key);
     row(md, "key PUT → gate True", &mut gap);
     row(md, "ContainersReady → gate True", &mut gate);
+    writeln!(md, "\nGate seen before its key (two watch streams' delivery; counted as 0 ms above): {seen_inverted} of {pods}.").unwrap();
     writeln!(md, "\n| all {pods} at once (patched in {:.1} s, 32 in flight) | n | p50 | p90 | p99 | max |", patched.as_secs_f64()).unwrap();
     writeln!(md, "|---|---|---|---|---|---|").unwrap();
     row(md, "burst start → gate True", &mut burst);

@@ -164,7 +164,8 @@ pub struct RunArgs {
     pub concurrency: usize,
     /// Leases granted ahead of time per TTL in use, so that a pod turning Ready costs one
     /// etcd write (its key's Txn) instead of a grant and then the Txn; 0 turns it off.
-    /// Unused ones expire on their own.
+    /// They are kept alive while this replica leads and expire within their TTL, holding
+    /// nothing, once it stops.
     #[arg(long, env = "PODLEASE_LEASE_POOL_SIZE", default_value_t = 16)]
     pub lease_pool_size: usize,
     /// Elect one leader among replicas (a coordination.k8s.io Lease); only it writes.

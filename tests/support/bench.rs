@@ -821,6 +821,13 @@ pub async fn wipe(etcd: &etcd_client::Client) {
             }
         })
         .await;
+    // Compacted and defragmented: the next measurement's db size is its own, not the
+    // history of what was wiped.
+    let rev = etcd.kv_client().get("\0", None).await.expect("etcd get").header().map(|h| h.revision()).unwrap_or(0);
+    if rev > 0 {
+        let _ = etcd.kv_client().compact(rev, Some(etcd_client::CompactionOptions::new().with_physical())).await;
+    }
+    let _ = etcd.maintenance_client().defragment().await;
 }
 
 /// One etcd metric (summed over label sets) from a member's /metrics on its client URL.
