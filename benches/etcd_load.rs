@@ -112,7 +112,7 @@ fn points_table(md: &mut String, idle: f64, points: &[Point]) {
     writeln!(md, "| leases | TTL | renewals/s sent | renewals/s etcd counted | etcd CPU | etcd CPU above idle | podlease CPU | machine | etcd RSS | window |").unwrap();
     writeln!(md, "|---|---|---|---|---|---|---|---|---|---|").unwrap();
     writeln!(md, "| 0 | — | 0 | — | {idle:.3} cores | — | — | — | — | {} s |", MIN_WINDOW.as_secs()).unwrap();
-    for p in &points {
+    for p in points {
         writeln!(md, "| {} | {} s | {:.0} | {:.0} | {:.3} cores | {:.3} cores | {:.3} cores | {:.2} of {} cores | {:.0} MiB | {:.0} s |",
             p.pods, p.ttl, p.sent_per_s, p.etcd_renewed_per_s, p.etcd_cores, p.etcd_cores - idle, p.podlease_cores, p.machine, cores(), p.etcd_rss, p.window.as_secs_f64()).unwrap();
     }

@@ -23,9 +23,6 @@ use std::fmt::Write as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
-use kube::api::{Api, PostParams};
-use serde_json::json;
 use support::bench::*;
 use support::*;
 
