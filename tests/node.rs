@@ -195,6 +195,8 @@ struct Installed {
     pods: Vec<String>,
     holder: String,
     work: tempfile::TempDir,
+    /// The registry etcd's address inside the cluster's network namespace.
+    etcd_in_node: std::net::SocketAddr,
 }
 
 /// The leader Lease's holder once it names one of `among` (a podlease pod); on timeout the
@@ -279,7 +281,7 @@ async fn install_podlease(tag: &str) -> Installed {
     // One leads: the chart's Lease names one of the two pods.
     let holder = leader_among(&cluster, &names, Duration::from_secs(60)).await;
     eprintln!("leader: {holder}");
-    Installed { cluster, registry, etcd, values, pods: names, holder, work }
+    Installed { cluster, registry, etcd, values, pods: names, holder, work, etcd_in_node }
 }
 
 /// The chart installed with real Helm onto the node (`install_podlease`); an annotated
@@ -350,7 +352,8 @@ fn gated_deployment(name: &str, replicas: i32, probe_dir: &std::path::Path) -> D
     t["metadata"]["annotations"]["podlease.io/format"] = json!("etcd-naming");
     t["spec"]["readinessGates"] = json!([{"conditionType": "podlease.io/registered"}]);
     t["spec"]["terminationGracePeriodSeconds"] = json!(GRACE_SECONDS);
-    t["spec"]["containers"][0]["command"] = json!(["/bin/sh", "-c", "trap '' TERM; while true; do sleep 1; done"]);
+    // A server on 8080 (busybox httpd, in the background) for the dialling resolver to reach.
+    t["spec"]["containers"][0]["command"] = json!(["/bin/sh", "-c", "trap '' TERM; httpd -p 8080 -h /tmp; while true; do sleep 1; done"]);
     serde_json::from_value(v).unwrap()
 }
 
@@ -541,7 +544,7 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
     const TAG: &str = "node-test";
     const TAG2: &str = "node-test-2";
     let t_test = Instant::now();
-    let Installed { cluster, registry, etcd, values, pods: podlease_names, holder, work, .. } = install_podlease(TAG).await;
+    let Installed { cluster, registry, etcd, values, pods: podlease_names, holder, work, etcd_in_node } = install_podlease(TAG).await;
     let prefix = format!("{APP}/");
     let key_of = |ip: &str| format!("{APP}/{ip}:8080");
     cluster.wait_service_account("default", "default").await;
@@ -624,10 +627,17 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
     cluster.wait_deployment("default", APP, REPLICAS as i32, Duration::from_secs(30)).await;
     assert_eq!(support::etcd_dump(&etcd, &prefix).await.len(), REPLICAS);
 
-    // 3. A rolling update, watched in etcd's history and by etcd's own naming resolver (on
-    // the host with dial off: pod addresses are only reachable inside the node's namespace).
+    // 3. A rolling update, watched in etcd's history and by etcd's own naming resolver, run
+    // inside the cluster's sealed network namespace and dialling what it resolves (pod
+    // addresses are real only there, and no packet can leave it).
     auto_probe.store(true, Ordering::SeqCst);
-    let resolver = support::consumer::Resolver::start(&[registry.endpoint()], APP, false, work.path()).await;
+    let resolver = support::consumer::Resolver::start_in(
+        cluster.in_node(support::consumer::binary()),
+        &[format!("http://{etcd_in_node}")],
+        APP,
+        work.path(),
+    )
+    .await;
     let addrs: Vec<String> = serving.iter().map(|(_, ip)| format!("{ip}:8080")).collect();
     resolver.wait_for(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(10)).await;
     let rev = support::etcd::revision(&etcd).await;
@@ -694,6 +704,14 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
     assert!(change_ms.len() >= 2 * REPLICAS - 1, "the resolver saw the rollout's changes: {change_ms:?}");
     assert!(max < 2000.0, "a change took {max:.0} ms from etcd to the resolver");
     assert!(resolver.undecodable_keys().is_empty(), "{:?}", resolver.undecodable_keys());
+    // It dialled: grpc's channel left IDLE for CONNECTING (a subchannel per address; the
+    // pods' httpd speaks HTTP/1, so the HTTP/2 handshake then fails, as a gRPC client's would
+    // against the wrong server), and no address was refused.
+    let events = resolver.events();
+    let states: Vec<&str> = events.iter().filter(|(e, _)| e == "state").map(|(_, d)| d.as_str()).collect();
+    eprintln!("[3] the resolver's channel states: {states:?}");
+    assert!(states.contains(&"CONNECTING"), "the resolver never dialled: {events:?}");
+    assert!(!events.iter().any(|(e, _)| e == "refused_dial"), "{events:?}");
 
     // 4. `kubectl delete pod` of an app pod: the key goes with the deletionTimestamp, the pod
     // only when kubelet kills the container that ignores SIGTERM, GRACE_SECONDS later.

@@ -6,7 +6,10 @@
 //! Network safety: under `--dial` the channel connects to what it resolves. The binary itself
 //! refuses any address that is not this machine's; on top of that, `Resolver` fails the test
 //! if a dialling resolver ever sees an address outside 127.0.0.0/8, so a test that would
-//! publish pod IPs with a dialling consumer is caught, not run.
+//! publish pod IPs with a dialling consumer is caught, not run. The one exception is
+//! `start_in`: a consumer started inside the node tests' sealed network namespace (no
+//! interface off the machine, no default route), where pod addresses are real and dialling
+//! them is what a client in the cluster does.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::fs::OpenOptionsExt;
@@ -78,6 +81,25 @@ impl Resolver {
     /// watches (its initial Get is done). With `dial`, grpc keeps a round_robin connection
     /// to what it resolves: only ever with addresses on 127.0.0.0/8.
     pub async fn start(endpoints: &[String], service: &str, dial: bool, dir: &Path) -> Resolver {
+        let mut cmd = Command::new(binary());
+        if dial {
+            cmd.arg("--dial");
+        }
+        Self::launch(cmd, endpoints, service, dial, dir).await
+    }
+
+    /// Starts it through `cmd` (the binary run inside a sealed network namespace, e.g.
+    /// `MiniCluster::in_node(binary())`), dialling every address it resolves (`--dial
+    /// --dial-any`): grpc keeps a round_robin subchannel per address, as a client in the
+    /// cluster does. Only for a namespace no packet can leave.
+    pub async fn start_in(mut cmd: Command, endpoints: &[String], service: &str, dir: &Path) -> Resolver {
+        cmd.args(["--dial", "--dial-any"]);
+        Self::launch(cmd, endpoints, service, false, dir).await
+    }
+
+    /// `loopback_only`: fail the test if an address outside 127.0.0.0/8 is resolved (the
+    /// binary would dial it on this machine).
+    async fn launch(mut cmd: Command, endpoints: &[String], service: &str, loopback_only: bool, dir: &Path) -> Resolver {
         let name = service.replace('/', "_");
         let log = dir.join(format!("etcd-resolve-{name}.log"));
         // stdout and stderr go through a FIFO so every line is timed on arrival, and is
@@ -88,11 +110,7 @@ impl Resolver {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}: {}", fifo.display(), std::io::Error::last_os_error());
         // Opening the read end first (non-blocking) lets spawn_owned open the write end at once.
         let reader = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(&fifo).expect("open fifo");
-        let mut cmd = Command::new(binary());
         cmd.arg(format!("--endpoints={}", endpoints.join(","))).arg(format!("--service={service}"));
-        if dial {
-            cmd.arg("--dial");
-        }
         let child = spawn_owned(&mut cmd, &fifo);
         drop(cmd); // its copies of the write end: EOF must mean the child is gone
         // SAFETY: clearing O_NONBLOCK on our own descriptor.
@@ -107,7 +125,7 @@ impl Resolver {
                 let at = Instant::now();
                 let _ = writeln!(copy, "{line}");
                 let mut s = shared.lock().unwrap();
-                record(&mut s, at, &line, dial);
+                record(&mut s, at, &line, loopback_only);
             }
             shared.lock().unwrap().exited = true;
         });
@@ -220,14 +238,14 @@ impl Resolver {
     }
 }
 
-fn record(s: &mut Seen, at: Instant, line: &str, dial: bool) {
+fn record(s: &mut Seen, at: Instant, line: &str, loopback_only: bool) {
     let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
         s.other.push(line.to_string());
         return;
     };
     if let Some(addrs) = v.get("addrs").and_then(|a| a.as_array()) {
         let addrs: Vec<String> = addrs.iter().filter_map(|a| a.as_str().map(str::to_string)).collect();
-        if dial && let Some(bad) = addrs.iter().find(|a| !is_loopback(a)) {
+        if loopback_only && let Some(bad) = addrs.iter().find(|a| !is_loopback(a)) {
             s.unsafe_addr.get_or_insert(bad.clone());
         }
         let t_unix_nanos = v["t_unix_nanos"].as_i64().unwrap_or_default() as i128;

@@ -18,11 +18,14 @@
 // With --dial it keeps the connection open through the round_robin balancer, so the
 // channel dials what it resolves, as in production; even then it only dials addresses of
 // this machine (loopback or a local interface's address) and refuses anything else, so it
-// can never reach into a pod network.
+// can never reach into a pod network. --dial-any lifts that for a consumer started inside a
+// network namespace with no route off the machine (the node tests' sealed namespace, where
+// pod addresses are real and no packet can leave): it then dials every address, as a
+// client in the cluster would.
 //
 // Built by scripts/consumer.sh from Debian's Go packages in GOPATH mode (no module proxy).
 //
-//	etcd-resolve --endpoints=127.0.0.1:2379 --service=<svc> [--dial]
+//	etcd-resolve --endpoints=127.0.0.1:2379 --service=<svc> [--dial [--dial-any]]
 package main
 
 import (
@@ -53,19 +56,24 @@ func main() {
 	endpoints := flag.String("endpoints", "127.0.0.1:2379", "etcd endpoints, comma-separated")
 	service := flag.String("service", "", "service name to resolve as etcd:///<service> (required)")
 	dial := flag.Bool("dial", false, "keep a connection open through round_robin (dials only addresses of this machine)")
+	dialAny := flag.Bool("dial-any", false, "with --dial, dial every resolved address: only inside a network namespace with no route off the machine")
 	dialTimeout := flag.Duration("etcd-dial-timeout", 5*time.Second, "how long to wait for etcd at start")
 	flag.Parse()
+	if *dialAny && !*dial {
+		fmt.Fprintln(os.Stderr, "etcd-resolve: --dial-any needs --dial")
+		os.Exit(2)
+	}
 	if *service == "" {
 		fmt.Fprintln(os.Stderr, "etcd-resolve: --service is required (the name after etcd:///)")
 		os.Exit(2)
 	}
-	if err := run(strings.Split(*endpoints, ","), *service, *dial, *dialTimeout); err != nil {
+	if err := run(strings.Split(*endpoints, ","), *service, *dial, *dialAny, *dialTimeout); err != nil {
 		fmt.Fprintln(os.Stderr, "etcd-resolve:", err)
 		os.Exit(1)
 	}
 }
 
-func run(endpoints []string, service string, dial bool, dialTimeout time.Duration) error {
+func run(endpoints []string, service string, dial, dialAny bool, dialTimeout time.Duration) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	out := &printer{}
@@ -95,6 +103,10 @@ func run(endpoints []string, service string, dial bool, dialTimeout time.Duratio
 		opts = append(opts,
 			grpc.WithDefaultServiceConfig(`{"loadBalancingConfig":[{"round_robin":{}}]}`),
 			grpc.WithContextDialer(func(ctx context.Context, addr string) (net.Conn, error) {
+				if dialAny {
+					var d net.Dialer
+					return d.DialContext(ctx, "tcp", addr)
+				}
 				conn, err := dialThisMachineOnly(ctx, addr)
 				if err == errNotThisMachine {
 					out.event("refused_dial", addr)
