@@ -213,8 +213,11 @@ async fn measure(bed: &TestBed, n: usize, created: Duration, create_retries: usi
     row.held = wait_until("every lease held", LONG, || async { (podlease_metric(&b, "podlease_leases_held").await >= n as f64).then(|| t.elapsed()) }).await;
     row.renewed = wait_until("every lease renewed", LONG, || async { (podlease_metric(&b, "podlease_keepalive_requests_total").await >= n as f64).then(|| t.elapsed()) }).await;
     row.adoption_cpu = cpu.cores_since();
+    // Keys whose leases expired before the new replica renewed them come back once it sees
+    // them lost and registers them again: counted (DELETE events), not asserted, so the
+    // report says how many consumers lost.
+    keys.wait(n as i64, LONG).await;
     row.adoption_events = events_since(&bed.etcd, PREFIX, from, LONG).await;
-    assert_eq!(keys.now(), n as i64, "every key there after the adoption");
     eprintln!("{n}: adopted in {:?}, events {:?}", row.adopted, row.adoption_events);
     b.terminate();
     row
