@@ -116,8 +116,10 @@ async fn main() {
     let deletes = events.iter().filter(|e| !e.put).count();
     let puts = events.len() - deletes;
     let keys_after = count_keys(&bed.etcd, PREFIX).await;
+    // Signed: the standby may renew (as a caretaker) before it leads.
+    let at = |t: Instant| t.duration_since(t0).as_secs_f64();
     let between = |a: Option<Instant>, b: Option<Instant>| match (a, b) {
-        (Some(a), Some(b)) => format!("{:+.2} s", b.duration_since(a).as_secs_f64() - a.duration_since(b).as_secs_f64()),
+        (Some(a), Some(b)) => format!("{:+.2} s", at(b) - at(a)),
         _ => "n/a".to_string(),
     };
 

@@ -5,9 +5,8 @@
 use std::time::Duration;
 
 use kube::Client;
-use kube::api::{Api, ApiResource, DynamicObject, ListParams};
-
 use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, ApiResource, DynamicObject, ListParams};
 
 use crate::annotations;
 use crate::leader::{min_ttl, short_ttl};
@@ -33,7 +32,7 @@ pub fn default_ttl(ttl: i64, failover: Option<Duration>) -> Finding {
 pub async fn registrations(client: &Client, namespaces: &[String], failover: Option<Duration>) -> Vec<Finding> {
     let Some(failover) = failover else { return Vec::new() };
     let resource = ApiResource::erase::<ServiceRegistration>(&());
-    let (mut findings, seen) = each_object(client, namespaces, &resource, "ServiceRegistrations", "serviceregistrations", |r| {
+    let (mut findings, seen) = each_object(client, namespaces, &resource, "ServiceRegistrations", |r| {
         let ttl = r.data["spec"]["ttlSeconds"].as_i64().unwrap_or(DEFAULT_TTL_SECONDS);
         short_ttl(ttl, failover).map(|why| {
             Finding::warn(CHECK, format!("ServiceRegistration {}: {why}", name(r)), format!("set its spec.ttlSeconds to at least {} s", min_ttl(failover)))
@@ -53,7 +52,7 @@ pub async fn annotated_pods(client: &Client, namespaces: &[String], failover: Op
     let Some(failover) = failover else { return Vec::new() };
     let resource = ApiResource::erase::<Pod>(&());
     let mut annotated = 0;
-    let (mut findings, _) = each_object(client, namespaces, &resource, "pods", "pods", |pod| {
+    let (mut findings, _) = each_object(client, namespaces, &resource, "pods", |pod| {
         let annotations = pod.metadata.annotations.as_ref()?;
         annotations.get(annotations::SERVICE)?;
         let ttl: i64 = annotations.get(annotations::TTL)?.trim().parse().ok()?;
@@ -81,7 +80,6 @@ async fn each_object(
     namespaces: &[String],
     resource: &ApiResource,
     what: &str,
-    rbac_resource: &str,
     mut judge: impl FnMut(&DynamicObject) -> Option<Finding>,
 ) -> (Vec<Finding>, usize) {
     let apis: Vec<(Api<DynamicObject>, String)> = if namespaces.is_empty() {
@@ -97,7 +95,7 @@ async fn each_object(
             let page = match tokio::time::timeout(KUBE_TIMEOUT, api.list(&params)).await {
                 Ok(Ok(page)) => page,
                 Ok(Err(e)) => {
-                    findings.push(Finding::warn(CHECK, format!("cannot list {what} in {where_} to check their TTLs: {e}"), format!("grant list on {rbac_resource} (see the rbac line)")));
+                    findings.push(Finding::warn(CHECK, format!("cannot list {what} in {where_} to check their TTLs: {e}"), format!("grant list on {} (see the rbac line)", resource.plural)));
                     break;
                 }
                 Err(_) => {
