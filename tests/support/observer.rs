@@ -543,30 +543,49 @@ impl Observer {
 
     /// Waits until the log holds everything etcd has now.
     pub async fn catch_up(&self, deadline: Duration) -> bool {
-        let mut kv = self.etcd.kv_client();
-        let rev = on_background(async move {
-            kv.get("\0", Some(GetOptions::new().with_keys_only().with_limit(1)))
+        let start = Instant::now();
+        match self.revision(deadline).await {
+            Ok(rev) => {
+                self.caught_up_to(rev, deadline.saturating_sub(start.elapsed()))
+                    .await
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// etcd's current revision, read again until `deadline` while a read fails: after a
+    /// member was down, the client's first request to it may fail with the connect error
+    /// its channel kept from then (tonic), although the member serves again.
+    async fn revision(&self, deadline: Duration) -> Result<i64, String> {
+        let start = Instant::now();
+        loop {
+            let mut kv = self.etcd.kv_client();
+            let read = on_background(async move {
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    kv.get("\0", Some(GetOptions::new().with_keys_only().with_limit(1))),
+                )
                 .await
-        })
-        .await;
-        match rev.ok().and_then(|r| r.header().map(|h| h.revision())) {
-            Some(rev) => self.caught_up_to(rev, deadline).await,
-            None => false,
+            })
+            .await;
+            let err = match read {
+                Ok(Ok(r)) => return Ok(r.header().map(|h| h.revision()).unwrap_or(0)),
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "timed out".to_string(),
+            };
+            if start.elapsed() >= deadline {
+                return Err(err);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
 
     /// Why the log is behind etcd: the revisions on both sides, the watch's own troubles and
     /// the observer's violations (a compaction ends the watch), for a failed `catch_up`.
     pub async fn lag_report(&self) -> String {
-        let mut kv = self.etcd.kv_client();
-        let rev = on_background(async move {
-            kv.get("\0", Some(GetOptions::new().with_keys_only().with_limit(1)))
-                .await
-        })
-        .await;
-        let etcd = match rev {
-            Ok(r) => format!("{:?}", r.header().map(|h| h.revision())),
-            Err(e) => format!("unreadable ({e})"),
+        let etcd = match self.revision(Duration::from_secs(10)).await {
+            Ok(r) => r.to_string(),
+            Err(e) => format!("unreadable for 10 s ({e})"),
         };
         let st = self.state.lock().unwrap();
         let mut out = format!("etcd at revision {etcd}, the observer's log at {}", st.last_revision);
@@ -782,16 +801,25 @@ impl Observer {
         let (pods, regs) = self.current();
         let foreign = self.foreign_keys();
         let want = expected(&self.cfg, &pods, &regs);
-        let mut kv = etcd.kv_client();
-        let all = match tokio::time::timeout(
-            Duration::from_secs(5),
-            kv.get("\0", Some(GetOptions::new().with_all_keys())),
-        )
-        .await
-        {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => return vec![format!("reading etcd failed: {e}")],
-            Err(_) => return vec!["reading etcd timed out".into()],
+        // A failed read is not a difference: read again (a member that was down may fail
+        // the client's first request with a stale connect error) for up to 10 s.
+        let start = Instant::now();
+        let all = loop {
+            let mut kv = etcd.kv_client();
+            let err = match tokio::time::timeout(
+                Duration::from_secs(5),
+                kv.get("\0", Some(GetOptions::new().with_all_keys())),
+            )
+            .await
+            {
+                Ok(Ok(r)) => break r,
+                Ok(Err(e)) => format!("reading etcd failed: {e}"),
+                Err(_) => "reading etcd timed out".to_string(),
+            };
+            if start.elapsed() >= Duration::from_secs(10) {
+                return vec![format!("{err} (for 10 s)")];
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         };
         let got: BTreeMap<String, (String, i64)> = all
             .kvs()
