@@ -181,6 +181,13 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
                         feed.relist();
                     }
                 }
+                // Listing 150,000 pods takes longer than a TTL: until the caches can lead,
+                // keep the recorded leases alive as a caretaker would (no cache needed, no
+                // writes), once the previous leader's fence is gone.
+                if feed.term.is_none() && probe.borrow().reachable && probe.borrow().fence == Some(false) {
+                    info!(epoch = e, "leading once the caches are listed; keeping the recorded leases alive meanwhile");
+                    feed.term = Some(terms.start(None, &index, &signal_tx));
+                }
             }
             // Nobody holds the fence (the leader died while no replica could take the Lease,
             // e.g. during an API server outage): keep the recorded leases alive meanwhile.

@@ -5,6 +5,7 @@
 mod support;
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use clap::Parser;
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -467,4 +468,95 @@ fn the_network_policys_api_server_egress_renders_as_its_values_say() {
         values["networkPolicy"].as_object_mut().unwrap().extend(bad.as_object().unwrap().clone());
         assert!(validate(&values).is_err(), "{values} must be refused");
     }
+}
+
+/// A new leader whose caches cannot lead yet keeps the recorded leases alive meanwhile.
+/// At 150,000 pods the first list outlasts the 30 s TTL. Here the chart's roles lose their
+/// pods rule before the new replica starts (it cannot list pods at all), at the defaults,
+/// in a rollout: the leader gets SIGTERM and releases the Lease, the new replica takes it at
+/// once, the old one keeps the leases alive for a Lease duration and exits, and its fence
+/// goes with it. From then on only the new leader can renew the leases, and it must,
+/// although it cannot adopt yet. Then the rule comes back: it leads over the same leases.
+/// No consumer sees a DELETE.
+#[tokio::test]
+async fn a_new_leader_that_cannot_list_pods_yet_keeps_the_recorded_leases_alive() {
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    use support::etcd::Recorder;
+    let bed = TestBed::start().await;
+    let values = json!({"etcd": {"endpoints": [bed.etcd_endpoint()]}});
+    let (objects, kubeconfig, args) = install_rendered(&bed, &values).await;
+    let arg_refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut a = Controller::start_as(&bed, "rel-podlease-a", kubeconfig.clone(), &arg_refs).await;
+    let regs: Api<ServiceRegistration> = Api::namespaced(bed.kube.clone(), "default");
+    let sreg: ServiceRegistration = serde_json::from_value(json!({
+        "apiVersion": "podlease.io/v1alpha1", "kind": "ServiceRegistration",
+        "metadata": {"name": "slow"}, "spec": {"selector": {"matchLabels": {"app": "slow"}}},
+    }))
+    .unwrap();
+    regs.create(&PostParams::default(), &sreg).await.unwrap();
+    const N: usize = 20;
+    for i in 0..N {
+        create_pod(&bed.kube, "default", &PodSpec::new(&format!("slow-{i}")).label("app", "slow")).await;
+        set_ready(&bed.kube, "default", &format!("slow-{i}"), &pod_ip(i + 1), true).await;
+    }
+    let leased = || async {
+        keys(&bed.etcd, "/services/slow/").await.iter().map(|kv| (kv.key_str().unwrap().to_string(), kv.lease())).collect::<BTreeSet<_>>()
+    };
+    wait_until("every key", DEADLINE, || async { (leased().await.len() == N).then_some(()) }).await;
+    wait_until("a leads", DEADLINE, || async { a.leads().await.then_some(()) }).await;
+    let before = leased().await;
+
+    // The chart's roles without the pods rule (pods/status stays): no list, no watch.
+    let roles: Api<ClusterRole> = Api::all(bed.kube.clone());
+    let mut intact = Vec::new();
+    for obj in find(&objects, "ClusterRole") {
+        let name = obj["metadata"]["name"].as_str().unwrap().to_string();
+        let mut role = roles.get(&name).await.unwrap();
+        intact.push((name.clone(), role.rules.clone()));
+        for rule in role.rules.iter_mut().flatten() {
+            rule.resources.iter_mut().flatten().for_each(|r| {
+                if r == "pods" {
+                    *r = "pods-withheld".into();
+                }
+            });
+        }
+        role.metadata.managed_fields = None;
+        roles.replace(&name, &PostParams::default(), &role).await.unwrap();
+    }
+    let recorder = Recorder::start(&bed.etcd, "/services/").await;
+    let mut b = Controller::new(&bed, "rel-podlease-b", kubeconfig.clone(), &arg_refs);
+    b.spawn();
+    wait_until("b is a standby", DEADLINE, || async { b.log_text().contains("leader election on").then_some(()) }).await;
+    // The rollout: a releases the Lease and exits; b takes it within a retry period.
+    assert!(a.terminate_within(Duration::from_secs(30)), "a exits within the kubelet's default grace");
+    let exited = std::time::Instant::now();
+    let deadline = exited + Duration::from_secs(20);
+    for line in ["became leader"] {
+        while !b.log_text().contains(line) {
+            assert!(std::time::Instant::now() < deadline, "b's log has no {line:?} within 20 s of a's exit:\n{}", b.log_text());
+            tokio::time::sleep(Duration::from_millis(100)).await; // polling period
+        }
+    }
+    // Past the TTL of a's last renewals (30 s after its exit at the latest) and a renewal
+    // round beyond: only b can have kept the leases.
+    tokio::time::sleep(Duration::from_secs(40).saturating_sub(exited.elapsed())).await; // the fault's length: outlive the TTL
+    assert!(!b.leads().await, "b cannot list pods, so it must not lead yet");
+    assert_eq!(recorder.deletes().iter().map(|e| e.key.clone()).collect::<Vec<_>>(), Vec::<String>::new(), "no key may go while the new leader cannot list pods; b's log:\n{}", b.log_text());
+    assert!(b.metric("podlease_keepalive_requests_total").await >= 2.0 * N as f64, "b renewed the leases; log:\n{}", b.log_text());
+    assert_eq!(leased().await, before, "every key under its recorded lease");
+
+    // The rule back: b lists, leads and adopts the same leases.
+    for (name, rules) in intact {
+        let mut role = roles.get(&name).await.unwrap();
+        role.rules = rules;
+        role.metadata.managed_fields = None;
+        roles.replace(&name, &PostParams::default(), &role).await.unwrap();
+    }
+    wait_until("b leads and has adopted", Duration::from_secs(90), || async {
+        let (code, body) = support::controller::http_get(&format!("http://127.0.0.1:{}/readyz", b.metrics_port)).await?;
+        (code == 200 && body.contains("leader")).then_some(())
+    })
+    .await;
+    assert_eq!(recorder.deletes().len(), 0, "b's log:\n{}", b.log_text());
+    assert_eq!(leased().await, before, "adopted under the same leases");
 }
