@@ -80,7 +80,20 @@ impl Keepalive {
             outstanding: 0,
             progress_at: Instant::now(),
         };
-        tokio::spawn(driver.run(rx, shutdown));
+        // A thread and runtime of its own: nothing else the process does (a 150,000-pod
+        // list, an adoption's decoding) may hold the renewals up. On a shared runtime a
+        // worker busy for a second left answers unread, the stream was judged stalled and
+        // reopened, and every lease renewed again, over and over.
+        let run = driver.run(rx, shutdown);
+        let spawned = std::thread::Builder::new().name("keepalive".into()).spawn(move || {
+            match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt.block_on(run),
+                Err(e) => tracing::error!(error = %e, "the keepalive runtime could not start"),
+            }
+        });
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "the keepalive thread could not start");
+        }
         Keepalive { tx }
     }
 
@@ -187,6 +200,8 @@ impl Driver {
                     Some(Command::TrackPooled { lease, ttl }) => self.track_pooled(lease, ttl),
                     Some(Command::Untrack(lease)) => { self.forget(lease); }
                 },
+                // Answers first: a stall is judged only once every answer that came was read.
+                resp = next_response(&mut self.responses) => self.on_response(resp),
                 _ = stall_check.tick(), if self.keeper.is_some() => {
                     let limit = stall_timeout(self.ttls.keys().next().copied().unwrap_or(1));
                     if self.outstanding > 0 && self.progress_at.elapsed() > limit {
@@ -200,7 +215,6 @@ impl Driver {
                         self.outbox.push_back(lease);
                     }
                 }
-                resp = next_response(&mut self.responses) => self.on_response(resp),
                 Some(expired) = self.renewals.next(), if !self.renewals.is_empty() => {
                     let lease = expired.into_inner();
                     self.due(lease);
