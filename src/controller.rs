@@ -222,7 +222,12 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
             },
             _ = probe.changed() => {}
             end = async { (&mut feed.term.as_mut().unwrap().task).await }, if feed.term.is_some() => {
-                let was_leading = feed.term.take().is_some_and(|t| t.leading);
+                let ended = feed.term.take();
+                // A term that panicked did not cancel its token: stop its keepalive driver.
+                if let Some(t) = &ended {
+                    t.cancel.cancel();
+                }
+                let was_leading = ended.is_some_and(|t| t.leading);
                 if was_leading && matches!(end, Ok(TermEnd::Fenced)) {
                     // Only a fresh look at the Lease may start another term.
                     restart_at = Some(tokio::time::Instant::now() + retry);
@@ -312,6 +317,10 @@ impl Term {
     /// a few seconds, unless it is revoking).
     async fn finish(mut self, revoke: bool) {
         let _ = self.cmd_tx.send(Command::Finish { revoke });
+        if self.epoch.is_none() && !revoke {
+            // A caretaker that never led has nothing in flight worth waiting for.
+            self.cancel.cancel();
+        }
         if revoke {
             let _ = (&mut self.task).await;
             return;

@@ -81,18 +81,28 @@ impl Keepalive {
             progress_at: Instant::now(),
         };
         // A thread and runtime of its own: nothing else the process does (a 150,000-pod
-        // list, an adoption's decoding) may hold the renewals up. On a shared runtime a
-        // worker busy for a second left answers unread, the stream was judged stalled and
-        // reopened, and every lease renewed again, over and over.
-        let run = driver.run(rx, shutdown);
+        // list, an adoption's decoding) may hold the renewals up. On a shared runtime, a
+        // worker busy for over a second leaves answers unread; the stream is then judged
+        // stalled and reopened, and every lease is renewed again.
+        let main = tokio::runtime::Handle::current();
+        let run = std::sync::Arc::new(std::sync::Mutex::new(Some(driver.run(rx, shutdown))));
+        let theirs = run.clone();
         let spawned = std::thread::Builder::new().name("keepalive".into()).spawn(move || {
+            let Some(run) = theirs.lock().unwrap().take() else { return };
             match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 Ok(rt) => rt.block_on(run),
-                Err(e) => tracing::error!(error = %e, "the keepalive runtime could not start"),
+                Err(e) => {
+                    warn!(error = %e, "no runtime of its own for the keepalive driver: it shares the main one");
+                    main.spawn(run);
+                }
             }
         });
         if let Err(e) = spawned {
-            tracing::error!(error = %e, "the keepalive thread could not start");
+            // Never without renewals: the driver runs on the main runtime then.
+            warn!(error = %e, "no thread of its own for the keepalive driver: it shares the main runtime");
+            if let Some(run) = run.lock().unwrap().take() {
+                tokio::spawn(run);
+            }
         }
         Keepalive { tx }
     }

@@ -567,7 +567,13 @@ impl Registry {
                     let claims = claim::read_pointers(&self.writer, &self.writer.owners).await?;
                     Ok::<_, OpError>((records, claims))
                 };
-                match read.await {
+                // Cancellable: a caretaker handing over to a leading term must not hold the
+                // hand-over up for a 150,000-record read.
+                let outcome = tokio::select! {
+                    _ = self.term.cancelled() => return,
+                    r = read => r,
+                };
+                match outcome {
                     Ok((r, claims)) => {
                         // The previous term's claims lease lives on until this term has put
                         // every hold under its own (a caretaker only keeps it alive).
