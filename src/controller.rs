@@ -163,6 +163,9 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     loop {
         health.caches_synced.store(feed.synced(), Ordering::Relaxed);
         let epoch = *leader_rx.borrow();
+        // No live leader term (no fence) and etcd reachable: any replica may renew the
+        // recorded leases, which changes no key.
+        let fenceless = probe.borrow().reachable && probe.borrow().fence == Some(false);
         match epoch {
             // Leading at `e` needs a term of that epoch. A caretaker term, or one of an older
             // epoch, ends first (terms never overlap), but only once the new one can start at
@@ -184,7 +187,7 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
                 // Listing 150,000 pods takes longer than a TTL: until the caches can lead,
                 // keep the recorded leases alive as a caretaker would (no cache needed, no
                 // writes), once the previous leader's fence is gone.
-                if feed.term.is_none() && probe.borrow().reachable && probe.borrow().fence == Some(false) {
+                if feed.term.is_none() && fenceless {
                     info!(epoch = e, "leading once the caches are listed; keeping the recorded leases alive meanwhile");
                     feed.term = Some(terms.start(None, &index, &signal_tx));
                 }
@@ -192,10 +195,7 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
             // Nobody holds the fence (the leader died while no replica could take the Lease,
             // e.g. during an API server outage): keep the recorded leases alive meanwhile.
             // That needs no cache: a replica that started during the outage can do it too.
-            None if feed.term.is_none()
-                && settings.leader.is_some()
-                && probe.borrow().reachable
-                && probe.borrow().fence == Some(false) =>
+            None if feed.term.is_none() && settings.leader.is_some() && fenceless =>
             {
                 feed.term = Some(terms.start(None, &index, &signal_tx));
             }
