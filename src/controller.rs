@@ -53,6 +53,8 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     let listener = http::bind(settings.metrics_addr).await?;
     let view: SharedView = Arc::default();
     let health: Arc<http::Health> = Arc::default();
+    // Not ready until the start is through, from the first request on.
+    *health.starting.lock().unwrap() = Some("beginning".into());
     let http_task = tokio::spawn(http::serve(listener, metrics.clone(), view.clone(), health.clone(), shutdown.clone()));
     let start = Start { health: &health, shutdown: &shutdown };
 
@@ -88,13 +90,16 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     // what etcd shows, and again once the Lease answers, before this replica may lead (it may
     // keep leases alive meanwhile: that changes no record).
     let (previous, recheck) = match &settings.leader {
-        Some(cfg) => match crate::leader::recorded_identity(&client, cfg).await {
-            Ok(previous) => (previous, false),
-            Err(e) => {
-                warn!(error = e, "the last leader's identity is unknown for now; checked again before this replica may lead");
-                (None, true)
+        Some(cfg) => {
+            *health.starting.lock().unwrap() = Some("reading the last leader's identity (the leader Lease)".into());
+            match crate::leader::recorded_identity(&client, cfg).await {
+                Ok(previous) => (previous, false),
+                Err(e) => {
+                    warn!(error = e, "the last leader's identity is unknown for now; checked again before this replica may lead");
+                    (None, true)
+                }
             }
-        },
+        }
         None => (None, false),
     };
     start

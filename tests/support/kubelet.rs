@@ -97,6 +97,29 @@ fn now() -> String {
     k8s_openapi::jiff::Timestamp::from_second(now).unwrap().to_string()
 }
 
+/// Runs an idempotent write (a patch) as the kubelet does: a 5xx from the API server (its
+/// own storage hiccuping, e.g. "rpc error: code = Internal desc = unexpected EOF" seen once
+/// in CI on a 200 KiB pod) is tried again, a few times, before the test gives up.
+async fn kubelet_write<T, F, Fut>(what: &str, mut call: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, kube::Error>>,
+{
+    let mut attempt = 0;
+    loop {
+        match call().await {
+            Ok(v) => return v,
+            Err(kube::Error::Api(e)) if e.code >= 500 && attempt < 4 => {
+                attempt += 1;
+                eprintln!("{what}: the API server answered {} ({}); trying again", e.code, e.message);
+                // A backoff between tries, not a wait for a condition.
+                tokio::time::sleep(std::time::Duration::from_millis(200 * attempt)).await;
+            }
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+}
+
 /// Marks the pod Running with `ip` and its Ready condition `ready`, as the kubelet would.
 pub async fn set_ready(client: &Client, ns: &str, name: &str, ip: &str, ready: bool) -> Pod {
     let status = if ready { "True" } else { "False" };
@@ -112,9 +135,8 @@ async fn patch_running(client: &Client, ns: &str, name: &str, ip: &str, conditio
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "hostIP": "192.0.2.1", "conditions": conditions},
     });
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    pods.patch_status(name, &PatchParams::default(), &Patch::Strategic(&patch))
-        .await
-        .unwrap_or_else(|e| panic!("patch status of {name}: {e}"))
+    let (pp, patch) = (PatchParams::default(), Patch::Strategic(&patch));
+    kubelet_write(&format!("patch status of {name}"), || pods.patch_status(name, &pp, &patch)).await
 }
 
 /// For a pod with podlease's readiness gate: its containers turn ready (or not), and its
@@ -155,25 +177,25 @@ pub fn gate_condition(pod: &Pod) -> Option<k8s_openapi::api::core::v1::PodCondit
 /// Sets the pod's phase (e.g. "Succeeded") keeping everything else.
 pub async fn set_phase(client: &Client, ns: &str, name: &str, phase: &str) -> Pod {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    pods.patch_status(name, &PatchParams::default(), &Patch::Merge(&json!({"status": {"phase": phase}})))
-        .await
-        .unwrap_or_else(|e| panic!("patch phase of {name}: {e}"))
+    let patch = json!({"status": {"phase": phase}});
+    let (pp, patch) = (PatchParams::default(), Patch::Merge(&patch));
+    kubelet_write(&format!("patch phase of {name}"), || pods.patch_status(name, &pp, &patch)).await
 }
 
 /// Merge-patches the pod's labels (a `null` value removes a label).
 pub async fn patch_labels(client: &Client, ns: &str, name: &str, labels: serde_json::Value) -> Pod {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    pods.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"labels": labels}})))
-        .await
-        .unwrap_or_else(|e| panic!("patch labels of {name}: {e}"))
+    let patch = json!({"metadata": {"labels": labels}});
+    let (pp, patch) = (PatchParams::default(), Patch::Merge(&patch));
+    kubelet_write(&format!("patch labels of {name}"), || pods.patch(name, &pp, &patch)).await
 }
 
 /// Merge-patches the pod's annotations (a `null` value removes one).
 pub async fn patch_annotations(client: &Client, ns: &str, name: &str, annotations: serde_json::Value) -> Pod {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    pods.patch(name, &PatchParams::default(), &Patch::Merge(&json!({"metadata": {"annotations": annotations}})))
-        .await
-        .unwrap_or_else(|e| panic!("patch annotations of {name}: {e}"))
+    let patch = json!({"metadata": {"annotations": annotations}});
+    let (pp, patch) = (PatchParams::default(), Patch::Merge(&patch));
+    kubelet_write(&format!("patch annotations of {name}"), || pods.patch(name, &pp, &patch)).await
 }
 
 /// Deletes the pod gracefully: it stays, terminating, until `force_delete`.
