@@ -7,6 +7,8 @@
 
 use std::collections::BTreeMap;
 
+use crate::small::SmallMap;
+
 use thiserror::Error;
 
 use crate::format::{Format, FormatOptions};
@@ -85,7 +87,7 @@ pub enum AnnotationError {
 }
 
 /// Reads the annotation spec of a pod: `Ok(None)` when it has no `podlease.io/service`.
-pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<AnnotationSpec>, AnnotationError> {
+pub fn parse(annotations: &SmallMap<String, String>) -> Result<Option<AnnotationSpec>, AnnotationError> {
     let Some(service) = annotations.get(SERVICE) else {
         return Ok(None);
     };
@@ -155,7 +157,7 @@ pub fn parse(annotations: &BTreeMap<String, String>) -> Result<Option<Annotation
 mod tests {
     use super::*;
 
-    fn ann(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
+    fn ann(pairs: &[(&str, &str)]) -> SmallMap<String, String> {
         pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 

@@ -14,10 +14,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
-use kube::core::{Selector, SelectorExt};
 
 use crate::annotations::{self, AnnotationSpec, PortRef};
+use crate::small::{SmallMap, SmallSet};
 use crate::format::{self, Format, FormatOptions, Instance, Key};
+use crate::labels::Selector;
 use crate::pod::PodInfo;
 use crate::registration::{MAX_TTL_SECONDS, MIN_TTL_SECONDS, ServiceRegistration};
 use crate::validate::{self, AllowedPrefix, KeySpace, Prefix, ServiceName, shown};
@@ -279,9 +280,9 @@ pub struct Index {
     pods: BTreeMap<PodKey, PodInfo>,
     registrations: BTreeMap<PodKey, Entry>,
     /// What was last handed to the registry, per pod.
-    emitted: HashMap<PodKey, BTreeMap<Source, Arc<Desired>>>,
+    emitted: HashMap<PodKey, SmallMap<Source, Arc<Desired>>>,
     /// Registrations that selected each pod at the last computation.
-    matched: HashMap<PodKey, BTreeSet<String>>,
+    matched: HashMap<PodKey, SmallSet<String>>,
     /// Last annotation problem per pod, so each distinct one is reported once.
     problems: HashMap<PodKey, String>,
     /// Per pod, why its `podlease.io/ttl` does not outlive a leader failover (its keys are
@@ -305,7 +306,7 @@ pub struct Index {
     served: HashMap<PodKey, BTreeMap<Source, Source>>,
     /// Per pod, the fixed keys in `emitted` and which source publishes each: whether a
     /// source's key collides is one lookup, not a pass over the pod's sources.
-    fixed_keys: HashMap<PodKey, HashMap<String, Source>>,
+    fixed_keys: HashMap<PodKey, SmallMap<String, Source>>,
 }
 
 impl Index {
@@ -557,7 +558,7 @@ impl Index {
 
     /// Registrations that select a pod (their status may show another source's instance).
     pub fn selecting(&self, namespace: &str, pod: &str) -> Vec<String> {
-        self.matched.get(&(namespace.to_string(), pod.to_string())).map(|m| m.iter().cloned().collect()).unwrap_or_default()
+        self.matched.get(&(namespace.to_string(), pod.to_string())).map(|m| m.keys().cloned().collect()).unwrap_or_default()
     }
 
     /// Every pod's current annotation problem (for a new leader to report).
@@ -687,7 +688,7 @@ impl Index {
         }
         let matched = self.matched.entry(key.clone()).or_default();
         if selected {
-            matched.insert(name.to_string());
+            matched.insert(name.to_string(), ());
         } else {
             matched.remove(name);
         }
@@ -840,11 +841,11 @@ impl Index {
 
         // Registrations whose counts may change: those that select the pod now or did before.
         let before = self.matched.remove(key).unwrap_or_default();
-        for name in before.union(&matched) {
+        for name in before.keys().chain(matched.iter()) {
             changes.registrations.insert((key.0.clone(), name.clone()));
         }
         if !matched.is_empty() {
-            self.matched.insert(key.clone(), matched);
+            self.matched.insert(key.clone(), matched.into_iter().map(|n| (n, ())).collect());
         }
 
         let (now, served) = dedup(now);
@@ -885,7 +886,7 @@ impl Index {
                 changes.updates.push(Update::Remove(id(key, source)));
             }
         }
-        let fixed: HashMap<String, Source> =
+        let fixed: SmallMap<String, Source> =
             now.iter().filter_map(|(s, d)| if let Key::Fixed(k) = &d.key { Some((k.clone(), s.clone())) } else { None }).collect();
         if fixed.is_empty() {
             self.fixed_keys.remove(key);
@@ -893,7 +894,7 @@ impl Index {
             self.fixed_keys.insert(key.clone(), fixed);
         }
         if !now.is_empty() {
-            self.emitted.insert(key.clone(), now);
+            self.emitted.insert(key.clone(), now.into_iter().collect());
         }
     }
 
@@ -1160,7 +1161,7 @@ fn compile_selector(sel: &LabelSelector) -> Result<Selector, String> {
             ));
         }
     }
-    Selector::try_from(sel.clone()).map_err(|e| format!("selector: {}", e.0))
+    kube::core::Selector::try_from(sel.clone()).map(Selector::from).map_err(|e| format!("selector: {}", e.0))
 }
 
 /// The port number to publish, or why there is none.

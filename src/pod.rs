@@ -2,13 +2,14 @@
 //! (the EndpointSlice controller's: serving = Ready, terminating = deletionTimestamp; for a
 //! pod gated on podlease, serving = ContainersReady, since the gate itself holds Ready False).
 
-use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::jiff::Timestamp;
 
 use crate::annotations;
+use crate::labels::Labels;
+use crate::small::SmallMap;
 
 /// What podlease needs of a pod; everything else (managedFields, spec, most status) is dropped.
 #[derive(Debug, Clone, PartialEq)]
@@ -16,10 +17,10 @@ pub struct PodInfo {
     pub namespace: String,
     pub name: String,
     pub uid: String,
-    pub labels: BTreeMap<String, String>,
+    pub labels: Labels,
     /// Only the `podlease.io/` annotations podlease reads, each cut just past its limit
     /// ([`annotations::max_len`]): a hostile pod costs bounded memory and is still refused.
-    pub annotations: BTreeMap<String, String>,
+    pub annotations: SmallMap<String, String>,
     pub ip: Option<IpAddr>,
     pub node: String,
     pub phase: String,
@@ -78,7 +79,7 @@ impl PodInfo {
             namespace: meta.namespace.clone().unwrap_or_default(),
             name: meta.name.clone().unwrap_or_default(),
             uid: meta.uid.clone().unwrap_or_default(),
-            labels: meta.labels.clone().unwrap_or_default(),
+            labels: meta.labels.iter().flatten().map(|(k, v)| (k.clone(), v.clone())).collect(),
             annotations: meta
                 .annotations
                 .iter()

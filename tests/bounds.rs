@@ -5,7 +5,6 @@
 //! regression fails while a slow machine does not.
 
 use std::alloc::{GlobalAlloc, Layout, System};
-use std::collections::BTreeMap;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -52,7 +51,7 @@ fn pod(ns: &str, name: &str, labels: &[(&str, &str)], i: usize) -> PodInfo {
         name: name.into(),
         uid: format!("uid-{ns}-{name}"),
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        annotations: BTreeMap::new(),
+        annotations: Default::default(),
         ip: Some(format!("10.{}.{}.{}", (i >> 16) & 0xff, (i >> 8) & 0xff, i & 0xff).parse().unwrap()),
         node: "node-a".into(),
         phase: "Running".into(),

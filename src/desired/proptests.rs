@@ -126,8 +126,8 @@ fn pod() -> impl Strategy<Value = PodInfo> {
             namespace: ns.into(),
             name: name.into(),
             uid: format!("uid-{name}"),
-            labels: if labelled { BTreeMap::from([("app".into(), "x".into()), ("zone".into(), "z1".into())]) } else { BTreeMap::new() },
-            annotations,
+            labels: if labelled { [("app".into(), "x".into()), ("zone".into(), "z1".into())].into_iter().collect() } else { Default::default() },
+            annotations: annotations.into_iter().collect(),
             ip: Some(ip.parse().unwrap()),
             node: "n1".into(),
             phase: "Running".into(),
@@ -304,7 +304,7 @@ fn sreg_in(ns: &str, name: &str, spec: &Value) -> Option<ServiceRegistration> {
 proptest! {
     #[test]
     fn annotations_never_panic_and_errors_stay_short(map in annotation_map()) {
-        if let Err(e) = annotations::parse(&map) {
+        if let Err(e) = annotations::parse(&map.clone().into_iter().collect()) {
             prop_assert!(e.to_string().len() < 512, "{}", e);
         }
     }

@@ -1,6 +1,5 @@
 //! The index in isolation: objects in, exact updates out.
 
-use std::collections::BTreeMap;
 
 use serde_json::json;
 
@@ -12,7 +11,7 @@ fn pod(name: &str, labels: &[(&str, &str)], ready: bool) -> PodInfo {
         name: name.into(),
         uid: format!("uid-{name}"),
         labels: labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
-        annotations: BTreeMap::new(),
+        annotations: Default::default(),
         ip: Some("10.0.0.7".parse().unwrap()),
         node: "n1".into(),
         phase: "Running".into(),

@@ -745,6 +745,12 @@ impl Registry {
     fn dispatch(&mut self) {
         while self.ops.len() < self.config.concurrency {
             let Some(id) = self.queue.pop_front() else {
+                // A sync queued every instance: give that room back (at 150,000 instances
+                // tens of MiB) once the queue has drained.
+                if self.queue.capacity() > 1024 {
+                    self.queue.shrink_to_fit();
+                    self.queued.shrink_to_fit();
+                }
                 return;
             };
             self.queued.remove(&id);

@@ -106,19 +106,21 @@ pub enum Next {
 pub struct Slot {
     pub desired: Option<Arc<Desired>>,
     pub held: Option<Held>,
-    pub conflict: Option<(String, String)>,
+    /// Rare, so boxed: a slot is in a table of every instance (150,000 at the Kubernetes
+    /// maximum), and each byte here is one per instance.
+    pub conflict: Option<Box<(String, String)>>,
     pub failed: Option<String>,
     /// An operation is in flight (at most one per instance).
     pub busy: bool,
     pub backoff: Backoff,
     /// Another instance's key and lease, to be taken over (see [`Op::Transfer`]).
-    pub transfer: Option<(InstanceId, Held)>,
+    pub transfer: Option<Box<(InstanceId, Held)>>,
 }
 
 impl Slot {
     /// The operation that brings etcd to the desired state, if any.
     pub fn next(&self) -> Next {
-        if let Some((from, h)) = &self.transfer {
+        if let Some((from, h)) = self.transfer.as_deref() {
             return match &self.desired {
                 Some(d) => Next::Run(Op::Transfer(d.clone(), h.clone(), from.clone())),
                 // Not wanted after all: the lease (key and the other's record) goes.
@@ -179,7 +181,7 @@ impl Slot {
 
     /// Takes over `from`'s key and lease (`held`), wanting `desired` for it.
     pub fn take_over(&mut self, from: InstanceId, held: Held, desired: Arc<Desired>) -> Vec<Effect> {
-        self.transfer = Some((from, held));
+        self.transfer = Some(Box::new((from, held)));
         self.desire(Some(desired))
     }
 
@@ -259,8 +261,8 @@ impl Slot {
             }
             Ok(Outcome::Conflict { key, message, claimed_by }) => {
                 fx.extend(self.set_held(None, Renew::Granted));
-                let first = self.conflict.as_ref().map(|(_, m)| m) != Some(&message);
-                self.conflict = Some((key.clone(), message.clone()));
+                let first = self.conflict.as_deref().map(|(_, m)| m) != Some(&message);
+                self.conflict = Some(Box::new((key.clone(), message.clone())));
                 fx.push(Effect::Conflicted { message: message.clone(), first, claimed_by: claimed_by.clone() });
                 fx.push(Effect::EtcdOk);
                 fx.push(Effect::Show(Some(Shown::Conflict { key, message, claimed_by })));
