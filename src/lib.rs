@@ -21,6 +21,7 @@ pub mod http;
 pub mod labels;
 pub mod kubernetes;
 pub mod leader;
+pub mod memory;
 pub mod metrics;
 pub mod pod;
 pub mod registration;

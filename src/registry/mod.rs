@@ -197,6 +197,8 @@ pub struct Registry {
     leading: bool,
     /// The fence key's own lease.
     fence_lease: Option<i64>,
+    /// Instances taken from the queue since the heap was last trimmed ([`crate::memory::give_back`]).
+    handled_since_trim: usize,
     term: CancellationToken,
     /// Ready transitions older than this were not seen live: they are not propagation.
     term_started: Timestamp,
@@ -254,6 +256,7 @@ impl Registry {
             synced: false,
             leading: epoch.is_some(),
             fence_lease: None,
+            handled_since_trim: 0,
             term,
             term_started: Timestamp::now(),
             verify: None,
@@ -746,14 +749,21 @@ impl Registry {
         while self.ops.len() < self.config.concurrency {
             let Some(id) = self.queue.pop_front() else {
                 // A sync queued every instance: give that room back (at 150,000 instances
-                // tens of MiB) once the queue has drained.
+                // tens of MiB) once the queue has drained; and once the last of many
+                // instances is done (a sync, an adoption), what their requests and answers
+                // left free in the heap.
                 if self.queue.capacity() > 1024 {
                     self.queue.shrink_to_fit();
                     self.queued.shrink_to_fit();
                 }
+                if self.ops.is_empty() && self.handled_since_trim > 1024 {
+                    self.handled_since_trim = 0;
+                    crate::memory::give_back();
+                }
                 return;
             };
             self.queued.remove(&id);
+            self.handled_since_trim += 1;
             let Some(entry) = self.slots.get_mut(&id) else {
                 continue;
             };
