@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::bench::*;
-use support::proc::{CpuMark, rss_mib};
+use support::proc::{CpuMark, peak_rss_mib, rss_mib};
 use support::*;
 
 const NS: &str = "default";
@@ -50,6 +50,8 @@ struct Row {
     steady_cpu: Vec<f64>,
     steady_machine: f64,
     podlease_rss: f64,
+    /// The most it had resident up to then (the initial sync's peak).
+    podlease_peak_rss: f64,
     keepalive_per_s: f64,
     etcd_rss: f64,
     etcd_db: f64,
@@ -105,11 +107,11 @@ fn render(report: &mut Report, rows: &[Row], sizes: &[usize]) {
     }
     writeln!(md, "\n### Steady state\n").unwrap();
     writeln!(md, "A {}-second window after one full renewal round.\n", WINDOW.as_secs()).unwrap();
-    writeln!(md, "| pods (= leases) | podlease CPU | podlease RSS | keepalive requests/s | etcd CPU | etcd RSS | etcd db size | apiserver CPU | apiserver RSS | storage etcd RSS | machine | saturated |").unwrap();
+    writeln!(md, "| pods (= leases) | podlease CPU | podlease RSS (peak so far) | keepalive requests/s | etcd CPU | etcd RSS | etcd db size | apiserver CPU | apiserver RSS | storage etcd RSS | machine | saturated |").unwrap();
     writeln!(md, "|---|---|---|---|---|---|---|---|---|---|---|---|").unwrap();
     for r in rows {
-        writeln!(md, "| {} | {:.3} cores | {:.0} MiB | {:.0} | {:.3} cores | {:.0} MiB | {:.0} MiB | {:.3} cores | {:.0} MiB | {:.0} MiB | {:.2} cores | {} |",
-            r.pods, r.steady_cpu[0], r.podlease_rss, r.keepalive_per_s, r.steady_cpu[1], r.etcd_rss, r.etcd_db, r.steady_cpu[2], r.apiserver_rss, r.storage_rss, r.steady_machine, saturation(r.steady_machine, &r.steady_cpu)).unwrap();
+        writeln!(md, "| {} | {:.3} cores | {:.0} MiB ({:.0} MiB) | {:.0} | {:.3} cores | {:.0} MiB | {:.0} MiB | {:.3} cores | {:.0} MiB | {:.0} MiB | {:.2} cores | {} |",
+            r.pods, r.steady_cpu[0], r.podlease_rss, r.podlease_peak_rss, r.keepalive_per_s, r.steady_cpu[1], r.etcd_rss, r.etcd_db, r.steady_cpu[2], r.apiserver_rss, r.storage_rss, r.steady_machine, saturation(r.steady_machine, &r.steady_cpu)).unwrap();
     }
     writeln!(md, "\n### Churn: 1 % of the pods flap within a minute\n").unwrap();
     writeln!(md, "Each flap: Ready=False, then Ready=True {} s later, started evenly over {} s. Latency: the status patch → the key's DELETE / PUT at an etcd watcher.\n", FLAP_DOWN.as_secs(), CHURN_WINDOW.as_secs()).unwrap();
@@ -161,6 +163,7 @@ async fn measure(bed: &TestBed, n: usize, created: Duration, create_retries: usi
     row.steady_machine = cpu.machine_cores_since();
     row.keepalive_per_s = (podlease_metric(&a, "podlease_keepalive_requests_total").await - ka) / WINDOW.as_secs_f64();
     row.podlease_rss = rss_mib(a.child.as_ref().unwrap().id());
+    row.podlease_peak_rss = peak_rss_mib(a.child.as_ref().unwrap().id());
     row.etcd_rss = rss_mib(bed.registry.pid().unwrap());
     row.apiserver_rss = rss_mib(bed.apiserver.pid());
     row.storage_rss = bed.storage_pid().map(rss_mib).unwrap_or(f64::NAN);
