@@ -688,7 +688,7 @@ impl Index {
         }
         let matched = self.matched.entry(key.clone()).or_default();
         if selected {
-            matched.insert(name.to_string(), ());
+            matched.add(name.to_string());
         } else {
             matched.remove(name);
         }

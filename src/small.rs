@@ -2,8 +2,13 @@
 //! labels, its sources): a pod has one or a few, and a `BTreeMap` spends a whole node (about 400 bytes, 11 slots)
 //! on one entry, a `HashMap` a table of at least 3. At 150,000 pods that was a few hundred
 //! MiB for nothing. Lookups are a binary search; changes are rare (a pod's sources change).
+//! Up to [`EXACT`] entries the vector is exactly sized; past that it grows and shrinks
+//! geometrically, so that a pod in 1,000 registrations is not copied whole on every change.
 
 use std::borrow::Borrow;
+
+/// Up to this many entries, no spare room is kept.
+const EXACT: usize = 8;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SmallMap<K, V>(Vec<(K, V)>);
@@ -41,7 +46,9 @@ impl<K: Ord, V> SmallMap<K, V> {
         match self.find(&k) {
             Ok(i) => Some(std::mem::replace(&mut self.0[i].1, v)),
             Err(i) => {
-                self.0.reserve_exact(1);
+                if self.0.len() < EXACT {
+                    self.0.reserve_exact(1);
+                }
                 self.0.insert(i, (k, v));
                 None
             }
@@ -54,7 +61,12 @@ impl<K: Ord, V> SmallMap<K, V> {
     {
         let i = self.find(k).ok()?;
         let (_, v) = self.0.remove(i);
-        self.0.shrink_to_fit();
+        let len = self.0.len();
+        if len <= EXACT {
+            self.0.shrink_to_fit();
+        } else if self.0.capacity() > 4 * len {
+            self.0.shrink_to(2 * len);
+        }
         Some(v)
     }
 
@@ -110,10 +122,16 @@ impl<K: Ord + Borrow<Q>, Q: Ord + ?Sized, V> std::ops::Index<&Q> for SmallMap<K,
     }
 }
 
-/// A set the same way (a pod's matching registrations).
+/// A set the same way (a pod's matching registrations). Add with [`SmallMap::add`], which
+/// answers as `BTreeSet::insert` does (`insert` answers as a map's).
 pub type SmallSet<K> = SmallMap<K, ()>;
 
 impl<K: Ord> SmallMap<K, ()> {
+    /// True when `k` was not there yet.
+    pub fn add(&mut self, k: K) -> bool {
+        self.insert(k, ()).is_none()
+    }
+
     pub fn contains<Q: Ord + ?Sized>(&self, k: &Q) -> bool
     where
         K: Borrow<Q>,
@@ -149,7 +167,11 @@ mod tests {
             }
             assert_eq!(small.0.len(), model.len());
             assert!(small.iter().eq(model.iter()), "same entries in the same order");
-            assert_eq!(small.0.capacity(), small.0.len(), "exactly sized");
+            if small.0.len() <= EXACT {
+                assert_eq!(small.0.capacity(), small.0.len(), "exactly sized while small");
+            } else {
+                assert!(small.0.capacity() <= 4 * small.0.len(), "bounded spare room");
+            }
         }
         for k in ["k1", "k5", "nope"] {
             assert_eq!(small.get(k), model.get(k));
@@ -161,7 +183,20 @@ mod tests {
     fn collecting_keeps_the_last_value_of_a_repeated_key_in_key_order() {
         let m: SmallMap<&str, i32> = [("b", 1), ("a", 2), ("b", 3)].into_iter().collect();
         assert_eq!(m.into_iter().collect::<Vec<_>>(), vec![("a", 2), ("b", 3)]);
-        let s: SmallSet<&str> = [("x", ()), ("x", ())].into_iter().collect();
+        let mut s: SmallSet<&str> = [("x", ()), ("x", ())].into_iter().collect();
         assert!(s.contains("x") && s.0.len() == 1);
+        assert!(!s.add("x") && s.add("y"), "add answers whether the key is new");
+    }
+
+    #[test]
+    fn a_large_map_grows_geometrically() {
+        let mut m: SmallMap<u32, ()> = SmallMap::default();
+        let mut reallocations = 0;
+        for i in 0..1000 {
+            let cap = m.0.capacity();
+            m.add(i);
+            reallocations += usize::from(m.0.capacity() != cap);
+        }
+        assert!(reallocations < 20, "{reallocations} reallocations for 1,000 adds");
     }
 }

@@ -170,6 +170,9 @@ struct Entry {
 
 type OpResult = (InstanceId, &'static str, Instant, Result<Outcome, OpError>);
 
+/// A queue this long (a sync, an adoption) is followed by a heap trim once it has drained.
+const BACKLOG_TRIM: usize = 1024;
+
 /// Claims jobs in flight at once (new claims take turns through the epoch key, so more
 /// would mostly wait on each other).
 const HOLD_CONCURRENCY: usize = 4;
@@ -197,8 +200,9 @@ pub struct Registry {
     leading: bool,
     /// The fence key's own lease.
     fence_lease: Option<i64>,
-    /// Instances taken from the queue since the heap was last trimmed ([`crate::memory::give_back`]).
-    handled_since_trim: usize,
+    /// The longest the queue has been since the heap was last trimmed
+    /// ([`crate::memory::give_back`]).
+    backlog_peak: usize,
     term: CancellationToken,
     /// Ready transitions older than this were not seen live: they are not propagation.
     term_started: Timestamp,
@@ -256,7 +260,7 @@ impl Registry {
             synced: false,
             leading: epoch.is_some(),
             fence_lease: None,
-            handled_since_trim: 0,
+            backlog_peak: 0,
             term,
             term_started: Timestamp::now(),
             verify: None,
@@ -741,6 +745,7 @@ impl Registry {
     fn enqueue(&mut self, id: InstanceId) {
         if self.queued.insert(id.clone()) {
             self.queue.push_back(id);
+            self.backlog_peak = self.backlog_peak.max(self.queue.len());
         }
     }
 
@@ -748,22 +753,19 @@ impl Registry {
     fn dispatch(&mut self) {
         while self.ops.len() < self.config.concurrency {
             let Some(id) = self.queue.pop_front() else {
-                // A sync queued every instance: give that room back (at 150,000 instances
-                // tens of MiB) once the queue has drained; and once the last of many
-                // instances is done (a sync, an adoption), what their requests and answers
-                // left free in the heap.
-                if self.queue.capacity() > 1024 {
+                // A sync or an adoption queued every instance: once that backlog has
+                // drained and its last operation is done, give back the queue's room (at
+                // 150,000 instances tens of MiB) and what its requests and answers left
+                // free in the heap. Churn never builds such a backlog, so this is rare.
+                if self.ops.is_empty() && self.backlog_peak > BACKLOG_TRIM {
+                    self.backlog_peak = 0;
                     self.queue.shrink_to_fit();
                     self.queued.shrink_to_fit();
-                }
-                if self.ops.is_empty() && self.handled_since_trim > 1024 {
-                    self.handled_since_trim = 0;
                     crate::memory::give_back();
                 }
                 return;
             };
             self.queued.remove(&id);
-            self.handled_since_trim += 1;
             let Some(entry) = self.slots.get_mut(&id) else {
                 continue;
             };
