@@ -11,7 +11,7 @@ use etcd_client::{LeaseGrantOptions, PutOptions};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use podlease::registration::{FINALIZER, ServiceRegistration};
 use serde_json::json;
-use support::observer::{Observer, ObserverConfig, cut_excuses_expiry_after, fenced_writes};
+use support::observer::{CAUSE_SLACK, Observer, ObserverConfig, cut_excuses_expiry_after, fenced_writes};
 use support::*;
 
 const NS: &str = "default";
@@ -42,24 +42,44 @@ async fn i1_flags_only_the_delete_of_a_key_whose_pod_stayed_publishable() {
     let bed = TestBed::start().await;
     bed.apply_crd().await;
     create_registration(&bed.kube, NS, "r", json!({"service": "svc-r", "selector": {"matchLabels": {"app": "r"}}, "ttlSeconds": 5})).await;
-    for i in 0..3 {
+    for i in 0..5 {
         ready_pod(&bed, &format!("r-{i}"), "r", i + 1).await;
     }
     let obs = observer(&bed).await;
     obs.track_replica("x");
-    for i in 0..3 {
+    for i in 0..5 {
         seen_publishable(&obs, &format!("r-{i}"), true).await;
     }
     let mut kv = bed.etcd.kv_client();
     for i in 0..3 {
         kv.put(format!("/services/svc-r/{NS}/r-{i}"), value(&format!("r-{i}"), i + 1), None).await.unwrap();
     }
-    // r-0: deleted while ready. The violation.
-    kv.delete(format!("/services/svc-r/{NS}/r-0"), None).await.unwrap();
     // r-1: the pod stopped being ready first. Fine.
     set_ready(&bed.kube, NS, "r-1", &pod_ip(2), false).await;
     seen_publishable(&obs, "r-1", false).await;
     kv.delete(format!("/services/svc-r/{NS}/r-1"), None).await.unwrap();
+    // r-3: the pod flapped, then its key was PUT (podlease acting on "ready" while "not
+    // ready" is still queued behind it), then DELETEd for the flap. Fine.
+    let flap = |pod: &'static str, ip: String| {
+        let (kube, obs) = (bed.kube.clone(), &obs);
+        async move {
+            set_ready(&kube, NS, pod, &ip, false).await;
+            seen_publishable(obs, pod, false).await;
+            set_ready(&kube, NS, pod, &ip, true).await;
+            seen_publishable(obs, pod, true).await;
+        }
+    };
+    flap("r-3", pod_ip(4)).await;
+    kv.put(format!("/services/svc-r/{NS}/r-3"), value("r-3", 4), None).await.unwrap();
+    kv.delete(format!("/services/svc-r/{NS}/r-3"), None).await.unwrap();
+    // r-4: the same, but the flap is longer ago than any reaction: a violation.
+    flap("r-4", pod_ip(5)).await;
+    tokio::time::sleep(CAUSE_SLACK + Duration::from_millis(300)).await; // the window itself
+    kv.put(format!("/services/svc-r/{NS}/r-4"), value("r-4", 5), None).await.unwrap();
+    kv.delete(format!("/services/svc-r/{NS}/r-4"), None).await.unwrap();
+    // r-0: deleted while ready, the pod seen publishable for longer than the window (so
+    // the time before the observer first saw it is no excuse either). A violation.
+    kv.delete(format!("/services/svc-r/{NS}/r-0"), None).await.unwrap();
     // r-2: every replica cut from etcd for long enough that a 5 s lease may expire. Fine.
     obs.set_cut("x", true);
     tokio::time::sleep(cut_excuses_expiry_after(5) + Duration::from_millis(300)).await; // the cut itself
@@ -68,14 +88,16 @@ async fn i1_flags_only_the_delete_of_a_key_whose_pod_stayed_publishable() {
     assert!(obs.catch_up(DEADLINE).await);
 
     let violations = obs.check_i1();
-    assert_eq!(violations.len(), 1, "{}", obs.explain(&violations));
-    assert!(violations[0].message.contains("/services/svc-r/default/r-0"), "{}", violations[0]);
+    assert_eq!(violations.len(), 2, "{}", obs.explain(&violations));
+    assert!(violations[0].message.contains("/services/svc-r/default/r-4"), "{}", violations[0]);
+    assert!(violations[1].message.contains("/services/svc-r/default/r-0"), "{}", violations[1]);
     let explained = obs.explain(&violations);
     assert!(explained.contains("etcd DELETE") && explained.contains("pod  r-0"), "the log around it:\n{explained}");
     let fine: Vec<String> = obs.deletes_explained().into_iter().map(|(_, k, why)| format!("{k}: {why}")).collect();
-    assert_eq!(fine.len(), 2, "{fine:?}");
+    assert_eq!(fine.len(), 3, "{fine:?}");
     assert!(fine[0].starts_with("/services/svc-r/default/r-1: not published"), "{fine:?}");
-    assert!(fine[1].starts_with("/services/svc-r/default/r-2: every replica cut"), "{fine:?}");
+    assert!(fine[1].starts_with("/services/svc-r/default/r-3: not published"), "{fine:?}");
+    assert!(fine[2].starts_with("/services/svc-r/default/r-2: every replica cut"), "{fine:?}");
 }
 
 #[tokio::test]

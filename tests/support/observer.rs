@@ -704,10 +704,10 @@ impl Observer {
     // ---- invariants -------------------------------------------------------------------
 
     /// I1: no DELETE of a pod's key while the pod stayed publishable. A DELETE of key K (of
-    /// service S, pod P) at t is a violation unless, at some time in [K's last PUT, t + 3 s],
-    /// P was not publishable or gone, or no live registration (or annotation) of S selected
-    /// it, or every replica had been cut from etcd long enough for K's lease to expire
-    /// (`cut_excuses_expiry_after`). An apiserver outage is no excuse.
+    /// service S, pod P) at t is a violation unless, at some time in [K's last PUT or t − 3 s
+    /// if earlier, t + 3 s], P was not publishable or gone, or no live registration (or
+    /// annotation) of S selected it, or every replica had been cut from etcd long enough for
+    /// K's lease to expire (`cut_excuses_expiry_after`). An apiserver outage is no excuse.
     pub fn check_i1(&self) -> Vec<Violation> {
         self.scan_deletes().0
     }
@@ -766,10 +766,14 @@ impl Observer {
             if ns != self.cfg.namespace {
                 continue;
             }
+            // A cause may also precede the key's last PUT: podlease reacts to a pod's states
+            // in order, so a PUT for "ready" can land while "not ready" (the pod flapped) is
+            // still on its way through the queue, and the DELETE for it comes next.
             let from = last_put
                 .get(ev.key.as_str())
                 .copied()
-                .unwrap_or(Duration::ZERO);
+                .unwrap_or(Duration::ZERO)
+                .min(e.at.saturating_sub(CAUSE_SLACK));
             let to = blind
                 .iter()
                 .filter(|(from, until)| *from <= e.at + CAUSE_SLACK && *until + CAUSE_SLACK >= e.at)
