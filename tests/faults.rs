@@ -1523,9 +1523,10 @@ fn assert_no_violations(outcomes: &[Outcome]) {
 
 /// Which seeds failed, how to replay each, and their first violations, one line each.
 fn synopsis(failed: &[&Outcome]) -> String {
+    const SEEDS: usize = 2;
     const LINES_PER_SEED: usize = 5;
     let mut s = String::from("FAULT SUITE FAILED\n");
-    for o in failed {
+    for o in failed.iter().take(SEEDS) {
         s.push_str(&format!(
             "seed {} ({} violations; replay: PODLEASE_FAULT_SEED={} cargo nextest run --test faults fault_suite_at_the_defaults):\n",
             o.seed,
@@ -1534,9 +1535,12 @@ fn synopsis(failed: &[&Outcome]) -> String {
         ));
         for v in o.violations.iter().take(LINES_PER_SEED) {
             let line = v.to_string();
-            let short: String = line.chars().take(300).collect();
+            let short: String = line.lines().next().unwrap_or_default().chars().take(300).collect();
             s.push_str(&format!("  {short}\n"));
         }
+    }
+    if failed.len() > SEEDS {
+        s.push_str(&format!("and {} more failing seeds (their reports are above)\n", failed.len() - SEEDS));
     }
     s
 }

@@ -42,62 +42,75 @@ async fn i1_flags_only_the_delete_of_a_key_whose_pod_stayed_publishable() {
     let bed = TestBed::start().await;
     bed.apply_crd().await;
     create_registration(&bed.kube, NS, "r", json!({"service": "svc-r", "selector": {"matchLabels": {"app": "r"}}, "ttlSeconds": 5})).await;
-    for i in 0..5 {
+    for i in 0..6 {
         ready_pod(&bed, &format!("r-{i}"), "r", i + 1).await;
     }
     let obs = observer(&bed).await;
     obs.track_replica("x");
-    for i in 0..5 {
+    for i in 0..6 {
         seen_publishable(&obs, &format!("r-{i}"), true).await;
     }
     let mut kv = bed.etcd.kv_client();
-    for i in 0..3 {
-        kv.put(format!("/services/svc-r/{NS}/r-{i}"), value(&format!("r-{i}"), i + 1), None).await.unwrap();
+    let key = |pod: &str| format!("/services/svc-r/{NS}/{pod}");
+    for i in [0, 1, 2, 5] {
+        kv.put(key(&format!("r-{i}")), value(&format!("r-{i}"), i + 1), None).await.unwrap();
     }
     // r-1: the pod stopped being ready first. Fine.
     set_ready(&bed.kube, NS, "r-1", &pod_ip(2), false).await;
     seen_publishable(&obs, "r-1", false).await;
-    kv.delete(format!("/services/svc-r/{NS}/r-1"), None).await.unwrap();
-    // r-3: the pod flapped, then its key was PUT (podlease acting on "ready" while "not
-    // ready" is still queued behind it), then DELETEd for the flap. Fine.
-    let flap = |pod: &'static str, ip: String| {
+    kv.delete(key("r-1"), None).await.unwrap();
+    let ready = |pod: &'static str, ip: String, ready: bool| {
         let (kube, obs) = (bed.kube.clone(), &obs);
         async move {
-            set_ready(&kube, NS, pod, &ip, false).await;
-            seen_publishable(obs, pod, false).await;
-            set_ready(&kube, NS, pod, &ip, true).await;
-            seen_publishable(obs, pod, true).await;
+            set_ready(&kube, NS, pod, &ip, ready).await;
+            seen_publishable(obs, pod, ready).await;
         }
     };
-    flap("r-3", pod_ip(4)).await;
-    kv.put(format!("/services/svc-r/{NS}/r-3"), value("r-3", 4), None).await.unwrap();
-    kv.delete(format!("/services/svc-r/{NS}/r-3"), None).await.unwrap();
-    // r-4: the same, but the flap is longer ago than any reaction: a violation.
-    flap("r-4", pod_ip(5)).await;
+    // r-3: the pod flapped, then its key was PUT (podlease acting on "ready" while "not
+    // ready" is still queued behind it), then DELETEd for the flap. Fine.
+    ready("r-3", pod_ip(4), false).await;
+    ready("r-3", pod_ip(4), true).await;
+    kv.put(key("r-3"), value("r-3", 4), None).await.unwrap();
+    kv.delete(key("r-3"), None).await.unwrap();
+    // r-5: the flap was answered (DELETE), the key PUT again, then DELETEd again: the
+    // second DELETE has no cause. The first is fine; the second a violation.
+    ready("r-5", pod_ip(6), false).await;
+    kv.delete(key("r-5"), None).await.unwrap();
+    ready("r-5", pod_ip(6), true).await;
+    kv.put(key("r-5"), value("r-5", 6), None).await.unwrap();
+    kv.delete(key("r-5"), None).await.unwrap();
+    // r-6: a new pod turns ready, is PUT and DELETEd at once: not being there before is no
+    // drop. A violation.
+    ready_pod(&bed, "r-6", "r", 7).await;
+    seen_publishable(&obs, "r-6", true).await;
+    kv.put(key("r-6"), value("r-6", 7), None).await.unwrap();
+    kv.delete(key("r-6"), None).await.unwrap();
+    // r-4: as r-3, but the flap is longer ago than any reaction. A violation.
+    ready("r-4", pod_ip(5), false).await;
+    ready("r-4", pod_ip(5), true).await;
     tokio::time::sleep(CAUSE_SLACK + Duration::from_millis(300)).await; // the window itself
-    kv.put(format!("/services/svc-r/{NS}/r-4"), value("r-4", 5), None).await.unwrap();
-    kv.delete(format!("/services/svc-r/{NS}/r-4"), None).await.unwrap();
-    // r-0: deleted while ready, the pod seen publishable for longer than the window (so
-    // the time before the observer first saw it is no excuse either). A violation.
-    kv.delete(format!("/services/svc-r/{NS}/r-0"), None).await.unwrap();
+    kv.put(key("r-4"), value("r-4", 5), None).await.unwrap();
+    kv.delete(key("r-4"), None).await.unwrap();
+    // r-0: deleted while ready. A violation.
+    kv.delete(key("r-0"), None).await.unwrap();
     // r-2: every replica cut from etcd for long enough that a 5 s lease may expire. Fine.
     obs.set_cut("x", true);
     tokio::time::sleep(cut_excuses_expiry_after(5) + Duration::from_millis(300)).await; // the cut itself
-    kv.delete(format!("/services/svc-r/{NS}/r-2"), None).await.unwrap();
+    kv.delete(key("r-2"), None).await.unwrap();
     obs.set_cut("x", false);
     assert!(obs.catch_up(DEADLINE).await);
 
     let violations = obs.check_i1();
-    assert_eq!(violations.len(), 2, "{}", obs.explain(&violations));
-    assert!(violations[0].message.contains("/services/svc-r/default/r-4"), "{}", violations[0]);
-    assert!(violations[1].message.contains("/services/svc-r/default/r-0"), "{}", violations[1]);
+    let flagged: Vec<&str> = violations.iter().map(|v| ["r-5", "r-6", "r-4", "r-0"].into_iter().find(|p| v.message.contains(&key(p))).unwrap_or("?")).collect();
+    assert_eq!(flagged, ["r-5", "r-6", "r-4", "r-0"], "{}", obs.explain(&violations));
     let explained = obs.explain(&violations);
-    assert!(explained.contains("etcd DELETE") && explained.contains("pod  r-0"), "the log around it:\n{explained}");
+    assert!(explained.contains("etcd DELETE") && explained.contains("pod  r-5"), "the log around it:\n{explained}");
     let fine: Vec<String> = obs.deletes_explained().into_iter().map(|(_, k, why)| format!("{k}: {why}")).collect();
-    assert_eq!(fine.len(), 3, "{fine:?}");
-    assert!(fine[0].starts_with("/services/svc-r/default/r-1: not published"), "{fine:?}");
-    assert!(fine[1].starts_with("/services/svc-r/default/r-3: not published"), "{fine:?}");
-    assert!(fine[2].starts_with("/services/svc-r/default/r-2: every replica cut"), "{fine:?}");
+    assert_eq!(fine.len(), 4, "{fine:?}");
+    assert!(fine[0].starts_with("/services/svc-r/default/r-1: not published at +"), "{fine:?}");
+    assert!(fine[1].starts_with("/services/svc-r/default/r-3: not published at +") && fine[1].contains("not yet answered"), "{fine:?}");
+    assert!(fine[2].starts_with("/services/svc-r/default/r-5: not published"), "{fine:?}");
+    assert!(fine[3].starts_with("/services/svc-r/default/r-2: every replica cut"), "{fine:?}");
 }
 
 #[tokio::test]

@@ -704,10 +704,12 @@ impl Observer {
     // ---- invariants -------------------------------------------------------------------
 
     /// I1: no DELETE of a pod's key while the pod stayed publishable. A DELETE of key K (of
-    /// service S, pod P) at t is a violation unless, at some time in [K's last PUT or t − 3 s
-    /// if earlier, t + 3 s], P was not publishable or gone, or no live registration (or
-    /// annotation) of S selected it, or every replica had been cut from etcd long enough for
-    /// K's lease to expire (`cut_excuses_expiry_after`). An apiserver outage is no excuse.
+    /// service S, pod P) at t is a violation unless, at some time in [K's last PUT, t + 3 s],
+    /// P was not publishable or gone, or no live registration (or annotation) of S selected
+    /// it, or every replica had been cut from etcd long enough for K's lease to expire
+    /// (`cut_excuses_expiry_after`). An apiserver outage is no excuse. Also excused: P
+    /// stopped being published within 3 s before t but before K's last PUT, and after K's
+    /// previous DELETE (a drop podlease had not answered yet; see `unanswered_drop`).
     pub fn check_i1(&self) -> Vec<Violation> {
         self.scan_deletes().0
     }
@@ -750,6 +752,7 @@ impl Observer {
         }
         blind.extend(down_since.values().map(|from| (*from, now)));
         let mut last_put: HashMap<&str, Duration> = HashMap::new();
+        let mut last_delete: HashMap<&str, Duration> = HashMap::new();
         let (mut bad, mut fine) = (Vec::new(), Vec::new());
         for e in log {
             let Record::Etcd(ev) = &e.what else { continue };
@@ -766,20 +769,22 @@ impl Observer {
             if ns != self.cfg.namespace {
                 continue;
             }
-            // A cause may also precede the key's last PUT: podlease reacts to a pod's states
-            // in order, so a PUT for "ready" can land while "not ready" (the pod flapped) is
-            // still on its way through the queue, and the DELETE for it comes next.
             let from = last_put
                 .get(ev.key.as_str())
                 .copied()
-                .unwrap_or(Duration::ZERO)
-                .min(e.at.saturating_sub(CAUSE_SLACK));
+                .unwrap_or(Duration::ZERO);
+            let previous_delete = last_delete.insert(ev.key.as_str(), e.at);
             let to = blind
                 .iter()
                 .filter(|(from, until)| *from <= e.at + CAUSE_SLACK && *until + CAUSE_SLACK >= e.at)
                 .map(|(_, until)| *until + CAUSE_SLACK)
                 .fold(e.at + CAUSE_SLACK, Duration::max);
-            match excuse(log, &prefix, &svc, &pod, from, to, self.cfg.default_ttl, &all_cut, e.at) {
+            // The drop must come after the key's previous DELETE: one podlease has answered
+            // already explains nothing.
+            let since = e.at.saturating_sub(CAUSE_SLACK).max(previous_delete.unwrap_or_default());
+            let why = excuse(log, &prefix, &svc, &pod, from, to, self.cfg.default_ttl, &all_cut, e.at)
+                .or_else(|| unanswered_drop(log, &prefix, &svc, &pod, since, from));
+            match why {
                 Some(why) => fine.push((e.at, ev.key.clone(), why)),
                 None => bad.push(Violation {
                     invariant: "I1",
@@ -1289,6 +1294,53 @@ fn published(
     (pod.publishable() && by_annotation) || by_registration
 }
 
+/// Applies `e` to the replayed state of `pod` and the registrations; whether it was one.
+fn apply_state(e: &Entry, pod: &str, pod_state: &mut Option<PodState>, regs: &mut BTreeMap<String, RegState>) -> bool {
+    match &e.what {
+        Record::Pod { name, state } if name == pod => {
+            *pod_state = state.clone();
+            true
+        }
+        Record::Registration { name, state } => {
+            match state {
+                Some(s) => regs.insert(name.clone(), s.clone()),
+                None => regs.remove(name),
+            };
+            true
+        }
+        _ => false,
+    }
+}
+
+/// A drop podlease had not answered yet when it wrote the key: `pod` went from published
+/// to not published (for `svc`) in (`since`, `put`]. podlease reacts to a pod's states in
+/// order, so a PUT for "ready" can land while "not ready" (the pod flapped) is still on
+/// its way through its queue, and the DELETE for the flap comes next. Only a change counts:
+/// a pod that was never published before the PUT (new, or before the observer saw it)
+/// explains nothing.
+fn unanswered_drop(log: &[Entry], prefix: &str, svc: &str, pod: &str, since: Duration, put: Duration) -> Option<String> {
+    if since >= put {
+        return None;
+    }
+    let (mut pod_state, mut regs) = (None, BTreeMap::new());
+    let mut was = false;
+    for e in log.iter().take_while(|e| e.at <= put) {
+        if !apply_state(e, pod, &mut pod_state, &mut regs) {
+            continue;
+        }
+        let now = published(pod_state.as_ref(), &regs, prefix, svc);
+        if e.at > since && was && !now {
+            return Some(format!(
+                "not published at +{:.3}s, a drop not yet answered at its last PUT (+{:.3}s)",
+                e.at.as_secs_f64(),
+                put.as_secs_f64()
+            ));
+        }
+        was = now;
+    }
+    None
+}
+
 /// Why a DELETE of `prefix/svc/<ns>/pod` at `deleted_at` is fine, if it is.
 #[allow(clippy::too_many_arguments)]
 fn excuse(
@@ -1306,25 +1358,7 @@ fn excuse(
     let mut pod_state: Option<PodState> = None;
     let mut regs: BTreeMap<String, RegState> = BTreeMap::new();
     let mut ttls: Vec<i64> = Vec::new();
-    let apply = |e: &Entry,
-                 pod_state: &mut Option<PodState>,
-                 regs: &mut BTreeMap<String, RegState>|
-     -> bool {
-        match &e.what {
-            Record::Pod { name, state } if name == pod => {
-                *pod_state = state.clone();
-                true
-            }
-            Record::Registration { name, state } => {
-                match state {
-                    Some(s) => regs.insert(name.clone(), s.clone()),
-                    None => regs.remove(name),
-                };
-                true
-            }
-            _ => false,
-        }
-    };
+    let apply = |e: &Entry, pod_state: &mut Option<PodState>, regs: &mut BTreeMap<String, RegState>| apply_state(e, pod, pod_state, regs);
     let mut i = 0;
     while i < log.len() && log[i].at <= from {
         apply(&log[i], &mut pod_state, &mut regs);
