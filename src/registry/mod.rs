@@ -176,6 +176,8 @@ const BACKLOG_TRIM: usize = 1024;
 /// Claims jobs in flight at once (new claims take turns through the epoch key, so more
 /// would mostly wait on each other).
 const HOLD_CONCURRENCY: usize = 4;
+/// Commands applied at most before each dispatch, so that op results are not starved.
+const DRAIN_MAX: usize = 1024;
 
 pub struct Registry {
     writer: Writer,
@@ -311,6 +313,27 @@ impl Registry {
         hold_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         hold_tick.tick().await;
         loop {
+            // What is known already is applied before any write starts: finished writes'
+            // results first (as before, they come before commands), then what the controller
+            // has sent. A write must not start from a state a queued update replaces (a pod
+            // that turned not ready and back would get a PUT, then a DELETE, then a PUT).
+            while let Some(done) = self.ops.try_join_next() {
+                if let Some(end) = self.on_joined(done) {
+                    return end;
+                }
+            }
+            for _ in 0..DRAIN_MAX {
+                if term.is_cancelled() {
+                    return TermEnd::Stopped;
+                }
+                let Ok(cmd) = commands.try_recv() else { break };
+                if let Some(end) = self.on_command(Some(cmd)).await {
+                    return end;
+                }
+            }
+            if term.is_cancelled() {
+                return TermEnd::Stopped;
+            }
             if self.leading {
                 self.dispatch_holds();
                 self.dispatch();
@@ -334,16 +357,11 @@ impl Registry {
                     Report::Down(why) => self.etcd_failed(why),
                     Report::Up => self.etcd_ok(),
                 },
-                Some(done) = self.ops.join_next(), if !self.ops.is_empty() => match done {
-                    Ok((id, op, started, result)) => {
-                        if self.on_done(id, op, started, result) {
-                            self.metrics.fenced_writes.inc();
-                            warn!("etcd refused a write: another replica leads now; ending this term");
-                            return TermEnd::Fenced;
-                        }
+                Some(done) = self.ops.join_next(), if !self.ops.is_empty() => {
+                    if let Some(end) = self.on_joined(done) {
+                        return end;
                     }
-                    Err(e) => warn!(error = %e, "registry operation panicked"),
-                },
+                }
                 Some(done) = self.hold_jobs.join_next(), if !self.hold_jobs.is_empty() => match done {
                     Ok(Ok(done)) => self.on_hold_done(done),
                     Ok(Err(_)) => {
@@ -382,19 +400,11 @@ impl Registry {
                         Err(_) => {}
                     }
                 }
-                cmd = commands.recv() => match cmd {
-                    None => return TermEnd::Stopped,
-                    Some(Command::Resync(all)) => self.resync(all).await,
-                    Some(Command::Update(u)) => self.apply(u),
-                    Some(Command::Holds(h)) => self.want_holds(h),
-                    Some(Command::StepDown) => self.step_down(),
-                    Some(Command::Finish { revoke }) => {
-                        if revoke {
-                            self.revoke_all().await;
-                        }
-                        return TermEnd::Stopped;
+                cmd = commands.recv() => {
+                    if let Some(end) = self.on_command(cmd).await {
+                        return end;
                     }
-                },
+                }
                 Some(expired) = self.retries.next(), if !self.retries.is_empty() => {
                     let id = expired.into_inner();
                     if let Some(e) = self.slots.get_mut(&id) {
@@ -404,6 +414,40 @@ impl Registry {
                 }
             }
         }
+    }
+
+    /// A finished write's result; Some when etcd's fence refused it (the term ends).
+    fn on_joined(&mut self, done: Result<OpResult, tokio::task::JoinError>) -> Option<TermEnd> {
+        match done {
+            Ok((id, op, started, result)) => {
+                if self.on_done(id, op, started, result) {
+                    self.metrics.fenced_writes.inc();
+                    warn!("etcd refused a write: another replica leads now; ending this term");
+                    return Some(TermEnd::Fenced);
+                }
+            }
+            Err(e) => warn!(error = %e, "registry operation panicked"),
+        }
+        None
+    }
+
+    /// Applies one command from the controller (None: the channel is closed); Some when the
+    /// term ends.
+    async fn on_command(&mut self, cmd: Option<Command>) -> Option<TermEnd> {
+        match cmd {
+            None => return Some(TermEnd::Stopped),
+            Some(Command::Resync(all)) => self.resync(all).await,
+            Some(Command::Update(u)) => self.apply(u),
+            Some(Command::Holds(h)) => self.want_holds(h),
+            Some(Command::StepDown) => self.step_down(),
+            Some(Command::Finish { revoke }) => {
+                if revoke {
+                    self.revoke_all().await;
+                }
+                return Some(TermEnd::Stopped);
+            }
+        }
+        None
     }
 
     /// What the periodic read of the fence key means for this term.
