@@ -45,6 +45,11 @@ pub struct Settings {
     pub leader: Option<LeaderConfig>,
 }
 
+/// How long the start waits for the leader Lease. Only leading needs its answer (and asks
+/// again before it); keeping the recorded leases alive does not, so a replica started while
+/// the API server does not answer is not kept from that for long.
+const START_LEASE_READ: Duration = Duration::from_secs(2);
+
 pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken) -> anyhow::Result<()> {
     let metrics = Metrics::new();
     // First, so that a taken port stops the process at once with a clear error; and served
@@ -92,7 +97,7 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
     let (previous, recheck) = match &settings.leader {
         Some(cfg) => {
             *health.starting.lock().unwrap() = Some("reading the last leader's identity (the leader Lease)".into());
-            match crate::leader::recorded_identity(&client, cfg).await {
+            match crate::leader::recorded_identity(&client, cfg, START_LEASE_READ).await {
                 Ok(previous) => (previous, false),
                 Err(e) => {
                     warn!(error = e, "the last leader's identity is unknown for now; checked again before this replica may lead");
@@ -275,7 +280,7 @@ pub async fn run(client: Client, settings: Settings, shutdown: CancellationToken
 /// (this replica never led, so nothing of its own is left half done). False: shut down first.
 async fn identity_recheck(client: &Client, cfg: &LeaderConfig, etcd: &crate::etcd::Connection, config: &RegistryConfig, shutdown: &CancellationToken) -> bool {
     for attempt in 0u64.. {
-        let outcome = match crate::leader::recorded_identity(client, cfg).await {
+        let outcome = match crate::leader::recorded_identity(client, cfg, Duration::from_secs(5)).await {
             Ok(previous) => match crate::registry::identity::check(etcd, config, previous.as_deref()).await {
                 Ok(()) => return true,
                 Err(crate::registry::identity::CheckError::Refused(m)) => {

@@ -399,13 +399,13 @@ pub const IDENTITY_ANNOTATION: &str = "podlease.io/identity";
 /// The identity the leader Lease recorded: None when there is no Lease or no annotation,
 /// Err when the Lease could not be read (then nothing is known: the caller must not take a
 /// missing record for "no earlier identity").
-pub async fn recorded_identity(client: &Client, cfg: &LeaderConfig) -> Result<Option<String>, String> {
+pub async fn recorded_identity(client: &Client, cfg: &LeaderConfig, within: Duration) -> Result<Option<String>, String> {
     let api: Api<Lease> = Api::namespaced(client.clone(), &cfg.namespace);
-    match tokio::time::timeout(Duration::from_secs(5), api.get_opt(&cfg.name)).await {
+    match tokio::time::timeout(within, api.get_opt(&cfg.name)).await {
         Ok(Ok(Some(l))) => Ok(l.metadata.annotations.and_then(|a| a.get(IDENTITY_ANNOTATION).cloned())),
         Ok(Ok(None)) => Ok(None),
         Ok(Err(e)) => Err(format!("reading the leader Lease {}/{}: {e}", cfg.namespace, cfg.name)),
-        Err(_) => Err(format!("reading the leader Lease {}/{}: no answer within 5 s", cfg.namespace, cfg.name)),
+        Err(_) => Err(format!("reading the leader Lease {}/{}: no answer within {within:?}", cfg.namespace, cfg.name)),
     }
 }
 
