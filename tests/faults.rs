@@ -55,6 +55,13 @@ const FAULT_PHASE: Duration = Duration::from_secs(180);
 /// this bed. Worst chain: 17 s to a leader + 30 s for its watches + ~5 s to converge ≈ 52 s,
 /// rounded up to 60 s.
 const B: Duration = Duration::from_secs(60);
+/// A restarted replica's start, until it keeps the recorded leases alive: the observer counts
+/// it as cut from etcd meanwhile (a process that has just been spawned renews nothing yet).
+/// podlease connects to etcd, reads the leader Lease (at most 2 s when the API server does
+/// not answer: START_LEASE_READ), checks its identity in etcd and starts keeping the leases
+/// alive; 1.0 s measured with a 1 s read. What follows (probe, keepalive connection,
+/// adoption read) is `RECONNECT`'s, in the observer. Allowed: 2 s + 1 s.
+const STARTUP: Duration = Duration::from_secs(3);
 /// After converging, I2 must keep holding for longer than the longest TTL in the suite
 /// (40 s): a lease that is not renewed expires within it (and I1 sees the DELETE).
 const HOLD: Duration = Duration::from_secs(45);
@@ -356,6 +363,10 @@ struct Slot {
     paused: bool,
     /// Killed or terminated and not restarted yet.
     dead: bool,
+    /// Restarted less than [`STARTUP`] ago: not keeping leases alive yet.
+    starting: bool,
+    /// Processes started in this slot, so that a stale [`Due::Started`] is ignored.
+    spawns: usize,
     /// Faults on the paths, while active.
     etcd_fault: Option<PathFault>,
     api_fault: Option<PathFault>,
@@ -373,7 +384,7 @@ impl Slot {
     }
 
     fn cut(&self) -> bool {
-        self.dead || self.paused || self.etcd_fault == Some(PathFault::Blackhole)
+        self.dead || self.starting || self.paused || self.etcd_fault == Some(PathFault::Blackhole)
     }
 
     fn running(&self) -> bool {
@@ -385,6 +396,9 @@ impl Slot {
 #[derive(Debug, Clone)]
 enum Due {
     Restart { slot: usize, new_identity: bool },
+    /// The process spawned as the slot's `spawn`-th is through its start, at `at` (the
+    /// observer is told that time even when this is handled later).
+    Started { slot: usize, spawn: usize, at: Duration },
     Resume { slot: usize },
     HealPath { slot: usize, kind: PathKind },
     ResumeMember { member: usize },
@@ -473,6 +487,10 @@ impl Run {
         s.ctl.spawn();
         s.dead = false;
         s.paused = false;
+        s.starting = true;
+        s.spawns += 1;
+        let at = self.observer.now() + STARTUP;
+        self.due.push((at, Due::Started { slot, spawn: s.spawns, at }));
         self.identities.insert(self.slots[slot].identity());
         self.update_cut(slot);
     }
@@ -692,6 +710,13 @@ impl Run {
                     self.slots[slot].name
                 ));
             }
+            Due::Started { slot, spawn, at } => {
+                if self.slots[slot].spawns == spawn {
+                    self.slots[slot].starting = false;
+                    let s = &self.slots[slot];
+                    self.observer.set_cut_at(s.name, s.cut(), at);
+                }
+            }
             Due::Resume { slot } => {
                 if self.slots[slot].paused && self.slots[slot].running() {
                     self.slots[slot].ctl.signal(libc::SIGCONT);
@@ -821,6 +846,11 @@ impl Run {
                 self.spawn_slot(i, false);
             }
             self.update_cut(i);
+        }
+        // The starts just made count as through at once: from here on the observer holds
+        // every replica to reaching etcd (the strict reading, as B and HOLD assume).
+        for (_, d) in std::mem::take(&mut self.due) {
+            self.heal(d).await;
         }
         self.bed.resume_apiserver();
         self.bed.wait_apiserver_ready().await;
@@ -1252,6 +1282,8 @@ async fn run_schedule(seed: u64) -> Outcome {
             args,
             paused: false,
             dead: false,
+            starting: false,
+            spawns: 0,
             etcd_fault: None,
             api_fault: None,
             crashes: 0,
@@ -1271,6 +1303,10 @@ async fn run_schedule(seed: u64) -> Outcome {
     for i in 0..2 {
         run.spawn_slot(i, false);
         run.slots[i].ctl.wait_ready().await;
+        // Ready: through its start (the window is for restarts during the fault phase).
+        run.slots[i].starting = false;
+        run.due.retain(|(_, d)| !matches!(d, Due::Started { .. }));
+        run.update_cut(i);
     }
 
     // Two registrations (one at the default TTL), 8 pods each, 3 annotated pods.

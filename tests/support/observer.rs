@@ -647,6 +647,18 @@ impl Observer {
         Self::update_all_cut(&mut st, at, before);
     }
 
+    /// As `set_cut`, at `at` (not before the last change recorded): for a change that was
+    /// due at `at` and is handled later.
+    pub fn set_cut_at(&self, replica: &str, cut: bool, at: Duration) {
+        let mut st = self.state.lock().unwrap();
+        let at = at.max(st.all_cut.last().map_or(Duration::ZERO, |(a, b)| b.unwrap_or(*a)));
+        let before = st.all_cut_now();
+        if st.cut.insert(replica.to_string(), cut) == Some(cut) {
+            return;
+        }
+        Self::update_all_cut(&mut st, at, before);
+    }
+
     /// etcd has lost its quorum (counts as every replica cut).
     pub fn set_quorum_lost(&self, lost: bool) {
         let at = self.now();
