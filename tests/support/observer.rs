@@ -638,13 +638,7 @@ impl Observer {
     /// Whether `replica` can reach etcd right now: it is cut while every etcd proxy of it
     /// blackholes, while it is SIGSTOPped, and while it is dead (killed, not restarted yet).
     pub fn set_cut(&self, replica: &str, cut: bool) {
-        let at = self.now();
-        let mut st = self.state.lock().unwrap();
-        let before = st.all_cut_now();
-        if st.cut.insert(replica.to_string(), cut) == Some(cut) {
-            return;
-        }
-        Self::update_all_cut(&mut st, at, before);
+        self.set_cut_at(replica, cut, self.now());
     }
 
     /// As `set_cut`, at `at` (not before the last change recorded): for a change that was
