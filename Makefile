@@ -16,14 +16,12 @@ testbed:
 build: testbed
 	$(CARGO) build
 
-# The whole suite: unit tests plus integration and end-to-end tests on the real test bed.
+# The whole suite: unit tests plus integration and end-to-end tests on the real test bed
+# (Kubernetes 1.37, etcd 3.6), with the compatibility subsets on Kubernetes 1.34 and etcd 3.5
+# (the tests under `on_kubernetes_1_34` and `on_etcd_3_5`) among them.
 test: testbed
 	$(CARGO) build --examples
-	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
-		$(CARGO) nextest run --lib --bins --tests --no-fail-fast -E 'not (binary(faults) & test(=soak))'; \
-	else \
-		$(CARGO) test --lib --bins --tests --no-fail-fast; \
-	fi
+	$(CARGO) nextest run --lib --bins --tests --no-fail-fast -E 'not (binary(faults) & test(=soak))'
 
 # `make demo` is `make demo-node` (below): the story on a real node.
 demo: demo-node

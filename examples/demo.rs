@@ -46,7 +46,7 @@ async fn registered(bed: &TestBed, n: u32) {
 #[tokio::main]
 async fn main() {
     let start = Instant::now();
-    say(start, "starting the test bed: etcd (apiserver storage), etcd (registry), kube-apiserver v1.20.2");
+    say(start, &format!("starting the test bed: etcd (apiserver storage), etcd (registry), kube-apiserver {}", support::Binaries::locate().kube_version));
     let bed = TestBed::start().await;
     bed.apply_crd().await;
     println!("        registry etcd: {}   apiserver: {}", bed.etcd_endpoint(), bed.apiserver_url());

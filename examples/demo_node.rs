@@ -128,14 +128,16 @@ async fn main() {
 
     say(start, "packaging podlease as the image local/podlease:demo (scripts/image.sh)");
     let image = podlease_image(work.path(), &bin, TAG);
-    say(start, "starting the mini-cluster: etcd, kube-apiserver, controller manager, scheduler, containerd, kubelet (v1.20.2)");
+    say(start, &format!("starting the mini-cluster: etcd, kube-apiserver, controller manager, scheduler, containerd, kubelet ({})", support::Binaries::locate().kube_version));
     let mut cluster = MiniCluster::start().await;
     println!("         node Ready after {:.1}s", cluster.started.node_ready.as_secs_f64());
+    kubectl(&cluster, &["version"]);
     cluster.import_image(&image);
     let registry = EtcdServer::start(work.path(), "registry");
     let etcd_in_node = cluster.expose(format!("127.0.0.1:{}", registry.client_port).parse().unwrap());
     let etcd = etcd_client::Client::connect([registry.endpoint()], None).await.unwrap();
-    println!("         registry etcd: {} on this machine, {etcd_in_node} from the pods", registry.endpoint());
+    let etcd_version = etcd.maintenance_client().status().await.map(|s| s.version().to_string()).unwrap_or_default();
+    println!("         registry etcd {etcd_version}: {} on this machine, {etcd_in_node} from the pods", registry.endpoint());
 
     let interrupted = tokio::select! {
         _ = run(&mut cluster, &etcd, &registry, etcd_in_node, &bin, start, shell, work.path()) => false,

@@ -56,7 +56,9 @@ def main() -> int:
             out[crd["filename"]] = crd["data"]
         print(json.dumps(out))
     elif cmd == "lint":
-        print(json.dumps(lint(chart, values, strict=True, kube_version="v1.20.2")))
+        # The Kubernetes release to lint for (the chart's kubeVersion must admit it).
+        kube_version = sys.argv[3] if len(sys.argv) > 3 else "v1.37.2"
+        print(json.dumps(lint(chart, values, strict=True, kube_version=kube_version)))
     elif cmd == "validate":
         try:
             Chart.load(chart).validate_schema(values)

@@ -1,5 +1,5 @@
 # shellcheck shell=bash
-# Sourced by scripts/testbed.sh (uses its CACHE, log, mirror, apt_install, KSRC, kube_source):
+# Sourced by scripts/testbed.sh (uses its CACHE, log, mirror, apt_install and KSRC, the Kubernetes tree):
 # everything a real node needs besides kubelet itself, cached under "$CACHE/node":
 #   containerd 1.6   Debian bookworm's .deb, unpacked (not installed: no service is started)
 #   runc             Debian package (the only runtime that works on this hybrid cgroup layout)
@@ -62,7 +62,6 @@ node_setup() {
   local mkimage="$NODE_SCRIPTS/mkimage.py"
   PAUSE_IMAGE="$NODE_DIR/images/pause.tar"
   if [ ! -f "$PAUSE_IMAGE" ] || [ "$mkimage" -nt "$PAUSE_IMAGE" ]; then
-    kube_source
     command -v gcc >/dev/null || apt_install gcc
     [ -f /usr/lib/x86_64-linux-gnu/libc.a ] || [ -f /usr/lib/libc.a ] || apt_install libc6-dev
     log "building the pause image"

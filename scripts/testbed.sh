@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs and caches everything the test bed needs, idempotently:
-#   protoc, etcd 3.5 (Debian sid's etcd-server, unpacked) and 3.4 (bookworm's), kube-apiserver,
-#   kube-controller-manager, kube-scheduler and kubelet v1.20.2 (built from Debian bookworm's
-#   kubernetes source), kubectl, Prometheus and promtool (Debian bookworm's prometheus,
-#   unpacked), a Python virtualenv with helm-python-sdk, and the rest of a real node
-#   (containerd, runc, pause and busybox images, the CNI plugin: scripts/node.sh).
+#   protoc, gdb (stack dumps of a hung test), cargo-nextest; etcd 3.6 and Kubernetes 1.37 and
+#   1.34 (kube-apiserver, kube-controller-manager, kube-scheduler, kubelet, kubectl), all built
+#   from Go modules through the project's wrapper modules (tools/etcd, tools/kube); etcd 3.5
+#   (Debian sid's etcd-server, unpacked: the registry's compatibility run) and 3.4 (bookworm's:
+#   doctor's version check); Prometheus and promtool (Debian bookworm's, unpacked), a Python
+#   virtualenv with helm-python-sdk, the consumer frameworks' own clients (tools/consumers), and
+#   the rest of a real node (containerd, runc, pause and busybox images, the CNI plugin:
+#   scripts/node.sh).
 # A second run finds everything in the cache, installs nothing and only checks it.
 #
 # Cache directory: $PODLEASE_CACHE, else $XDG_CACHE_HOME/podlease, else ~/.cache/podlease.
@@ -52,11 +55,41 @@ apt_install() {
 # --- protoc (etcd-client's build), openssl (test certificates) ---------------------------
 command -v protoc >/dev/null || apt_install protobuf-compiler
 command -v openssl >/dev/null || apt_install openssl
+command -v gdb >/dev/null || apt_install gdb
 
-# --- etcd 3.5 from Debian sid, unpacked, not installed -------------------------------------
-ETCD="$CACHE/etcd/root/usr/bin/etcd"
-ETCDCTL="$CACHE/etcd/root/usr/bin/etcdctl"
-if [ ! -x "$ETCD" ] || [ ! -x "$ETCDCTL" ]; then
+# --- cargo-nextest (the test runner of `make test`) -------------------------------------------
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest (a few minutes the first time)"
+  nice -n 10 cargo install --locked cargo-nextest >&2
+fi
+
+# --- Go (the module builds below): the machine's Go, with the project's own caches ------------
+GO=$(command -v go || true)
+if [ -z "$GO" ] && [ -x /usr/local/go/bin/go ]; then GO=/usr/local/go/bin/go; fi
+[ -n "$GO" ] || { log "no Go toolchain (1.26 wanted): install Go first"; exit 1; }
+export PATH="$(dirname "$GO"):$PATH"
+export GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOTOOLCHAIN=local
+mkdir -p "$GOMODCACHE" "$GOCACHE"
+HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+
+# --- etcd 3.6 (the registry and the API servers' storage), built from Go modules ----------------
+ETCD_VERSION=3.6.17
+ETCD_DIR="$CACHE/etcd-$ETCD_VERSION/bin"
+if [ ! -x "$ETCD_DIR/etcd" ] || [ ! -x "$ETCD_DIR/etcdctl" ]; then
+  log "building etcd $ETCD_VERSION from Go modules (a few minutes the first time)"
+  nice -n 10 bash "$HERE/etcd.sh" build "$ETCD_VERSION" "$ETCD_DIR" >&2
+fi
+ETCD="$ETCD_DIR/etcd"
+ETCDCTL="$ETCD_DIR/etcdctl"
+case "$("$ETCD" --version)" in
+  *"etcd Version: 3.6."*) ;;
+  *) log "etcd is not 3.6: $("$ETCD" --version)"; exit 1 ;;
+esac
+
+# --- etcd 3.5 from Debian sid, unpacked, not installed: the registry's compatibility run -------
+ETCD35="$CACHE/etcd/root/usr/bin/etcd"
+ETCDCTL35="$CACHE/etcd/root/usr/bin/etcdctl"
+if [ ! -x "$ETCD35" ] || [ ! -x "$ETCDCTL35" ]; then
   log "fetching etcd 3.5 (Debian sid etcd-server, etcd-client)"
   M=$(mirror)
   mkdir -p "$CACHE/apt/lists/partial" "$CACHE/etcd"
@@ -66,10 +99,9 @@ if [ ! -x "$ETCD" ] || [ ! -x "$ETCDCTL" ]; then
   (cd "$CACHE/etcd" && rm -f ./*.deb && apt-get "${A[@]}" download etcd-server etcd-client >&2 \
     && for f in *.deb; do dpkg -x "$f" root; done)
 fi
-ETCD_VERSION=$("$ETCD" --version)
-case "$ETCD_VERSION" in
+case "$("$ETCD35" --version)" in
   *"etcd Version: 3.5."*) ;;
-  *) log "etcd is not 3.5: $ETCD_VERSION"; exit 1 ;;
+  *) log "etcd 3.5 is not 3.5: $("$ETCD35" --version)"; exit 1 ;;
 esac
 
 # --- etcd 3.4 from Debian bookworm, unpacked: a real etcd below 3.5.13 ------------------------
@@ -86,47 +118,27 @@ if [ ! -x "$ETCD_OLD" ]; then
     && dpkg -x etcd-server_*.deb root)
 fi
 
-# --- kube-apiserver, kube-controller-manager, kube-scheduler, kubelet v1.20.2 -------------------
-# All four from Debian bookworm's source package; the node's pause image needs its tree too.
-KBIN="$CACHE/kube/bin"
-KSRC="$CACHE/kube/src/kubernetes-1.20.2"
-KUBE_COMPONENTS=(kube-apiserver kube-controller-manager kube-scheduler kubelet)
-kube_source() {
-  [ -d "$KSRC/vendor" ] && return 0
-  apt_install golang-go rsync make golang-github-modern-go-reflect2-dev
-  local M; M=$(mirror)
-  mkdir -p "$CACHE/apt/srclists/partial" "$CACHE/kube/src"
-  echo "deb-src $M bookworm main" > "$CACHE/apt/src.list"
-  local A=(-o Dir::Etc::SourceList="$CACHE/apt/src.list" -o Dir::Etc::SourceParts=/dev/null -o Dir::State::Lists="$CACHE/apt/srclists")
-  log "fetching the kubernetes 1.20.2 source package"
-  $SUDO apt-get "${A[@]}" update -qq >&2
-  (cd "$CACHE/kube/src" && apt-get "${A[@]}" source --download-only kubernetes >&2 \
-    && tar xzf kubernetes_1.20.5+really1.20.2.orig.tar.gz)
-  # Kubernetes 1.20 vendors reflect2 v1.0.1, which faults under Go >= 1.18 on the first
-  # CRD write; Debian's reflect2 1.0.2 has the same API.
-  rm -rf "$KSRC/vendor/github.com/modern-go/reflect2"
-  mkdir "$KSRC/vendor/github.com/modern-go/reflect2"
-  cp /usr/share/gocode/src/github.com/modern-go/reflect2/* "$KSRC/vendor/github.com/modern-go/reflect2/"
-  mkdir -p "$KSRC/.go/src/k8s.io" && ln -sfn ../../.. "$KSRC/.go/src/k8s.io/kubernetes"
-}
-for what in "${KUBE_COMPONENTS[@]}"; do
-  if [ ! -x "$KBIN/$what" ]; then
-    kube_source
-    apt_install golang-go rsync make
-    mkdir -p "$KBIN" "$CACHE/home"
-    log "building $what (several minutes the first time)"
-    (cd "$KSRC" && nice -n 19 env GOPATH="$KSRC/.go" GOCACHE="$CACHE/home/go-build" CGO_ENABLED=0 HOME="$CACHE/home" \
-      make WHAT="cmd/$what" >&2)
-    cp "$KSRC/_output/bin/$what" "$KBIN/$what.tmp" && mv "$KBIN/$what.tmp" "$KBIN/$what"
-  fi
+# --- Kubernetes from Go modules: 1.37 (the bed) and 1.34 (the oldest supported release) ---------
+# kube-apiserver, kube-controller-manager, kube-scheduler, kubelet and kubectl, each built from
+# upstream's cmd/ package through tools/kube/v<version> (scripts/kube.sh), cached by version.
+KUBE_VERSION=1.37.2
+KUBE_OLDEST=1.34.4
+for v in "$KUBE_VERSION" "$KUBE_OLDEST"; do
+  d="$CACHE/kube-$v/bin"
+  for c in kube-apiserver kube-controller-manager kube-scheduler kubelet kubectl; do
+    if [ ! -x "$d/$c" ]; then
+      log "building Kubernetes $v from Go modules (10-20 minutes the first time)"
+      nice -n 10 bash "$HERE/kube.sh" build "$v" "$d" >&2
+      break
+    fi
+  done
 done
-
-# --- kubectl -------------------------------------------------------------------------------------
-KUBECTL=$(command -v kubectl || true)
-if [ -z "$KUBECTL" ]; then
-  apt_install kubernetes-client
-  KUBECTL=$(command -v kubectl)
-fi
+KBIN="$CACHE/kube-$KUBE_VERSION/bin"
+KBIN_OLDEST="$CACHE/kube-$KUBE_OLDEST/bin"
+KUBECTL="$KBIN/kubectl"
+# The Kubernetes tree of the module cache (the node's pause image is built from its
+# build/pause/linux/pause.c).
+KSRC=$(cd "$HERE/../tools/kube/v$KUBE_VERSION" && go list -mod=readonly -m -f '{{.Dir}}' k8s.io/kubernetes)
 
 # --- Prometheus and promtool from Debian bookworm, unpacked, not installed -----------------------
 # The alert rules' unit tests (promtool test rules) and a live Prometheus scraping podlease.
@@ -157,24 +169,31 @@ fi
 . "$(dirname "${BASH_SOURCE[0]}")/node.sh"
 node_setup
 
-# --- etcd's own gRPC naming resolver, a real consumer of the etcd-naming format ----------------
-ETCD_RESOLVE=$(bash "$(dirname "${BASH_SOURCE[0]}")/consumer.sh")
+# --- the consumer frameworks' own clients (tools/consumers), etcd's naming resolver among them --
+# shellcheck source=scripts/consumers.sh
+. "$HERE/consumers.sh"
+consumers_build
 
 # Written aside and renamed: a test or demo reading it meanwhile never sees half a file.
 cat > "$CACHE/testbed.env.tmp.$$" <<ENV
 PODLEASE_ETCD_BIN=$ETCD
 PODLEASE_ETCDCTL_BIN=$ETCDCTL
+PODLEASE_ETCD35_BIN=$ETCD35
+PODLEASE_ETCDCTL35_BIN=$ETCDCTL35
 PODLEASE_ETCD_OLD_BIN=$ETCD_OLD
+PODLEASE_KUBE_VERSION=$KUBE_VERSION
 PODLEASE_KUBE_APISERVER_BIN=$KBIN/kube-apiserver
 PODLEASE_KUBE_CONTROLLER_MANAGER_BIN=$KBIN/kube-controller-manager
 PODLEASE_KUBECTL_BIN=$KUBECTL
+PODLEASE_KUBE_OLDEST_VERSION=$KUBE_OLDEST
+PODLEASE_KUBE_OLDEST_DIR=$KBIN_OLDEST
 PODLEASE_HELM_PYTHON=$VENV/bin/python
 PODLEASE_PROMETHEUS_BIN=$PROM
 PODLEASE_PROMTOOL_BIN=$PROMTOOL
 PODLEASE_KUBE_SCHEDULER_BIN=$KBIN/kube-scheduler
 PODLEASE_KUBELET_BIN=$KBIN/kubelet
-PODLEASE_ETCD_RESOLVE_BIN=$ETCD_RESOLVE
 $(node_env)
+$CONSUMER_ENV
 ENV
 mv -f "$CACHE/testbed.env.tmp.$$" "$CACHE/testbed.env"
 log "ready ($CACHE/testbed.env)"

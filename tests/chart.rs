@@ -190,7 +190,7 @@ fn rendered_objects_are_what_each_value_set_asks_for() {
             _ => {
                 assert!(find(&objects, "ServiceMonitor").is_empty() && find(&objects, "NetworkPolicy").is_empty());
                 assert!(find(&objects, "PrometheusRule").is_empty() && find(&objects, "ConfigMap").is_empty());
-                assert_eq!(find(&objects, "PodDisruptionBudget")[0]["apiVersion"], "policy/v1beta1", "1.20 has no policy/v1");
+                assert_eq!(find(&objects, "PodDisruptionBudget")[0]["apiVersion"], "policy/v1");
             }
         }
     }
@@ -559,4 +559,22 @@ async fn a_new_leader_that_cannot_list_pods_yet_keeps_the_recorded_leases_alive(
     .await;
     assert_eq!(recorder.deletes().len(), 0, "b's log:\n{}", b.log_text());
     assert_eq!(leased().await, before, "adopted under the same leases");
+}
+
+/// The compatibility subset on the oldest supported Kubernetes (1.34): the same tests, each in a process of its own
+/// (README, "Supported versions").
+mod on_kubernetes_1_34 {
+    use super::support::{run_on, Release};
+
+    #[test]
+    fn every_rendered_object_is_accepted_by_the_api_server() {
+        run_on(Release::OldestKubernetes);
+        super::every_rendered_object_is_accepted_by_the_api_server();
+    }
+
+    #[test]
+    fn the_controller_does_its_whole_job_with_exactly_the_charts_rbac() {
+        run_on(Release::OldestKubernetes);
+        super::the_controller_does_its_whole_job_with_exactly_the_charts_rbac();
+    }
 }

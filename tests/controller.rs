@@ -493,3 +493,27 @@ async fn a_pod_turning_ready_takes_a_lease_granted_ahead_unless_the_pool_is_off(
         }
     }
 }
+
+/// The compatibility subset on the oldest supported Kubernetes (1.34): the same tests, each in a process of its own
+/// (README, "Supported versions").
+mod on_kubernetes_1_34 {
+    use super::support::{run_on, Release};
+
+    #[test]
+    fn a_ready_pod_is_published_under_its_own_lease_and_revoked_when_not_ready() {
+        run_on(Release::OldestKubernetes);
+        super::a_ready_pod_is_published_under_its_own_lease_and_revoked_when_not_ready();
+    }
+
+    #[test]
+    fn a_terminating_pod_is_revoked_before_it_is_gone() {
+        run_on(Release::OldestKubernetes);
+        super::a_terminating_pod_is_revoked_before_it_is_gone();
+    }
+
+    #[test]
+    fn annotated_pods_are_published_and_bad_annotations_become_events() {
+        run_on(Release::OldestKubernetes);
+        super::annotated_pods_are_published_and_bad_annotations_become_events();
+    }
+}

@@ -139,3 +139,15 @@ async fn a_stale_installed_crd_is_reported_at_start() {
     })
     .await;
 }
+
+/// The compatibility subset on the oldest supported Kubernetes (1.34): the same tests, each in a process of its own
+/// (README, "Supported versions").
+mod on_kubernetes_1_34 {
+    use super::support::{run_on, Release};
+
+    #[test]
+    fn the_api_server_accepts_the_crd_defaults_and_validates() {
+        run_on(Release::OldestKubernetes);
+        super::the_api_server_accepts_the_crd_defaults_and_validates();
+    }
+}

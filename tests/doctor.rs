@@ -209,7 +209,7 @@ async fn the_charts_setup_passes_and_each_kubernetes_side_misconfiguration_is_na
     let run = doctor(dir, "correct", &kubeconfig, &args).await;
     run.passes();
     assert!(run.with("WARN").is_empty(), "{}", run.output);
-    run.line("OK", "kubernetes", &["the API server answers (v1.20.2)"]);
+    run.line("OK", "kubernetes", &[&format!("the API server answers ({})", Binaries::locate().kube_version)]);
     run.line("OK", "clock", &["agrees with the API server's"]);
     run.line("OK", "clock", &["etcd's lease clock", "runs at our rate"]);
     run.line("OK", "rbac", &["all 14 API calls podlease makes are allowed"]);
@@ -386,7 +386,7 @@ struct OldEtcd {
 
 impl OldEtcd {
     fn start(dir: &Path) -> OldEtcd {
-        let bin = testbed_var("PODLEASE_ETCD_OLD_BIN");
+        let bin = testbed_path("PODLEASE_ETCD_OLD_BIN");
         let (client, peer) = (free_port(), free_port());
         let endpoint = format!("http://127.0.0.1:{client}");
         let mut cmd = Command::new(bin);
@@ -413,17 +413,6 @@ impl Drop for OldEtcd {
 }
 
 /// A path scripts/testbed.sh wrote into testbed.env (or the environment has).
-fn testbed_var(name: &str) -> PathBuf {
-    if let Some(v) = std::env::var_os(name) {
-        return v.into();
-    }
-    let cache = std::env::var_os("PODLEASE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        std::env::var_os("XDG_CACHE_HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache")).join("podlease")
-    });
-    let env = std::fs::read_to_string(cache.join("testbed.env")).unwrap_or_default();
-    let value = env.lines().find_map(|l| l.strip_prefix(&format!("{name}="))).unwrap_or_else(|| panic!("{name} is not in testbed.env: run scripts/testbed.sh"));
-    PathBuf::from(value.trim())
-}
 
 /// (apiGroup, resource[/subresource], verb, resourceName, namespace) as RBAC rules grant it.
 type Grant = (String, String, String, Option<String>, Option<String>);

@@ -962,3 +962,27 @@ async fn a_ttl_change_moves_every_key_to_a_new_lease_without_a_delete() {
         assert!(left <= 0, "old lease {l:x} revoked (ttl {left})");
     }
 }
+
+/// The compatibility subset on etcd 3.5 (most clusters still run it): the same tests, each in a process of its own
+/// (README, "Supported versions").
+mod on_etcd_3_5 {
+    use super::support::{run_on, Release};
+
+    #[test]
+    fn killing_the_leader_hands_over_without_a_single_delete() {
+        run_on(Release::Etcd35);
+        super::killing_the_leader_hands_over_without_a_single_delete();
+    }
+
+    #[test]
+    fn an_etcd_outage_longer_than_the_ttl_is_survived() {
+        run_on(Release::Etcd35);
+        super::an_etcd_outage_longer_than_the_ttl_is_survived();
+    }
+
+    #[test]
+    fn a_three_member_etcd_cluster_loses_its_leader_and_no_registration() {
+        run_on(Release::Etcd35);
+        super::a_three_member_etcd_cluster_loses_its_leader_and_no_registration();
+    }
+}

@@ -291,3 +291,33 @@ async fn a_service_reading_another_services_keys_is_reported() {
     .await;
     assert_eq!(keys(&bed.etcd, "kitex/registry-etcd/user/").await.len(), 2);
 }
+
+/// The compatibility subset on etcd 3.5 (most clusters still run it): the same tests, each in a process of its own
+/// (README, "Supported versions").
+mod on_etcd_3_5 {
+    use super::support::{run_on, Release};
+
+    #[test]
+    fn etcd_naming_resolver_reads_addresses_and_decodes_deletes_from_the_key() {
+        run_on(Release::Etcd35);
+        super::etcd_naming_resolver_reads_addresses_and_decodes_deletes_from_the_key();
+    }
+
+    #[test]
+    fn go_zero_subscriber_reads_plain_addresses_under_lease_keys() {
+        run_on(Release::Etcd35);
+        super::go_zero_subscriber_reads_plain_addresses_under_lease_keys();
+    }
+
+    #[test]
+    fn kratos_reads_only_valid_instances_with_scheme_endpoints() {
+        run_on(Release::Etcd35);
+        super::kratos_reads_only_valid_instances_with_scheme_endpoints();
+    }
+
+    #[test]
+    fn go_micro_decodes_a_delete_from_the_previous_value_and_finds_the_node() {
+        run_on(Release::Etcd35);
+        super::go_micro_decodes_a_delete_from_the_previous_value_and_finds_the_node();
+    }
+}

@@ -274,3 +274,21 @@ async fn a_stale_gate_write_landing_after_the_leaders_is_corrected() {
     .await;
     println!("measured: a stale False corrected after {:?}", fixed.at - closed.at);
 }
+
+/// The compatibility subset on the oldest supported Kubernetes (1.34): the same tests, each in a process of its own
+/// (README, "Supported versions").
+mod on_kubernetes_1_34 {
+    use super::support::{run_on, Release};
+
+    #[test]
+    fn a_gated_pod_turns_ready_only_after_its_key_is_in_etcd() {
+        run_on(Release::OldestKubernetes);
+        super::a_gated_pod_turns_ready_only_after_its_key_is_in_etcd();
+    }
+
+    #[test]
+    fn containers_turning_unready_close_the_gate_only_once_the_key_is_revoked_and_reopen_it_after_the_key() {
+        run_on(Release::OldestKubernetes);
+        super::containers_turning_unready_close_the_gate_only_once_the_key_is_revoked_and_reopen_it_after_the_key();
+    }
+}

@@ -65,6 +65,7 @@ fn probed_deployment(name: &str, replicas: i32, probe_dir: &std::path::Path) -> 
 
 #[tokio::test]
 async fn a_real_node_runs_a_probed_deployment_and_leaves_nothing_behind() {
+    let _body = support::watchdog::body("a real node");
     let cluster = MiniCluster::start().await;
     eprintln!(
         "apiserver ready {:?}, containerd ready {:?}, node Ready {:?} after start",
@@ -167,6 +168,35 @@ async fn a_real_node_runs_a_probed_deployment_and_leaves_nothing_behind() {
 
 fn container_of(pod: &Pod) -> &k8s_openapi::api::core::v1::Container {
     &pod.spec.as_ref().unwrap().containers[0]
+}
+
+/// An annotated pod with a sidecar `proxy` (an init container with restartPolicy Always)
+/// whose exec readiness probe passes while `<probe dir>/<name>-proxy` exists; the main
+/// container's passes while `<probe dir>/<name>` does.
+fn sidecar_pod(name: &str, probe_dir: &std::path::Path) -> Pod {
+    let probe = |file: String| json!({"exec": {"command": ["/bin/sh", "-c", format!("test -f /probe/{file}")]}, "periodSeconds": 1, "failureThreshold": 1, "successThreshold": 1, "timeoutSeconds": 1});
+    serde_json::from_value(json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": "default", "annotations": {"podlease.io/service": name}},
+        "spec": {
+            "terminationGracePeriodSeconds": 5,
+            "initContainers": [{
+                "name": "proxy", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never", "restartPolicy": "Always",
+                "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"],
+                "volumeMounts": [{"name": "probe", "mountPath": "/probe"}],
+                "readinessProbe": probe(format!("{name}-proxy")),
+            }],
+            "containers": [{
+                "name": "main", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never",
+                "command": ["/bin/sh", "-c", "trap 'exit 0' TERM; while true; do sleep 1; done"],
+                "ports": [{"name": "http", "containerPort": 8080}],
+                "volumeMounts": [{"name": "probe", "mountPath": "/probe"}],
+                "readinessProbe": probe(name.to_string()),
+            }],
+            "volumes": [{"name": "probe", "hostPath": {"path": probe_dir, "type": "Directory"}}],
+        },
+    }))
+    .unwrap()
 }
 
 /// A Deployment of pods (own network namespace, pod IP from the bridge) annotated for
@@ -288,6 +318,7 @@ async fn install_podlease(tag: &str) -> Installed {
 /// Deployment's ready pods appear in the registry etcd and a pod whose probe fails leaves it.
 #[tokio::test]
 async fn podlease_installed_by_its_chart_publishes_the_ready_pods_of_the_node() {
+    let _body = support::watchdog::body("installed by its chart");
     let Installed { cluster, registry: _registry, etcd, work: _work, .. } = install_podlease("node-test").await;
 
     // An annotated Deployment: its ready pods appear in etcd under the defaults' format.
@@ -333,6 +364,45 @@ async fn podlease_installed_by_its_chart_publishes_the_ready_pods_of_the_node() 
     support::etcd::wait_absent(&etcd, &format!("/services/web/default/{gone}"), Duration::from_secs(30)).await;
     eprintln!("readiness file removed → key gone in {:?}", t.elapsed());
     assert_eq!(support::etcd_dump(&etcd, "/services/web/").await.len(), 2);
+
+    // A sidecar (an init container with restartPolicy Always, GA since 1.33) whose readiness
+    // probe fails keeps its pod unpublished although the main container is ready; once the
+    // sidecar turns ready, kubelet marks the pod Ready and the key appears.
+    let t = Instant::now();
+    apps.create(&PostParams::default(), &sidecar_pod("side", &cluster.probe_dir)).await.expect("create the sidecar pod");
+    std::fs::write(cluster.probe_dir.join("side"), "").unwrap();
+    wait_until("the sidecar pod Running with its main container ready and its sidecar not", Duration::from_secs(90), || {
+        let apps = apps.clone();
+        async move {
+            let p = apps.get("side").await.ok()?;
+            let s = p.status.as_ref()?;
+            let main_ready = s.container_statuses.iter().flatten().any(|c| c.name == "main" && c.ready);
+            let sidecar = s.init_container_statuses.iter().flatten().find(|c| c.name == "proxy")?;
+            let sidecar_running = sidecar.state.as_ref().is_some_and(|st| st.running.is_some());
+            (running(&p) && main_ready && sidecar_running && !sidecar.ready && !ready(&p)).then_some(())
+        }
+    })
+    .await;
+    // The sidecar's probe has failed (kubelet's Unhealthy Event) and the pod was never Ready:
+    // podlease must not have published it.
+    let events: Api<Event> = Api::namespaced(cluster.kube.clone(), "default");
+    wait_until("a failed readiness probe of the sidecar", Duration::from_secs(30), || {
+        let events = events.clone();
+        async move {
+            let list = ListParams::default().fields("involvedObject.name=side,reason=Unhealthy");
+            (!events.list(&list).await.ok()?.items.is_empty()).then_some(())
+        }
+    })
+    .await;
+    assert!(support::etcd_dump(&etcd, "/services/side/").await.is_empty(), "a pod whose sidecar is not ready was published");
+    let t_sidecar = Instant::now();
+    std::fs::write(cluster.probe_dir.join("side-proxy"), "").unwrap();
+    let kv = support::etcd::wait_key_within(&etcd, "/services/side/default/side", Duration::from_secs(30)).await;
+    let ip = apps.get("side").await.unwrap().status.unwrap().pod_ip.unwrap();
+    let v: serde_json::Value = serde_json::from_slice(kv.value()).unwrap();
+    assert_eq!(v["addr"], format!("{ip}:8080"));
+    eprintln!("sidecar: unpublished while its probe failed ({:?}); sidecar ready → key in {:?}", t_sidecar - t, t_sidecar.elapsed());
+
     eprintln!("{}", cluster.kubectl(&["get", "pods", "-A", "-o", "wide"]));
     // With pods on the bridge, still no way out of the namespace.
     cluster.assert_sealed();
@@ -537,6 +607,7 @@ fn first_unready_since(pods: &PodWatch, names: &[String], since: Instant) -> Opt
 ///    value changed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 3)]
 async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through_flips_rollout_deletes_failovers_and_upgrade() {
+    let _body = support::watchdog::body("the user story");
     const APP: &str = "shop";
     const SELECTOR: &str = "app=shop";
     const REPLICAS: usize = 3;
@@ -838,4 +909,16 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
     assert_nothing_left("the mini-cluster", || Leftovers::of(&traces));
     drop(registry);
     eprintln!("the whole story in {:?}", t_test.elapsed());
+}
+
+/// The compatibility subset on the oldest supported Kubernetes (1.34): the same tests, each in a process of its own
+/// (README, "Supported versions").
+mod on_kubernetes_1_34 {
+    use super::support::{run_on, Release};
+
+    #[test]
+    fn podlease_installed_by_its_chart_publishes_the_ready_pods_of_the_node() {
+        run_on(Release::OldestKubernetes);
+        super::podlease_installed_by_its_chart_publishes_the_ready_pods_of_the_node();
+    }
 }

@@ -74,3 +74,15 @@ async fn updates_already_queued_are_applied_before_any_write_starts() {
     term.cancel();
     let _ = task.await;
 }
+
+/// The compatibility subset on etcd 3.5 (most clusters still run it): the same tests, each in a process of its own
+/// (README, "Supported versions").
+mod on_etcd_3_5 {
+    use super::support::{run_on, Release};
+
+    #[test]
+    fn updates_already_queued_are_applied_before_any_write_starts() {
+        run_on(Release::Etcd35);
+        super::updates_already_queued_are_applied_before_any_write_starts();
+    }
+}

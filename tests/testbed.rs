@@ -1,4 +1,4 @@
-//! The test bed is real: a kube-apiserver v1.20.2 that stores pods, a registry etcd 3.5
+//! The test bed is real: a kube-apiserver v1.37.2 that stores pods, a registry etcd 3.6
 //! with working leases, and two beds side by side without clashing.
 
 mod support;
@@ -11,10 +11,13 @@ use kube::Api;
 use support::*;
 
 #[tokio::test]
-async fn the_api_server_is_v1_20_2_and_stores_pods() {
+async fn the_api_server_is_v1_37_2_the_registry_etcd_3_6_and_pods_are_stored() {
     let bed = TestBed::start().await;
     let version = bed.kube.apiserver_version().await.expect("version");
-    assert_eq!(version.git_version, "v1.20.2", "{version:?}");
+    assert_eq!(version.git_version, "v1.37.2", "{version:?}");
+    assert_eq!(Binaries::locate().kube_version, "v1.37.2");
+    let status = bed.etcd.maintenance_client().status().await.expect("etcd status");
+    assert!(status.version().starts_with("3.6."), "the registry etcd is {}", status.version());
 
     create_pod(&bed.kube, "default", &PodSpec::new("p1").label("app", "a")).await;
     let pods: Api<Pod> = Api::namespaced(bed.kube.clone(), "default");

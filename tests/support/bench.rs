@@ -309,11 +309,11 @@ pub async fn watch_etcd(etcd: &etcd_client::Client, prefix: &str) -> Arc<Seen> {
     seen
 }
 
-/// A watch of the EndpointSlices (discovery.k8s.io/v1beta1 on 1.20) of Service `service` in
+/// A watch of the EndpointSlices (discovery.k8s.io/v1) of Service `service` in
 /// every namespace: an endpoint's `ready` condition per address, recorded when it changes.
 pub fn watch_slices(kube: &kube::Client, service: &str) -> Arc<Seen> {
     let seen = Arc::new(Seen::default());
-    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("discovery.k8s.io", "v1beta1", "EndpointSlice"), "endpointslices");
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("discovery.k8s.io", "v1", "EndpointSlice"), "endpointslices");
     let slices: Api<DynamicObject> = Api::all_with(kube.clone(), &ar);
     let cfg = watcher::Config::default().labels(&format!("kubernetes.io/service-name={service}"));
     let sink = seen.clone();
@@ -417,8 +417,7 @@ impl Peer {
             "--leader-elect=false".into(),
             "--bind-address=127.0.0.1".into(),
             "--secure-port=0".into(),
-            "--address=127.0.0.1".into(),
-            format!("--port={metrics_port}"),
+            format!("--secure-port={metrics_port}"),
             format!("--kube-api-qps={}", qps.0),
             format!("--kube-api-burst={}", qps.1),
             "--v=1".into(),

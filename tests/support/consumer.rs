@@ -56,24 +56,7 @@ pub struct Resolver {
 /// The binary: $PODLEASE_ETCD_RESOLVE_BIN, else the cache's testbed.env entry (as
 /// `Binaries::locate` finds the others).
 pub fn binary() -> PathBuf {
-    const VAR: &str = "PODLEASE_ETCD_RESOLVE_BIN";
-    let cache = std::env::var_os("PODLEASE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
-        base.join("podlease")
-    });
-    let env_file = cache.join("testbed.env");
-    let from_file = || {
-        let text = std::fs::read_to_string(&env_file).ok()?;
-        text.lines().find_map(|l| l.strip_prefix(VAR)?.strip_prefix('=').map(|v| v.trim().to_string()))
-    };
-    let path = std::env::var(VAR).ok().or_else(from_file).unwrap_or_else(|| {
-        panic!("{VAR} is not set and {} has no entry: run scripts/testbed.sh (or scripts/consumer.sh)", env_file.display())
-    });
-    let path = PathBuf::from(path);
-    assert!(path.exists(), "{VAR}={} does not exist: run scripts/consumer.sh", path.display());
-    path
+    super::testbed_path("PODLEASE_ETCD_RESOLVE_BIN")
 }
 
 impl Resolver {

@@ -34,9 +34,9 @@ fn helm(args: &[&str], values: &Value) -> (bool, String) {
     (out.status.success(), text)
 }
 
-/// Rendered manifests as objects, CRDs first, for Kubernetes v1.20.2 (the test bed's).
+/// Rendered manifests as objects, CRDs first, for the test bed's Kubernetes release.
 pub fn render(values: &Value, release: &str, namespace: &str) -> Vec<Value> {
-    let (ok, out) = helm(&["render", CHART, release, namespace, "v1.20.2"], values);
+    let (ok, out) = helm(&["render", CHART, release, namespace, &super::Binaries::locate().kube_version], values);
     assert!(ok, "render failed: {out}");
     let files: BTreeMap<String, String> = serde_json::from_str(&out).expect("render output");
     let mut objects: Vec<Value> = Vec::new();
@@ -53,7 +53,7 @@ pub fn render(values: &Value, release: &str, namespace: &str) -> Vec<Value> {
 
 /// NOTES.txt as rendered.
 pub fn notes(values: &Value) -> String {
-    let (ok, out) = helm(&["render", CHART, "rel", "podlease-system", "v1.20.2"], values);
+    let (ok, out) = helm(&["render", CHART, "rel", "podlease-system", &super::Binaries::locate().kube_version], values);
     assert!(ok);
     let files: BTreeMap<String, String> = serde_json::from_str(&out).unwrap();
     files.into_iter().find(|(p, _)| p.ends_with("NOTES.txt")).map(|(_, t)| t).unwrap_or_default()
@@ -61,7 +61,7 @@ pub fn notes(values: &Value) -> String {
 
 /// `helm lint --strict` findings of warning level or worse.
 pub fn lint_problems(values: &Value) -> Vec<String> {
-    let (_, out) = helm(&["lint", CHART], values);
+    let (_, out) = helm(&["lint", CHART, &super::Binaries::locate().kube_version], values);
     let report: Value = serde_json::from_str(&out).expect("lint report");
     let mut problems: Vec<String> = report["errors"].as_array().unwrap().iter().map(|e| e.to_string()).collect();
     for m in report["messages"].as_array().unwrap() {

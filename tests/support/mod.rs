@@ -11,6 +11,7 @@ pub mod bench;
 pub mod consumer;
 pub mod controller;
 pub mod etcd;
+pub mod frameworks;
 pub mod gate;
 pub mod helm;
 pub mod kubelet;
@@ -19,6 +20,7 @@ pub mod observer;
 pub mod proc;
 pub mod proxy;
 pub mod tls;
+pub mod watchdog;
 
 use std::collections::{BTreeMap, HashSet};
 use std::net::TcpListener;
@@ -47,6 +49,69 @@ pub const DEADLINE: Duration = Duration::from_secs(30);
 /// The admin bearer token of every test bed's apiserver (static token file).
 pub const ADMIN_TOKEN: &str = "admintoken";
 
+/// The releases a test runs on. The bed's own are Kubernetes 1.37 and etcd 3.6; a
+/// compatibility test picks the oldest supported Kubernetes (1.34) or etcd 3.5 as its first
+/// step, before anything locates a binary (each test is a process of its own under nextest).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Release {
+    /// Kubernetes 1.37 and etcd 3.6.
+    Current,
+    /// The oldest supported Kubernetes (1.34), with etcd 3.6.
+    OldestKubernetes,
+    /// etcd 3.5 (the registry and the API server's storage), with Kubernetes 1.37.
+    Etcd35,
+}
+
+static RELEASE: OnceLock<Release> = OnceLock::new();
+
+/// Runs this test process on `release` (call it first: the binaries are located once).
+pub fn run_on(release: Release) {
+    RELEASE.set(release).expect("run_on: the release is chosen once, before any bed starts");
+    eprintln!("compatibility run on {release:?}: {}", Binaries::locate().describe());
+}
+
+fn release() -> Release {
+    *RELEASE.get_or_init(|| Release::Current)
+}
+
+/// The cache directory (`PODLEASE_CACHE`, else `$XDG_CACHE_HOME/podlease`, else ~/.cache/podlease).
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("PODLEASE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        let base = std::env::var_os("XDG_CACHE_HOME")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
+        base.join("podlease")
+    })
+}
+
+/// A variable of the test bed: the environment's `name`, else the cache's testbed.env's.
+pub fn testbed_var(name: &str) -> Option<String> {
+    static ENV: OnceLock<BTreeMap<String, String>> = OnceLock::new();
+    let env = ENV.get_or_init(|| {
+        let text = std::fs::read_to_string(cache_dir().join("testbed.env")).unwrap_or_default();
+        text.lines().filter_map(|l| l.split_once('=')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect()
+    });
+    std::env::var(name).ok().or_else(|| env.get(name).cloned())
+}
+
+/// A path of the test bed that must exist (`testbed_var`), or a panic that says what to run.
+pub fn testbed_path(name: &str) -> PathBuf {
+    let p = testbed_var(name).unwrap_or_else(|| {
+        panic!("{name} is not set and {} has no entry: run scripts/testbed.sh (or `make test`) first", cache_dir().join("testbed.env").display())
+    });
+    let p = PathBuf::from(p);
+    assert!(p.exists(), "{name}={} does not exist: run scripts/testbed.sh", p.display());
+    p
+}
+
+/// A Kubernetes component of the release this test runs on (`kube-apiserver`, `kubelet`, ...).
+pub fn kube_binary(component: &str) -> PathBuf {
+    match release() {
+        Release::OldestKubernetes => testbed_path("PODLEASE_KUBE_OLDEST_DIR").join(component),
+        _ => testbed_path(&format!("PODLEASE_{}_BIN", component.replace('-', "_").to_uppercase())),
+    }
+}
+
 /// Paths of the test bed's binaries.
 #[derive(Debug, Clone)]
 pub struct Binaries {
@@ -54,6 +119,8 @@ pub struct Binaries {
     pub etcdctl: PathBuf,
     pub kube_apiserver: PathBuf,
     pub kube_controller_manager: PathBuf,
+    /// The Kubernetes release of those binaries, as `/version` says it (`v1.37.2`).
+    pub kube_version: String,
     /// Python of the virtualenv with helm-python-sdk (real Helm rendering).
     pub helm_python: PathBuf,
     pub kubectl: PathBuf,
@@ -63,43 +130,38 @@ pub struct Binaries {
 }
 
 impl Binaries {
-    /// Reads `PODLEASE_*_BIN` from the environment, falling back to the cache's testbed.env.
+    /// Reads `PODLEASE_*_BIN` from the environment, falling back to the cache's testbed.env,
+    /// for the release this test runs on ([`run_on`]).
     pub fn locate() -> &'static Binaries {
         static BINS: OnceLock<Binaries> = OnceLock::new();
+        // Every test that starts a bed locates its binaries first: a hung one shows its stacks.
+        watchdog::install();
         BINS.get_or_init(|| {
-            let mut vars: BTreeMap<String, String> = BTreeMap::new();
-            let cache = std::env::var_os("PODLEASE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-                let base = std::env::var_os("XDG_CACHE_HOME")
-                    .map(PathBuf::from)
-                    .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
-                base.join("podlease")
-            });
-            if let Ok(text) = std::fs::read_to_string(cache.join("testbed.env")) {
-                for line in text.lines() {
-                    if let Some((k, v)) = line.split_once('=') {
-                        vars.insert(k.trim().to_string(), v.trim().to_string());
-                    }
-                }
-            }
-            let get = |name: &str| -> PathBuf {
-                let p = std::env::var(name).ok().or_else(|| vars.get(name).cloned()).unwrap_or_else(|| {
-                    panic!("{name} is not set and {} has no entry: run scripts/testbed.sh (or `make test`) first", cache.join("testbed.env").display())
-                });
-                let p = PathBuf::from(p);
-                assert!(p.exists(), "{name}={} does not exist: run scripts/testbed.sh", p.display());
-                p
+            let etcd35 = release() == Release::Etcd35;
+            let kube_version = match release() {
+                Release::OldestKubernetes => testbed_var("PODLEASE_KUBE_OLDEST_VERSION"),
+                _ => testbed_var("PODLEASE_KUBE_VERSION"),
             };
             Binaries {
-                etcd: get("PODLEASE_ETCD_BIN"),
-                etcdctl: get("PODLEASE_ETCDCTL_BIN"),
-                kube_apiserver: get("PODLEASE_KUBE_APISERVER_BIN"),
-                kube_controller_manager: get("PODLEASE_KUBE_CONTROLLER_MANAGER_BIN"),
-                helm_python: get("PODLEASE_HELM_PYTHON"),
-                kubectl: get("PODLEASE_KUBECTL_BIN"),
-                prometheus: get("PODLEASE_PROMETHEUS_BIN"),
-                promtool: get("PODLEASE_PROMTOOL_BIN"),
+                etcd: testbed_path(if etcd35 { "PODLEASE_ETCD35_BIN" } else { "PODLEASE_ETCD_BIN" }),
+                etcdctl: testbed_path(if etcd35 { "PODLEASE_ETCDCTL35_BIN" } else { "PODLEASE_ETCDCTL_BIN" }),
+                kube_apiserver: kube_binary("kube-apiserver"),
+                kube_controller_manager: kube_binary("kube-controller-manager"),
+                kube_version: format!("v{}", kube_version.expect("PODLEASE_KUBE_VERSION: run scripts/testbed.sh")),
+                helm_python: testbed_path("PODLEASE_HELM_PYTHON"),
+                // kubectl of the bed's own release (the version skew policy allows one minor
+                // either way; 1.37's kubectl is not for 1.34).
+                kubectl: kube_binary("kubectl"),
+                prometheus: testbed_path("PODLEASE_PROMETHEUS_BIN"),
+                promtool: testbed_path("PODLEASE_PROMTOOL_BIN"),
             }
         })
+    }
+
+    /// The releases, for reports.
+    pub fn describe(&self) -> String {
+        let etcd = Command::new(&self.etcd).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or("").to_string()).unwrap_or_default();
+        format!("Kubernetes {}, {etcd}", self.kube_version)
     }
 }
 
@@ -301,11 +363,8 @@ impl EtcdServer {
             .arg("new")
             .arg("--log-level")
             .arg(std::env::var("PODLEASE_ETCD_LOG_LEVEL").unwrap_or_else(|_| "warn".into()))
-            // Fast elections keep fault-injection tests short; defaults are 100ms/1000ms.
-            .arg("--heartbeat-interval")
-            .arg("50")
-            .arg("--election-timeout")
-            .arg("500")
+            // etcd's own heartbeat and election timeout (100 ms, 1,000 ms): the failover and
+            // keepalive claims are made at the timings users run.
             .args(&self.extra);
         // One log per run: etcd-<name>-<run>.log.
         self.runs += 1;
@@ -483,7 +542,6 @@ impl TestBed {
             .arg("--leader-elect=false")
             .arg("--bind-address=127.0.0.1")
             .arg("--secure-port=0")
-            .arg("--port=0")
             .arg("--v=1");
         spawn_owned(
             &mut cmd,
@@ -580,7 +638,6 @@ impl TestBed {
             ))
             .arg("--service-cluster-ip-range=10.96.0.0/16")
             .arg("--disable-admission-plugins=ServiceAccount")
-            .arg("--insecure-port=0")
             .arg("--advertise-address=127.0.0.1")
             .arg("--v=1");
         if audit {

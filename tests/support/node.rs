@@ -40,7 +40,7 @@ use k8s_openapi::api::core::v1::{Node, ServiceAccount};
 use kube::api::Api;
 use kube::Client;
 
-use super::{client_from, kill_child, kubeconfig_yaml, run, spawn_owned, Binaries, ADMIN_TOKEN};
+use super::{client_from, kill_child, kubeconfig_yaml, run, spawn_owned, testbed_path, Binaries, ADMIN_TOKEN};
 use netns::{Forward, NetNs};
 
 /// The one node's name.
@@ -90,45 +90,18 @@ pub struct NodeBinaries {
 impl NodeBinaries {
     pub fn locate() -> &'static NodeBinaries {
         static BINS: OnceLock<NodeBinaries> = OnceLock::new();
-        BINS.get_or_init(|| {
-            let env = testbed_env();
-            let get = |name: &str| -> PathBuf {
-                let p = std::env::var(name).ok().or_else(|| env.get(name).cloned()).unwrap_or_else(|| {
-                    panic!("{name} is not set and testbed.env has no entry: run scripts/testbed.sh (or `make test`) first")
-                });
-                let p = PathBuf::from(p);
-                assert!(p.exists(), "{name}={} does not exist: run scripts/testbed.sh", p.display());
-                p
-            };
-            NodeBinaries {
-                kubelet: get("PODLEASE_KUBELET_BIN"),
-                kube_scheduler: get("PODLEASE_KUBE_SCHEDULER_BIN"),
-                containerd_dir: get("PODLEASE_CONTAINERD_DIR"),
-                runc: get("PODLEASE_RUNC_BIN"),
-                cni_bin_dir: get("PODLEASE_CNI_BIN_DIR"),
-                pause_image: get("PODLEASE_PAUSE_IMAGE"),
-                busybox_image: get("PODLEASE_BUSYBOX_IMAGE"),
-            }
+        BINS.get_or_init(|| NodeBinaries {
+            kubelet: super::kube_binary("kubelet"),
+            kube_scheduler: super::kube_binary("kube-scheduler"),
+            containerd_dir: testbed_path("PODLEASE_CONTAINERD_DIR"),
+            runc: testbed_path("PODLEASE_RUNC_BIN"),
+            cni_bin_dir: testbed_path("PODLEASE_CNI_BIN_DIR"),
+            pause_image: testbed_path("PODLEASE_PAUSE_IMAGE"),
+            busybox_image: testbed_path("PODLEASE_BUSYBOX_IMAGE"),
         })
     }
 }
 
-/// The cache's testbed.env as a map (the same file `Binaries::locate` reads).
-fn testbed_env() -> BTreeMap<String, String> {
-    let cache = std::env::var_os("PODLEASE_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        let base = std::env::var_os("XDG_CACHE_HOME")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache"));
-        base.join("podlease")
-    });
-    let text = std::fs::read_to_string(cache.join("testbed.env")).unwrap_or_default();
-    text.lines()
-        .filter_map(|l| l.split_once('='))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect()
-}
-
-/// The project's scripts/node directory (nsinit.sh).
 fn node_scripts() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/node")
 }
@@ -348,7 +321,6 @@ impl MiniCluster {
             // certificate names it.
             .arg(format!("--advertise-address={NODE_ADDRESS}"))
             .arg(format!("--secure-port={APISERVER_PORT}"))
-            .arg("--insecure-port=0")
             .arg(format!("--cert-dir={}", root.join("certs").display()))
             .arg(format!("--token-auth-file={}", tokens.display()))
             .arg("--authorization-mode=Node,RBAC")
@@ -372,12 +344,11 @@ impl MiniCluster {
         cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
             .arg("--controllers=*")
             .arg("--leader-elect=false")
-            .arg("--port=0")
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--secure-port={CONTROLLER_MANAGER_PORT}"))
             .arg(format!("--cert-dir={}", root.join("kcm-certs").display()))
             .arg(format!("--service-account-private-key-file={}", sa_key.display()))
-            // The token controller puts this CA into every ServiceAccount token Secret.
+            // The root CA publisher puts this CA into every namespace's kube-root-ca.crt.
             .arg(format!("--root-ca-file={}", root.join("certs/apiserver.crt").display()))
             .arg(format!("--flex-volume-plugin-dir={}", root.join("kcm-flex").display()))
             .arg("--v=1");
@@ -385,7 +356,6 @@ impl MiniCluster {
         let mut cmd = self.in_node(&nbins.kube_scheduler);
         cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
             .arg("--leader-elect=false")
-            .arg("--port=0")
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--secure-port={SCHEDULER_PORT}"))
             .arg(format!("--cert-dir={}", root.join("scheduler-certs").display()))
@@ -484,7 +454,12 @@ authentication:
   webhook: {{enabled: false}}
 authorization:
   mode: AlwaysAllow
+containerRuntimeEndpoint: unix://{sock}
+imageServiceEndpoint: unix://{sock}
+volumePluginDir: {root}/kubelet/volume-plugins
 # The hybrid cgroup layout here: cgroupfs, no QoS hierarchy, no allocatable enforcement.
+# kubelet 1.35+ refuses cgroup v1 unless told otherwise, and this machine's hierarchy is v1.
+failCgroupV1: false
 cgroupDriver: cgroupfs
 cgroupsPerQOS: false
 enforceNodeAllocatable: []
@@ -502,6 +477,8 @@ imageGCHighThresholdPercent: 100
 imageGCLowThresholdPercent: 99
 serializeImagePulls: false
 ",
+            sock = self.sock().display(),
+            root = root.display(),
         );
         std::fs::write(root.join("kubelet.yaml"), kubelet).unwrap();
     }
@@ -528,16 +505,11 @@ serializeImagePulls: false
     fn start_kubelet(&mut self) {
         let root = self.root().to_path_buf();
         let nbins = NodeBinaries::locate();
-        let sock = format!("unix://{}", self.sock().display());
         let mut cmd = self.in_node(&nbins.kubelet);
         cmd.arg(format!("--config={}", root.join("kubelet.yaml").display()))
             .arg(format!("--kubeconfig={}", self.node_kubeconfig().display()))
-            .arg("--container-runtime=remote")
-            .arg(format!("--container-runtime-endpoint={sock}"))
-            .arg(format!("--image-service-endpoint={sock}"))
             .arg(format!("--root-dir={}", root.join("kubelet").display()))
             .arg(format!("--cert-dir={}", root.join("kubelet/pki").display()))
-            .arg(format!("--volume-plugin-dir={}", root.join("kubelet/volume-plugins").display()))
             .arg(format!("--hostname-override={NODE_NAME}"))
             // kubelet refuses a loopback node IP; this one exists in the namespace only.
             .arg(format!("--node-ip={NODE_ADDRESS}"))
@@ -603,13 +575,21 @@ serializeImagePulls: false
         }
     }
 
-    /// Waits until ServiceAccount `name` in `ns` exists with its token Secret (pods that use it
-    /// are refused by the ServiceAccount admission plugin until then).
+    /// Waits until ServiceAccount `name` in `ns` exists, and the namespace's
+    /// `kube-root-ca.crt` with it: pods that use the account are admitted only then, and
+    /// kubelet mounts its projected token (TokenRequest, the API server's CA from that
+    /// ConfigMap; no token Secret since 1.24).
     pub async fn wait_service_account(&self, ns: &str, name: &str) {
+        use k8s_openapi::api::core::v1::ConfigMap;
         let api: Api<ServiceAccount> = Api::namespaced(self.kube.clone(), ns);
-        super::wait_until(&format!("ServiceAccount {ns}/{name} with its token"), Duration::from_secs(60), || {
-            let api = api.clone();
-            async move { api.get_opt(name).await.ok()??.secrets.filter(|s| !s.is_empty()).map(|_| ()) }
+        let cms: Api<ConfigMap> = Api::namespaced(self.kube.clone(), ns);
+        super::wait_until(&format!("ServiceAccount {ns}/{name} and ConfigMap kube-root-ca.crt"), Duration::from_secs(60), || {
+            let (api, cms) = (api.clone(), cms.clone());
+            async move {
+                api.get_opt(name).await.ok()??;
+                cms.get_opt("kube-root-ca.crt").await.ok()??;
+                Some(())
+            }
         })
         .await;
     }

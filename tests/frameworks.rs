@@ -1,0 +1,308 @@
+//! Each consumer framework's own discovery client resolves what podlease writes: go-zero,
+//! Kratos, go-micro, Kitex and Hertz (tools/consumers/<framework>, built from the framework's
+//! own module at a pinned version), against the real bed at the defaults (TTL 30 s, the
+//! chart's leader Lease, etcd's own timings).
+//!
+//! One story per framework:
+//! 1. podlease publishes three ready pods in the framework's format;
+//! 2. the client hands out exactly those instances, compared field by field (address, and
+//!    where the format has them id, name, version, metadata, weight, tags);
+//! 3. a pod turning not ready leaves the client's view (the time it takes is printed);
+//! 4. a rollout (three new pods ready, the old ones terminating) converges to the new set;
+//! 5. the leader is SIGKILLed: the client sees no change at all, and etcd no DELETE;
+//! 6. coexistence: an instance registered by the framework's own server-side code (its
+//!    register and keepalive) beside podlease's: the client resolves both, and neither writer
+//!    touches the other's key.
+//!
+//! Pods get loopback addresses (127.0.0.x): a client that dials (`--dial`: zrpc, Kratos gRPC,
+//! Kitex, Hertz) calls test servers the test starts on exactly those addresses.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::frameworks::{Client, Framework, addrs_of};
+use support::*;
+
+const NS: &str = "shop";
+const PORT: u16 = 9000;
+/// The pods of the first set and of the rollout.
+const FIRST: [(&str, &str); 3] = [("user-a", "127.0.0.2"), ("user-b", "127.0.0.3"), ("user-c", "127.0.0.4")];
+const SECOND: [(&str, &str); 3] = [("user-d", "127.0.0.5"), ("user-e", "127.0.0.6"), ("user-f", "127.0.0.7")];
+/// Where the framework's own server registers itself (coexistence).
+const OWN: &str = "127.0.0.9";
+
+/// What one framework needs of the story.
+struct Case {
+    fw: Framework,
+    format: &'static str,
+    /// The service podlease publishes and the client resolves.
+    service: &'static str,
+    /// Format options of the registration (version, weight, ...).
+    options: Value,
+    /// Whether the client's RPC client dials (then test servers answer on the pods' addresses).
+    dial: bool,
+    /// The fields the client must hand out for a pod (`addr` and the format's own).
+    expect: fn(&Pod) -> Value,
+    /// The etcd prefix of the framework's keys for this service (the coexistence check).
+    prefix: &'static str,
+}
+
+/// One pod as podlease publishes it.
+struct Pod {
+    name: &'static str,
+    ip: &'static str,
+}
+
+impl Pod {
+    fn addr(&self) -> String {
+        format!("{}:{PORT}", self.ip)
+    }
+}
+
+fn metadata() -> Value {
+    json!({"zone": "a", "team": "shop"})
+}
+
+async fn story(case: Case) {
+    let _body = support::watchdog::body(case.fw.name());
+    let t_test = Instant::now();
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    ensure_namespace(&bed.kube, NS).await;
+    let mut a = Controller::start(&bed, "a", &["--watch-namespace", NS]).await;
+    let mut b = Controller::start(&bed, "b", &["--watch-namespace", NS]).await;
+    let endpoints = bed.etcd_endpoints();
+    let mut spec = json!({
+        "selector": {"matchLabels": {"app": "user"}}, "port": "grpc", "format": case.format,
+        "service": case.service, "metadata": metadata(),
+    });
+    if !case.options.is_null() {
+        spec["options"] = case.options.clone();
+    }
+    create_registration(&bed.kube, NS, "user", spec).await;
+
+    // Servers on the pods' loopback addresses, for a client that dials: the framework's
+    // own server, registered under another service name so it is not resolved here.
+    let mut servers = Vec::new();
+    if case.dial {
+        for (_, ip) in FIRST.iter().chain(&SECOND) {
+            let addr = format!("{ip}:{PORT}");
+            servers.push(Client::register(case.fw, &endpoints, "test-servers", &addr, &[], bed.dir.path()).await);
+        }
+    }
+    let client = Client::resolve(case.fw, &endpoints, case.service, case.dial, bed.dir.path()).await;
+    assert!(client.current().unwrap_or_default().is_empty(), "nothing is ready yet: {:?}", client.current());
+
+    // 1-2. Three ready pods, exactly those instances, field by field.
+    for (name, ip) in FIRST {
+        create_pod(&bed.kube, NS, &PodSpec::new(name).label("app", "user").ports(&[("grpc", PORT as i32)])).await;
+        set_ready(&bed.kube, NS, name, ip, true).await;
+    }
+    let first: Vec<Pod> = FIRST.iter().map(|(name, ip)| Pod { name, ip }).collect();
+    let (_, set) = client.wait_addrs(&first.iter().map(Pod::addr).collect::<Vec<_>>(), DEADLINE).await;
+    compare(&case, &set, &first);
+    eprintln!("[{}] {} {}: the client hands out the 3 instances, fields equal", case.fw.name(), case.fw.name(), case.fw.version());
+    if case.dial {
+        wait_called(&client, &first.iter().map(Pod::addr).collect::<Vec<_>>()).await;
+    }
+
+    // 3. Not ready: gone from the client's view.
+    let sent = Instant::now();
+    set_ready(&bed.kube, NS, FIRST[0].0, FIRST[0].1, false).await;
+    let (at, _) = client.wait_addrs(&first[1..].iter().map(Pod::addr).collect::<Vec<_>>(), DEADLINE).await;
+    eprintln!("[{}] not ready → gone from the client's view in {:?}", case.fw.name(), at.saturating_duration_since(sent));
+    set_ready(&bed.kube, NS, FIRST[0].0, FIRST[0].1, true).await;
+    client.wait_addrs(&first.iter().map(Pod::addr).collect::<Vec<_>>(), DEADLINE).await;
+
+    // 4. A rollout: the new pods turn ready, then the old ones terminate.
+    let t_roll = Instant::now();
+    for (name, ip) in SECOND {
+        create_pod(&bed.kube, NS, &PodSpec::new(name).label("app", "user").ports(&[("grpc", PORT as i32)])).await;
+        set_ready(&bed.kube, NS, name, ip, true).await;
+    }
+    for (name, _) in FIRST {
+        delete_graceful(&bed.kube, NS, name).await;
+    }
+    let second: Vec<Pod> = SECOND.iter().map(|(name, ip)| Pod { name, ip }).collect();
+    let (_, set) = client.wait_addrs(&second.iter().map(Pod::addr).collect::<Vec<_>>(), DEADLINE).await;
+    compare(&case, &set, &second);
+    let smallest = client.sets().into_iter().filter(|(at, _)| *at >= t_roll).map(|(_, s)| s.len()).min().unwrap_or(0);
+    assert!(smallest >= 3, "the client's set fell to {smallest} instances during the rollout");
+    eprintln!("[{}] rollout converged in {:?} (smallest set {smallest})", case.fw.name(), t_roll.elapsed());
+    for (name, _) in FIRST {
+        force_delete(&bed.kube, NS, name).await;
+    }
+
+    // 5. The leader dies; the client sees nothing.
+    let sets_before = client.sets().len();
+    let rev = support::etcd::revision(&bed.etcd).await;
+    let leader = wait_leader(&[&a, &b]).await;
+    let (dead, standby) = if leader == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
+    let leases: Vec<i64> = support::etcd::leases_under(&bed.etcd, case.prefix).await.into_iter().map(|(_, l)| l).collect();
+    let at_kill = lease_ttls(&bed.etcd, &leases).await;
+    let killed = Instant::now();
+    dead.kill();
+    wait_adopted(standby, Duration::from_secs(60)).await;
+    // Until the new leader has renewed every lease (each has more time left than it had at
+    // the kill, less the time since): nothing the dead leader held is left to expire later.
+    wait_until("every lease renewed by the new leader", Duration::from_secs(40), || async {
+        let now = lease_ttls(&bed.etcd, &leases).await;
+        let since = killed.elapsed().as_secs() as i64;
+        now.iter().zip(&at_kill).all(|(n, k)| *n > k - since + 1).then_some(())
+    })
+    .await;
+    let after: Vec<_> = client.sets()[sets_before..].iter().map(|(_, s)| addrs_of(s)).collect();
+    assert!(after.is_empty(), "the client saw changes across the failover: {after:?}");
+    let history = support::etcd::history(&bed.etcd, case.prefix, rev + 1).await;
+    assert!(history.iter().all(|e| e.put), "DELETE events across the failover: {history:?}");
+    eprintln!("[{}] leader SIGKILLed: 0 changes in the client, 0 DELETE", case.fw.name());
+
+    // 6. Coexistence with the framework's own registration.
+    let rev = support::etcd::revision(&bed.etcd).await;
+    let podlease_keys: BTreeMap<String, (String, i64)> = support::etcd::keys(&bed.etcd, case.prefix)
+        .await
+        .iter()
+        .map(|kv| (kv.key_str().unwrap().to_string(), (kv.value_str().unwrap().to_string(), kv.lease())))
+        .collect();
+    let own_addr = format!("{OWN}:{PORT}");
+    let own = Client::register(case.fw, &endpoints, case.service, &own_addr, &[], bed.dir.path()).await;
+    let mut both: Vec<String> = second.iter().map(Pod::addr).collect();
+    both.push(own_addr.clone());
+    client.wait_addrs(&both, DEADLINE).await;
+    // Their writes: the framework's own only under keys podlease does not hold, podlease's
+    // keys untouched.
+    let history = support::etcd::history(&bed.etcd, case.prefix, rev + 1).await;
+    let touched: Vec<_> = history.iter().filter(|e| podlease_keys.contains_key(&e.key)).collect();
+    assert!(touched.is_empty(), "podlease's keys were written or deleted while the framework registered its own: {touched:?}");
+    let now: BTreeMap<String, (String, i64)> = support::etcd::keys(&bed.etcd, case.prefix)
+        .await
+        .iter()
+        .map(|kv| (kv.key_str().unwrap().to_string(), (kv.value_str().unwrap().to_string(), kv.lease())))
+        .collect();
+    for (k, v) in &podlease_keys {
+        assert_eq!(now.get(k), Some(v), "podlease's key {k} changed");
+    }
+    let own_keys: Vec<&String> = now.keys().filter(|k| !podlease_keys.contains_key(*k)).collect();
+    assert!(!own_keys.is_empty(), "the framework's own registration wrote no key under {}", case.prefix);
+    // podlease leaves the foreign key alone through a resync (it is nobody's it owns).
+    let standby_rev = support::etcd::revision(&bed.etcd).await;
+    own.stop();
+    client.wait_addrs(&second.iter().map(Pod::addr).collect::<Vec<_>>(), DEADLINE).await;
+    let history = support::etcd::history(&bed.etcd, case.prefix, standby_rev + 1).await;
+    assert!(history.iter().all(|e| !podlease_keys.contains_key(&e.key)), "podlease's keys moved when the framework deregistered: {history:?}");
+    eprintln!("[{}] coexistence: both resolved, neither writer touched the other's key ({own_keys:?}); whole story {:?}", case.fw.name(), t_test.elapsed());
+    drop(servers);
+}
+
+/// Every instance the client handed out equals what the format says for its pod, field by
+/// field (each field `expect` names; the client may hand out more).
+fn compare(case: &Case, set: &[Value], pods: &[Pod]) {
+    assert_eq!(set.len(), pods.len(), "{set:?}");
+    for pod in pods {
+        let want = (case.expect)(pod);
+        let got = set.iter().find(|i| i["addr"] == want["addr"]).unwrap_or_else(|| panic!("no instance {} in {set:?}", want["addr"]));
+        for (field, value) in want.as_object().unwrap() {
+            assert_eq!(&got[field], value, "{} instance of {}: field {field}\n got {got}\nwant {want}", case.fw.name(), pod.name);
+        }
+    }
+}
+
+/// The seconds each lease has left (-1: gone).
+async fn lease_ttls(etcd: &etcd_client::Client, leases: &[i64]) -> Vec<i64> {
+    let mut out = Vec::new();
+    for l in leases {
+        out.push(etcd.lease_client().time_to_live(*l, None).await.map(|r| r.ttl()).unwrap_or(-1));
+    }
+    out
+}
+
+/// Waits until calls through the framework's RPC client reached every address.
+async fn wait_called(client: &Client, addrs: &[String]) {
+    wait_until("calls reaching every published server", DEADLINE, || async {
+        let called: std::collections::BTreeSet<String> = client.events("called").iter().filter_map(|l| l.json["addr"].as_str().map(str::to_string)).collect();
+        addrs.iter().all(|a| called.contains(a)).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn go_zero_discov_and_zrpc_resolve_what_podlease_writes() {
+    story(Case {
+        fw: Framework::GoZero,
+        format: "go-zero",
+        service: "user.rpc",
+        options: Value::Null,
+        dial: true,
+        expect: |p| json!({"addr": p.addr()}),
+        prefix: "user.rpc/",
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kratos_registry_resolves_what_podlease_writes() {
+    story(Case {
+        fw: Framework::Kratos,
+        format: "kratos",
+        service: "user",
+        options: json!({"version": "v1.2.0"}),
+        dial: true,
+        expect: |p| {
+            json!({
+                "addr": p.addr(), "id": format!("{NS}.{}", p.name), "name": "user", "version": "v1.2.0",
+                "metadata": metadata(), "endpoints": [format!("grpc://{}", p.addr())],
+            })
+        },
+        prefix: "/microservices/user/",
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn go_micro_registry_resolves_what_podlease_writes() {
+    story(Case {
+        fw: Framework::GoMicro,
+        format: "go-micro",
+        service: "user",
+        options: json!({"version": "v1.2.0"}),
+        dial: false,
+        expect: |p| {
+            let mut md = metadata();
+            md["protocol"] = json!("grpc");
+            json!({"addr": p.addr(), "id": format!("user-{NS}.{}", p.name), "name": "user", "version": "v1.2.0", "metadata": md})
+        },
+        prefix: "/micro/registry/user/",
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn kitex_resolver_resolves_what_podlease_writes() {
+    story(Case {
+        fw: Framework::Kitex,
+        format: "kitex",
+        service: "user",
+        options: json!({"weight": 20}),
+        dial: true,
+        expect: |p| json!({"addr": p.addr(), "weight": 20, "tags": metadata()}),
+        prefix: "kitex/registry-etcd/user/",
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn hertz_resolver_resolves_what_podlease_writes() {
+    story(Case {
+        fw: Framework::Hertz,
+        format: "hertz",
+        service: "user",
+        options: json!({"weight": 20}),
+        dial: true,
+        expect: |p| json!({"addr": p.addr(), "weight": 20, "tags": metadata()}),
+        prefix: "hertz/registry-etcd/user/",
+    })
+    .await;
+}
