@@ -33,21 +33,21 @@ consumers_build() {
     key=$(cd "$dir" && find . -type f \( -name '*.go' -o -name go.mod -o -name go.sum \) -print0 | sort -z \
       | xargs -0 sha256sum | sha256sum | cut -c1-16)
     out="$CACHE/consumers/$name/$key"
-    if [ ! -x "$out/$name" ]; then
+    if [ ! -x "$out/client" ]; then
       log "building the $name client (tools/consumers/$name)"
       rm -rf "$CACHE/consumers/$name"
       mkdir -p "$out.tmp"
       # The program itself, and every `tool` of its go.mod (CoreDNS: the coredns binary).
-      (cd "$dir" && CGO_ENABLED=0 nice -n 10 go build -mod=readonly -trimpath -ldflags=-s\ -w -o "$out.tmp/$name" . \
+      (cd "$dir" && CGO_ENABLED=0 nice -n 10 go build -mod=readonly -trimpath -ldflags=-s\ -w -o "$out.tmp/client" . \
         && for t in $(go mod edit -json | python3 -c 'import json,sys; print(" ".join(t["Path"] for t in json.load(sys.stdin).get("Tool") or []))'); do \
              CGO_ENABLED=0 nice -n 10 go build -mod=readonly -trimpath -ldflags=-s\ -w -o "$out.tmp/" "$t"; done) >&2
       mv "$out.tmp" "$out"
     fi
     upper=$(echo "$name" | tr 'a-z-' 'A-Z_')
     version=$(cd "$dir" && go list -mod=readonly -m -f '{{.Version}}' "$(consumer_module "$name")" 2>/dev/null || echo unknown)
-    CONSUMER_ENV+="PODLEASE_CONSUMER_${upper}_BIN=$out/$name"$'\n'
+    CONSUMER_ENV+="PODLEASE_CONSUMER_${upper}_BIN=$out/client"$'\n'
     CONSUMER_ENV+="PODLEASE_CONSUMER_${upper}_VERSION=$version"$'\n'
     [ -x "$out/coredns" ] && CONSUMER_ENV+="PODLEASE_COREDNS_BIN=$out/coredns"$'\n'
-    [ "$name" = etcd-naming ] && CONSUMER_ENV+="PODLEASE_ETCD_RESOLVE_BIN=$out/$name"$'\n'
+    [ "$name" = etcd-naming ] && CONSUMER_ENV+="PODLEASE_ETCD_RESOLVE_BIN=$out/client"$'\n'
   done
 }

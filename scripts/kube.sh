@@ -56,14 +56,18 @@ build)
     ldflags+=" -X $pkg.gitTreeState=clean -X $pkg.buildDate=1970-01-01T00:00:00Z"
   done
   cd "$MOD"
+  missing=()
   for c in "${COMPONENTS[@]}"; do
-    [ -x "$OUT/$c" ] && continue
-    echo "kube.sh: building $c v$V" >&2
-    # Static like upstream's release binaries; the tags upstream's build uses.
-    CGO_ENABLED=0 go build -mod=readonly -trimpath -tags=selinux,notest -ldflags="$ldflags" \
-      -o "$OUT/$c.tmp" "k8s.io/kubernetes/cmd/$c"
-    mv "$OUT/$c.tmp" "$OUT/$c"
+    [ -x "$OUT/$c" ] || missing+=("k8s.io/kubernetes/cmd/$c")
   done
+  [ ${#missing[@]} -eq 0 ] && exit 0
+  echo "kube.sh: building ${missing[*]##*/} v$V" >&2
+  # One `go build` for all of them: the packages they share are compiled once, and the
+  # links run side by side. Static like upstream's release binaries; upstream's build tags.
+  rm -rf "$OUT/.tmp" && mkdir -p "$OUT/.tmp"
+  CGO_ENABLED=0 go build -mod=readonly -trimpath -tags=selinux,notest -ldflags="$ldflags" -o "$OUT/.tmp/" "${missing[@]}"
+  for p in "${missing[@]}"; do mv "$OUT/.tmp/${p##*/}" "$OUT/${p##*/}"; done
+  rmdir "$OUT/.tmp"
   ;;
 *) echo "kube.sh: unknown command $cmd" >&2; exit 2 ;;
 esac

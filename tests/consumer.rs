@@ -1,6 +1,6 @@
 //! A real consumer at the other end of the etcd-naming format: etcd's own gRPC naming
 //! resolver (go.etcd.io/etcd/client/v3/naming/resolver), behind grpc.Dial, as a Go service
-//! would use it (tools/etcd-resolve). Pods of one service turn ready and not ready on the
+//! would use it (tools/consumers/etcd-naming). Pods of one service turn ready and not ready on the
 //! fast bed; the resolver must see exactly the ready pods' addresses, every change, and
 //! nothing in between. The pods' addresses are on 127.0.0.0/8: the resolver dials them.
 

@@ -23,6 +23,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::controller::{wait_adopted, wait_leader};
 use support::frameworks::{Client, Framework, addrs_of};
 use support::*;
 
@@ -40,6 +41,8 @@ struct Case {
     format: &'static str,
     /// The service podlease publishes and the client resolves.
     service: &'static str,
+    /// What the client asks for, when it is not `service` (CoreDNS: the DNS name).
+    resolves: Option<&'static str>,
     /// Format options of the registration (version, weight, ...).
     options: Value,
     /// Whether the client's RPC client dials (then test servers answer on the pods' addresses).
@@ -48,6 +51,17 @@ struct Case {
     expect: fn(&Pod) -> Value,
     /// The etcd prefix of the framework's keys for this service (the coexistence check).
     prefix: &'static str,
+    /// Who writes the other instance of the coexistence step.
+    own: Own,
+}
+
+/// The writer beside podlease in the coexistence step.
+enum Own {
+    /// The framework's own server-side registration (`<program> register`).
+    Register,
+    /// Another writer of the layout (CoreDNS has no registration of its own: a SkyDNS
+    /// record written by another tool), at this key with this value.
+    Record(&'static str, &'static str),
 }
 
 /// One pod as podlease publishes it.
@@ -93,7 +107,9 @@ async fn story(case: Case) {
             servers.push(Client::register(case.fw, &endpoints, "test-servers", &addr, &[], bed.dir.path()).await);
         }
     }
-    let client = Client::resolve(case.fw, &endpoints, case.service, case.dial, bed.dir.path()).await;
+    let coredns = (case.fw == Framework::CoreDns).then(|| support::frameworks::CoreDns::start("cluster.local", &endpoints, bed.dir.path()));
+    let extra: Vec<String> = coredns.iter().map(|d| format!("--dns={}", d.addr)).collect();
+    let client = Client::resolve(case.fw, &endpoints, case.resolves.unwrap_or(case.service), case.dial, &extra, bed.dir.path()).await;
     assert!(client.current().unwrap_or_default().is_empty(), "nothing is ready yet: {:?}", client.current());
 
     // 1-2. Three ready pods, exactly those instances, field by field.
@@ -168,7 +184,13 @@ async fn story(case: Case) {
         .map(|kv| (kv.key_str().unwrap().to_string(), (kv.value_str().unwrap().to_string(), kv.lease())))
         .collect();
     let own_addr = format!("{OWN}:{PORT}");
-    let own = Client::register(case.fw, &endpoints, case.service, &own_addr, &[], bed.dir.path()).await;
+    let own = match case.own {
+        Own::Register => Some(Client::register(case.fw, &endpoints, case.service, &own_addr, &[], bed.dir.path()).await),
+        Own::Record(key, value) => {
+            bed.etcd.kv_client().put(key, value, None).await.expect("the other writer's record");
+            None
+        }
+    };
     let mut both: Vec<String> = second.iter().map(Pod::addr).collect();
     both.push(own_addr.clone());
     client.wait_addrs(&both, DEADLINE).await;
@@ -189,7 +211,13 @@ async fn story(case: Case) {
     assert!(!own_keys.is_empty(), "the framework's own registration wrote no key under {}", case.prefix);
     // podlease leaves the foreign key alone through a resync (it is nobody's it owns).
     let standby_rev = support::etcd::revision(&bed.etcd).await;
-    own.stop();
+    match (own, &case.own) {
+        (Some(own), _) => own.stop(),
+        (None, Own::Record(key, _)) => {
+            bed.etcd.kv_client().delete(*key, None).await.expect("the other writer's delete");
+        }
+        (None, Own::Register) => unreachable!(),
+    }
     client.wait_addrs(&second.iter().map(Pod::addr).collect::<Vec<_>>(), DEADLINE).await;
     let history = support::etcd::history(&bed.etcd, case.prefix, standby_rev + 1).await;
     assert!(history.iter().all(|e| !podlease_keys.contains_key(&e.key)), "podlease's keys moved when the framework deregistered: {history:?}");
@@ -234,10 +262,12 @@ async fn go_zero_discov_and_zrpc_resolve_what_podlease_writes() {
         fw: Framework::GoZero,
         format: "go-zero",
         service: "user.rpc",
+        resolves: None,
         options: Value::Null,
         dial: true,
         expect: |p| json!({"addr": p.addr()}),
         prefix: "user.rpc/",
+        own: Own::Register,
     })
     .await;
 }
@@ -248,6 +278,7 @@ async fn kratos_registry_resolves_what_podlease_writes() {
         fw: Framework::Kratos,
         format: "kratos",
         service: "user",
+        resolves: None,
         options: json!({"version": "v1.2.0"}),
         dial: true,
         expect: |p| {
@@ -257,6 +288,7 @@ async fn kratos_registry_resolves_what_podlease_writes() {
             })
         },
         prefix: "/microservices/user/",
+        own: Own::Register,
     })
     .await;
 }
@@ -267,6 +299,7 @@ async fn go_micro_registry_resolves_what_podlease_writes() {
         fw: Framework::GoMicro,
         format: "go-micro",
         service: "user",
+        resolves: None,
         options: json!({"version": "v1.2.0"}),
         dial: false,
         expect: |p| {
@@ -275,6 +308,7 @@ async fn go_micro_registry_resolves_what_podlease_writes() {
             json!({"addr": p.addr(), "id": format!("user-{NS}.{}", p.name), "name": "user", "version": "v1.2.0", "metadata": md})
         },
         prefix: "/micro/registry/user/",
+        own: Own::Register,
     })
     .await;
 }
@@ -285,10 +319,12 @@ async fn kitex_resolver_resolves_what_podlease_writes() {
         fw: Framework::Kitex,
         format: "kitex",
         service: "user",
+        resolves: None,
         options: json!({"weight": 20}),
         dial: true,
         expect: |p| json!({"addr": p.addr(), "weight": 20, "tags": metadata()}),
         prefix: "kitex/registry-etcd/user/",
+        own: Own::Register,
     })
     .await;
 }
@@ -299,10 +335,30 @@ async fn hertz_resolver_resolves_what_podlease_writes() {
         fw: Framework::Hertz,
         format: "hertz",
         service: "user",
+        resolves: None,
         options: json!({"weight": 20}),
         dial: true,
         expect: |p| json!({"addr": p.addr(), "weight": 20, "tags": metadata()}),
         prefix: "hertz/registry-etcd/user/",
+        own: Own::Register,
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn coredns_serves_what_podlease_writes_as_a_and_srv_records() {
+    story(Case {
+        fw: Framework::CoreDns,
+        format: "skydns",
+        service: "user",
+        resolves: Some("user.shop.cluster.local"),
+        options: Value::Null,
+        dial: false,
+        // The record TTL CoreDNS serves: min(the lease's time left clamped to at least
+        // min-lease-ttl 30 s, the value's ttl 30).
+        expect: |p| json!({"addr": p.addr(), "port": PORT, "ttl": 30}),
+        prefix: "/skydns/local/cluster/shop/user/",
+        own: Own::Record("/skydns/local/cluster/shop/user/other-writer", r#"{"host":"127.0.0.9","port":9000}"#),
     })
     .await;
 }

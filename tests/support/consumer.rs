@@ -1,5 +1,5 @@
-//! A real consumer at the other end: `etcd-resolve` (tools/etcd-resolve, built by
-//! scripts/consumer.sh) resolves `etcd:///<service>` through etcd's own gRPC naming resolver
+//! A real consumer at the other end: `etcd-resolve` (tools/consumers/etcd-naming, built by
+//! scripts/consumers.sh) resolves `etcd:///<service>` through etcd's own gRPC naming resolver
 //! as a grpc-go client does, and prints every address set the resolver hands to grpc. This
 //! starts it, records each set with the Instant it arrived, and waits on them.
 //!

@@ -23,6 +23,8 @@ pub enum Framework {
     GoMicro,
     Kitex,
     Hertz,
+    /// CoreDNS's etcd plugin, read through DNS queries (A and SRV) by a DNS client.
+    CoreDns,
     EtcdNaming,
 }
 
@@ -35,6 +37,7 @@ impl Framework {
             Framework::GoMicro => "go-micro",
             Framework::Kitex => "kitex",
             Framework::Hertz => "hertz",
+            Framework::CoreDns => "coredns",
             Framework::EtcdNaming => "etcd-naming",
         }
     }
@@ -67,11 +70,13 @@ pub struct Client {
 impl Client {
     /// `<program> resolve`, waiting until it watches. `dial`: also call through the
     /// framework's RPC client every 200 ms (only loopback addresses are ever published to it).
-    pub async fn resolve(framework: Framework, endpoints: &[String], service: &str, dial: bool, dir: &Path) -> Client {
+    /// `extra`: the program's own flags (CoreDNS's client: `--dns=<server>`).
+    pub async fn resolve(framework: Framework, endpoints: &[String], service: &str, dial: bool, extra: &[String], dir: &Path) -> Client {
         let mut args = vec!["resolve".to_string(), format!("--endpoints={}", endpoints.join(",")), format!("--service={service}")];
         if dial {
             args.push("--dial".into());
         }
+        args.extend(extra.iter().cloned());
         let c = Client::spawn(framework, &args, dir, "resolve");
         c.wait_event("watching", super::DEADLINE).await;
         c
@@ -202,6 +207,40 @@ impl Client {
 }
 
 impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A CoreDNS server built from its module (PODLEASE_COREDNS_BIN) serving `zone` from the
+/// registry etcd's SkyDNS records under `/skydns`, on a free loopback port; killed on drop.
+pub struct CoreDns {
+    child: Child,
+    pub addr: String,
+}
+
+impl CoreDns {
+    pub fn start(zone: &str, endpoints: &[String], dir: &Path) -> CoreDns {
+        let port = super::free_port();
+        let corefile = dir.join("Corefile");
+        // The plugin's defaults otherwise (min-lease-ttl 30 s, max-lease-ttl 24 h).
+        std::fs::write(&corefile, format!("{zone}:{port} {{\n    bind 127.0.0.1\n    etcd {{\n        path /skydns\n        endpoint {}\n    }}\n}}\n", endpoints.join(" "))).unwrap();
+        let mut cmd = Command::new(super::testbed_path("PODLEASE_COREDNS_BIN"));
+        cmd.arg("-conf").arg(&corefile);
+        let child = super::spawn_owned(&mut cmd, &dir.join("coredns.log"));
+        let addr = format!("127.0.0.1:{port}");
+        let start = Instant::now();
+        // It serves TCP on the same port as UDP: a listening socket means it serves.
+        while std::net::TcpStream::connect(&addr).is_err() {
+            assert!(start.elapsed() < super::DEADLINE, "CoreDNS did not listen on {addr}: {}", std::fs::read_to_string(dir.join("coredns.log")).unwrap_or_default());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        CoreDns { child, addr }
+    }
+}
+
+impl Drop for CoreDns {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();

@@ -23,9 +23,13 @@
 // pod addresses are real and no packet can leave): it then dials every address, as a
 // client in the cluster would.
 //
-// Built by scripts/consumer.sh from Debian's Go packages in GOPATH mode (no module proxy).
+// `register` publishes one address as a grpc-go server using etcd's naming would: an
+// endpoints.Manager AddEndpoint under a lease kept alive, serving the standard gRPC health
+// service on --addr so that --dial connects; on SIGTERM/SIGINT it deletes the endpoint.
+// It prints {"t_unix_nanos":N,"event":"registered","detail":"<key>"}.
 //
-//	etcd-resolve --endpoints=127.0.0.1:2379 --service=<svc> [--dial [--dial-any]]
+//	etcd-resolve [resolve] --endpoints=127.0.0.1:2379 --service=<svc> [--dial [--dial-any]]
+//	etcd-resolve register --endpoints=127.0.0.1:2379 --service=<svc> --addr=127.0.0.x:PORT [--ttl=SECONDS]
 package main
 
 import (
@@ -53,6 +57,15 @@ import (
 )
 
 func main() {
+	// The subcommand is optional: without one, this resolves (as tests/support/consumer.rs runs it).
+	if len(os.Args) > 1 {
+		switch os.Args[1] {
+		case "resolve":
+			os.Args = append(os.Args[:1], os.Args[2:]...)
+		case "register":
+			os.Exit(registerMain(os.Args[2:]))
+		}
+	}
 	endpoints := flag.String("endpoints", "127.0.0.1:2379", "etcd endpoints, comma-separated")
 	service := flag.String("service", "", "service name to resolve as etcd:///<service> (required)")
 	dial := flag.Bool("dial", false, "keep a connection open through round_robin (dials only addresses of this machine)")
