@@ -563,6 +563,10 @@ serializeImagePulls: false
                     .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
                 let tainted = node.spec.as_ref().and_then(|s| s.taints.as_ref()).is_some_and(|t| !t.is_empty());
                 if ready && !tainted {
+                    // The kubelet of the release this test runs on (1.37, or 1.34 for the
+                    // compatibility subset), stamped as upstream's build stamps it.
+                    let kubelet = node.status.as_ref().and_then(|s| s.node_info.as_ref()).map(|i| i.kubelet_version.clone()).unwrap_or_default();
+                    assert_eq!(kubelet, Binaries::locate().kube_version, "the node's kubeletVersion");
                     return;
                 }
             }
