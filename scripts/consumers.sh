@@ -47,7 +47,7 @@ consumers_build() {
     version=$(cd "$dir" && go list -mod=readonly -m -f '{{.Version}}' "$(consumer_module "$name")" 2>/dev/null || echo unknown)
     CONSUMER_ENV+="PODLEASE_CONSUMER_${upper}_BIN=$out/client"$'\n'
     CONSUMER_ENV+="PODLEASE_CONSUMER_${upper}_VERSION=$version"$'\n'
-    [ -x "$out/coredns" ] && CONSUMER_ENV+="PODLEASE_COREDNS_BIN=$out/coredns"$'\n'
-    [ "$name" = etcd-naming ] && CONSUMER_ENV+="PODLEASE_ETCD_RESOLVE_BIN=$out/client"$'\n'
+    if [ -x "$out/coredns" ]; then CONSUMER_ENV+="PODLEASE_COREDNS_BIN=$out/coredns"$'\n'; fi
+    if [ "$name" = etcd-naming ]; then CONSUMER_ENV+="PODLEASE_ETCD_RESOLVE_BIN=$out/client"$'\n'; fi
   done
 }

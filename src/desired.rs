@@ -1029,9 +1029,11 @@ fn plan(req: Request, namespace: &str, defaults: &Defaults) -> Result<Plan, Stri
         validate::protocol(p).map_err(|e| bad(Field::Protocol, p, e))?;
     }
     if let Some(w) = options.weight
-        && w < 0
+        && w < 1
     {
-        return Err(format!("{} {w}: a weight is not negative", o.name(Field::Weight)));
+        // Kitex's and Hertz's resolvers serve a weight of 0 or less as their default 10: it
+        // would not take the instance out of rotation, as a user writing 0 means.
+        return Err(format!("{} {w}: a weight is at least 1 (Kitex and Hertz serve 0 as 10)", o.name(Field::Weight)));
     }
     if options.dns_ttl == Some(0) {
         return Err(format!("{} 0: a DNS TTL is at least 1 second", o.name(Field::DnsTtl)));

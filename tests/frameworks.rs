@@ -28,7 +28,6 @@ use support::frameworks::{Client, Framework, addrs_of};
 use support::*;
 
 const NS: &str = "shop";
-const PORT: u16 = 9000;
 /// The pods of the first set and of the rollout.
 const FIRST: [(&str, &str); 3] = [("user-a", "127.0.0.2"), ("user-b", "127.0.0.3"), ("user-c", "127.0.0.4")];
 const SECOND: [(&str, &str); 3] = [("user-d", "127.0.0.5"), ("user-e", "127.0.0.6"), ("user-f", "127.0.0.7")];
@@ -60,19 +59,21 @@ enum Own {
     /// The framework's own server-side registration (`<program> register`).
     Register,
     /// Another writer of the layout (CoreDNS has no registration of its own: a SkyDNS
-    /// record written by another tool), at this key with this value.
+    /// record written by another tool), at this key, for this host (at the story's port).
     Record(&'static str, &'static str),
 }
 
-/// One pod as podlease publishes it.
+/// One pod as podlease publishes it. Its port is the story's own (a free port), so that the
+/// test servers of stories running side by side never share an address.
 struct Pod {
     name: &'static str,
     ip: &'static str,
+    port: u16,
 }
 
 impl Pod {
     fn addr(&self) -> String {
-        format!("{}:{PORT}", self.ip)
+        format!("{}:{}", self.ip, self.port)
     }
 }
 
@@ -83,6 +84,7 @@ fn metadata() -> Value {
 async fn story(case: Case) {
     let _body = support::watchdog::body(case.fw.name());
     let t_test = Instant::now();
+    let port = free_port();
     let bed = TestBed::start().await;
     bed.apply_crd().await;
     ensure_namespace(&bed.kube, NS).await;
@@ -103,7 +105,7 @@ async fn story(case: Case) {
     let mut servers = Vec::new();
     if case.dial {
         for (_, ip) in FIRST.iter().chain(&SECOND) {
-            let addr = format!("{ip}:{PORT}");
+            let addr = format!("{ip}:{port}");
             servers.push(Client::register(case.fw, &endpoints, "test-servers", &addr, &[], bed.dir.path()).await);
         }
     }
@@ -114,10 +116,10 @@ async fn story(case: Case) {
 
     // 1-2. Three ready pods, exactly those instances, field by field.
     for (name, ip) in FIRST {
-        create_pod(&bed.kube, NS, &PodSpec::new(name).label("app", "user").ports(&[("grpc", PORT as i32)])).await;
+        create_pod(&bed.kube, NS, &PodSpec::new(name).label("app", "user").ports(&[("grpc", port as i32)])).await;
         set_ready(&bed.kube, NS, name, ip, true).await;
     }
-    let first: Vec<Pod> = FIRST.iter().map(|(name, ip)| Pod { name, ip }).collect();
+    let first: Vec<Pod> = FIRST.iter().map(|(name, ip)| Pod { name, ip, port }).collect();
     let (_, set) = client.wait_addrs(&first.iter().map(Pod::addr).collect::<Vec<_>>(), DEADLINE).await;
     compare(&case, &set, &first);
     eprintln!("[{}] {} {}: the client hands out the 3 instances, fields equal", case.fw.name(), case.fw.name(), case.fw.version());
@@ -136,13 +138,13 @@ async fn story(case: Case) {
     // 4. A rollout: the new pods turn ready, then the old ones terminate.
     let t_roll = Instant::now();
     for (name, ip) in SECOND {
-        create_pod(&bed.kube, NS, &PodSpec::new(name).label("app", "user").ports(&[("grpc", PORT as i32)])).await;
+        create_pod(&bed.kube, NS, &PodSpec::new(name).label("app", "user").ports(&[("grpc", port as i32)])).await;
         set_ready(&bed.kube, NS, name, ip, true).await;
     }
     for (name, _) in FIRST {
         delete_graceful(&bed.kube, NS, name).await;
     }
-    let second: Vec<Pod> = SECOND.iter().map(|(name, ip)| Pod { name, ip }).collect();
+    let second: Vec<Pod> = SECOND.iter().map(|(name, ip)| Pod { name, ip, port }).collect();
     let (_, set) = client.wait_addrs(&second.iter().map(Pod::addr).collect::<Vec<_>>(), DEADLINE).await;
     compare(&case, &set, &second);
     let smallest = client.sets().into_iter().filter(|(at, _)| *at >= t_roll).map(|(_, s)| s.len()).min().unwrap_or(0);
@@ -183,10 +185,11 @@ async fn story(case: Case) {
         .iter()
         .map(|kv| (kv.key_str().unwrap().to_string(), (kv.value_str().unwrap().to_string(), kv.lease())))
         .collect();
-    let own_addr = format!("{OWN}:{PORT}");
+    let own_addr = format!("{OWN}:{port}");
     let own = match case.own {
         Own::Register => Some(Client::register(case.fw, &endpoints, case.service, &own_addr, &[], bed.dir.path()).await),
-        Own::Record(key, value) => {
+        Own::Record(key, host) => {
+            let value = json!({"host": host, "port": port}).to_string();
             bed.etcd.kv_client().put(key, value, None).await.expect("the other writer's record");
             None
         }
@@ -356,9 +359,9 @@ async fn coredns_serves_what_podlease_writes_as_a_and_srv_records() {
         dial: false,
         // The record TTL CoreDNS serves: min(the lease's time left clamped to at least
         // min-lease-ttl 30 s, the value's ttl 30).
-        expect: |p| json!({"addr": p.addr(), "port": PORT, "ttl": 30}),
+        expect: |p| json!({"addr": p.addr(), "port": p.port, "ttl": 30}),
         prefix: "/skydns/local/cluster/shop/user/",
-        own: Own::Record("/skydns/local/cluster/shop/user/other-writer", r#"{"host":"127.0.0.9","port":9000}"#),
+        own: Own::Record("/skydns/local/cluster/shop/user/other-writer", "127.0.0.9"),
     })
     .await;
 }

@@ -33,8 +33,9 @@ impl Layout for Kitex {
         self.root
     }
     fn service_prefix(&self, prefix: &Prefix, service: &ServiceName, _: &str, _: &FormatOptions) -> String {
-        // The resolvers read `<root>/<svc>` with no trailing slash.
-        join(prefix.as_str(), service.as_str())
+        // The resolvers read `<root>/<svc>/` (registry-etcd's common.go: prefix + "/%v/"; the
+        // Hertz resolver alike), as their own clients showed (tests/frameworks.rs).
+        join(prefix.as_str(), &format!("{}/", service.as_str()))
     }
     fn key(&self, prefix: &Prefix, i: &Instance) -> Key {
         Key::Fixed(join(prefix.as_str(), &format!("{}/{}", i.service, i.addr())))

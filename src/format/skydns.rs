@@ -21,6 +21,23 @@ struct Value {
     ttl: u32,
 }
 
+/// The longest DNS label (RFC 1035).
+const MAX_LABEL: usize = 63;
+
+/// The pod's own DNS label in the SRV target: its name with dots as dashes (a dot would add a
+/// label), at most 63 bytes. A longer one is cut and ends in a hash of the whole name, so it
+/// stays unique: CoreDNS answers no SRV query at all for a name with one label over 63
+/// bytes, which would take the whole service out of DNS, not just that pod.
+fn label(pod: &str) -> String {
+    let id = pod.replace('.', "-");
+    if id.len() <= MAX_LABEL {
+        return id;
+    }
+    // FNV-1a, 32 bits: stable across releases (a key must not move when podlease upgrades).
+    let hash = pod.bytes().fold(0x811c_9dc5u32, |h, b| (h ^ b as u32).wrapping_mul(0x0100_0193));
+    format!("{}-{hash:08x}", &id[..MAX_LABEL - 9])
+}
+
 /// `user.shop.cluster.local` → `local/cluster/shop/user`.
 fn reversed(service: &ServiceName, namespace: &str, options: &FormatOptions) -> String {
     let zone = options.zone.as_deref().unwrap_or(DEFAULT_ZONE);
@@ -39,13 +56,12 @@ impl Layout for Skydns {
         join(prefix.as_str(), &format!("{}/", reversed(service, namespace, options)))
     }
     fn key(&self, prefix: &Prefix, i: &Instance) -> Key {
-        // A dot would add a DNS label; pod names may contain dots.
-        let id = i.pod.replace('.', "-");
-        Key::Fixed(join(prefix.as_str(), &format!("{}/{id}", reversed(i.service, i.namespace, i.options))))
+        Key::Fixed(join(prefix.as_str(), &format!("{}/{}", reversed(i.service, i.namespace, i.options), label(i.pod))))
     }
     fn value(&self, i: &Instance) -> Vec<u8> {
-        // Always set ttl: CoreDNS takes min(uint32(lease id), ttl) as the record TTL, and a
-        // lease id truncated to 32 bits is usually a huge number of seconds.
+        // Always set ttl: CoreDNS serves min(the lease's time left clamped to [min-lease-ttl
+        // 30 s, max-lease-ttl 24 h], ttl), and 300 s for a value without one (CoreDNS 1.15
+        // plugin/etcd TTL(), measured by its own server in tests/frameworks.rs).
         let ttl = i.options.dns_ttl.unwrap_or(DEFAULT_DNS_TTL);
         serde_json::to_vec(&Value { host: i.ip.to_string(), port: i.port, ttl }).expect("serializes")
     }

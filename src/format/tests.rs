@@ -140,8 +140,8 @@ fn service_prefixes_are_what_each_consumer_reads() {
     assert_eq!(read(Format::GoZero), "user/");
     assert_eq!(read(Format::Kratos), "/microservices/user");
     assert_eq!(read(Format::GoMicro), "/micro/registry/user/");
-    assert_eq!(read(Format::Kitex), "kitex/registry-etcd/user");
-    assert_eq!(read(Format::Hertz), "hertz/registry-etcd/user");
+    assert_eq!(read(Format::Kitex), "kitex/registry-etcd/user/");
+    assert_eq!(read(Format::Hertz), "hertz/registry-etcd/user/");
     assert_eq!(read(Format::Skydns), "/skydns/local/cluster/shop/user/");
 }
 
@@ -178,4 +178,26 @@ fn build_refuses_keys_outside_the_key_space_and_oversized_values() {
     let big: BTreeMap<String, String> = (0..20).map(|i| (format!("k{i}"), "v".repeat(4000))).collect();
     let inst = Instance { pod: "p", metadata: &big, ..inst };
     assert!(build(Format::Json, &prefix(Format::Json), &inst, &space).unwrap_err().contains("at most 65536"));
+}
+
+#[test]
+fn a_skydns_pod_label_is_at_most_63_bytes_and_stays_unique() {
+    let metadata = BTreeMap::new();
+    let o = FormatOptions::default();
+    let key = |pod: &str| {
+        let service = user(Format::Skydns);
+        let inst = Instance { service: &service, namespace: "shop", pod, node: "n", ip: "10.0.0.1".parse().unwrap(), port: 80, metadata: &metadata, options: &o };
+        build(Format::Skydns, &prefix(Format::Skydns), &inst, &KeySpace::default()).unwrap().key.with_lease(1)
+    };
+    let last = |k: String| k.rsplit('/').next().unwrap().to_string();
+    assert_eq!(last(key("web-7cd698bdbb-d7gbn")), "web-7cd698bdbb-d7gbn");
+    assert_eq!(last(key("a.b")), "a-b");
+    let exact = "x".repeat(63);
+    assert_eq!(last(key(&exact)), exact);
+    let long_a = format!("{}-a", "x".repeat(70));
+    let long_b = format!("{}-b", "x".repeat(70));
+    let (a, b) = (last(key(&long_a)), last(key(&long_b)));
+    assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
+    assert_ne!(a, b, "two long pod names share a label");
+    assert_eq!(a, last(key(&long_a)), "the label of a pod is stable");
 }
