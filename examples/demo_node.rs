@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::{Api, ListParams};
 use support::node::*;
+use support::frameworks::Framework;
 use support::{Binaries, EtcdServer, wait_until};
 
 const TAG: &str = "demo";
@@ -97,6 +98,29 @@ spec:
   selector:
     matchLabels: {{app: web}}
   port: http
+---
+apiVersion: podlease.io/v1alpha1
+kind: ServiceRegistration
+metadata:
+  name: web-gozero
+  namespace: default
+spec:
+  selector:
+    matchLabels: {{app: web}}
+  port: http
+  format: go-zero
+  service: web.rpc
+---
+apiVersion: podlease.io/v1alpha1
+kind: ServiceRegistration
+metadata:
+  name: web-kratos
+  namespace: default
+spec:
+  selector:
+    matchLabels: {{app: web}}
+  port: http
+  format: kratos
 "#,
         probe = probe_dir.display()
     )
@@ -181,11 +205,36 @@ async fn run(cluster: &mut MiniCluster, etcd: &etcd_client::Client, registry: &E
     });
     let _stop_watch = KillOnDrop(watch);
 
+    // go-zero's and Kratos's own discovery clients, inside the cluster's sealed network
+    // namespace (pod addresses are real only there), dialling what they resolve: the same
+    // pods, as those frameworks' services see them.
+    let mut clients = Vec::new();
+    for (fw, service) in [(Framework::GoZero, "web.rpc"), (Framework::Kratos, "web")] {
+        say(start, &format!("{} {}'s own client resolving {service} inside the cluster's network namespace:", fw.name(), fw.version()));
+        let mut cmd = cluster.in_node(fw.binary());
+        cmd.args(["resolve", &format!("--endpoints=http://{etcd_in_node}"), &format!("--service={service}"), "--dial", "--dial-any"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().expect("the framework's client");
+        let out = child.stdout.take().unwrap();
+        let name = fw.name();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+                let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else { continue };
+                if let Some(set) = v["instances"].as_array() {
+                    let addrs: Vec<&str> = set.iter().filter_map(|i| i["addr"].as_str()).collect();
+                    println!("[{:>6.2}s]   {name} client | {} instances: {}", start.elapsed().as_secs_f64(), addrs.len(), addrs.join(" "));
+                }
+            }
+        });
+        clients.push(KillOnDrop(child));
+    }
+
     cluster.wait_service_account("default", "default").await;
     let pods: Api<Pod> = Api::namespaced(cluster.kube.clone(), "default");
     let manifest = work.join("web.yaml");
     std::fs::write(&manifest, manifests(&cluster.probe_dir, 1)).unwrap();
-    say(start, "the app: a Deployment `web` (1 replica, exec readiness probe) and a ServiceRegistration `web`");
+    say(start, "the app: a Deployment `web` (1 replica, exec readiness probe) and ServiceRegistrations `web` (json), `web-gozero` and `web-kratos`");
     kubectl(cluster, &["apply", "-f", manifest.to_str().unwrap()]);
     published(&pods, etcd, 1).await;
     kubectl(cluster, &["get", "serviceregistrations"]);

@@ -218,7 +218,7 @@ async fn the_charts_setup_passes_and_each_kubernetes_side_misconfiguration_is_na
     run.line("OK", "ttl", &["the TTLs of all 0 ServiceRegistrations"]);
     run.line("OK", "ttl", &["the podlease.io/ttl of all 0 annotated pods that set one outlive a leader failover"]);
     run.line("OK", "etcd", &[&etcd.server.endpoint(), "TLS with a client certificate, as user \"podlease\""]);
-    run.line("OK", "etcd-version", &["runs etcd 3.5."]);
+    run.line("OK", "etcd-version", &["runs etcd 3.6."]);
     run.line("OK", "etcd-cluster", &["every answering endpoint (1) is in cluster"]);
     run.line("OK", "etcd-cluster", &["reach every voting member (1)"]);
     run.line("OK", "etcd-access", &["ownership records under \"/podlease/owners/\""]);
@@ -335,7 +335,7 @@ async fn each_etcd_side_misconfiguration_is_named() {
     let run = doctor(dir, "no-apiserver", &nowhere, &good).await;
     run.fails_only("kubernetes");
     run.line("FAIL", "kubernetes", &["the API server cannot be reached", "Connection refused"]);
-    run.line("OK", "etcd-version", &["runs etcd 3.5."]);
+    run.line("OK", "etcd-version", &["runs etcd 3.6."]);
 
     // A CA that did not sign etcd's certificate.
     let other = tls::make(&dir.join("other-pki"));

@@ -12,6 +12,7 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{Event, Pod};
 use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
+use support::frameworks::{Client as FrameworkClient, Framework, addrs_of};
 use support::node::*;
 use support::wait_until;
 
@@ -625,6 +626,16 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
     let auto_probe = Arc::new(AtomicBool::new(false));
     let pods = PodWatch::start(apps.clone(), SELECTOR, cluster.probe_dir.clone(), auto_probe.clone());
 
+    // The same pods, also in go-zero's and Kratos's formats (two ServiceRegistrations beside
+    // the Deployment's annotations): those frameworks' own clients resolve them in step 3.
+    // (`rpc.shop`: etcd-naming's reader of `shop` reads every key that starts with it.)
+    for (name, format, service) in [("shop-gozero", "go-zero", "rpc.shop"), ("shop-kratos", "kratos", APP)] {
+        support::create_registration(&cluster.kube, "default", name, json!({
+            "selector": {"matchLabels": {"app": APP}}, "port": "http", "format": format, "service": service,
+        }))
+        .await;
+    }
+
     // 1. The gated, annotated Deployment: Running, not Ready, unpublished until its probes pass.
     let t = Instant::now();
     deployments.create(&PostParams::default(), &gated_deployment(APP, REPLICAS as i32, &cluster.probe_dir)).await.expect("create Deployment");
@@ -711,6 +722,17 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
     .await;
     let addrs: Vec<String> = serving.iter().map(|(_, ip)| format!("{ip}:8080")).collect();
     resolver.wait_for(&addrs.iter().map(String::as_str).collect::<Vec<_>>(), Duration::from_secs(10)).await;
+    // go-zero's discov subscriber behind zrpc and Kratos's registry behind its gRPC client,
+    // in the sealed namespace too, dialling the pods (httpd answers no gRPC: the calls fail,
+    // the addresses resolve).
+    let endpoints_in_node = [format!("http://{etcd_in_node}")];
+    let mut framework_clients = Vec::new();
+    for (fw, service) in [(Framework::GoZero, "rpc.shop"), (Framework::Kratos, APP)] {
+        let client = FrameworkClient::resolve_in(fw, cluster.in_node(fw.binary()), &endpoints_in_node, service, work.path()).await;
+        client.wait_addrs(&addrs, Duration::from_secs(10)).await;
+        eprintln!("[3] {} {} resolves the 3 pods inside the node's namespace", fw.name(), fw.version());
+        framework_clients.push(client);
+    }
     let rev = support::etcd::revision(&etcd).await;
     let mut present: std::collections::BTreeSet<String> = support::etcd_dump(&etcd, &prefix).await.into_keys().collect();
     let old_keys = present.clone();
@@ -752,6 +774,13 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
     let smallest = resolver.smallest_since(t_roll).expect("the resolver had a set");
     eprintln!("[3] etcd:///{APP} smallest address set during the rollout: {} addresses {smallest:?}", smallest.len());
     assert!(smallest.len() >= REPLICAS - MAX_UNAVAILABLE, "the resolver handed grpc {smallest:?}");
+    for client in &framework_clients {
+        client.wait_addrs(&new_addrs, Duration::from_secs(10)).await;
+        let smallest = client.smallest_since(t_roll).expect("the client had a set");
+        eprintln!("[3] {}: smallest set during the rollout {} addresses, {} changes", client.framework.name(), smallest.len(), client.sets().iter().filter(|(at, _)| *at > t_roll).count());
+        assert!(smallest.len() >= REPLICAS - MAX_UNAVAILABLE, "{} handed out {smallest:?}", client.framework.name());
+    }
+    let framework_sets: Vec<usize> = framework_clients.iter().map(|c| c.sets().len()).collect();
     let etcd_events = keys.all();
     let mut previous = addrs.clone();
     let mut change_ms = Vec::new();
@@ -902,6 +931,13 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
     assert_eq!(support::etcd_dump(&etcd, &prefix).await, steady, "the app's keys or values changed over the upgrade");
     assert!(first_unready_since(&pods, &app_names, t6).is_none(), "an app pod stopped being ready: {:?}", first_unready_since(&pods, &app_names, t6));
 
+    // Over both failovers and the upgrade, go-zero's and Kratos's clients saw no change.
+    for (client, before) in framework_clients.iter().zip(&framework_sets) {
+        let after: Vec<Vec<String>> = client.sets()[*before..].iter().map(|(_, s)| addrs_of(s)).collect();
+        assert!(after.is_empty(), "{} saw changes across the failovers and the upgrade: {after:?}", client.framework.name());
+    }
+    eprintln!("[6] go-zero's and Kratos's clients: no change over the failovers and the upgrade");
+    drop(framework_clients);
     drop(resolver);
     eprintln!("{}", cluster.kubectl(&["get", "pods", "-A", "-o", "wide"]));
     cluster.assert_sealed();

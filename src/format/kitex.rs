@@ -33,9 +33,12 @@ impl Layout for Kitex {
         self.root
     }
     fn service_prefix(&self, prefix: &Prefix, service: &ServiceName, _: &str, _: &FormatOptions) -> String {
-        // The resolvers read `<root>/<svc>/` (registry-etcd's common.go: prefix + "/%v/"; the
-        // Hertz resolver alike), as their own clients showed (tests/frameworks.rs).
-        join(prefix.as_str(), &format!("{}/", service.as_str()))
+        // The resolvers themselves read `<root>/<svc>/` (registry-etcd's common.go: prefix +
+        // "/%v/"; Hertz's alike; tests/frameworks.rs). podlease keeps the prefix without the
+        // slash: it is the service's claim (stored in etcd, see registry/claim.rs), and the
+        // wider claim only refuses names that nest (`user`, `user2`), never lets a reader see
+        // another's keys.
+        join(prefix.as_str(), service.as_str())
     }
     fn key(&self, prefix: &Prefix, i: &Instance) -> Key {
         Key::Fixed(join(prefix.as_str(), &format!("{}/{}", i.service, i.addr())))

@@ -140,8 +140,8 @@ fn service_prefixes_are_what_each_consumer_reads() {
     assert_eq!(read(Format::GoZero), "user/");
     assert_eq!(read(Format::Kratos), "/microservices/user");
     assert_eq!(read(Format::GoMicro), "/micro/registry/user/");
-    assert_eq!(read(Format::Kitex), "kitex/registry-etcd/user/");
-    assert_eq!(read(Format::Hertz), "hertz/registry-etcd/user/");
+    assert_eq!(read(Format::Kitex), "kitex/registry-etcd/user");
+    assert_eq!(read(Format::Hertz), "hertz/registry-etcd/user");
     assert_eq!(read(Format::Skydns), "/skydns/local/cluster/shop/user/");
 }
 
@@ -194,8 +194,10 @@ fn a_skydns_pod_label_is_at_most_63_bytes_and_stays_unique() {
     assert_eq!(last(key("a.b")), "a-b");
     let exact = "x".repeat(63);
     assert_eq!(last(key(&exact)), exact);
-    let long_a = format!("{}-a", "x".repeat(70));
-    let long_b = format!("{}-b", "x".repeat(70));
+    // A pod name is a DNS subdomain: labels of at most 63 joined by dots, which the key's
+    // one label turns into dashes.
+    let long_a = format!("{}.{}-a", "x".repeat(40), "y".repeat(40));
+    let long_b = format!("{}.{}-b", "x".repeat(40), "y".repeat(40));
     let (a, b) = (last(key(&long_a)), last(key(&long_b)));
     assert!(a.len() <= 63 && b.len() <= 63, "{a} {b}");
     assert_ne!(a, b, "two long pod names share a label");

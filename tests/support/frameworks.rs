@@ -77,7 +77,17 @@ impl Client {
             args.push("--dial".into());
         }
         args.extend(extra.iter().cloned());
-        let c = Client::spawn(framework, &args, dir, "resolve");
+        let c = Client::spawn(framework, Command::new(framework.binary()), &args, dir, "resolve");
+        c.wait_event("watching", super::DEADLINE).await;
+        c
+    }
+
+    /// `<program> resolve --dial --dial-any` through `cmd` (the binary run inside the node's
+    /// sealed network namespace, `MiniCluster::in_node(framework.binary())`): there the
+    /// client may dial the pods' addresses, and no packet can leave the machine.
+    pub async fn resolve_in(framework: Framework, cmd: Command, endpoints: &[String], service: &str, dir: &Path) -> Client {
+        let args = vec!["resolve".to_string(), format!("--endpoints={}", endpoints.join(",")), format!("--service={service}"), "--dial".into(), "--dial-any".into()];
+        let c = Client::spawn(framework, cmd, &args, dir, "resolve");
         c.wait_event("watching", super::DEADLINE).await;
         c
     }
@@ -87,17 +97,16 @@ impl Client {
     pub async fn register(framework: Framework, endpoints: &[String], service: &str, addr: &str, extra: &[&str], dir: &Path) -> Client {
         let mut args = vec!["register".to_string(), format!("--endpoints={}", endpoints.join(",")), format!("--service={service}"), format!("--addr={addr}")];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let c = Client::spawn(framework, &args, dir, "register");
+        let c = Client::spawn(framework, Command::new(framework.binary()), &args, dir, "register");
         c.wait_event("registered", super::DEADLINE).await;
         c
     }
 
-    fn spawn(framework: Framework, args: &[String], dir: &Path, what: &str) -> Client {
+    fn spawn(framework: Framework, mut cmd: Command, args: &[String], dir: &Path, what: &str) -> Client {
         static RUNS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = RUNS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let log = dir.join(format!("{}-{what}-{n}.log", framework.name()));
         let stderr = std::fs::File::create(&log).expect("client log");
-        let mut cmd = Command::new(framework.binary());
         cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
         // SAFETY: prctl only, between fork and exec.
         unsafe {
@@ -124,6 +133,13 @@ impl Client {
 
     pub fn lines(&self) -> Vec<Line> {
         self.lines.lock().unwrap().clone()
+    }
+
+    /// The smallest set in force at or after `since` (the one in force then included).
+    pub fn smallest_since(&self, since: Instant) -> Option<Vec<String>> {
+        let sets = self.sets();
+        let in_force = sets.iter().rev().find(|(at, _)| *at <= since).cloned();
+        in_force.into_iter().chain(sets.into_iter().filter(|(at, _)| *at > since)).map(|(_, s)| addrs_of(&s)).min_by_key(|a| a.len())
     }
 
     /// Every set the client handed out, in order, timed on arrival.
