@@ -132,7 +132,7 @@ async fn main() {
     let by_dir = |ready: bool| if ready { &on } else { &off };
     let md = &mut report.md;
     writeln!(md, "Each transition: the test patches one pod's status as the kubelet would (Ready and ContainersReady), then waits until podlease's key event reaches an etcd watcher and the EndpointSlice controller's endpoint change reaches an EndpointSlice watcher; times run from just before the patch request, so both include the API server's write and watch fan-out. {n} measured transitions per direction and per podlease variant, after {warm} discarded warm-up transitions each (both sides).\n").unwrap();
-    writeln!(md, "{}, transitions alternating between them so both see the same machine at the same moments. Peer: kube-controller-manager v1.20 running only the EndpointSlice controller, {main_flags}: a client rate limit high enough never to bind (checked below).\n", installs_described(&installs)).unwrap();
+    writeln!(md, "{}, transitions alternating between them so both see the same machine at the same moments. Peer: kube-controller-manager {} running only the EndpointSlice controller, {main_flags}: a client rate limit high enough never to bind (checked below).\n", installs_described(&installs), support::Binaries::locate().kube_version).unwrap();
     writeln!(md, "| transition | watcher | n | p50 | p90 | p99 | max |").unwrap();
     writeln!(md, "|---|---|---|---|---|---|---|").unwrap();
     for ready in [true, false] {

@@ -36,9 +36,9 @@ done
   cat <<'HEAD'
 # Benchmarks
 
-Measured on the real test bed: kube-apiserver v1.20.2 built from Debian's source package,
-etcd 3.5 from Debian (one member for the registry, one for the API server's storage), and,
-as the peer, kube-controller-manager v1.20.2 running only the EndpointSlice controller, all
+Measured on the real test bed: kube-apiserver built from the k8s.io/kubernetes Go module,
+etcd 3.6 built from its Go module (one member for the registry, one for the API server's storage), and,
+as the peer, kube-controller-manager of the same release running only the EndpointSlice controller, all
 on one machine together with the load generator. Release build of podlease. Nothing here is
 asserted by the test suite; each section says the command that produced it, when, on what
 machine and at what load (every bench refuses to start when the 1-minute load average is

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Kubernetes from Go modules: kube-apiserver, kube-controller-manager, kube-scheduler and
-# kubelet built from the upstream `k8s.io/kubernetes/cmd/...` packages at one release, through
+# Kubernetes from Go modules: kube-apiserver, kube-controller-manager, kube-scheduler, kubelet
+# and kubectl built from the upstream `k8s.io/kubernetes/cmd/...` packages at one release, through
 # the wrapper module tools/kube/v<version>/ (k8s.io/kubernetes requires its staging modules at
 # v0.0.0 with local replaces, which a dependent module cannot use: the wrapper replaces each
 # with its published v0.<minor>.<patch>).
@@ -8,7 +8,7 @@
 #   scripts/kube.sh generate 1.37.2   writes tools/kube/v1.37.2/{go.mod,go.sum} from the
 #                                     release's own go.mod (its go and godebug lines, its
 #                                     staging list); never edited by hand, never `go get -u`
-#   scripts/kube.sh build 1.37.2 DIR  builds the four binaries into DIR (cached by the caller)
+#   scripts/kube.sh build 1.37.2 DIR  builds the five binaries into DIR (cached by the caller)
 #
 # GOMODCACHE and GOCACHE come from the caller (testbed.sh puts both under the cache dir).
 set -euo pipefail

@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Sourced by scripts/testbed.sh (uses its CACHE, log, mirror, apt_install and KSRC, the Kubernetes tree):
 # everything a real node needs besides kubelet itself, cached under "$CACHE/node":
-#   containerd 1.6   Debian bookworm's .deb, unpacked (not installed: no service is started)
+#   containerd 1.6   Debian bookworm's .deb (kubelet 1.37 still takes a CRI without RuntimeConfig; 1.38 will not), unpacked (not installed: no service is started)
 #   runc             Debian package (the only runtime that works on this hybrid cgroup layout)
 #   images           docker-archive tarballs for `ctr images import` (no registry is reachable):
 #                    local/pause:3.2 (static pause from the Kubernetes tree's pause.c) and

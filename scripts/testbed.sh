@@ -64,9 +64,16 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 # --- Go (the module builds below): the machine's Go, with the project's own caches ------------
-GO=$(command -v go || true)
-if [ -z "$GO" ] && [ -x /usr/local/go/bin/go ]; then GO=/usr/local/go/bin/go; fi
-[ -n "$GO" ] || { log "no Go toolchain (1.26 wanted): install Go first"; exit 1; }
+# The wrapper modules need Go 1.26 (their go.mod files say `go 1.26.0` and use `tool` lines):
+# the first Go of at least 1.26 on the PATH or in /usr/local/go (Debian's golang-go is older).
+GO=""
+for g in "$(command -v go || true)" /usr/local/go/bin/go; do
+  [ -n "$g" ] && [ -x "$g" ] || continue
+  v=$("$g" env GOVERSION 2>/dev/null || true); v=${v#go}
+  major=${v%%.*}; rest=${v#*.}; minor=${rest%%.*}
+  if [ "${major:-0}" -gt 1 ] || { [ "${major:-0}" -eq 1 ] && [ "${minor:-0}" -ge 26 ]; } 2>/dev/null; then GO=$g; break; fi
+done
+[ -n "$GO" ] || { log "no Go toolchain of at least 1.26 (found: $(go version 2>/dev/null || echo none)): install Go 1.26 first"; exit 1; }
 export PATH="$(dirname "$GO"):$PATH"
 export GOMODCACHE="$CACHE/go/mod" GOCACHE="$CACHE/go/build" GOTOOLCHAIN=local
 mkdir -p "$GOMODCACHE" "$GOCACHE"
@@ -137,8 +144,9 @@ KBIN="$CACHE/kube-$KUBE_VERSION/bin"
 KBIN_OLDEST="$CACHE/kube-$KUBE_OLDEST/bin"
 KUBECTL="$KBIN/kubectl"
 # The Kubernetes tree of the module cache (the node's pause image is built from its
-# build/pause/linux/pause.c).
-KSRC=$(cd "$HERE/../tools/kube/v$KUBE_VERSION" && go list -mod=readonly -m -f '{{.Dir}}' k8s.io/kubernetes)
+# build/pause/linux/pause.c); downloaded if the cache lost it.
+KSRC=$(go mod download -json "k8s.io/kubernetes@v$KUBE_VERSION" | sed -n 's/^\t"Dir": "\(.*\)",$/\1/p')
+[ -f "$KSRC/build/pause/linux/pause.c" ] || { log "no build/pause/linux/pause.c in k8s.io/kubernetes@v$KUBE_VERSION ($KSRC)"; exit 1; }
 
 # --- Prometheus and promtool from Debian bookworm, unpacked, not installed -----------------------
 # The alert rules' unit tests (promtool test rules) and a live Prometheus scraping podlease.

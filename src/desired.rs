@@ -1028,12 +1028,12 @@ fn plan(req: Request, namespace: &str, defaults: &Defaults) -> Result<Plan, Stri
     if let Some(p) = &options.protocol {
         validate::protocol(p).map_err(|e| bad(Field::Protocol, p, e))?;
     }
+    // 0 stays accepted (a registration published with it must not lose its keys on an
+    // upgrade), although Kitex's and Hertz's resolvers serve it as their default 10.
     if let Some(w) = options.weight
-        && w < 1
+        && w < 0
     {
-        // Kitex's and Hertz's resolvers serve a weight of 0 or less as their default 10: it
-        // would not take the instance out of rotation, as a user writing 0 means.
-        return Err(format!("{} {w}: a weight is at least 1 (Kitex and Hertz serve 0 as 10)", o.name(Field::Weight)));
+        return Err(format!("{} {w}: a weight is not negative", o.name(Field::Weight)));
     }
     if options.dns_ttl == Some(0) {
         return Err(format!("{} 0: a DNS TTL is at least 1 second", o.name(Field::DnsTtl)));

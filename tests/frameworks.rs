@@ -112,7 +112,6 @@ async fn story(case: Case) {
     let coredns = (case.fw == Framework::CoreDns).then(|| support::frameworks::CoreDns::start("cluster.local", &endpoints, bed.dir.path()));
     let extra: Vec<String> = coredns.iter().map(|d| format!("--dns={}", d.addr)).collect();
     let client = Client::resolve(case.fw, &endpoints, case.resolves.unwrap_or(case.service), case.dial, &extra, bed.dir.path()).await;
-    assert!(client.current().unwrap_or_default().is_empty(), "nothing is ready yet: {:?}", client.current());
 
     // 1-2. Three ready pods, exactly those instances, field by field.
     for (name, ip) in FIRST {
@@ -141,10 +140,14 @@ async fn story(case: Case) {
         create_pod(&bed.kube, NS, &PodSpec::new(name).label("app", "user").ports(&[("grpc", port as i32)])).await;
         set_ready(&bed.kube, NS, name, ip, true).await;
     }
+    // As a rollout with maxUnavailable 0 goes: the old pods terminate once the new ones are
+    // available (here: in the client's view).
+    let second: Vec<Pod> = SECOND.iter().map(|(name, ip)| Pod { name, ip, port }).collect();
+    let all: Vec<String> = first.iter().chain(&second).map(Pod::addr).collect();
+    client.wait_addrs(&all, DEADLINE).await;
     for (name, _) in FIRST {
         delete_graceful(&bed.kube, NS, name).await;
     }
-    let second: Vec<Pod> = SECOND.iter().map(|(name, ip)| Pod { name, ip, port }).collect();
     let (_, set) = client.wait_addrs(&second.iter().map(Pod::addr).collect::<Vec<_>>(), DEADLINE).await;
     compare(&case, &set, &second);
     let smallest = client.sets().into_iter().filter(|(at, _)| *at >= t_roll).map(|(_, s)| s.len()).min().unwrap_or(0);
@@ -160,6 +163,7 @@ async fn story(case: Case) {
     let leader = wait_leader(&[&a, &b]).await;
     let (dead, standby) = if leader == 0 { (&mut a, &mut b) } else { (&mut b, &mut a) };
     let leases: Vec<i64> = support::etcd::leases_under(&bed.etcd, case.prefix).await.into_iter().map(|(_, l)| l).collect();
+    assert_eq!(leases.len(), second.len(), "podlease's keys under {}", case.prefix);
     let at_kill = lease_ttls(&bed.etcd, &leases).await;
     let killed = Instant::now();
     dead.kill();
@@ -212,8 +216,7 @@ async fn story(case: Case) {
     }
     let own_keys: Vec<&String> = now.keys().filter(|k| !podlease_keys.contains_key(*k)).collect();
     assert!(!own_keys.is_empty(), "the framework's own registration wrote no key under {}", case.prefix);
-    // podlease leaves the foreign key alone through a resync (it is nobody's it owns).
-    let standby_rev = support::etcd::revision(&bed.etcd).await;
+    let rev_leave = support::etcd::revision(&bed.etcd).await;
     match (own, &case.own) {
         (Some(own), _) => own.stop(),
         (None, Own::Record(key, _)) => {
@@ -222,7 +225,10 @@ async fn story(case: Case) {
         (None, Own::Register) => unreachable!(),
     }
     client.wait_addrs(&second.iter().map(Pod::addr).collect::<Vec<_>>(), DEADLINE).await;
-    let history = support::etcd::history(&bed.etcd, case.prefix, standby_rev + 1).await;
+    // The other writer's key is gone (its own deregistration or delete), podlease's stay.
+    let left: Vec<String> = support::etcd::keys(&bed.etcd, case.prefix).await.iter().map(|kv| kv.key_str().unwrap().to_string()).collect();
+    assert!(left.iter().all(|k| podlease_keys.contains_key(k)) && left.len() == podlease_keys.len(), "after the other writer left: {left:?}");
+    let history = support::etcd::history(&bed.etcd, case.prefix, rev_leave + 1).await;
     assert!(history.iter().all(|e| !podlease_keys.contains_key(&e.key)), "podlease's keys moved when the framework deregistered: {history:?}");
     eprintln!("[{}] coexistence: both resolved, neither writer touched the other's key ({own_keys:?}); whole story {:?}", case.fw.name(), t_test.elapsed());
     drop(servers);

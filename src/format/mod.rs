@@ -118,10 +118,9 @@ pub struct FormatOptions {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = validate::pattern::PROTOCOL), length(max = validate::MAX_PROTOCOL))]
     pub protocol: Option<String>,
-    /// Kitex / Hertz instance weight (default 10; at least 1: both clients serve a weight
-    /// of 0 as 10).
+    /// Kitex / Hertz instance weight (default 10). Both clients serve a weight of 0 as 10.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 0))]
     pub weight: Option<i32>,
     /// DNS zone for skydns (default `cluster.local`): the name is `<svc>.<namespace>.<zone>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -353,7 +353,7 @@ impl Drop for Peer {
 }
 
 /// The peer's API requests over a window, sampled once a second from its
-/// rest_client_requests_total (client-go 1.20 does not export its rate limiter's waits:
+/// rest_client_requests_total (kept from client-go 1.20, which did not export its rate limiter's waits:
 /// rest_client_rate_limiter_duration_seconds is never registered). A token bucket of rate
 /// q and burst b delays no request while fewer than b requests come in any one second, and
 /// a one-second window spans at most two samples: a peak below b/2 per sample proves it.

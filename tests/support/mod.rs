@@ -1,5 +1,5 @@
-//! The test bed: a real etcd 3.5 for the API server's storage, a real etcd for the registry
-//! under test, and a real kube-apiserver v1.20.2, on free 127.0.0.1 ports in a temp dir.
+//! The test bed: a real etcd (3.6; 3.5 under `run_on`) for the API server's storage, a real etcd for the registry
+//! under test, and a real kube-apiserver (v1.37.2; v1.34.4 under `run_on`), on free 127.0.0.1 ports in a temp dir.
 //!
 //! Binaries come from `scripts/testbed.sh` (run by `make test`), found through the
 //! `PODLEASE_*_BIN` variables or the cache's `testbed.env`. Every process started here dies
@@ -66,7 +66,11 @@ static RELEASE: OnceLock<Release> = OnceLock::new();
 
 /// Runs this test process on `release` (call it first: the binaries are located once).
 pub fn run_on(release: Release) {
-    RELEASE.set(release).expect("run_on: the release is chosen once, before any bed starts");
+    let chosen = *RELEASE.get_or_init(|| release);
+    assert_eq!(
+        chosen, release,
+        "this process already runs on {chosen:?}: a compatibility test needs a process of its own (run the suite with cargo nextest, as `make test` does)"
+    );
     eprintln!("compatibility run on {release:?}: {}", Binaries::locate().describe());
 }
 

@@ -1,4 +1,4 @@
-//! A real one-node Kubernetes v1.20.2 cluster, started on request: its own etcd, a
+//! A real one-node Kubernetes cluster (v1.37.2, or v1.34.4 for the compatibility subset), started on request: its own etcd, a
 //! kube-apiserver with ServiceAccount admission and token signing, kube-controller-manager
 //! with its default controllers (ReplicaSet, Deployment, EndpointSlice, the ServiceAccount
 //! token controller), kube-scheduler, and one node: containerd 1.6 + runc + kubelet with

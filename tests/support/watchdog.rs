@@ -19,18 +19,30 @@ use std::time::Duration;
 /// How long a test process may take to exit after its body ended.
 pub const AFTER_BODY: Duration = Duration::from_secs(60);
 
-/// Installs the SIGTERM dump (once per process). Called by every bed's start.
+/// Installs the SIGTERM dump (once per process, and only under nextest: a demo stopped with
+/// SIGTERM just stops). Called by every bed's start.
 pub fn install() {
     static ONCE: Once = Once::new();
+    if std::env::var_os("NEXTEST").is_none() {
+        return;
+    }
     ONCE.call_once(|| {
         let mut fds = [0i32; 2];
-        // SAFETY: a plain pipe; the handler only write()s one byte to it (async-signal-safe).
-        if unsafe { libc::pipe(fds.as_mut_ptr()) } != 0 {
+        // SAFETY: a pipe whose ends no child inherits; the handler only write()s one byte to
+        // it (async-signal-safe).
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
             return;
         }
         SIGNAL_FD.store(fds[1], std::sync::atomic::Ordering::SeqCst);
-        // SAFETY: installing a handler whose body is async-signal-safe.
-        unsafe { libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t) };
+        // SAFETY: installing a handler whose body is async-signal-safe; SA_RESTART so that no
+        // system call of the test fails with EINTR because of it.
+        unsafe {
+            let mut action: libc::sigaction = std::mem::zeroed();
+            action.sa_sigaction = on_sigterm as *const () as libc::sighandler_t;
+            action.sa_flags = libc::SA_RESTART;
+            libc::sigemptyset(&mut action.sa_mask);
+            libc::sigaction(libc::SIGTERM, &action, std::ptr::null_mut());
+        }
         let read_fd = fds[0];
         let _ = std::thread::Builder::new().name("watchdog".into()).spawn(move || {
             // SAFETY: our own pipe's read end, owned by this thread from here on.
@@ -83,7 +95,9 @@ impl Drop for Body {
     }
 }
 
-/// Prints every thread's stack, the kernel's view of each thread, and the children.
+/// Prints the kernel's view of each thread and the children at once, then every thread's
+/// stack as gdb prints it, straight to stderr (gdb stops this process's threads while it
+/// prints: nothing of ours may have to read its output).
 pub fn dump(why: &str) {
     static ONCE: Once = Once::new();
     ONCE.call_once(|| {
@@ -100,16 +114,18 @@ pub fn dump(why: &str) {
             let state = stat.rsplit_once(')').map(|(_, r)| r.split_whitespace().next().unwrap_or("").to_string()).unwrap_or_default();
             out += &format!("child {child} (state {state}): {cmd}\n");
         }
+        out += "----- every thread's stack (gdb) -----\n";
+        let _ = std::io::stderr().write_all(out.as_bytes());
         let gdb = std::process::Command::new("gdb")
             .args(["-p", &pid.to_string(), "-batch", "-nx", "-q", "-ex", "set pagination off", "-ex", "thread apply all bt"])
             .stdin(std::process::Stdio::null())
-            .output();
-        match gdb {
-            Ok(o) => out += &String::from_utf8_lossy(&o.stdout),
-            Err(e) => out += &format!("(gdb: {e})\n"),
+            .stdout(std::process::Stdio::inherit())
+            .stderr(std::process::Stdio::inherit())
+            .status();
+        if let Err(e) = gdb {
+            eprintln!("(gdb: {e})");
         }
-        out += "===== watchdog: end =====\n";
-        let _ = std::io::stderr().write_all(out.as_bytes());
+        eprintln!("===== watchdog: end =====");
     });
 }
 
