@@ -56,6 +56,7 @@ apt_install() {
 command -v protoc >/dev/null || apt_install protobuf-compiler
 command -v openssl >/dev/null || apt_install openssl
 command -v gdb >/dev/null || apt_install gdb
+command -v curl >/dev/null || apt_install curl   # the benches read the peer controller manager's TLS metrics
 
 # --- cargo-nextest (the test runner of `make test`) -------------------------------------------
 if ! cargo nextest --version >/dev/null 2>&1; then

@@ -780,7 +780,6 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
         eprintln!("[3] {}: smallest set during the rollout {} addresses, {} changes", client.framework.name(), smallest.len(), client.sets().iter().filter(|(at, _)| *at > t_roll).count());
         assert!(smallest.len() >= REPLICAS - MAX_UNAVAILABLE, "{} handed out {smallest:?}", client.framework.name());
     }
-    let framework_sets: Vec<usize> = framework_clients.iter().map(|c| c.sets().len()).collect();
     let etcd_events = keys.all();
     let mut previous = addrs.clone();
     let mut change_ms = Vec::new();
@@ -856,6 +855,13 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
     .await;
 
     // 5. Failover: the leader deleted gracefully, then the next leader force-deleted.
+    // From here on (both failovers, then the upgrade) go-zero's and Kratos's clients must
+    // see no change: first they hold the set of the pods serving now.
+    let serving_now: Vec<String> = serving_pods(&apps, SELECTOR).await.iter().map(|(_, ip)| format!("{ip}:8080")).collect();
+    for client in &framework_clients {
+        client.wait_addrs(&serving_now, Duration::from_secs(10)).await;
+    }
+    let framework_sets: Vec<usize> = framework_clients.iter().map(|c| c.sets().len()).collect();
     let steady = support::etcd_dump(&etcd, &prefix).await;
     let rev5 = support::etcd::revision(&etcd).await;
     let t5 = Instant::now();

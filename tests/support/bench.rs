@@ -337,7 +337,7 @@ pub fn watch_slices(kube: &kube::Client, service: &str) -> Arc<Seen> {
 }
 
 /// kube-controller-manager running only the EndpointSlice controller, with its client's
-/// QPS and burst, and its (deprecated, plain HTTP) metrics port open so the rate limiter's
+/// QPS and burst, and its metrics (TLS, open to loopback readers) so the rate limiter's
 /// waits can be read.
 pub struct Peer {
     child: Child,
@@ -405,7 +405,7 @@ impl Peer {
         let child = spawn_owned(&mut cmd, &bed.dir.path().join(format!("kube-controller-manager-{name}.log")));
         let peer = Peer { child, metrics_port, qps };
         super::wait_until("kube-controller-manager serves /healthz", super::DEADLINE, || async {
-            http_get(&format!("http://127.0.0.1:{metrics_port}/healthz")).await.filter(|(c, _)| *c == 200).map(|_| ())
+            https_get(&format!("https://127.0.0.1:{metrics_port}/healthz")).await.filter(|(c, _)| *c == 200).map(|_| ())
         })
         .await;
         peer
@@ -416,8 +416,10 @@ impl Peer {
             "--controllers=endpointslice".into(),
             "--leader-elect=false".into(),
             "--bind-address=127.0.0.1".into(),
-            "--secure-port=0".into(),
+            // Its only port (the plain one went in 1.24): self-signed TLS, and /metrics open
+            // to an unauthenticated reader on loopback, like /healthz.
             format!("--secure-port={metrics_port}"),
+            "--authorization-always-allow-paths=/healthz,/readyz,/livez,/metrics".into(),
             format!("--kube-api-qps={}", qps.0),
             format!("--kube-api-burst={}", qps.1),
             "--v=1".into(),
@@ -426,7 +428,7 @@ impl Peer {
 
     /// Its flags as the report shows them (every other setting is the default).
     pub fn flags(&self) -> String {
-        let shown: Vec<String> = Peer::flags_for(self.qps, 0).into_iter().filter(|f| !f.starts_with("--port=") && !f.starts_with("--address=")).collect();
+        let shown: Vec<String> = Peer::flags_for(self.qps, 0).into_iter().filter(|f| !f.starts_with("--secure-port=") && !f.starts_with("--authorization-always-allow-paths=")).collect();
         format!("`kube-controller-manager --kubeconfig=… {}` (plus a loopback metrics port)", shown.join(" "))
     }
 
@@ -458,9 +460,19 @@ impl Peer {
 
 struct PeerMetrics(u16);
 
+/// GET over TLS without verifying the peer's self-signed certificate (loopback only), with
+/// curl: (status, body); None when nothing answers.
+async fn https_get(url: &str) -> Option<(u16, String)> {
+    assert!(url.starts_with("https://127.0.0.1:"), "loopback only: {url}");
+    let out = tokio::process::Command::new("curl").args(["-sk", "--max-time", "5", "-w", "\n%{http_code}", url]).output().await.ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n')?;
+    Some((code.trim().parse().ok().filter(|c| *c != 0)?, body.to_string()))
+}
+
 impl PeerMetrics {
     async fn requests(&self) -> Option<f64> {
-        let (_, text) = http_get(&format!("http://127.0.0.1:{}/metrics", self.0)).await?;
+        let (_, text) = https_get(&format!("https://127.0.0.1:{}/metrics", self.0)).await?;
         Some(metric_sum(&text, "rest_client_requests_total"))
     }
 }
