@@ -121,6 +121,7 @@ spec:
     matchLabels: {{app: web}}
   port: http
   format: kratos
+  service: web
 "#,
         probe = probe_dir.display()
     )
