@@ -1,6 +1,7 @@
 //! Each consumer framework's own discovery client resolves what podlease writes: go-zero,
-//! Kratos, go-micro, Kitex and Hertz (tools/consumers/<framework>, built from the framework's
-//! own module at a pinned version), against the real bed at the defaults (TTL 30 s, the
+//! Kratos, go-micro, Kitex, Hertz, CoreDNS and etcd's gRPC naming resolver
+//! (tools/consumers/<framework>, built from the framework's own module at a pinned version),
+//! against the real bed at the defaults (TTL 30 s, the
 //! chart's leader Lease, etcd's own timings).
 //!
 //! One story per framework:
@@ -368,6 +369,23 @@ async fn coredns_serves_what_podlease_writes_as_a_and_srv_records() {
         expect: |p| json!({"addr": p.addr(), "port": p.port, "ttl": 30}),
         prefix: "/skydns/local/cluster/shop/user/",
         own: Own::Record("/skydns/local/cluster/shop/user/other-writer", "127.0.0.9"),
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn etcd_naming_resolver_resolves_what_podlease_writes() {
+    story(Case {
+        fw: Framework::EtcdNaming,
+        format: "etcd-naming",
+        service: "user",
+        resolves: None,
+        options: Value::Null,
+        // Its dialling is the node story's and tests/consumer.rs's (grpc's round_robin).
+        dial: false,
+        expect: |p| json!({"addr": p.addr()}),
+        prefix: "user/",
+        own: Own::Register,
     })
     .await;
 }

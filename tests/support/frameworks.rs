@@ -1,7 +1,8 @@
 //! The consumer frameworks' own clients (tools/consumers/<framework>, built by
 //! scripts/consumers.sh), run as a Go service of that framework would run them.
 //!
-//! Each program speaks one protocol (tools/consumers/README.md): `resolve` prints JSON lines,
+//! Each program speaks one protocol (tools/consumers/README.md; etcd-naming's `addrs` lines
+//! are read as its sets): `resolve` prints JSON lines,
 //! `{"event":"watching"}` once subscribed, then `{"instances":[...]}` with the whole set the
 //! framework's client hands out, first and on every change, and `{"event":"called",...}` for
 //! each RPC that reached a server under `--dial`; `register` registers an instance with the
@@ -124,7 +125,11 @@ impl Client {
             for line in BufReader::new(out).lines() {
                 let Ok(line) = line else { break };
                 let at = Instant::now();
-                let json = serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({"unparsed": line}));
+                let mut json: Value = serde_json::from_str(&line).unwrap_or_else(|_| serde_json::json!({"unparsed": line}));
+                // etcd-naming keeps etcd-resolve's own lines: `addrs` is its set.
+                if let Some(addrs) = json.get("addrs").and_then(|a| a.as_array()).cloned() {
+                    json = serde_json::json!({"instances": addrs.iter().map(|a| serde_json::json!({"addr": a})).collect::<Vec<_>>()});
+                }
                 sink.lock().unwrap().push(Line { at, json });
             }
         });
