@@ -87,6 +87,11 @@ pub fn body(name: &str) -> Body {
 
 impl Drop for Body {
     fn drop(&mut self) {
+        // Only where each test is a process of its own (nextest): under `cargo test` other
+        // tests of the process may still be running, and gdb would stop them.
+        if std::env::var_os("NEXTEST").is_none() {
+            return;
+        }
         let name = std::mem::take(&mut self.name);
         let _ = std::thread::Builder::new().name("watchdog-after-body".into()).spawn(move || {
             std::thread::sleep(AFTER_BODY);
