@@ -185,11 +185,7 @@ async fn story(case: Case) {
 
     // 6. Coexistence with the framework's own registration.
     let rev = support::etcd::revision(&bed.etcd).await;
-    let podlease_keys: BTreeMap<String, (String, i64)> = support::etcd::keys(&bed.etcd, case.prefix)
-        .await
-        .iter()
-        .map(|kv| (kv.key_str().unwrap().to_string(), (kv.value_str().unwrap().to_string(), kv.lease())))
-        .collect();
+    let podlease_keys = keys_under(&bed.etcd, case.prefix).await;
     let own_addr = format!("{OWN}:{port}");
     let own = match case.own {
         Own::Register => Some(Client::register(case.fw, &endpoints, case.service, &own_addr, &[], bed.dir.path()).await),
@@ -207,11 +203,7 @@ async fn story(case: Case) {
     let history = support::etcd::history(&bed.etcd, case.prefix, rev + 1).await;
     let touched: Vec<_> = history.iter().filter(|e| podlease_keys.contains_key(&e.key)).collect();
     assert!(touched.is_empty(), "podlease's keys were written or deleted while the framework registered its own: {touched:?}");
-    let now: BTreeMap<String, (String, i64)> = support::etcd::keys(&bed.etcd, case.prefix)
-        .await
-        .iter()
-        .map(|kv| (kv.key_str().unwrap().to_string(), (kv.value_str().unwrap().to_string(), kv.lease())))
-        .collect();
+    let now = keys_under(&bed.etcd, case.prefix).await;
     for (k, v) in &podlease_keys {
         assert_eq!(now.get(k), Some(v), "podlease's key {k} changed");
     }
@@ -246,6 +238,11 @@ fn compare(case: &Case, set: &[Value], pods: &[Pod]) {
             assert_eq!(&got[field], value, "{} instance of {}: field {field}\n got {got}\nwant {want}", case.fw.name(), pod.name);
         }
     }
+}
+
+/// Every key under `prefix` with its value and lease, as etcd holds them now.
+async fn keys_under(etcd: &etcd_client::Client, prefix: &str) -> BTreeMap<String, (String, i64)> {
+    support::etcd::keys(etcd, prefix).await.iter().map(|kv| (kv.key_str().unwrap().to_string(), (kv.value_str().unwrap().to_string(), kv.lease()))).collect()
 }
 
 /// The seconds each lease has left (-1: gone).
