@@ -110,7 +110,10 @@ async fn story(case: Case) {
             servers.push(Client::register(case.fw, &endpoints, "test-servers", &addr, &[], bed.dir.path()).await);
         }
     }
-    let coredns = (case.fw == Framework::CoreDns).then(|| support::frameworks::CoreDns::start("cluster.local", &endpoints, bed.dir.path()));
+    let coredns = match case.fw {
+        Framework::CoreDns => Some(support::frameworks::CoreDns::start("cluster.local", &endpoints, bed.dir.path()).await),
+        _ => None,
+    };
     let extra: Vec<String> = coredns.iter().map(|d| format!("--dns={}", d.addr)).collect();
     let client = Client::resolve(case.fw, &endpoints, case.resolves.unwrap_or(case.service), case.dial, &extra, bed.dir.path()).await;
 
@@ -211,7 +214,7 @@ async fn story(case: Case) {
     assert!(!own_keys.is_empty(), "the framework's own registration wrote no key under {}", case.prefix);
     let rev_leave = support::etcd::revision(&bed.etcd).await;
     match (own, &case.own) {
-        (Some(own), _) => own.stop(),
+        (Some(own), _) => own.stop().await,
         (None, Own::Record(key, _)) => {
             bed.etcd.kv_client().delete(*key, None).await.expect("the other writer's delete");
         }

@@ -438,9 +438,21 @@ struct KeyEvent {
     key: String,
 }
 
-/// Every event under a prefix from its start on, timed on arrival.
-#[derive(Clone)]
-struct KeyWatch(Arc<Mutex<Vec<KeyEvent>>>);
+/// Every event under a prefix from its start on, timed on arrival; the watch ends with it.
+struct KeyWatch {
+    events: Arc<Mutex<Vec<KeyEvent>>>,
+    _task: AbortOnDrop,
+}
+
+/// Ends a test's background task with the value that owns it: a watch left running past
+/// the cluster's teardown would retry a dead API server or etcd until the process exits.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
 
 impl KeyWatch {
     async fn start(etcd: &etcd_client::Client, prefix: &str) -> KeyWatch {
@@ -448,7 +460,7 @@ impl KeyWatch {
         let mut stream = w.watch(prefix, Some(etcd_client::WatchOptions::new().with_prefix())).await.expect("watch");
         let events: Arc<Mutex<Vec<KeyEvent>>> = Arc::default();
         let sink = events.clone();
-        tokio::spawn(async move {
+        let task = tokio::spawn(async move {
             let _keep = w;
             while let Ok(Some(resp)) = stream.message().await {
                 let at = Instant::now();
@@ -459,17 +471,17 @@ impl KeyWatch {
                 }
             }
         });
-        KeyWatch(events)
+        KeyWatch { events, _task: AbortOnDrop(task.abort_handle()) }
     }
 
     fn all(&self) -> Vec<KeyEvent> {
-        self.0.lock().unwrap().clone()
+        self.events.lock().unwrap().clone()
     }
 
     /// The first PUT (or DELETE) of `key` that arrived after `after`, waiting for it.
     async fn wait(&self, key: &str, put: bool, after: Instant, within: Duration) -> KeyEvent {
         let what = format!("{} of etcd key {key}", if put { "a PUT" } else { "a DELETE" });
-        wait_until(&what, within, || async { self.0.lock().unwrap().iter().find(|e| e.key == key && e.put == put && e.at > after).cloned() }).await
+        wait_until(&what, within, || async { self.events.lock().unwrap().iter().find(|e| e.key == key && e.put == put && e.at > after).cloned() }).await
     }
 }
 
@@ -484,19 +496,23 @@ struct PodSeen {
 }
 
 /// A watch of the app's pods. With `auto_probe` set, every new pod gets its readiness file
-/// as soon as the watch sees it (a rollout's pods have names nobody knows in advance).
-#[derive(Clone)]
-struct PodWatch(Arc<Mutex<Vec<PodSeen>>>);
+/// as soon as the watch sees it (a rollout's pods have names nobody knows in advance). The
+/// watch ends with it.
+struct PodWatch {
+    seen: Arc<Mutex<Vec<PodSeen>>>,
+    _task: AbortOnDrop,
+}
 
 impl PodWatch {
     fn start(api: Api<Pod>, selector: &str, probe_dir: std::path::PathBuf, auto_probe: Arc<AtomicBool>) -> PodWatch {
         use futures::StreamExt;
-        use kube::runtime::watcher;
+        use kube::runtime::{watcher, WatchStreamExt};
         let seen: Arc<Mutex<Vec<PodSeen>>> = Arc::default();
         let sink = seen.clone();
         let config = watcher::Config::default().labels(selector);
-        tokio::spawn(async move {
-            let mut events = std::pin::pin!(watcher(api, config));
+        let task = tokio::spawn(async move {
+            // With backoff: without it a watcher retries a failing API server in a busy loop.
+            let mut events = std::pin::pin!(watcher(api, config).default_backoff());
             while let Some(ev) = events.next().await {
                 let at = Instant::now();
                 let (pod, gone) = match ev {
@@ -515,16 +531,16 @@ impl PodWatch {
                 sink.lock().unwrap().push(PodSeen { at, name, ready: ready(&pod), deleting, gone });
             }
         });
-        PodWatch(seen)
+        PodWatch { seen, _task: AbortOnDrop(task.abort_handle()) }
     }
 
     fn all(&self) -> Vec<PodSeen> {
-        self.0.lock().unwrap().clone()
+        self.seen.lock().unwrap().clone()
     }
 
     /// The first state seen that `pred` accepts, waiting for it.
     async fn wait(&self, what: &str, within: Duration, pred: impl Fn(&PodSeen) -> bool) -> PodSeen {
-        wait_until(what, within, || async { self.0.lock().unwrap().iter().find(|s| pred(s)).cloned() }).await
+        wait_until(what, within, || async { self.seen.lock().unwrap().iter().find(|s| pred(s)).cloned() }).await
     }
 }
 
@@ -945,6 +961,8 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
     eprintln!("[6] go-zero's and Kratos's clients: no change over the failovers and the upgrade");
     drop(framework_clients);
     drop(resolver);
+    // The test's own watches end before the API server and etcd they watch.
+    drop((pods, keys));
     eprintln!("{}", cluster.kubectl(&["get", "pods", "-A", "-o", "wide"]));
     cluster.assert_sealed();
     let traces = cluster.shutdown();

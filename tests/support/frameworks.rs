@@ -214,7 +214,7 @@ impl Client {
     }
 
     /// SIGTERM, then the exit (the framework deregisters as it does on a shutdown).
-    pub fn stop(mut self) {
+    pub async fn stop(mut self) {
         // SAFETY: signalling our own child.
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let start = Instant::now();
@@ -222,7 +222,8 @@ impl Client {
             if self.child.try_wait().ok().flatten().is_some() {
                 return;
             }
-            std::thread::sleep(Duration::from_millis(20));
+            // Never a thread sleep here: it would hold one of the test runtime's workers.
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 }
@@ -242,7 +243,7 @@ pub struct CoreDns {
 }
 
 impl CoreDns {
-    pub fn start(zone: &str, endpoints: &[String], dir: &Path) -> CoreDns {
+    pub async fn start(zone: &str, endpoints: &[String], dir: &Path) -> CoreDns {
         let port = super::free_port();
         let corefile = dir.join("Corefile");
         // The plugin's defaults otherwise (min-lease-ttl 30 s, max-lease-ttl 24 h).
@@ -253,9 +254,9 @@ impl CoreDns {
         let addr = format!("127.0.0.1:{port}");
         let start = Instant::now();
         // It serves TCP on the same port as UDP: a listening socket means it serves.
-        while std::net::TcpStream::connect(&addr).is_err() {
+        while tokio::net::TcpStream::connect(&addr).await.is_err() {
             assert!(start.elapsed() < super::DEADLINE, "CoreDNS did not listen on {addr}: {}", std::fs::read_to_string(dir.join("coredns.log")).unwrap_or_default());
-            std::thread::sleep(Duration::from_millis(20));
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
         CoreDns { child, addr }
     }

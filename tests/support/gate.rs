@@ -9,7 +9,7 @@ use etcd_client::{EventType, WatchOptions};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::Pod;
 use kube::api::Api;
-use kube::runtime::watcher;
+use kube::runtime::{watcher, WatchStreamExt};
 
 use super::kubelet::gate_condition;
 use super::{DEADLINE, wait_until};
@@ -70,7 +70,8 @@ impl Timeline {
         tokio::spawn(async move {
             let mut synced_tx = Some(synced_tx);
             let mut last: std::collections::HashMap<(String, String), GateSeen> = Default::default();
-            let mut events = watcher(pods, watcher::Config::default()).boxed();
+            // With backoff: without it a watcher retries a failing API server in a busy loop.
+            let mut events = watcher(pods, watcher::Config::default()).default_backoff().boxed();
             while let Some(ev) = events.next().await {
                 let at = Instant::now();
                 let pod = match ev {
