@@ -77,6 +77,23 @@ pub fn short_ttl(ttl: i64, failover: Duration) -> Option<String> {
     })
 }
 
+/// Whether a Lease write starts a term or renews the running one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Term {
+    Acquiring,
+    Renewing,
+}
+
+/// The epoch a new term takes: above the Lease's `leaseTransitions` (each term is a new
+/// transition) and above the fence's epoch (the fence refuses any epoch not above the one
+/// it holds, so a Lease deleted, restored or edited back to a lower count would otherwise
+/// leave a leader that can never write).
+fn start_epoch(transitions: Option<i64>, fence: Option<i64>) -> i64 {
+    let after_lease = transitions.map_or(0, |t| t + 1);
+    let after_fence = fence.map_or(0, |f| f + 1);
+    after_lease.max(after_fence)
+}
+
 /// The last record seen and when it was first seen in this form.
 struct Observed {
     holder: String,
@@ -127,7 +144,7 @@ impl Elector {
             // Follower: try to acquire every retry period, while etcd is reachable.
             let epoch = loop {
                 if eligible.borrow_and_update().reachable {
-                    match self.try_acquire_or_renew().await {
+                    match self.try_acquire_or_renew(Term::Acquiring).await {
                         Ok(Some(epoch)) => break epoch,
                         Ok(None) => {}
                         Err(e) => {
@@ -169,7 +186,7 @@ impl Elector {
                     break;
                 }
                 let left = self.cfg.renew_deadline.saturating_sub(last_renew.elapsed());
-                match tokio::time::timeout(left, self.try_acquire_or_renew()).await {
+                match tokio::time::timeout(left, self.try_acquire_or_renew(Term::Renewing)).await {
                     Ok(Ok(Some(e))) if e == epoch => last_renew = Instant::now(),
                     Ok(Ok(_)) => {
                         warn!(identity = self.cfg.identity, "lost leadership (another replica holds the Lease)");
@@ -312,23 +329,27 @@ impl Elector {
         }
     }
 
+    /// The epoch a new term must start above: the fence's, read from etcd. None (with a
+    /// warning) when etcd did not answer: no term starts then.
+    async fn fence_floor(&self) -> Option<Option<i64>> {
+        let Some((client, key, timeout)) = &self.fence else { return Some(None) };
+        match crate::registry::fence::current_epoch(client, *timeout, key).await {
+            Ok(e) => Some(e),
+            Err(e) => {
+                warn!(error = %e, "reading the fence before taking the leader Lease failed");
+                None
+            }
+        }
+    }
+
     /// Takes the Lease if it is free or expired, or renews it if we hold it: Some(epoch)
-    /// while we hold it.
-    async fn try_acquire_or_renew(&mut self) -> Result<Option<i64>, kube::Error> {
+    /// while we hold it. A term that starts (`Term::Acquiring`) takes an epoch above the
+    /// fence's even where the Lease says less (a deleted Lease, or one restored or edited
+    /// back to a lower `leaseTransitions`): the fence refuses every epoch not above its own.
+    async fn try_acquire_or_renew(&mut self, term: Term) -> Result<Option<i64>, kube::Error> {
         let Some(mut lease) = self.api.get_opt(&self.cfg.name).await? else {
-            // A new Lease (first install, or someone deleted it): its epochs must continue
-            // above the fence's, or no holder could ever take the fence again.
-            let epoch = match &self.fence {
-                Some((client, key, timeout)) => match crate::registry::fence::current_epoch(client, *timeout, key).await {
-                    Ok(e) => e.map_or(0, |e| e + 1),
-                    Err(e) => {
-                        warn!(error = %e, "reading the fence before creating the leader Lease failed");
-                        return Ok(None);
-                    }
-                },
-                None => 0,
-            };
-            let transitions = i32::try_from(epoch).unwrap_or(i32::MAX);
+            let Some(fence) = self.fence_floor().await else { return Ok(None) };
+            let transitions = i32::try_from(start_epoch(None, fence)).unwrap_or(i32::MAX);
             let mut lease = Lease {
                 metadata: ObjectMeta { name: Some(self.cfg.name.clone()), ..Default::default() },
                 spec: Some(self.spec(None, transitions)),
@@ -355,8 +376,16 @@ impl Elector {
         if !ours && !expired {
             return Ok(None);
         }
-        let epoch = if ours { transitions } else { transitions + 1 };
-        lease.spec = Some(if ours { self.spec(spec.acquire_time.clone(), epoch) } else { self.spec(None, epoch) });
+        let epoch = match term {
+            Term::Renewing if ours => transitions,
+            // Not ours while leading: the caller steps down, whatever this returns.
+            Term::Renewing => transitions.saturating_add(1),
+            Term::Acquiring => {
+                let Some(fence) = self.fence_floor().await else { return Ok(None) };
+                i32::try_from(start_epoch(Some(i64::from(transitions)), fence)).unwrap_or(i32::MAX)
+            }
+        };
+        lease.spec = Some(if ours && term == Term::Renewing { self.spec(spec.acquire_time.clone(), epoch) } else { self.spec(None, epoch) });
         self.stamp(&mut lease);
         // The resourceVersion in `lease` makes this a compare-and-swap.
         match self.api.replace(&self.cfg.name, &PostParams::default(), &lease).await {
@@ -429,5 +458,19 @@ mod tests {
             let f = LeaderConfig::new("ns".into(), "p".into(), "a".into(), Duration::from_secs(secs)).worst_failover();
             assert!(ttl_outlives(min_ttl(f), f) && !ttl_outlives(min_ttl(f) - 1, f), "{secs}");
         }
+    }
+
+    #[test]
+    fn a_new_term_starts_above_both_the_lease_and_the_fence() {
+        // First install: no Lease, no fence.
+        assert_eq!(start_epoch(None, None), 0);
+        // A Lease deleted while the fence names epoch 4.
+        assert_eq!(start_epoch(None, Some(4)), 5);
+        // The usual take-over: the Lease is ahead of (or at) the fence.
+        assert_eq!(start_epoch(Some(4), Some(4)), 5);
+        assert_eq!(start_epoch(Some(7), None), 8);
+        // A Lease restored or edited back to 0 while the fence names 6: above the fence,
+        // or the fence refuses the new leader's every write.
+        assert_eq!(start_epoch(Some(0), Some(6)), 7);
     }
 }

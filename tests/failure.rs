@@ -929,6 +929,56 @@ async fn deleting_the_leader_lease_leaves_a_writer_and_deletes_nothing() {
     assert_eq!(keys(&bed.etcd, "/services/dl/").await.len(), 9);
 }
 
+/// A restore of the Kubernetes etcd (or a hand edit) can set the leader Lease back to an
+/// earlier holder with a lower `leaseTransitions`. The replica it names must still start a
+/// term the fence accepts: before the fix it led at epoch 0 under a fence at epoch 1 and
+/// nothing was written or deleted (a not-ready pod kept its key, a new pod got none).
+#[tokio::test]
+async fn a_leader_lease_rolled_back_to_a_lower_epoch_leaves_a_writer_and_deletes_nothing() {
+    use k8s_openapi::api::coordination::v1::Lease;
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let mut a = Controller::start(&bed, "a", &[]).await;
+    support::controller::wait_adopted(&a, DEADLINE).await;
+    let b = Controller::start(&bed, "b", &[]).await;
+    create_sreg(&bed, "rb", json!({"selector": {"matchLabels": {"app": "rb"}}})).await;
+    ready_pods(&bed, "rb", 10).await;
+    wait_count(&bed, "/services/rb/", 10).await;
+    let leases: Api<Lease> = Api::namespaced(bed.kube.clone(), NS);
+    let transitions = |l: &Lease| l.spec.as_ref().and_then(|s| s.lease_transitions).unwrap_or(0);
+    // a hands over (SIGTERM releases the Lease; b takes it at a higher epoch), then runs
+    // again as the standby.
+    a.terminate();
+    wait_until("b leads", TAKEOVER, || async { b.leads().await.then_some(()) }).await;
+    support::controller::wait_adopted(&b, DEADLINE).await;
+    a.restart().await;
+    let lease = leases.get("podlease").await.expect("the leader Lease");
+    assert_eq!(lease.spec.as_ref().and_then(|s| s.holder_identity.clone()).as_deref(), Some("b"));
+    assert!(transitions(&lease) >= 1, "b's term is a later epoch: {:?}", lease.spec);
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+
+    // The restore: the Lease names a again, at epoch 0, renewed just now.
+    let mut rolled = lease.clone();
+    let spec = rolled.spec.as_mut().unwrap();
+    spec.holder_identity = Some("a".into());
+    spec.lease_transitions = Some(0);
+    spec.renew_time = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(k8s_openapi::jiff::Timestamp::now()));
+    leases.replace("podlease", &Default::default(), &rolled).await.expect("roll the Lease back");
+    wait_until("b steps down (the Lease names a)", TAKEOVER, || async { (!b.leads().await).then_some(()) }).await;
+
+    // Changes must still reach etcd, both ways.
+    set_ready(&bed.kube, NS, "rb-0", &pod_ip(1), false).await;
+    wait_absent(&bed.etcd, "/services/rb/default/rb-0", TAKEOVER).await;
+    create_pod(&bed.kube, NS, &PodSpec::new("rb-new").label("app", "rb")).await;
+    set_ready(&bed.kube, NS, "rb-new", &pod_ip(200), true).await;
+    wait_key(&bed.etcd, "/services/rb/default/rb-new").await;
+    assert!(a.leads().await && !b.leads().await, "a leads (the Lease names it), b does not");
+    let now = leases.get("podlease").await.expect("the leader Lease");
+    assert!(transitions(&now) > transitions(&lease), "the new term's epoch is above every earlier one: {:?}", now.spec);
+    assert_eq!(pod_deletes(&recorder, "/services/"), vec!["/services/rb/default/rb-0".to_string()], "only the pod that went unready");
+    assert_eq!(keys(&bed.etcd, "/services/rb/").await.len(), 10);
+}
+
 #[tokio::test]
 async fn a_ttl_change_moves_every_key_to_a_new_lease_without_a_delete() {
     let bed = TestBed::start().await;
