@@ -298,6 +298,9 @@ async fn a_paused_leader_writes_nothing_after_it_wakes() {
     ready_pods(&bed, "p", 5).await;
     wait_count(&bed, "/services/p/", 5).await;
 
+    // Recording from before the pause: a key lost while a sleeps (a lease nobody renews) is
+    // a DELETE too.
+    let recorder = Recorder::start(&bed.etcd, "/").await;
     a.signal(libc::SIGSTOP);
     let paused = Instant::now();
     wait_until("b leads", TAKEOVER, || async {
@@ -314,7 +317,7 @@ async fn a_paused_leader_writes_nothing_after_it_wakes() {
     let left = Duration::from_secs(31).saturating_sub(paused.elapsed());
     tokio::time::sleep(left).await; // the pause itself is the fault being injected
 
-    let recorder = Recorder::start(&bed.etcd, "/").await;
+    let woke_at = support::etcd::revision(&bed.etcd).await;
     a.signal(libc::SIGCONT);
     wait_until("a notices it no longer leads", DEADLINE, || async {
         (!a.leads().await).then_some(())
@@ -328,12 +331,20 @@ async fn a_paused_leader_writes_nothing_after_it_wakes() {
         .iter()
         .position(|e| !e.put && e.key == "/services/p/default/p-1")
         .expect("marker seen");
+    // From the pause to the marker, the service's keys changed only by b's two changes (no
+    // expiry through the pause)...
+    let mut keys_changed: Vec<(bool, &str)> = events[..marker].iter().filter(|e| e.key.starts_with("/services/")).map(|e| (e.put, e.key.as_str())).collect();
+    keys_changed.sort();
     assert_eq!(
-        &events[..marker],
-        &[],
-        "the woken old leader wrote to etcd: {:?}",
+        keys_changed,
+        [(false, "/services/p/default/p-0"), (true, "/services/p/default/p-new")],
+        "etcd saw more than b's two changes of the service's keys: {:?}",
         &events[..marker]
     );
+    // ...and from a's wake-up to the marker, nothing at all was written (a's records, its
+    // fence, its keys).
+    let after_wake: Vec<&support::etcd::Seen> = events[..marker].iter().filter(|e| e.revision > woke_at).collect();
+    assert_eq!(after_wake, Vec::<&support::etcd::Seen>::new(), "the woken old leader wrote to etcd");
     let mut now: Vec<String> = keys(&bed.etcd, "/services/p/")
         .await
         .iter()

@@ -1,7 +1,8 @@
 //! The fault suite's observer checked on its own: with no podlease running, the test plays
 //! podlease by hand and plants each kind of violation; every invariant check must flag its
 //! own and let the harmless cases pass. Also: the observer's etcd watch misses no event while
-//! registry members die one after another.
+//! registry members die one after another, and the failure tests' DELETE recorder neither
+//! misses an event across its member's outage nor reads as empty once it cannot see.
 
 mod support;
 
@@ -301,4 +302,42 @@ async fn the_observer_misses_no_etcd_event_while_members_die_one_after_another()
     }
     let watch_lines: Vec<String> = obs.entries().iter().filter(|e| matches!(e.what, support::observer::Record::Watch(_))).map(support::observer::render).collect();
     println!("the observer's watch trouble and recoveries:\n{}", watch_lines.join("\n"));
+}
+
+/// The failure tests' oracle for "no DELETE": the recorder. Watching one member, it must
+/// deliver a DELETE made through another member while its own was down, and once etcd has
+/// compacted the history it would resume from, every read must fail (never "no DELETE").
+#[tokio::test]
+async fn the_delete_recorder_misses_no_event_across_an_outage_and_fails_once_it_cannot_see() {
+    use support::etcd::Recorder;
+    let mut bed = TestBed::start_with_registry_cluster(3).await;
+    let endpoint = |bed: &TestBed, i: usize| bed.registry_members().nth(i).unwrap().endpoint();
+    let watched = etcd_client::Client::connect([endpoint(&bed, 0)], None).await.unwrap();
+    let other = etcd_client::Client::connect([endpoint(&bed, 1)], None).await.unwrap();
+    other.kv_client().put("/r/a", "1", None).await.unwrap();
+    let recorder = Recorder::start(&watched, "/r/").await;
+    other.kv_client().put("/r/b", "1", None).await.unwrap();
+    wait_until("the recorder sees /r/b", DEADLINE, || async { recorder.all().iter().any(|e| e.key == "/r/b").then_some(()) }).await;
+
+    // Its member down: a DELETE through another member, then the member back.
+    bed.kill_registry_member(0);
+    other.kv_client().delete("/r/a", None).await.unwrap();
+    bed.resume_registry_member(0);
+    wait_until("the recorder sees the DELETE made while its member was down", DEADLINE, || async {
+        recorder.deletes().iter().any(|e| e.key == "/r/a").then_some(())
+    })
+    .await;
+
+    // Down again; meanwhile history it has not seen is compacted away.
+    bed.kill_registry_member(0);
+    let rev = other.kv_client().put("/r/c", "1", None).await.unwrap().header().unwrap().revision();
+    other.kv_client().delete("/r/b", None).await.unwrap();
+    other.kv_client().compact(rev + 1, None).await.unwrap();
+    bed.resume_registry_member(0);
+    let failed = wait_until("every read of the recorder fails", DEADLINE, || async {
+        let r = recorder.clone();
+        std::panic::catch_unwind(move || r.deletes()).err().map(|e| e.downcast_ref::<String>().cloned().unwrap_or_default())
+    })
+    .await;
+    assert!(failed.contains("compacted"), "{failed}");
 }

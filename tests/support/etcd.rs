@@ -62,44 +62,95 @@ pub struct Seen {
 }
 
 /// Records every event under a prefix from now on (with previous values, as go-micro reads).
+/// The watch survives etcd going away: it resumes from the revision after the last one it
+/// saw, so no event is missed across an outage. A watch etcd cancels (its history was
+/// compacted past the resume point) makes every read of the recorder fail: a recorder that
+/// stopped seeing must never read as "no DELETE".
 #[derive(Clone)]
 pub struct Recorder {
-    pub events: Arc<Mutex<Vec<Seen>>>,
+    events: Arc<Mutex<Vec<Seen>>>,
+    broken: Arc<Mutex<Option<String>>>,
+    _task: Arc<AbortOnDrop>,
+}
+
+/// Ends the recorder's watch with the last clone of the recorder.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl Recorder {
     pub async fn start(etcd: &Client, prefix: &str) -> Recorder {
         let mut w = etcd.watch_client();
-        let mut stream = w
-            .watch(prefix, Some(WatchOptions::new().with_prefix().with_prev_key()))
-            .await
-            .expect("watch");
+        let options = || WatchOptions::new().with_prefix().with_prev_key();
+        let mut stream = w.watch(prefix, Some(options())).await.expect("watch");
         let events: Arc<Mutex<Vec<Seen>>> = Arc::default();
-        let sink = events.clone();
-        tokio::spawn(async move {
-            let _keep = w;
-            while let Ok(Some(resp)) = stream.message().await {
-                for ev in resp.events() {
-                    let Some(kv) = ev.kv() else { continue };
-                    sink.lock().unwrap().push(Seen {
-                        put: ev.event_type() == EventType::Put,
-                        key: kv.key_str().unwrap_or_default().to_string(),
-                        value: kv.value_str().unwrap_or_default().to_string(),
-                        prev_value: ev.prev_kv().map(|p| p.value_str().unwrap_or_default().to_string()),
-                        revision: kv.mod_revision(),
-                    });
+        let broken: Arc<Mutex<Option<String>>> = Arc::default();
+        let (sink, failed) = (events.clone(), broken.clone());
+        let prefix = prefix.to_string();
+        let task = tokio::spawn(async move {
+            // The revision to resume from: after the watch's start, then after each event.
+            let mut next: Option<i64> = None;
+            loop {
+                loop {
+                    let resp = match stream.message().await {
+                        Ok(Some(resp)) => resp,
+                        Ok(None) | Err(_) => break,
+                    };
+                    if resp.canceled() {
+                        *failed.lock().unwrap() = Some(format!(
+                            "etcd cancelled the recorder's watch of {prefix:?} (compacted at {}): {}",
+                            resp.compact_revision(),
+                            resp.cancel_reason()
+                        ));
+                        return;
+                    }
+                    if next.is_none() {
+                        next = resp.header().map(|h| h.revision() + 1);
+                    }
+                    for ev in resp.events() {
+                        let Some(kv) = ev.kv() else { continue };
+                        next = Some(kv.mod_revision() + 1);
+                        sink.lock().unwrap().push(Seen {
+                            put: ev.event_type() == EventType::Put,
+                            key: kv.key_str().unwrap_or_default().to_string(),
+                            value: kv.value_str().unwrap_or_default().to_string(),
+                            prev_value: ev.prev_kv().map(|p| p.value_str().unwrap_or_default().to_string()),
+                            revision: kv.mod_revision(),
+                        });
+                    }
                 }
+                // etcd went away (or the stream ended): watch again from where we were, until
+                // it answers.
+                stream = loop {
+                    let mut opts = options();
+                    if let Some(rev) = next {
+                        opts = opts.with_start_revision(rev);
+                    }
+                    match w.watch(prefix.as_str(), Some(opts)).await {
+                        Ok(s) => break s,
+                        Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                };
             }
         });
-        Recorder { events }
+        Recorder { events, broken, _task: Arc::new(AbortOnDrop(task.abort_handle())) }
+    }
+
+    /// Every event seen so far; panics if the watch was cancelled.
+    pub fn all(&self) -> Vec<Seen> {
+        let broken = self.broken.lock().unwrap().clone();
+        if let Some(why) = broken {
+            panic!("{why}");
+        }
+        self.events.lock().unwrap().clone()
     }
 
     pub fn deletes(&self) -> Vec<Seen> {
-        self.events.lock().unwrap().iter().filter(|e| !e.put).cloned().collect()
-    }
-
-    pub fn all(&self) -> Vec<Seen> {
-        self.events.lock().unwrap().clone()
+        self.all().into_iter().filter(|e| !e.put).collect()
     }
 }
 
