@@ -1662,6 +1662,7 @@ async fn twenty_leader_kills_at_the_defaults_delete_nothing() {
     let recorder = Recorder::start(&bed.etcd, "/services/").await;
 
     let mut takeovers = Vec::new();
+    let mut last_kill = Instant::now();
     for round in 1..=20 {
         let leader = wait_until(
             "a leader that has adopted",
@@ -1683,6 +1684,7 @@ async fn twenty_leader_kills_at_the_defaults_delete_nothing() {
             "round {round}: the leader changed without a fault"
         );
         let killed = Instant::now();
+        last_kill = killed;
         replicas[leader].kill();
         let standby = 1 - leader;
         wait_until(
@@ -1700,29 +1702,8 @@ async fn twenty_leader_kills_at_the_defaults_delete_nothing() {
         takeovers.push(takeover);
         replicas[leader].restart().await;
     }
-    // Outlive the TTL of the last dead leader's renewals: three renewal rounds by the leader.
-    let leader = (0..2).find(|i| replicas[*i].child.is_some()).unwrap();
-    let leader = if replicas[leader].leads().await {
-        leader
-    } else {
-        1 - leader
-    };
-    let target = replicas[leader]
-        .metric("podlease_keepalive_requests_total")
-        .await
-        + 180.0;
-    wait_until(
-        "three renewal rounds after the last kill",
-        Duration::from_secs(60),
-        || async {
-            (replicas[leader]
-                .metric("podlease_keepalive_requests_total")
-                .await
-                >= target)
-                .then_some(())
-        },
-    )
-    .await;
+    // Outlive the TTL of the last dead leader's renewals: etcd shows every lease renewed after the TTL of the last dead leader's renewals ran out.
+    support::etcd::wait_renewed_after(&bed.etcd, "/services/", last_kill + Duration::from_secs(30), Duration::from_secs(60)).await;
 
     let deletes: Vec<String> = recorder.deletes().into_iter().map(|e| e.key).collect();
     let mut sorted = takeovers.clone();

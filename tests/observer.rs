@@ -341,3 +341,28 @@ async fn the_delete_recorder_misses_no_event_across_an_outage_and_fails_once_it_
     .await;
     assert!(failed.contains("compacted"), "{failed}");
 }
+
+/// The failure tests' renewal oracle reads etcd's remaining TTLs: a lease nobody renews
+/// after the point asked fails it, one renewed after that point passes.
+#[tokio::test]
+async fn the_renewal_oracle_fails_on_a_lease_nobody_renews_and_passes_once_it_is_renewed() {
+    use support::etcd::wait_renewed_after;
+    let dir = tempfile::tempdir().unwrap();
+    let server = EtcdServer::start(dir.path(), "oracle");
+    let etcd = etcd_client::Client::connect([server.endpoint()], None).await.unwrap();
+    let lease = etcd.lease_client().grant(30, None).await.unwrap().id();
+    etcd.kv_client().put("/o/k", "v", Some(PutOptions::new().with_lease(lease))).await.unwrap();
+    let granted = std::time::Instant::now();
+    // Not renewed after `granted`: the oracle gives up within its 4 s.
+    let unrenewed = tokio::spawn({
+        let etcd = etcd.clone();
+        async move { wait_renewed_after(&etcd, "/o/", granted, Duration::from_secs(4)).await }
+    })
+    .await;
+    assert!(unrenewed.is_err_and(|e| e.is_panic()), "a lease nobody renewed passed the oracle");
+    // Renewed now, well after `granted`: it passes at once.
+    let (mut keeper, _) = etcd.lease_client().keep_alive(lease).await.unwrap();
+    keeper.keep_alive().await.unwrap();
+    let since = granted + Duration::from_secs(1);
+    assert_eq!(wait_renewed_after(&etcd, "/o/", since, Duration::from_secs(10)).await, 1);
+}

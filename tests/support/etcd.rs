@@ -49,6 +49,38 @@ pub async fn granted_ttl(etcd: &Client, lease: i64) -> i64 {
     lc.time_to_live(lease, None).await.expect("lease ttl").granted_ttl()
 }
 
+/// Waits until every lease of the keys under `prefix` has been renewed after `since` (which
+/// may lie ahead: then at least until then), reading etcd's own remaining TTLs: a lease last
+/// renewed at or before `since` has at most `granted - (now - since)` seconds left (etcd
+/// truncates), so more than that means a renewal came later. Returns how many leases were
+/// checked. Panics after `within` past `since`, naming the leases not renewed.
+pub async fn wait_renewed_after(etcd: &Client, prefix: &str, since: std::time::Instant, within: Duration) -> usize {
+    let mut lc = etcd.lease_client();
+    // Two seconds past `since` at least: a renewal then shows above etcd's whole-second TTL.
+    let from = since + Duration::from_secs(2);
+    loop {
+        let now = std::time::Instant::now();
+        if now < from {
+            tokio::time::sleep(from - now).await;
+            continue;
+        }
+        let leases: std::collections::BTreeSet<i64> = keys(etcd, prefix).await.iter().map(|kv| kv.lease()).collect();
+        let elapsed = now.duration_since(since).as_secs_f64();
+        let mut stale = Vec::new();
+        for &lease in &leases {
+            let ttl = lc.time_to_live(lease, None).await.expect("lease ttl");
+            if (ttl.ttl() as f64) <= ttl.granted_ttl() as f64 - elapsed {
+                stale.push((lease, ttl.ttl(), ttl.granted_ttl()));
+            }
+        }
+        if stale.is_empty() && !leases.is_empty() {
+            return leases.len();
+        }
+        assert!(now.duration_since(since) < within, "leases under {prefix} not renewed within {within:?} after the point asked (lease, TTL left, granted): {stale:?}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
 /// One event an etcd watcher saw.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Seen {
