@@ -817,7 +817,7 @@ async fn a_partition_from_etcd_longer_than_the_fence_ttl_loses_no_key() {
     wait_count(&bed, "/services/part/", 20).await;
     let before = leases_under(&bed.etcd, "/services/part/").await;
     let recorder = Recorder::start(&bed.etcd, "/").await;
-    // Longer than the fence key's 15 s lease, shorter than what is left of the 30 s TTL of
+    // Longer than the fence key's 6 s lease, shorter than what is left of the 30 s TTL of
     // keys renewed up to 10 s before the cut.
     proxy.set_mode(support::proxy::Mode::Blackhole);
     let cut = Instant::now();

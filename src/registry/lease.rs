@@ -5,7 +5,7 @@
 //! TTL is unknown (adopted) is renewed at once. A stream that stops answering (a silently
 //! dead path) is closed and reopened well before any lease can expire.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
@@ -69,7 +69,7 @@ impl Keepalive {
             leases: HashMap::new(),
             pooled: 0,
             renewals: DelayQueue::new(),
-            outbox: VecDeque::new(),
+            outbox: Outbox::default(),
             keeper: None,
             responses: None,
             reports,
@@ -155,7 +155,7 @@ struct Driver {
     pooled: usize,
     renewals: DelayQueue<i64>,
     /// Renewal requests waiting for room in the stream's send buffer (never block the loop).
-    outbox: VecDeque<i64>,
+    outbox: Outbox,
     /// The one stream's send half (its request type is only reachable through it) ...
     keeper: Option<LeaseKeeper>,
     /// ... and its answers.
@@ -170,6 +170,48 @@ struct Driver {
     /// ... and when the stream last made progress (an answer, or the first request after
     /// a quiet spell).
     progress_at: Instant,
+}
+
+/// Renewals waiting to be sent, each lease at most once: a renewal still waiting when the
+/// lease is due again is the same request. Without that, a stream that sends slower than
+/// renewals fall due (a renewal deficit) would queue every lease again each interval and
+/// grow without bound.
+#[derive(Default)]
+struct Outbox {
+    queue: VecDeque<i64>,
+    queued: HashSet<i64>,
+}
+
+impl Outbox {
+    fn push(&mut self, lease: i64) {
+        if self.queued.insert(lease) {
+            self.queue.push_back(lease);
+        }
+    }
+
+    fn front(&self) -> Option<i64> {
+        self.queue.front().copied()
+    }
+
+    fn pop_front(&mut self) {
+        if let Some(lease) = self.queue.pop_front() {
+            self.queued.remove(&lease);
+        }
+    }
+
+    fn clear(&mut self) {
+        self.queue.clear();
+        self.queued.clear();
+    }
+
+    fn is_empty(&self) -> bool {
+        self.queue.is_empty()
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.queue.len()
+    }
 }
 
 /// A stream with nothing to say for this long renews one lease early, as a heartbeat.
@@ -222,7 +264,7 @@ impl Driver {
                     {
                         // A quiet stream proves nothing: renew one lease early so that a dead
                         // path shows within HEARTBEAT + the stall timeout, not a TTL/3 later.
-                        self.outbox.push_back(lease);
+                        self.outbox.push(lease);
                     }
                 }
                 Some(expired) = self.renewals.next(), if !self.renewals.is_empty() => {
@@ -245,7 +287,7 @@ impl Driver {
     /// Sends queued renewals while the stream's buffer has room.
     fn flush_outbox(&mut self) {
         let Some(keeper) = &self.keeper else { return };
-        while let Some(&lease) = self.outbox.front() {
+        while let Some(lease) = self.outbox.front() {
             let Some(t) = self.leases.get_mut(&lease) else {
                 self.outbox.pop_front();
                 continue;
@@ -343,7 +385,7 @@ impl Driver {
         t.timer = self.renewals.insert(lease, renew_interval(t.ttl));
         // Without a stream there is nobody to send to; reopening it renews everyone anyway.
         if self.keeper.is_some() {
-            self.outbox.push_back(lease);
+            self.outbox.push(lease);
         }
     }
 
@@ -451,7 +493,10 @@ impl Driver {
                         t.deadline = now + Duration::from_secs(t.ttl as u64);
                     }
                     // Anything may be overdue after an outage: renew everyone now.
-                    self.outbox = self.leases.keys().copied().filter(|l| *l != lease).collect();
+                    self.outbox.clear();
+                    for &other in self.leases.keys().filter(|l| **l != lease) {
+                        self.outbox.push(other);
+                    }
                     return Ok(());
                 }
                 Ok(Err(etcd_client::Error::LeaseKeepAliveError(msg))) if msg.contains("not found") => {
@@ -536,5 +581,27 @@ mod tests {
         for ttl in [5, 10, 30, 60, 3600] {
             assert!(stall_timeout(ttl) < renew_interval(ttl), "ttl {ttl}");
         }
+    }
+
+    #[test]
+    fn a_lease_due_again_before_its_renewal_was_sent_is_queued_once() {
+        let mut outbox = Outbox::default();
+        // A renewal deficit: 1,000 leases fall due three times while nothing can be sent.
+        for _ in 0..3 {
+            for lease in 0..1_000 {
+                outbox.push(lease);
+            }
+        }
+        assert_eq!(outbox.len(), 1_000);
+        // In the order first queued; once sent, a lease may be queued again.
+        assert_eq!(outbox.front(), Some(0));
+        outbox.pop_front();
+        outbox.push(0);
+        outbox.push(1);
+        assert_eq!((outbox.len(), outbox.front()), (1_000, Some(1)));
+        outbox.clear();
+        assert!(outbox.is_empty());
+        outbox.push(1);
+        assert_eq!(outbox.len(), 1);
     }
 }
