@@ -349,6 +349,37 @@ async fn the_controller_does_its_whole_job_with_exactly_the_charts_rbac() {
 }
 
 /// NOTES.txt shows the key the binary writes for the configured default format and prefix.
+/// Installed by Helm on a cluster, the replicas are given kube-system's UID as their cluster
+/// id (the value they would read themselves, so an upgrade keeps the identity): a replica
+/// that starts while the API server is down knows it and keeps the recorded leases alive.
+/// Rendered offline (helm template), the chart cannot look it up: podlease reads it at start,
+/// with the one `get` that needs.
+#[tokio::test]
+async fn installed_on_a_cluster_the_replicas_are_given_kube_system_s_uid_as_cluster_id() {
+    use k8s_openapi::api::apps::v1::Deployment;
+    use k8s_openapi::api::core::v1::Namespace;
+    use k8s_openapi::api::rbac::v1::ClusterRole;
+    let bed = TestBed::start().await;
+    let uid = Api::<Namespace>::all(bed.kube.clone()).get("kube-system").await.expect("kube-system").metadata.uid.expect("its UID");
+    let values = json!({"etcd": {"endpoints": [bed.etcd_endpoint()]}});
+    let args_on_cluster = || async {
+        let d = Api::<Deployment>::namespaced(bed.kube.clone(), NS).get(&format!("{RELEASE}-podlease")).await.expect("the Deployment");
+        d.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap_or_default()
+    };
+    let cluster_id_role = || async { Api::<ClusterRole>::all(bed.kube.clone()).get_opt(&format!("{RELEASE}-podlease-cluster-id")).await.unwrap() };
+    for action in ["install", "upgrade"] {
+        let release = support::helm::release(action, std::path::Path::new(support::helm::CHART), RELEASE, NS, &bed.kubeconfig, &values);
+        assert_eq!(release["status"], "deployed", "{action}: {release}");
+        let args = args_on_cluster().await;
+        assert!(args.contains(&format!("--cluster-id={uid}")), "{action}: {args:?}");
+        assert!(cluster_id_role().await.is_none(), "{action}: the get on kube-system is not needed");
+    }
+    let offline = render(&values, RELEASE, NS);
+    assert!(!container_args(&offline).iter().any(|a| a.starts_with("--cluster-id")), "helm template cannot know the cluster id");
+    let roles: Vec<&str> = find(&offline, "ClusterRole").iter().filter_map(|r| r["metadata"]["name"].as_str()).collect();
+    assert!(roles.contains(&format!("{RELEASE}-podlease-cluster-id").as_str()), "{roles:?}");
+}
+
 #[test]
 fn the_notes_show_the_key_of_the_default_format() {
     use podlease::format::{Format, FormatOptions, Instance};

@@ -34,6 +34,28 @@ fn helm(args: &[&str], values: &Value) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// `helm install` (creating the namespace) or `helm upgrade` of release `name` in `ns` on
+/// the cluster of `kubeconfig`, with real Helm (scripts/helm.py); the release summary.
+/// Panics with Helm's error.
+pub fn release(action: &str, chart: &std::path::Path, name: &str, ns: &str, kubeconfig: &std::path::Path, values: &Value) -> Value {
+    let mut child = Command::new(&Binaries::locate().helm_python)
+        .arg(SCRIPT)
+        .arg(action)
+        .arg(chart)
+        .arg(name)
+        .arg(ns)
+        .arg(kubeconfig)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run scripts/helm.py");
+    child.stdin.take().unwrap().write_all(values.to_string().as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "helm {action} {name}: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("helm {action} printed no release ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+}
+
 /// Rendered manifests as objects, CRDs first, for the test bed's Kubernetes release.
 pub fn render(values: &Value, release: &str, namespace: &str) -> Vec<Value> {
     let (ok, out) = helm(&["render", CHART, release, namespace, &super::Binaries::locate().kube_version], values);

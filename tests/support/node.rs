@@ -624,24 +624,7 @@ serializeImagePulls: false
     }
 
     fn helm(&self, action: &str, chart: &Path, name: &str, ns: &str, values: &serde_json::Value) -> serde_json::Value {
-        use std::io::Write;
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/helm.py");
-        let mut child = Command::new(&Binaries::locate().helm_python)
-            .arg(script)
-            .arg(action)
-            .arg(chart)
-            .arg(name)
-            .arg(ns)
-            .arg(&self.kubeconfig)
-            .stdin(std::process::Stdio::piped())
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("run scripts/helm.py");
-        child.stdin.take().unwrap().write_all(values.to_string().as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "helm {action} {name}: {}", String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("helm {action} printed no release ({e}): {}", String::from_utf8_lossy(&out.stdout)))
+        super::helm::release(action, chart, name, ns, &self.kubeconfig, values)
     }
 
     /// The real kubectl with the admin's kubeconfig and a cache dir of the cluster's.

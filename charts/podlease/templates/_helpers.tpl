@@ -50,3 +50,20 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
   resources: [events]
   verbs: [create, patch]
 {{- end -}}
+
+{{/*
+The cluster id the replicas are given: clusterId, else the UID of namespace kube-system
+looked up at install and upgrade (the value podlease would read itself, so an existing
+install keeps its identity). Given on the command line, a replica that starts while the API
+server is down still knows it and keeps the recorded leases alive. Empty where Helm cannot
+look it up (helm template, --dry-run): podlease then reads it at start.
+*/}}
+{{- define "podlease.clusterId" -}}
+{{- if .Values.clusterId -}}
+{{- .Values.clusterId -}}
+{{- else -}}
+{{- with lookup "v1" "Namespace" "" "kube-system" -}}
+{{- .metadata.uid -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
