@@ -974,6 +974,44 @@ async fn a_leader_lease_rolled_back_to_a_lower_epoch_leaves_a_writer_and_deletes
     assert_eq!(keys(&bed.etcd, "/services/rb/").await.len(), 10);
 }
 
+/// etcd in a NOSPACE alarm refuses grants and puts but still renews leases and serves reads.
+/// A leader restarted then cannot write its fence: until it can, it keeps the recorded
+/// leases alive (before: it retried the fence and renewed nothing, and with one replica
+/// every key expired a TTL later).
+#[tokio::test]
+async fn a_leader_restarted_while_etcd_refuses_writes_keeps_every_key() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let dir = tempfile::tempdir().unwrap();
+    // A 16 MiB quota: a few puts of 1 MiB raise the alarm.
+    let full = EtcdServer::start_with(dir.path(), "quota", &["--quota-backend-bytes=16777216"]);
+    let etcd = etcd_client::Client::connect([full.endpoint()], None).await.unwrap();
+    let mut c = Controller::start(&bed, "c", &["--etcd-endpoints", &full.endpoint()]).await;
+    create_sreg(&bed, "ns", json!({"selector": {"matchLabels": {"app": "ns"}}})).await;
+    ready_pods(&bed, "ns", 10).await;
+    wait_until("10 keys", DEADLINE, || async { (keys(&etcd, "/services/ns/").await.len() == 10).then_some(()) }).await;
+    let before = leases_under(&etcd, "/services/ns/").await;
+    let recorder = Recorder::start(&etcd, "/").await;
+
+    let blob = "x".repeat(1 << 20);
+    let mut filled = 0;
+    while let Ok(_) = etcd.kv_client().put(format!("/filler/{filled}"), blob.as_str(), None).await {
+        filled += 1;
+        assert!(filled < 100, "etcd took 100 MiB under a 16 MiB quota");
+    }
+    let alarms = etcd.maintenance_client().alarm(etcd_client::AlarmAction::Get, etcd_client::AlarmType::None, None).await.unwrap();
+    assert!(alarms.alarms().iter().any(|a| a.alarm() == etcd_client::AlarmType::Nospace), "etcd raised no NOSPACE alarm after {filled} puts");
+    assert!(etcd.lease_client().grant(30, None).await.is_err(), "etcd grants leases under NOSPACE");
+
+    c.kill();
+    let restarted = Instant::now();
+    c.spawn();
+    // Past the TTL of every renewal before the restart: etcd shows each lease renewed since.
+    support::etcd::wait_renewed_after(&etcd, "/services/ns/", restarted + Duration::from_secs(30), DEADLINE).await;
+    assert_eq!(leases_under(&etcd, "/services/ns/").await, before, "every key, under its lease");
+    assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new(), "watchers saw DELETEs");
+}
+
 #[tokio::test]
 async fn a_ttl_change_moves_every_key_to_a_new_lease_without_a_delete() {
     let bed = TestBed::start().await;

@@ -472,6 +472,7 @@ impl Registry {
         let mut backoff = Backoff::default();
         let mut waiting = Vec::new();
         let epoch = self.epoch.unwrap_or(0);
+        let mut caretaking = false;
         let result = loop {
             let (client, timeout) = (&self.writer.client, self.config.call_timeout);
             match fence::take(client, timeout, &key, &self.config.identity, epoch, self.config.fence_ttl).await {
@@ -492,6 +493,12 @@ impl Registry {
                     self.etcd_failed(e.to_string());
                     let d = backoff.next();
                     warn!(error = %e, retry_in = ?d, "writing the fence key failed");
+                    // etcd may refuse writes while it still renews and reads (a NOSPACE
+                    // alarm): until the fence is ours, keep what the records hold alive, as
+                    // a caretaker does. Renewing changes no key; adoption tracks them again.
+                    if !caretaking {
+                        caretaking = self.keep_recorded_leases_alive().await;
+                    }
                     let sleep = tokio::time::sleep(d);
                     tokio::pin!(sleep);
                     loop {
@@ -518,6 +525,34 @@ impl Registry {
             }
         }
         result
+    }
+
+    /// Tracks every lease the ownership records and claim pointers name (renewals only, no
+    /// write): true once read. A read etcd does not answer is tried again at the next call.
+    async fn keep_recorded_leases_alive(&mut self) -> bool {
+        let read = async {
+            let records = adopt::read_records(&self.writer).await?;
+            let claims = claim::read_pointers(&self.writer, &self.writer.owners).await?;
+            Ok::<_, OpError>((records, claims))
+        };
+        let (records, claims) = tokio::select! {
+            _ = self.term.cancelled() => return false,
+            r = read => match r {
+                Ok(r) => r,
+                Err(e) => {
+                    warn!(error = %e, "reading ownership records to keep their leases alive failed");
+                    return false;
+                }
+            },
+        };
+        info!(records = records.len(), "the fence cannot be written yet: keeping every recorded lease alive meanwhile");
+        for (_, held) in &records {
+            self.keepalive.track(held.lease, held.ttl, Renew::Unknown);
+        }
+        for l in claims {
+            self.keepalive.track(l, claim::CLAIM_TTL, Renew::Unknown);
+        }
+        true
     }
 
     /// Leadership lost: write nothing more, keep the leases alive (caretaker).

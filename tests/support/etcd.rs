@@ -76,7 +76,11 @@ pub async fn wait_renewed_after(etcd: &Client, prefix: &str, since: std::time::I
         if stale.is_empty() && !leases.is_empty() {
             return leases.len();
         }
-        assert!(now.duration_since(since) < within, "leases under {prefix} not renewed within {within:?} after the point asked (lease, TTL left, granted): {stale:?}");
+        assert!(now.duration_since(since) < within, "{}", if leases.is_empty() {
+            format!("no key left under {prefix} (their leases expired?) {within:?} after the point asked")
+        } else {
+            format!("leases under {prefix} not renewed within {within:?} after the point asked (lease, TTL left, granted): {stale:?}")
+        });
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 }
