@@ -1012,6 +1012,53 @@ async fn a_leader_restarted_while_etcd_refuses_writes_keeps_every_key() {
     assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new(), "watchers saw DELETEs");
 }
 
+/// An update A→B that lands while its answer is lost, then A wanted again before any retry
+/// got through: podlease must write A again, not take it for held. Before the fix the slot
+/// still believed it held A and held: etcd said B until a verify repaired it. (A lost
+/// revoke followed by the pod ready again heals without the fix: the keepalive stream finds
+/// the revoked lease gone when it reopens.)
+#[tokio::test]
+async fn an_update_whose_answer_was_lost_then_undone_leaves_etcd_as_desired() {
+    use k8s_openapi::api::core::v1::Pod;
+    use kube::api::{Patch, PatchParams};
+    use support::proxy::{FaultProxy, Mode};
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let proxy = FaultProxy::to_url(&bed.etcd_endpoint());
+    let _c = Controller::start(&bed, "c", &["--etcd-endpoints", &proxy.endpoint("http")]).await;
+    // The pod's label `ver` is in its value.
+    create_sreg(&bed, "la", json!({"selector": {"matchLabels": {"app": "la"}}, "metadataFromLabels": ["ver"]})).await;
+    ready_pods(&bed, "la", 2).await;
+    wait_count(&bed, "/services/la/", 2).await;
+    const KEY: &str = "/services/la/default/la-0";
+    let pods: Api<Pod> = Api::namespaced(bed.kube.clone(), NS);
+    let label = |v: &'static str| {
+        let pods = pods.clone();
+        async move { pods.patch("la-0", &PatchParams::default(), &Patch::Merge(json!({"metadata": {"labels": {"ver": v}}}))).await.expect("label the pod") }
+    };
+    let ver_in_etcd = || async {
+        let kv = keys(&bed.etcd, KEY).await;
+        kv.first().and_then(|kv| serde_json::from_str::<serde_json::Value>(kv.value_str().ok()?).ok()).and_then(|v| v["metadata"]["ver"].as_str().map(str::to_string))
+    };
+    label("a").await;
+    wait_until("etcd says a", DEADLINE, || async { (ver_in_etcd().await.as_deref() == Some("a")).then_some(()) }).await;
+
+    proxy.set_mode(Mode::DropAnswers);
+    label("b").await;
+    // The update landed; its answer is dropped.
+    wait_until("etcd says b", DEADLINE, || async { (ver_in_etcd().await.as_deref() == Some("b")).then_some(()) }).await;
+    let undone = Instant::now();
+    label("a").await;
+    // Still no answer: once the update's deadline passes (--etcd-timeout, 5 s), podlease
+    // writes a again rather than take it for held. (Without the fix etcd said b until a
+    // verify: the periodic one, or the one after etcd answers again.)
+    wait_until("etcd says a again, answers still lost", Duration::from_secs(15), || async { (ver_in_etcd().await.as_deref() == Some("a")).then_some(()) }).await;
+    println!("measured: etcd as desired {:?} after the undo, no answer in between", undone.elapsed());
+    proxy.set_mode(Mode::Pass);
+    proxy.reset_all();
+    wait_until("etcd still says a", DEADLINE, || async { (ver_in_etcd().await.as_deref() == Some("a")).then_some(()) }).await;
+}
+
 #[tokio::test]
 async fn a_ttl_change_moves_every_key_to_a_new_lease_without_a_delete() {
     let bed = TestBed::start().await;

@@ -269,6 +269,15 @@ impl Slot {
             }
             Err(OpError::Fenced) => return vec![Effect::Fenced],
             Err(e) => {
+                // The write may have landed with only its answer lost (a timeout, a reset):
+                // what etcd holds is not known. The slot must not claim it: a revoke that
+                // landed, then the pod ready again, would otherwise Hold a key that is gone
+                // (until the next verify), and an update A→B lost, then A wanted again, a key
+                // that says B. The next operation rewrites under the held lease instead; one
+                // whose lease a landed revoke took finds it gone and registers afresh.
+                if let Some(h) = self.held.as_mut() {
+                    h.value_hash.clear();
+                }
                 self.failed = Some(e.to_string());
                 fx.push(Effect::RetryBackoff);
                 fx.push(Effect::EtcdFailed { op: e.op(), message: e.to_string() });
@@ -542,5 +551,38 @@ mod tests {
         s.take_over(from.clone(), theirs.clone(), d);
         s.desire(None);
         assert_eq!(s.next(), Next::Run(Op::Revoke(theirs)));
+    }
+
+    #[test]
+    fn a_revoke_or_update_whose_answer_was_lost_is_never_taken_for_the_held_state() {
+        let lost = || Err(OpError::Timeout { op: "txn", after: Duration::from_secs(5) });
+        let a = desired("/s/a", "A", 30);
+        // A revoke that may have landed, then the pod ready again: rewrite, not Hold.
+        let mut s = Slot::default();
+        s.desire(Some(a.clone()));
+        s.adopt(held_for(&a, 3));
+        assert!(matches!(s.next(), Next::Hold(_)));
+        s.desire(None);
+        let Next::Run(op @ Op::Revoke(_)) = s.next() else { panic!("{:?}", s.next()) };
+        s.start(&op);
+        s.done("revoke", lost());
+        s.desire(Some(a.clone()));
+        assert!(matches!(s.next(), Next::Run(Op::Update(_, ref h)) if h.lease == 3), "{:?}", s.next());
+        // ...and if the revoke had landed, the rewrite finds the lease gone and registers.
+        s.start(&Op::Update(a.clone(), s.held.clone().unwrap()));
+        s.done("update", Ok(Outcome::LeaseGone));
+        assert_eq!(s.next(), Next::Run(Op::Register(a.clone())));
+
+        // An update A→B that may have landed, then A wanted again: A is written, not held.
+        let b = desired("/s/a", "B", 30);
+        let mut s = Slot::default();
+        s.desire(Some(a.clone()));
+        s.adopt(held_for(&a, 4));
+        s.desire(Some(b.clone()));
+        let Next::Run(op @ Op::Update(..)) = s.next() else { panic!("{:?}", s.next()) };
+        s.start(&op);
+        s.done("update", lost());
+        s.desire(Some(a.clone()));
+        assert!(matches!(s.next(), Next::Run(Op::Update(ref d, _)) if d.value == a.value), "{:?}", s.next());
     }
 }

@@ -202,14 +202,26 @@ impl Writer {
         let moved = match self.txn(txn).await {
             Ok(r) => r.succeeded(),
             Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => false,
+            Err(OpError::Fenced) => {
+                // Nothing moved: the fresh lease holds nothing.
+                let _ = self.revoke_lease(lease).await;
+                return Err(OpError::Fenced);
+            }
             Err(e) => {
-                // Fenced: nothing moved, the fresh lease holds nothing. Otherwise whether it
-                // moved is unknown: leave both leases; the retry finds the key under either
-                // (ours both, by the record) and takes it back.
-                if matches!(e, OpError::Fenced) {
-                    let _ = self.revoke_lease(lease).await;
+                // Whether it moved is unknown (the answer may be all that was lost). Read the
+                // key back: under the fresh lease it moved, and that lease must be kept alive
+                // from now on (nothing else knows it, a caretaker included).
+                let mut kv = self.client.kv_client();
+                match self.call("get", kv.get(key.as_str(), None)).await.map(|r| r.kvs().first().map(|kv| kv.lease())) {
+                    Ok(Some(l)) if l == lease => true,
+                    Ok(Some(l)) if l == held.lease => {
+                        let _ = self.revoke_lease(lease).await;
+                        return Err(e);
+                    }
+                    // Unread (or under neither): leave both leases; the retry finds the key
+                    // under either (ours both, by the record) and takes it back.
+                    _ => return Err(e),
                 }
-                return Err(e);
             }
         };
         if moved {

@@ -7,6 +7,9 @@
 //!   stay open, so only keepalives and deadlines can tell. When the mode changes back,
 //!   forwarding resumes where it stopped, as TCP does after a partition heals.
 //! - `Latency(d)`: every chunk is delayed by `d` in both directions, order preserved.
+//! - `DropAnswers`: what the client sends reaches the target, what the target answers is
+//!   dropped: a write lands and its answer is lost. The connections it leaves are garbled
+//!   for good (bytes missing mid-stream): `reset_all()` after it.
 //! - `reset_all()`: every current connection is closed with RST (SO_LINGER 0), both sides.
 //! - `freeze_existing()`: every current connection stops forwarding for good and stays
 //!   open, while new connections pass: a connection that died silently (a NAT entry
@@ -34,6 +37,7 @@ pub enum Mode {
     Pass,
     Blackhole,
     Latency(Duration),
+    DropAnswers,
 }
 
 /// One proxied connection: its sockets and the tasks that pump bytes between them.
@@ -279,9 +283,9 @@ async fn connect(shared: Arc<Shared>, id: u64, client: Arc<TcpStream>) {
         let _ = server.set_zero_linger();
         return;
     }
-    for (from, to) in [(client.clone(), server.clone()), (server, client)] {
+    for (from, to, answers) in [(client.clone(), server.clone(), false), (server, client, true)] {
         let (tx, rx) = mpsc::unbounded_channel();
-        let reader = tokio::spawn(read_side(shared.clone(), id, from, tx));
+        let reader = tokio::spawn(read_side(shared.clone(), id, from, tx, answers));
         shared.add_task(id, reader.abort_handle());
         let writer = tokio::spawn(write_side(shared.clone(), id, to, rx));
         shared.add_task(id, writer.abort_handle());
@@ -298,6 +302,7 @@ async fn read_side(
     id: u64,
     from: Arc<TcpStream>,
     tx: mpsc::UnboundedSender<Chunk>,
+    answers: bool,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -314,6 +319,7 @@ async fn read_side(
                 shared.unless_frozen(id).await;
                 let delay = match shared.mode() {
                     Mode::Latency(d) => d,
+                    Mode::DropAnswers if answers => continue,
                     _ => Duration::ZERO,
                 };
                 let _ = tx.send(Chunk::Data(Instant::now() + delay, buf[..n].to_vec()));
