@@ -3,7 +3,7 @@
 // the cluster would: it queries SRV and A for the name every 100 ms and prints the instance
 // set whenever it changes.
 //
-//	go build -o coredns github.com/coredns/coredns   # the upstream main package, default plugins
+//	go build -o coredns ./coredns   # CoreDNS with the bind and etcd plugins (see coredns/main.go)
 //	go build -o coredns-resolve .
 //	coredns-resolve resolve --dns=127.0.0.1:1053 --service=user.shop.cluster.local
 //
