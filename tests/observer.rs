@@ -12,7 +12,7 @@ use etcd_client::{LeaseGrantOptions, PutOptions};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use podlease::registration::{FINALIZER, ServiceRegistration};
 use serde_json::json;
-use support::observer::{CAUSE_SLACK, Observer, ObserverConfig, cut_excuses_expiry_after, fenced_writes};
+use support::observer::{CAUSE_SLACK, Observer, ObserverConfig, RECONNECT, cut_excuses_expiry_after, fenced_writes};
 use support::*;
 
 const NS: &str = "default";
@@ -94,16 +94,30 @@ async fn i1_flags_only_the_delete_of_a_key_whose_pod_stayed_publishable() {
     kv.delete(key("r-4"), None).await.unwrap();
     // r-0: deleted while ready. A violation.
     kv.delete(key("r-0"), None).await.unwrap();
+    // r-7: every replica cut from etcd, but for less than a 5 s lease needs to expire, and
+    // the key deleted during that cut. A violation.
+    for i in [7, 8] {
+        ready_pod(&bed, &format!("r-{i}"), "r", i + 1).await;
+        seen_publishable(&obs, &format!("r-{i}"), true).await;
+        kv.put(key(&format!("r-{i}")), value(&format!("r-{i}"), i + 1), None).await.unwrap();
+    }
+    obs.set_cut("x", true);
+    kv.delete(key("r-7"), None).await.unwrap();
+    obs.set_cut("x", false);
     // r-2: every replica cut from etcd for long enough that a 5 s lease may expire. Fine.
     obs.set_cut("x", true);
     tokio::time::sleep(cut_excuses_expiry_after(5) + Duration::from_millis(300)).await; // the cut itself
     kv.delete(key("r-2"), None).await.unwrap();
     obs.set_cut("x", false);
+    // r-8: its key outlived that cut and was deleted long after it healed (later than a
+    // reconnect and the slack): the cut explains nothing then. A violation.
+    tokio::time::sleep(RECONNECT + CAUSE_SLACK + Duration::from_millis(500)).await; // the time since the heal
+    kv.delete(key("r-8"), None).await.unwrap();
     assert!(obs.catch_up(DEADLINE).await);
 
     let violations = obs.check_i1();
-    let flagged: Vec<&str> = violations.iter().map(|v| ["r-5", "r-6", "r-4", "r-0"].into_iter().find(|p| v.message.contains(&key(p))).unwrap_or("?")).collect();
-    assert_eq!(flagged, ["r-5", "r-6", "r-4", "r-0"], "{}", obs.explain(&violations));
+    let flagged: Vec<&str> = violations.iter().map(|v| ["r-5", "r-6", "r-4", "r-0", "r-7", "r-8"].into_iter().find(|p| v.message.contains(&key(p))).unwrap_or("?")).collect();
+    assert_eq!(flagged, ["r-5", "r-6", "r-4", "r-0", "r-7", "r-8"], "{}", obs.explain(&violations));
     let explained = obs.explain(&violations);
     assert!(explained.contains("etcd DELETE") && explained.contains("pod  r-5"), "the log around it:\n{explained}");
     let fine: Vec<String> = obs.deletes_explained().into_iter().map(|(_, k, why)| format!("{k}: {why}")).collect();

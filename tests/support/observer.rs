@@ -1410,7 +1410,10 @@ fn excuse(
     let need = cut_excuses_expiry_after(ttl);
     for (a, b) in all_cut {
         let overlap = (*b).min(deleted_at).saturating_sub((*a).max(from));
-        if overlap >= need {
+        // A cut explains an expiry during it or within a reconnect after it; later the
+        // replicas renew again, and a DELETE then has another cause.
+        let late = deleted_at > *b + RECONNECT + CAUSE_SLACK;
+        if overlap >= need && !late {
             return Some(format!(
                 "every replica cut from etcd for {overlap:?} (TTL {ttl} s)"
             ));
