@@ -836,6 +836,72 @@ async fn a_partition_from_etcd_longer_than_the_fence_ttl_loses_no_key() {
     assert_eq!(leases_under(&bed.etcd, "/services/part/").await, before);
 }
 
+/// Every replica cut from etcd for 18 s (the path blackholed, then restored: no reset) at
+/// the worst phase: when a lease has at most 21 s left. Either the leader lives through the
+/// cut, or it is SIGKILLed as the cut starts and the standby carries on.
+async fn an_etcd_cut_of_every_replica_at_the_worst_phase(kill_leader: bool) {
+    use support::proxy::{FaultProxy, Mode};
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let proxies = [FaultProxy::to_url(&bed.etcd_endpoint()), FaultProxy::to_url(&bed.etcd_endpoint())];
+    let mut a = Controller::start(&bed, "a", &["--etcd-endpoints", &proxies[0].endpoint("http")]).await;
+    support::controller::wait_adopted(&a, DEADLINE).await;
+    let mut b = Controller::start(&bed, "b", &["--etcd-endpoints", &proxies[1].endpoint("http")]).await;
+    create_sreg(&bed, "cut", json!({"selector": {"matchLabels": {"app": "cut"}}})).await;
+    ready_pods(&bed, "cut", 20).await;
+    wait_count(&bed, "/services/cut/", 20).await;
+    let before = leases_under(&bed.etcd, "/services/cut/").await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+    // The worst phase: some lease just before its renewal (renewed every 10 s, it then has
+    // 20 s left; etcd counts whole seconds).
+    let lc = bed.etcd.lease_client();
+    let least_left = wait_until("a lease with at most 21 s left", DEADLINE, || {
+        let (mut lc, leases) = (lc.clone(), before.clone());
+        async move {
+            let mut least = i64::MAX;
+            for (_, l) in &leases {
+                least = least.min(lc.time_to_live(*l, None).await.ok()?.ttl());
+            }
+            (least <= 21).then_some(least)
+        }
+    })
+    .await;
+    for p in &proxies {
+        p.set_mode(Mode::Blackhole);
+    }
+    let cut = Instant::now();
+    if kill_leader {
+        let leader = wait_leader(&[&a, &b]).await;
+        if leader == 0 { a.kill() } else { b.kill() }
+    }
+    tokio::time::sleep(Duration::from_secs(18).saturating_sub(cut.elapsed())).await; // the cut is the fault
+    for p in &proxies {
+        p.set_mode(Mode::Pass);
+    }
+    let healed = Instant::now();
+    // No renewal can cross the cut: one seen after its first second came after the heal.
+    support::etcd::wait_renewed_after(&bed.etcd, "/services/cut/", cut + Duration::from_secs(1), TAKEOVER).await;
+    println!(
+        "measured: cut 18 s with a lease at {least_left} s left (leader killed: {kill_leader}); every lease renewed {:?} after the heal",
+        healed.elapsed()
+    );
+    // Past the TTL of every renewal made before the cut: etcd shows every lease renewed
+    // after it ran out, and watchers saw no DELETE.
+    support::etcd::wait_renewed_after(&bed.etcd, "/services/cut/", cut + Duration::from_secs(30), TAKEOVER).await;
+    assert_eq!(pod_deletes(&recorder, "/services/"), Vec::<String>::new(), "watchers saw DELETEs");
+    assert_eq!(leases_under(&bed.etcd, "/services/cut/").await, before, "every key, under its lease");
+}
+
+#[tokio::test]
+async fn an_etcd_cut_of_every_replica_for_18_s_at_the_worst_phase_loses_no_key() {
+    an_etcd_cut_of_every_replica_at_the_worst_phase(false).await;
+}
+
+#[tokio::test]
+async fn an_etcd_cut_of_every_replica_for_18_s_with_the_leader_killed_at_its_start_loses_no_key() {
+    an_etcd_cut_of_every_replica_at_the_worst_phase(true).await;
+}
+
 #[tokio::test]
 async fn a_leader_killed_during_an_api_server_outage_loses_no_key() {
     let mut bed = TestBed::start().await;
