@@ -902,6 +902,113 @@ async fn an_etcd_cut_of_every_replica_for_18_s_with_the_leader_killed_at_its_sta
     an_etcd_cut_of_every_replica_at_the_worst_phase(true).await;
 }
 
+/// A change made after a fault must still reach etcd: pod `<app>-<i>` turns not ready and
+/// its key goes.
+async fn a_change_still_reaches_etcd(bed: &TestBed, app: &str, i: usize) {
+    set_ready(&bed.kube, NS, &format!("{app}-{i}"), &pod_ip(i + 1), false).await;
+    wait_absent(&bed.etcd, &format!("/services/{app}/default/{app}-{i}"), TAKEOVER).await;
+}
+
+/// The standby SIGKILLed, SIGTERMed and SIGSTOPped (for longer than the TTL): the leader
+/// goes on, no key changes, and every change still reaches etcd.
+#[tokio::test]
+async fn the_standby_killed_terminated_or_paused_changes_nothing() {
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let a = Controller::start(&bed, "a", &[]).await;
+    support::controller::wait_adopted(&a, DEADLINE).await;
+    let mut b = Controller::start(&bed, "b", &[]).await;
+    create_sreg(&bed, "sb", json!({"selector": {"matchLabels": {"app": "sb"}}})).await;
+    ready_pods(&bed, "sb", 10).await;
+    wait_count(&bed, "/services/sb/", 10).await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+    b.kill();
+    b.restart().await;
+    a_change_still_reaches_etcd(&bed, "sb", 0).await;
+    b.terminate();
+    b.restart().await;
+    a_change_still_reaches_etcd(&bed, "sb", 1).await;
+    b.signal(libc::SIGSTOP);
+    let paused = Instant::now();
+    a_change_still_reaches_etcd(&bed, "sb", 2).await;
+    // Paused past the TTL: the leader alone kept every lease (etcd shows them renewed).
+    support::etcd::wait_renewed_after(&bed.etcd, "/services/sb/", paused + Duration::from_secs(30), DEADLINE).await;
+    b.signal(libc::SIGCONT);
+    a_change_still_reaches_etcd(&bed, "sb", 3).await;
+    assert!(a.leads().await, "a still leads");
+    let mut deletes = pod_deletes(&recorder, "/services/");
+    deletes.sort();
+    assert_eq!(deletes, (0..4).map(|i| format!("/services/sb/default/sb-{i}")).collect::<Vec<_>>(), "only the pods that went unready");
+    assert_eq!(keys(&bed.etcd, "/services/sb/").await.len(), 6);
+}
+
+/// The API server restarted (the replicas' watches break and come back, the Lease cannot be
+/// renewed meanwhile): no key changes, and changes reach etcd once it serves again.
+#[tokio::test]
+async fn an_api_server_restart_deletes_nothing_and_changes_reach_etcd_after_it() {
+    let mut bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let a = Controller::start(&bed, "a", &[]).await;
+    support::controller::wait_adopted(&a, DEADLINE).await;
+    let b = Controller::start(&bed, "b", &[]).await;
+    create_sreg(&bed, "ar", json!({"selector": {"matchLabels": {"app": "ar"}}})).await;
+    ready_pods(&bed, "ar", 10).await;
+    wait_count(&bed, "/services/ar/", 10).await;
+    let before = leases_under(&bed.etcd, "/services/ar/").await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+    let restarted = Instant::now();
+    bed.restart_apiserver().await;
+    a_change_still_reaches_etcd(&bed, "ar", 0).await;
+    support::etcd::wait_renewed_after(&bed.etcd, "/services/ar/", restarted + Duration::from_secs(30), DEADLINE).await;
+    assert!(a.leads().await || b.leads().await, "one replica leads");
+    assert_eq!(pod_deletes(&recorder, "/services/"), vec!["/services/ar/default/ar-0".to_string()], "only the pod that went unready");
+    let after = leases_under(&bed.etcd, "/services/ar/").await;
+    assert!(after.is_subset(&before) && after.len() == 9, "the other keys under their leases: {after:?}");
+}
+
+/// One replica's path to etcd (the leader's, then the standby's) slowed by 500 ms, then
+/// blackholed for longer than the TTL, then reset, while the other's works: no key changes,
+/// and every change still reaches etcd.
+#[tokio::test]
+async fn one_replicas_etcd_path_slowed_blackholed_or_reset_deletes_nothing() {
+    use support::proxy::{FaultProxy, Mode};
+    let bed = TestBed::start().await;
+    bed.apply_crd().await;
+    let proxies = [FaultProxy::to_url(&bed.etcd_endpoint()), FaultProxy::to_url(&bed.etcd_endpoint())];
+    let a = Controller::start(&bed, "a", &["--etcd-endpoints", &proxies[0].endpoint("http")]).await;
+    support::controller::wait_adopted(&a, DEADLINE).await;
+    let b = Controller::start(&bed, "b", &["--etcd-endpoints", &proxies[1].endpoint("http")]).await;
+    create_sreg(&bed, "op", json!({"selector": {"matchLabels": {"app": "op"}}})).await;
+    ready_pods(&bed, "op", 12).await;
+    wait_count(&bed, "/services/op/", 12).await;
+    let recorder = Recorder::start(&bed.etcd, "/").await;
+    let mut marker = 0;
+    for round in 0..2 {
+        // The leader's path first, then (after a hand-over, perhaps) the standby's.
+        let leader = wait_leader(&[&a, &b]).await;
+        let p = &proxies[if round == 0 { leader } else { 1 - leader }];
+        p.set_mode(Mode::Latency(Duration::from_millis(500)));
+        a_change_still_reaches_etcd(&bed, "op", marker).await;
+        marker += 1;
+        p.set_mode(Mode::Blackhole);
+        let cut = Instant::now();
+        a_change_still_reaches_etcd(&bed, "op", marker).await;
+        marker += 1;
+        // Cut past the TTL: the other replica keeps every lease (etcd shows them renewed).
+        support::etcd::wait_renewed_after(&bed.etcd, "/services/op/", cut + Duration::from_secs(30), TAKEOVER).await;
+        p.set_mode(Mode::Pass);
+        p.reset_all();
+        a_change_still_reaches_etcd(&bed, "op", marker).await;
+        marker += 1;
+    }
+    let mut deletes = pod_deletes(&recorder, "/services/");
+    deletes.sort();
+    let mut want: Vec<String> = (0..marker).map(|i| format!("/services/op/default/op-{i}")).collect();
+    want.sort();
+    assert_eq!(deletes, want, "only the pods that went unready");
+    assert_eq!(keys(&bed.etcd, "/services/op/").await.len(), 12 - marker);
+}
+
 #[tokio::test]
 async fn a_leader_killed_during_an_api_server_outage_loses_no_key() {
     let mut bed = TestBed::start().await;
