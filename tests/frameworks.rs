@@ -220,6 +220,12 @@ async fn story(case: Case) {
         }
         (None, Own::Register) => unreachable!(),
     }
+    // The other writer's key goes first (its deregistration or delete), then the client's view.
+    wait_until("the other writer's key gone from etcd", DEADLINE, || async {
+        let now = keys_under(&bed.etcd, case.prefix).await;
+        now.keys().all(|k| podlease_keys.contains_key(k)).then_some(())
+    })
+    .await;
     client.wait_addrs(&second.iter().map(Pod::addr).collect::<Vec<_>>(), DEADLINE).await;
     // The other writer's key is gone (its own deregistration or delete), podlease's stay.
     let left: Vec<String> = support::etcd::keys(&bed.etcd, case.prefix).await.iter().map(|kv| kv.key_str().unwrap().to_string()).collect();

@@ -502,7 +502,8 @@ async fn a_service_name_belongs_to_one_namespace_unless_the_admin_shares_it() {
     let (loser, registration) = if owner == "shop" { ("mallory", "pay") } else { ("shop", "payments") };
     let st = wait_until(&format!("{loser}/{registration} refused: ServiceClaimed"), DEADLINE, || async {
         let st = Api::<ServiceRegistration>::namespaced(bed.kube.clone(), loser).get(registration).await.ok()?.status?;
-        st.conditions.iter().any(|c| c.type_ == "Conflict" && c.status == "True" && c.reason == "ServiceClaimed").then_some(st)
+        // The status is written as each instance settles: Conflict first, the count after.
+        (st.conditions.iter().any(|c| c.type_ == "Conflict" && c.status == "True" && c.reason == "ServiceClaimed") && st.registered == 0).then_some(st)
     })
     .await;
     assert_eq!(keys(&bed.etcd, "/services/payments/").await.len(), 2, "{owner}'s two pods");

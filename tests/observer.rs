@@ -328,6 +328,17 @@ async fn the_delete_recorder_misses_no_event_across_an_outage_and_fails_once_it_
     let endpoint = |bed: &TestBed, i: usize| bed.registry_members().nth(i).unwrap().endpoint();
     let watched = etcd_client::Client::connect([endpoint(&bed, 0)], None).await.unwrap();
     let other = etcd_client::Client::connect([endpoint(&bed, 1)], None).await.unwrap();
+    // A write right after a member dies may time out while etcd elects a leader: retried.
+    let write = |what: &'static str, op: Box<dyn Fn() -> etcd_client::TxnOp + Send + Sync>| {
+        let other = other.clone();
+        async move {
+            wait_until(what, DEADLINE, || {
+                let (mut kv, txn) = (other.kv_client(), etcd_client::Txn::new().and_then(vec![op()]));
+                async move { Some(kv.txn(txn).await.ok()?.header()?.revision()) }
+            })
+            .await
+        }
+    };
     other.kv_client().put("/r/a", "1", None).await.unwrap();
     let recorder = Recorder::start(&watched, "/r/").await;
     other.kv_client().put("/r/b", "1", None).await.unwrap();
@@ -335,7 +346,7 @@ async fn the_delete_recorder_misses_no_event_across_an_outage_and_fails_once_it_
 
     // Its member down: a DELETE through another member, then the member back.
     bed.kill_registry_member(0);
-    other.kv_client().delete("/r/a", None).await.unwrap();
+    write("delete /r/a", Box::new(|| etcd_client::TxnOp::delete("/r/a", None))).await;
     bed.resume_registry_member(0);
     wait_until("the recorder sees the DELETE made while its member was down", DEADLINE, || async {
         recorder.deletes().iter().any(|e| e.key == "/r/a").then_some(())
@@ -344,9 +355,13 @@ async fn the_delete_recorder_misses_no_event_across_an_outage_and_fails_once_it_
 
     // Down again; meanwhile history it has not seen is compacted away.
     bed.kill_registry_member(0);
-    let rev = other.kv_client().put("/r/c", "1", None).await.unwrap().header().unwrap().revision();
-    other.kv_client().delete("/r/b", None).await.unwrap();
-    other.kv_client().compact(rev + 1, None).await.unwrap();
+    write("put /r/c", Box::new(|| etcd_client::TxnOp::put("/r/c", "1", None))).await;
+    let rev = write("delete /r/b", Box::new(|| etcd_client::TxnOp::delete("/r/b", None))).await;
+    wait_until("compact", DEADLINE, || {
+        let mut kv = other.kv_client();
+        async move { kv.compact(rev, None).await.ok().map(|_| ()) }
+    })
+    .await;
     bed.resume_registry_member(0);
     let failed = wait_until("every read of the recorder fails", DEADLINE, || async {
         let r = recorder.clone();
