@@ -374,6 +374,13 @@ async fn installed_on_a_cluster_the_replicas_are_given_kube_system_s_uid_as_clus
         assert!(args.contains(&format!("--cluster-id={uid}")), "{action}: {args:?}");
         assert!(cluster_id_role().await.is_none(), "{action}: the get on kube-system is not needed");
     }
+    // An install that sets the id through extraEnv keeps it: a flag would override the
+    // variable and change the install's identity.
+    let mut by_env = values.clone();
+    by_env["extraEnv"] = json!([{"name": "PODLEASE_CLUSTER_ID", "value": "prod-eu-1"}]);
+    support::helm::release("upgrade", std::path::Path::new(support::helm::CHART), RELEASE, NS, &bed.kubeconfig, &by_env);
+    let args = args_on_cluster().await;
+    assert!(!args.iter().any(|a| a.starts_with("--cluster-id")), "the flag would override PODLEASE_CLUSTER_ID: {args:?}");
     let offline = render(&values, RELEASE, NS);
     assert!(!container_args(&offline).iter().any(|a| a.starts_with("--cluster-id")), "helm template cannot know the cluster id");
     let roles: Vec<&str> = find(&offline, "ClusterRole").iter().filter_map(|r| r["metadata"]["name"].as_str()).collect();

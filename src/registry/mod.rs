@@ -545,6 +545,9 @@ impl Registry {
                 }
             },
         };
+        // As adoption does: records of namespaces this install no longer watches are left to
+        // expire, never kept alive.
+        let records: Vec<_> = records.into_iter().filter(|(id, _)| self.config.watches(&id.namespace)).collect();
         info!(records = records.len(), "the fence cannot be written yet: keeping every recorded lease alive meanwhile");
         for (_, held) in &records {
             self.keepalive.track(held.lease, held.ttl, Renew::Unknown);

@@ -199,6 +199,8 @@ impl Writer {
             .when(vec![Compare::lease(key.as_str(), CompareOp::Equal, held.lease)])
             .and_then(self.puts(id, d, &key, lease))
             .or_else(vec![TxnOp::get(key.as_str(), None)]);
+        // Read back after a lost answer: the fresh lease's age is then not known.
+        let mut read_back = false;
         let moved = match self.txn(txn).await {
             Ok(r) => r.succeeded(),
             Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => false,
@@ -213,7 +215,10 @@ impl Writer {
                 // from now on (nothing else knows it, a caretaker included).
                 let mut kv = self.client.kv_client();
                 match self.call("get", kv.get(key.as_str(), None)).await.map(|r| r.kvs().first().map(|kv| kv.lease())) {
-                    Ok(Some(l)) if l == lease => true,
+                    Ok(Some(l)) if l == lease => {
+                        read_back = true;
+                        true
+                    }
                     Ok(Some(l)) if l == held.lease => {
                         let _ = self.revoke_lease(lease).await;
                         return Err(e);
@@ -226,7 +231,9 @@ impl Writer {
         };
         if moved {
             let _ = self.revoke_lease(held.lease).await;
-            return Ok(Outcome::Registered { held: Self::held(d, key, lease), renew: Renew::Granted });
+            // Granted a call deadline or more ago when read back: renewed at once then.
+            let renew = if read_back { Renew::Unknown } else { Renew::Granted };
+            return Ok(Outcome::Registered { held: Self::held(d, key, lease), renew });
         }
         // The key is not under our old lease (gone, or taken back under another of ours).
         let out = self.put_if_absent(id, d, &key, lease).await;

@@ -59,8 +59,14 @@ server is down still knows it and keeps the recorded leases alive. Empty where H
 look it up (helm template, --dry-run): podlease then reads it at start.
 */}}
 {{- define "podlease.clusterId" -}}
+{{- $fromEnv := false -}}
+{{- range .Values.extraEnv -}}
+{{- if eq .name "PODLEASE_CLUSTER_ID" -}}{{- $fromEnv = true -}}{{- end -}}
+{{- end -}}
 {{- if .Values.clusterId -}}
 {{- .Values.clusterId -}}
+{{- else if $fromEnv -}}
+{{- /* Set through extraEnv (the flag would override it): podlease reads it from there. */ -}}
 {{- else -}}
 {{- with lookup "v1" "Namespace" "" "kube-system" -}}
 {{- .metadata.uid -}}
