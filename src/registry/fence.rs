@@ -1,4 +1,4 @@
-//! The leader fence: one key, `<owner-prefix>/<cluster-id>`, whose value names the
+//! The leader fence: one key, `<owner-prefix>/<cluster-id>/<install-id>` (the install's identity path), whose value names the
 //! leadership epoch (the coordination Lease's `leaseTransitions` when this replica took it)
 //! and the holder. Every registry write is a Txn that requires the fence key to be at the
 //! revision its term wrote it at, so a deposed leader's writes fail.
