@@ -909,6 +909,14 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
     let failover = support::etcd::history(&etcd, &prefix, rev5 + 1).await;
     let failover_deletes = failover.iter().filter(|e| !e.put).count();
     eprintln!("[5] over both failovers ({:?}): {failover_deletes} DELETE and {} PUT events of the app's keys", t5.elapsed(), failover.len() - failover_deletes);
+    if failover_deletes > 0 {
+        // What wrote what: every key's events over the failovers (fence values name the
+        // epoch and holder), and the podlease pods' logs while they still exist.
+        for e in support::etcd::history(&etcd, "", rev5 + 1).await {
+            eprintln!("[5] etcd rev {} {} {} = {}", e.revision, if e.put { "PUT" } else { "DELETE" }, e.key, if e.put { &e.value } else { e.prev_value.as_deref().unwrap_or("") });
+        }
+        eprintln!("{}", cluster.pods_explained(PODLEASE_NS, "app.kubernetes.io/name=podlease"));
+    }
     assert_eq!(failover_deletes, 0, "{failover:?}");
     assert_eq!(support::etcd_dump(&etcd, &prefix).await, steady, "the app's keys changed over the failovers");
     assert!(first_unready_since(&pods, &app_names, t5).is_none(), "an app pod stopped being ready: {:?}", first_unready_since(&pods, &app_names, t5));
