@@ -85,7 +85,7 @@ fn metadata() -> Value {
 async fn story(case: Case) {
     let _body = support::watchdog::body(case.fw.name());
     let t_test = Instant::now();
-    let port = free_port();
+    let port = support::free_server_port();
     let bed = TestBed::start().await;
     bed.apply_crd().await;
     ensure_namespace(&bed.kube, NS).await;

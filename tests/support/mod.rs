@@ -186,6 +186,27 @@ pub fn background() -> tokio::runtime::Handle {
     .clone()
 }
 
+/// A port for servers that several loopback addresses (127.0.0.x) listen on: below the
+/// kernel's ephemeral range (32768 and up by default), so no outgoing connection of any
+/// process can take it as its local port between the pick and the bind (a client dialling
+/// 127.0.0.2 gets a local 127.0.0.2:<ephemeral> port, and [`free_port`]'s ports are
+/// ephemeral ones). Free on every address when picked; random, so that processes side by
+/// side rarely pick the same one.
+pub fn free_server_port() -> u16 {
+    use std::collections::hash_map::RandomState;
+    use std::hash::{BuildHasher, Hasher};
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(Default::default);
+    loop {
+        let mut h = RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        let port = 20000 + (h.finish() % 12000) as u16;
+        if TcpListener::bind(("0.0.0.0", port)).is_ok() && given.lock().unwrap().insert(port) {
+            return port;
+        }
+    }
+}
+
 /// A free TCP port on 127.0.0.1, never handed out twice by this process (so two test beds
 /// started at once cannot pick the same one).
 pub fn free_port() -> u16 {
