@@ -14,7 +14,7 @@ use kube::api::{Api, ListParams, PostParams};
 use serde_json::json;
 use support::frameworks::{Client as FrameworkClient, Framework, addrs_of};
 use support::node::*;
-use support::wait_until;
+use support::{AbortOnDrop, wait_until};
 
 fn ready(pod: &Pod) -> bool {
     pod.status
@@ -444,15 +444,6 @@ struct KeyWatch {
     _task: AbortOnDrop,
 }
 
-/// Ends a test's background task with the value that owns it: a watch left running past
-/// the cluster's teardown would retry a dead API server or etcd until the process exits.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
 
 impl KeyWatch {
     async fn start(etcd: &etcd_client::Client, prefix: &str) -> KeyWatch {

@@ -220,6 +220,14 @@ pub struct Registry {
     heirs: HashMap<InstanceId, (InstanceId, Arc<Desired>)>,
 }
 
+/// What earlier terms hold: the ownership records, and the claims leases the claim pointers
+/// name (adoption takes them over; a term waiting for its fence keeps them alive).
+async fn read_held(w: &Writer) -> Result<(Vec<(InstanceId, write::Held)>, Vec<i64>), OpError> {
+    let records = adopt::read_records(w).await?;
+    let claims = claim::read_pointers(w, &w.owners).await?;
+    Ok((records, claims))
+}
+
 impl Registry {
     /// A registry for one leadership term (`epoch`), or a caretaker that only keeps the
     /// recorded leases alive (`None`). `view` is reset and then kept current; the keepalive
@@ -530,14 +538,9 @@ impl Registry {
     /// Tracks every lease the ownership records and claim pointers name (renewals only, no
     /// write): true once read. A read etcd does not answer is tried again at the next call.
     async fn keep_recorded_leases_alive(&mut self) -> bool {
-        let read = async {
-            let records = adopt::read_records(&self.writer).await?;
-            let claims = claim::read_pointers(&self.writer, &self.writer.owners).await?;
-            Ok::<_, OpError>((records, claims))
-        };
         let (records, claims) = tokio::select! {
             _ = self.term.cancelled() => return false,
-            r = read => match r {
+            r = read_held(&self.writer) => match r {
                 Ok(r) => r,
                 Err(e) => {
                     warn!(error = %e, "reading ownership records to keep their leases alive failed");
@@ -652,9 +655,7 @@ impl Registry {
                         let keepalive = &self.keepalive;
                         identity::migrate(&self.writer, &self.config, from, |lease, ttl| keepalive.track(lease, ttl, plan::Renew::Unknown)).await?;
                     }
-                    let records = adopt::read_records(&self.writer).await?;
-                    let claims = claim::read_pointers(&self.writer, &self.writer.owners).await?;
-                    Ok::<_, OpError>((records, claims))
+                    read_held(&self.writer).await
                 };
                 // Cancellable: a caretaker handing over to a leading term must not hold the
                 // hand-over up for a 150,000-record read.

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use etcd_client::{Client, EventType, GetOptions, KeyValue, WatchOptions};
 
-use super::{DEADLINE, wait_until};
+use super::{AbortOnDrop, DEADLINE, wait_until};
 
 /// Waits until `key` exists and returns it.
 pub async fn wait_key(etcd: &Client, key: &str) -> KeyValue {
@@ -107,15 +107,6 @@ pub struct Recorder {
     events: Arc<Mutex<Vec<Seen>>>,
     broken: Arc<Mutex<Option<String>>>,
     _task: Arc<AbortOnDrop>,
-}
-
-/// Ends the recorder's watch with the last clone of the recorder.
-struct AbortOnDrop(tokio::task::AbortHandle);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
 }
 
 impl Recorder {

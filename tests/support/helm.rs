@@ -16,7 +16,8 @@ use super::Binaries;
 pub const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/podlease");
 const SCRIPT: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/helm.py");
 
-fn helm(args: &[&str], values: &Value) -> (bool, String) {
+/// scripts/helm.py with `args`, `values` as JSON on its stdin.
+fn run(args: &[&std::ffi::OsStr], values: &Value) -> std::process::Output {
     let mut child = Command::new(&Binaries::locate().helm_python)
         .arg(SCRIPT)
         .args(args)
@@ -26,7 +27,12 @@ fn helm(args: &[&str], values: &Value) -> (bool, String) {
         .spawn()
         .expect("run scripts/helm.py");
     child.stdin.take().unwrap().write_all(values.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    child.wait_with_output().unwrap()
+}
+
+fn helm(args: &[&str], values: &Value) -> (bool, String) {
+    let os: Vec<&std::ffi::OsStr> = args.iter().map(std::ffi::OsStr::new).collect();
+    let out = run(&os, values);
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     if !out.status.success() && text.is_empty() {
         panic!("helm.py {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
@@ -38,20 +44,7 @@ fn helm(args: &[&str], values: &Value) -> (bool, String) {
 /// the cluster of `kubeconfig`, with real Helm (scripts/helm.py); the release summary.
 /// Panics with Helm's error.
 pub fn release(action: &str, chart: &std::path::Path, name: &str, ns: &str, kubeconfig: &std::path::Path, values: &Value) -> Value {
-    let mut child = Command::new(&Binaries::locate().helm_python)
-        .arg(SCRIPT)
-        .arg(action)
-        .arg(chart)
-        .arg(name)
-        .arg(ns)
-        .arg(kubeconfig)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("run scripts/helm.py");
-    child.stdin.take().unwrap().write_all(values.to_string().as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = run(&[action.as_ref(), chart.as_os_str(), name.as_ref(), ns.as_ref(), kubeconfig.as_os_str()], values);
     assert!(out.status.success(), "helm {action} {name}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("helm {action} printed no release ({e}): {}", String::from_utf8_lossy(&out.stdout)))
 }

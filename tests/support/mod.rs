@@ -186,6 +186,16 @@ pub fn background() -> tokio::runtime::Handle {
     .clone()
 }
 
+/// Ends a test's background task with the value that owns it: a watch left running past
+/// its bed's teardown would retry a dead API server or etcd until the process exits.
+pub struct AbortOnDrop(pub tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// A port for servers that several loopback addresses (127.0.0.x) listen on: below the
 /// kernel's ephemeral range (32768 and up by default), so no outgoing connection of any
 /// process can take it as its local port between the pick and the bind (a client dialling
@@ -198,9 +208,8 @@ pub fn free_server_port() -> u16 {
     static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
     let given = GIVEN.get_or_init(Default::default);
     loop {
-        let mut h = RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        let port = 20000 + (h.finish() % 12000) as u16;
+        // RandomState's keys are random per process and per call.
+        let port = 20000 + (RandomState::new().build_hasher().finish() % 12000) as u16;
         if TcpListener::bind(("0.0.0.0", port)).is_ok() && given.lock().unwrap().insert(port) {
             return port;
         }
