@@ -5,7 +5,7 @@
 //! TTL is unknown (adopted) is renewed at once. A stream that stops answering (a silently
 //! dead path) is closed and reopened well before any lease can expire.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use etcd_client::{Client, LeaseKeepAliveStream, LeaseKeeper};
@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::time::{DelayQueue, delay_queue};
 use tracing::{debug, info, warn};
 
+use super::outbox::Outbox;
 use super::plan::Renew;
 use crate::metrics::Metrics;
 
@@ -170,48 +171,6 @@ struct Driver {
     /// ... and when the stream last made progress (an answer, or the first request after
     /// a quiet spell).
     progress_at: Instant,
-}
-
-/// Renewals waiting to be sent, each lease at most once: a renewal still waiting when the
-/// lease is due again is the same request. Without that, a stream that sends slower than
-/// renewals fall due (a renewal deficit) would queue every lease again each interval and
-/// grow without bound.
-#[derive(Default)]
-struct Outbox {
-    queue: VecDeque<i64>,
-    queued: HashSet<i64>,
-}
-
-impl Outbox {
-    fn push(&mut self, lease: i64) {
-        if self.queued.insert(lease) {
-            self.queue.push_back(lease);
-        }
-    }
-
-    fn front(&self) -> Option<i64> {
-        self.queue.front().copied()
-    }
-
-    fn pop_front(&mut self) {
-        if let Some(lease) = self.queue.pop_front() {
-            self.queued.remove(&lease);
-        }
-    }
-
-    fn clear(&mut self) {
-        self.queue.clear();
-        self.queued.clear();
-    }
-
-    fn is_empty(&self) -> bool {
-        self.queue.is_empty()
-    }
-
-    #[cfg(test)]
-    fn len(&self) -> usize {
-        self.queue.len()
-    }
 }
 
 /// A stream with nothing to say for this long renews one lease early, as a heartbeat.
@@ -581,27 +540,5 @@ mod tests {
         for ttl in [5, 10, 30, 60, 3600] {
             assert!(stall_timeout(ttl) < renew_interval(ttl), "ttl {ttl}");
         }
-    }
-
-    #[test]
-    fn a_lease_due_again_before_its_renewal_was_sent_is_queued_once() {
-        let mut outbox = Outbox::default();
-        // A renewal deficit: 1,000 leases fall due three times while nothing can be sent.
-        for _ in 0..3 {
-            for lease in 0..1_000 {
-                outbox.push(lease);
-            }
-        }
-        assert_eq!(outbox.len(), 1_000);
-        // In the order first queued; once sent, a lease may be queued again.
-        assert_eq!(outbox.front(), Some(0));
-        outbox.pop_front();
-        outbox.push(0);
-        outbox.push(1);
-        assert_eq!((outbox.len(), outbox.front()), (1_000, Some(1)));
-        outbox.clear();
-        assert!(outbox.is_empty());
-        outbox.push(1);
-        assert_eq!(outbox.len(), 1);
     }
 }

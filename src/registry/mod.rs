@@ -16,6 +16,7 @@ pub mod claim;
 pub mod fence;
 pub mod identity;
 pub mod lease;
+mod outbox;
 pub mod owner;
 pub mod plan;
 pub mod pool;
