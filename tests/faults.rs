@@ -802,6 +802,10 @@ impl Run {
                 Some(t) if t <= until => {
                     let obs = self.observer.clone();
                     wait_until_time(&obs, t, || self.supervise_needed()).await;
+                    // Woken early by an exit: it is supervised first, the heal waits for its time.
+                    if self.observer.now() < t {
+                        continue;
+                    }
                     let (_, d) = self.due.remove(0);
                     self.heal(d).await;
                 }
@@ -816,15 +820,11 @@ impl Run {
         }
     }
 
-    fn supervise_needed(&mut self) -> bool {
-        self.slots.iter_mut().any(|s| {
-            !s.dead
-                && !s.paused
-                && s.ctl
-                    .child
-                    .as_mut()
-                    .is_some_and(|c| matches!(c.try_wait(), Ok(Some(_))))
-        })
+    /// Whether a replica has exited by itself. Read from /proc, never reaped here: a reaped
+    /// child's pid can be reused, and this process signals its replicas by pid until
+    /// `supervise` (which reaps) forgets the child.
+    fn supervise_needed(&self) -> bool {
+        self.slots.iter().any(|s| !s.dead && !s.paused && s.ctl.child.as_ref().is_some_and(|c| support::proc::has_exited(c.id())))
     }
 
     /// Heals everything at once: proxies pass, processes continue or start, the member and

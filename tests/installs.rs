@@ -359,8 +359,69 @@ async fn an_owner_that_changes_its_service_hands_its_keys_over_without_a_delete(
 #[tokio::test]
 async fn a_key_handed_on_twice_in_a_row_reaches_the_last_source_without_a_delete() {
     let bed = TestBed::start().await;
+    handed_on_twice(&bed, &[]).await;
+}
+
+/// The same, with the second hand-over arriving while the first ones still wait in the
+/// queue (one etcd operation at a time, each 20 ms away): `b` is asked to pass on keys it
+/// has yet to take over (a run at the defaults once saw that schedule, and the key was
+/// revoked and registered again).
+#[tokio::test]
+async fn a_key_handed_on_before_its_first_hand_over_ran_reaches_the_last_source_without_a_delete() {
+    let bed = TestBed::start().await;
+    let proxy = support::proxy::FaultProxy::to_url(&bed.etcd_endpoint());
+    proxy.set_mode(support::proxy::Mode::Latency(Duration::from_millis(20)));
+    handed_on_twice(&bed, &["--etcd-endpoints", &proxy.endpoint("http"), "--concurrency", "1"]).await;
+}
+
+/// Handed back before the hand-over ran: each pod's annotations publish its key and a
+/// registration is served by them; the annotations go and come back while the hand-overs to
+/// the registration still wait in the queue. The key never leaves its lease.
+#[tokio::test]
+async fn a_key_handed_back_before_its_hand_over_ran_keeps_its_lease() {
+    let bed = TestBed::start().await;
     bed.apply_crd().await;
-    let _c = Controller::start(&bed, "c", &[]).await;
+    let proxy = support::proxy::FaultProxy::to_url(&bed.etcd_endpoint());
+    let _c = Controller::start(&bed, "c", &["--etcd-endpoints", &proxy.endpoint("http"), "--concurrency", "1"]).await;
+    create_registration(&bed.kube, NS, "a", json!({"selector": {"matchLabels": {"app": "web"}}, "service": "web"})).await;
+    const PODS: usize = 20;
+    for i in 0..PODS {
+        let name = format!("web-{i}");
+        create_pod(&bed.kube, NS, &PodSpec::new(&name).label("app", "web").annotation("podlease.io/service", "web")).await;
+        set_ready(&bed.kube, NS, &name, &pod_ip(i + 1), true).await;
+    }
+    let owners = || async {
+        let mut by_source: BTreeMap<String, usize> = BTreeMap::new();
+        for kv in keys(&bed.etcd, "/podlease/owners/").await {
+            let k = kv.key_str().unwrap();
+            if podlease::registry::identity::classify("/podlease/owners", k).is_some_and(|(_, ns)| ns.is_some()) {
+                *by_source.entry(k.rsplit('/').next().unwrap().to_string()).or_default() += 1;
+            }
+        }
+        by_source
+    };
+    let annotated = BTreeMap::from([("@annotations".to_string(), PODS)]);
+    wait_until("the annotations own every key", DEADLINE, || async { (owners().await == annotated).then_some(()) }).await;
+    let before = leases_under(&bed.etcd, "/services/web/").await;
+    assert_eq!(before.len(), PODS);
+    let recorder = Recorder::start(&bed.etcd, "/services/").await;
+    // Every etcd operation 50 ms away, one at a time: the hand-overs queue up behind it.
+    proxy.set_mode(support::proxy::Mode::Latency(Duration::from_millis(50)));
+    for value in [serde_json::Value::Null, json!("web")] {
+        for i in 0..PODS {
+            patch_annotations(&bed.kube, NS, &format!("web-{i}"), json!({"podlease.io/service": value})).await;
+        }
+    }
+    proxy.set_mode(support::proxy::Mode::Pass);
+    wait_until("the annotations own every key again", DEADLINE, || async { (owners().await == annotated).then_some(()) }).await;
+    assert_eq!(leases_under(&bed.etcd, "/services/web/").await, before, "every key under the same lease");
+    let deletes: Vec<String> = recorder.deletes().into_iter().map(|e| e.key).collect();
+    assert_eq!(deletes, Vec::<String>::new(), "watchers saw DELETEs");
+}
+
+async fn handed_on_twice(bed: &TestBed, args: &[&str]) {
+    bed.apply_crd().await;
+    let _c = Controller::start(bed, "c", args).await;
     // Three registrations of one key per pod: a owns it, b and c are served.
     for name in ["a", "b", "c"] {
         create_registration(&bed.kube, NS, name, json!({"selector": {"matchLabels": {"app": "web"}}, "service": "web"})).await;

@@ -787,14 +787,20 @@ impl Registry {
             self.perform(&from, fx);
             return;
         }
-        let held = self
+        // What `from` can hand on: the key it holds, or one it has yet to take over itself
+        // (its hand-over still waits in the queue): `to` takes that from the earlier
+        // source directly, whose record the transfer then deletes.
+        let given = self
             .slots
             .get(&from)
-            .filter(|e| !e.slot.busy && e.slot.transfer.is_none())
-            .and_then(|e| e.slot.held.clone())
-            .filter(|h| desired.key.matches(&h.key));
+            .filter(|e| !e.slot.busy)
+            .and_then(|e| match e.slot.transfer.as_deref() {
+                Some((giver, h)) => Some((giver.clone(), h.clone())),
+                None => e.slot.held.clone().map(|h| (from.clone(), h)),
+            })
+            .filter(|(_, h)| desired.key.matches(&h.key));
         let free = self.slots.get(&to).is_none_or(|e| e.slot.held.is_none() && e.slot.transfer.is_none() && !e.slot.busy);
-        let Some(held) = held.filter(|_| free) else {
+        let Some((giver, held)) = given.filter(|_| free) else {
             // No hand-over in place: `from` lets go the ordinary way, unless it still wants
             // another key (its service or format changed), which it keeps wanting.
             match self.slots.get(&from).and_then(|e| e.slot.desired.clone()).filter(|d| d.key != desired.key) {
@@ -819,7 +825,14 @@ impl Registry {
             self.retries.remove(&k);
         }
         self.by_lease.insert(held.lease, to.clone());
-        let fx = entry.slot.take_over(from.clone(), held, desired);
+        let fx = if giver == to {
+            // Handed back before the hand-over ran: the record in etcd is still `to`'s own.
+            let mut fx = entry.slot.adopt(held);
+            fx.extend(entry.slot.desire(Some(desired)));
+            fx
+        } else {
+            entry.slot.take_over(giver, held, desired)
+        };
         self.perform(&to, fx);
         if let Some(d) = still_wanted {
             self.apply(Update::Upsert(from, d));

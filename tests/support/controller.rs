@@ -97,11 +97,15 @@ impl Controller {
         }
     }
 
+    /// Sends `sig`; a SIGSTOP returns once every thread has stopped (see `proc::stop`).
     pub fn signal(&self, sig: i32) {
-        let pid = self.child.as_ref().expect("running").id() as i32;
+        let pid = self.child.as_ref().expect("running").id();
+        if sig == libc::SIGSTOP {
+            return super::proc::stop(pid);
+        }
         // SAFETY: sending a signal to our own child.
         unsafe {
-            libc::kill(pid, sig);
+            libc::kill(pid as i32, sig);
         }
     }
 

@@ -208,9 +208,7 @@ impl Client {
     fn check_alive(&self) {
         // try_wait needs &mut; a dead child shows as a closed stdout with no more lines, so
         // read /proc instead.
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id())).unwrap_or_default();
-        let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).unwrap_or("X");
-        assert!(state != "Z" && state != "X", "{} exited; stderr:\n{}", self.framework.name(), self.log_tail());
+        assert!(!super::proc::has_exited(self.child.id()), "{} exited; stderr:\n{}", self.framework.name(), self.log_tail());
     }
 
     /// SIGTERM, then the exit (the framework deregisters as it does on a shutdown).

@@ -518,10 +518,10 @@ impl ApiServer {
     }
 
     /// SIGSTOP: the process keeps its sockets open and answers nothing (a hung apiserver).
+    /// Returns once every thread of it has stopped.
     pub fn stall(&mut self) {
-        // SAFETY: signalling our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGSTOP) };
         self.stopped = true;
+        proc::stop(self.child.id());
     }
 
     /// SIGCONT after `stall` (a no-op otherwise).

@@ -1,6 +1,45 @@
-//! CPU and memory of a process, from /proc (for the benchmarks).
+//! A process as /proc shows it: whether it has exited or stopped, its CPU and memory (for
+//! the benchmarks).
 
 use std::time::{Duration, Instant};
+
+/// SIGSTOPs `pid` and returns once every thread of it is stopped. kill(2) only queues the
+/// stop: each thread stops itself when it next leaves the kernel, and one in an
+/// uninterruptible wait (a page fault on a busy disk) runs on until it does, so a request
+/// sent right after the kill can still be answered (a busy run saw a "stalled" apiserver
+/// answer). Panics if the process has not stopped within 10 s.
+pub fn stop(pid: u32) {
+    // SAFETY: the caller signals a child of its own.
+    unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+    let start = Instant::now();
+    loop {
+        let states = thread_states(pid);
+        if !states.is_empty() && states.iter().all(|s| *s == 'T' || *s == 't') {
+            return;
+        }
+        assert!(start.elapsed() < Duration::from_secs(10), "process {pid} not stopped 10 s after SIGSTOP: thread states {states:?}");
+        // Never long: a stop normally completes within microseconds.
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+/// Whether the child `pid` (not reaped yet) has exited: a zombie, or gone.
+pub fn has_exited(pid: u32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()).is_none_or(|c| c == 'Z' || c == 'X'),
+        Err(_) => true,
+    }
+}
+
+/// The state letter of each thread of `pid` (empty when the process is gone).
+fn thread_states(pid: u32) -> Vec<char> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
+        .filter_map(|stat| stat.rsplit_once(')').and_then(|(_, r)| r.trim_start().chars().next()))
+        .collect()
+}
 
 /// CPU seconds (user + system) the process has used so far.
 pub fn cpu_seconds(pid: u32) -> f64 {
