@@ -493,6 +493,9 @@ pub async fn run(w: Writer, owners: Owners, job: Job) -> Result<Done, OpError> {
         Job::Grant => grant(&w, &owners).await.map(Done::Granted),
         Job::Claim(h, lease) => claim(&w, h, *lease).await.map(|c| Done::Claimed(h.clone(), c)),
         Job::Release(h) => release(&w, h).await.map(|()| Done::Released(h.clone())),
+        // Unfenced, and safe so: it runs only once every wanted hold is on this term's own
+        // lease, and a newer leader writes its holds on a lease of its own before it revokes
+        // this term's; no hold anyone needs is on the old lease.
         Job::RevokeOld(lease) => w.revoke_lease(*lease).await.map(|_| Done::RevokedOld(*lease)),
     };
     match result {

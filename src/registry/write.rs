@@ -246,9 +246,13 @@ impl Writer {
                     let _ = self.revoke_lease(lease).await;
                 }
             }
+            Err(OpError::Fenced) => {
+                // Another replica leads: the old lease (and the record on it) is its to adopt.
+                let _ = self.revoke_lease(lease).await;
+            }
             _ => {
                 let _ = self.revoke_lease(lease).await;
-                let _ = self.revoke_lease(held.lease).await;
+                let _ = self.revoke_recorded(id, held.lease).await;
             }
         }
         out
@@ -258,8 +262,21 @@ impl Writer {
     /// record already moved to the new lease).
     pub async fn replace(&self, id: &InstanceId, d: &Desired, held: &Held) -> Result<Outcome, OpError> {
         let out = self.register(id, d).await?;
-        let _ = self.revoke_lease(held.lease).await;
+        // The record is still on the old lease unless the new key's Txn moved it (a
+        // conflict, a lost answer).
+        let _ = self.revoke_recorded(id, held.lease).await;
         Ok(out)
+    }
+
+    /// Revokes `lease`, which may still carry `id`'s ownership record: a fenced Txn deletes
+    /// that record first (if it is still on `lease`), and only then is the lease revoked. A
+    /// newer leader reads the records after taking its fence, so it can never have adopted
+    /// the lease this revokes; fenced, nothing is revoked and the lease is its to adopt.
+    async fn revoke_recorded(&self, id: &InstanceId, lease: i64) -> Result<Outcome, OpError> {
+        let record = self.owners.key(id);
+        self.txn(Txn::new().when(vec![Compare::lease(record.as_str(), CompareOp::Equal, lease)]).and_then(vec![TxnOp::delete(record.as_str(), None)]))
+            .await?;
+        self.revoke_lease(lease).await
     }
 
     async fn put_if_absent(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> Result<Outcome, OpError> {
@@ -410,7 +427,8 @@ impl Writer {
                 Ok(Outcome::Registered { held: h, renew: Renew::Unknown })
             }
             Ok(_) => {
-                let _ = self.revoke_lease(held.lease).await;
+                // The key is no longer on `from`'s lease, its record may be.
+                let _ = self.revoke_recorded(from, held.lease).await;
                 self.register(id, d).await
             }
             Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => self.register(id, d).await,
