@@ -872,6 +872,8 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
     let steady = support::etcd_dump(&etcd, &prefix).await;
     let rev5 = support::etcd::revision(&etcd).await;
     let t5 = Instant::now();
+    // Every podlease pod's log from here, the deleted ones' included (shown on a failure).
+    let tap = cluster.tap_logs(PODLEASE_NS, "app.kubernetes.io/name=podlease", &work.path().join("logs-5"));
     // The leader: the pod the Lease names now. Whoever leads next must be another podlease
     // pod: the standby, or the Deployment's replacement if it starts and tries first (a
     // standby retries every 2 s at the defaults, a new pod tries at once).
@@ -907,7 +909,9 @@ async fn the_user_story_end_to_end_a_gated_deployment_stays_discoverable_through
             eprintln!("[5] etcd rev {} {} {} = {}", e.revision, if e.put { "PUT" } else { "DELETE" }, e.key, if e.put { &e.value } else { e.prev_value.as_deref().unwrap_or("") });
         }
         eprintln!("{}", cluster.pods_explained(PODLEASE_NS, "app.kubernetes.io/name=podlease"));
+        eprintln!("[5] every podlease pod's log since the step began:\n{}", tap.dump(400));
     }
+    drop(tap);
     assert_eq!(failover_deletes, 0, "{failover:?}");
     assert_eq!(support::etcd_dump(&etcd, &prefix).await, steady, "the app's keys changed over the failovers");
     assert!(first_unready_since(&pods, &app_names, t5).is_none(), "an app pod stopped being ready: {:?}", first_unready_since(&pods, &app_names, t5));

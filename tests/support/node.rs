@@ -1147,6 +1147,8 @@ pub fn podlease_values(tag: &str, endpoints: &[String]) -> serde_json::Value {
     serde_json::json!({
         "image": {"repository": "local/podlease", "tag": tag, "pullPolicy": "Never"},
         "etcd": {"endpoints": endpoints},
+        // What each replica did, should a test have to show it (logging changes nothing else).
+        "log": {"level": "info,podlease=debug"},
         "extraEnv": [
             {"name": "KUBERNETES_SERVICE_HOST", "value": NODE_ADDRESS},
             {"name": "KUBERNETES_SERVICE_PORT", "value": APISERVER_PORT.to_string()},
@@ -1193,5 +1195,61 @@ impl MiniCluster {
             }
         }
         text
+    }
+}
+
+/// Every pod of `selector` in `ns` streams its log into a file of its own (`kubectl logs
+/// -f`, started once its container runs), so that what a pod said is still there after it
+/// is deleted: a failure that involves a replaced pod can show that pod's side.
+pub struct LogTap {
+    dir: PathBuf,
+    streams: std::sync::Arc<std::sync::Mutex<Vec<Child>>>,
+    _task: super::AbortOnDrop,
+}
+
+impl MiniCluster {
+    pub fn tap_logs(&self, ns: &str, selector: &str, dir: &Path) -> LogTap {
+        use k8s_openapi::api::core::v1::Pod;
+        std::fs::create_dir_all(dir).unwrap();
+        let streams = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (pods, selector, ns) = (Api::<Pod>::namespaced(self.kube.clone(), ns), selector.to_string(), ns.to_string());
+        let (kubeconfig, out, all) = (self.kubeconfig.clone(), dir.to_path_buf(), streams.clone());
+        let task = tokio::spawn(async move {
+            let mut tapped = BTreeSet::new();
+            loop {
+                let list = pods.list(&kube::api::ListParams::default().labels(&selector)).await.map(|l| l.items).unwrap_or_default();
+                for p in list {
+                    let name = p.metadata.name.clone().unwrap_or_default();
+                    let running = p.status.iter().flat_map(|s| s.container_statuses.iter().flatten()).any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()));
+                    if running && tapped.insert(name.clone()) {
+                        let mut cmd = Command::new(&Binaries::locate().kubectl);
+                        cmd.arg("--kubeconfig").arg(&kubeconfig).args(["-n", &ns, "logs", "-f", "--timestamps", &name]);
+                        all.lock().unwrap().push(spawn_owned(&mut cmd, &out.join(format!("{name}.log"))));
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+        LogTap { dir: dir.to_path_buf(), streams, _task: super::AbortOnDrop(task.abort_handle()) }
+    }
+}
+
+impl LogTap {
+    /// Each pod's log so far, its last `lines` lines.
+    pub fn dump(&self, lines: usize) -> String {
+        let mut text = String::new();
+        for e in std::fs::read_dir(&self.dir).into_iter().flatten().flatten() {
+            let log = std::fs::read_to_string(e.path()).unwrap_or_default();
+            text += &format!("--- {} (last {lines} lines)\n{}\n", e.file_name().to_string_lossy(), super::tail(&log, lines, "\n"));
+        }
+        text
+    }
+}
+
+impl Drop for LogTap {
+    fn drop(&mut self) {
+        for c in self.streams.lock().unwrap().iter_mut() {
+            kill_child(c);
+        }
     }
 }
