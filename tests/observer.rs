@@ -12,7 +12,7 @@ use etcd_client::{LeaseGrantOptions, PutOptions};
 use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use podlease::registration::{FINALIZER, ServiceRegistration};
 use serde_json::json;
-use support::observer::{CAUSE_SLACK, Observer, ObserverConfig, RECONNECT, cut_excuses_expiry_after, fenced_writes};
+use support::observer::{CAUSE_SLACK, Observer, ObserverConfig, RECONNECT, cut_excuses_expiry_after};
 use support::*;
 
 const NS: &str = "default";
@@ -211,7 +211,7 @@ async fn i2_lists_every_difference_until_etcd_holds_exactly_the_desired_state() 
 }
 
 #[tokio::test]
-async fn i3_i4_i5_catch_a_shared_fence_a_touched_foreign_key_and_an_early_finalizer_release() {
+async fn i3_i4_i5_catch_a_write_under_a_stale_fence_a_touched_foreign_key_and_an_early_finalizer_release() {
     let bed = TestBed::start().await;
     bed.apply_crd().await;
     let obs = observer(&bed).await;
@@ -236,31 +236,33 @@ async fn i3_i4_i5_catch_a_shared_fence_a_touched_foreign_key_and_an_early_finali
     }
     wait_until("both releases checked", DEADLINE, || async { (obs.i5_checks() == 2).then_some(()) }).await;
 
-    // I3: a and b both wrote under the fence a took; and a write under a revision that was
-    // no fence write at all.
-    let put = kv.put("/podlease/owners/c1/default.podlease", "3/a", None).await.unwrap();
-    let fence_rev = put.header().unwrap().revision();
-    let stray = kv.put("/unrelated", "x", None).await.unwrap().header().unwrap().revision();
-    let dir = tempfile::tempdir().unwrap();
-    let line = |rev: i64| format!("\u{1b}[2m2026-01-01T00:00:00Z\u{1b}[0m \u{1b}[34mDEBUG\u{1b}[0m \u{1b}[2mpodlease::registry::write\u{1b}[0m\u{1b}[2m:\u{1b}[0m write applied under fence \u{1b}[3mfence_revision\u{1b}[0m\u{1b}[2m=\u{1b}[0m{rev}\n");
-    std::fs::write(dir.path().join("podlease-a-1.log"), line(fence_rev) + &line(fence_rev)).unwrap();
-    std::fs::write(dir.path().join("podlease-b-1.log"), line(fence_rev)).unwrap();
-    std::fs::write(dir.path().join("podlease-a2-1.log"), line(stray)).unwrap();
-    assert_eq!(fenced_writes(&line(42)), vec![42]);
-    assert!(obs.catch_up(DEADLINE).await);
-
-    let logs = support::observer::replica_logs(dir.path());
-    let ids: Vec<&str> = logs.iter().map(|(id, _)| id.as_str()).collect();
-    assert_eq!(ids, ["a", "a2", "b"]);
-    let (i3, lines) = obs.check_i3(&logs);
-    assert_eq!(lines, 4);
+    // I3, on an observer of its own (the records above carry no fence): a writes under the
+    // fence it took; b takes a newer one and writes under it; a, deposed, writes still naming
+    // its own; a record names no fence; one is written while no fence exists.
+    let obs3 = observer(&bed).await;
+    assert!(obs3.catch_up(DEADLINE).await);
+    let (none, _) = obs3.check_i3();
+    assert!(none[0].message.contains("saw nothing"), "an empty check is not a pass");
+    let fence_key = "/podlease/owners/c1/default.podlease";
+    let record = |pod: &str| format!("{fence_key}/{NS}/{pod}/i3");
+    let fence_a = kv.put(fence_key, "3/a", None).await.unwrap().header().unwrap().revision();
+    kv.put(record("p1"), json!({"fence": fence_a}).to_string(), None).await.unwrap();
+    let fence_b = kv.put(fence_key, "4/b", None).await.unwrap().header().unwrap().revision();
+    kv.put(record("p2"), json!({"fence": fence_b}).to_string(), None).await.unwrap();
+    let stale = kv.put(record("p3"), json!({"fence": fence_a}).to_string(), None).await.unwrap().header().unwrap().revision();
+    let unnamed = kv.put(record("p4"), "{}", None).await.unwrap().header().unwrap().revision();
+    kv.delete(fence_key, None).await.unwrap();
+    let fenceless = kv.put(record("p5"), json!({"fence": fence_b}).to_string(), None).await.unwrap().header().unwrap().revision();
+    // Not records: the fence key itself, and a key beside the records.
+    kv.put(format!("{fence_key}/@claims-1"), "", None).await.unwrap();
+    assert!(obs3.catch_up(DEADLINE).await);
+    let (i3, checked) = obs3.check_i3();
+    assert_eq!(checked, 5);
     let i3: Vec<String> = i3.iter().map(|v| v.to_string()).collect();
     assert_eq!(i3.len(), 3, "{i3:#?}");
-    assert!(i3.iter().any(|v| v.contains(&format!("replicas {{\"a\", \"b\"}} all applied writes under fence revision {fence_rev}"))), "{i3:#?}");
-    assert!(i3.iter().any(|v| v.contains(&format!("\"b\" wrote under fence revision {fence_rev}, where the fence key names \"a\""))), "{i3:#?}");
-    assert!(i3.iter().any(|v| v.contains(&format!("revision {stray}, but the fence key"))), "{i3:#?}");
-    let (none, _) = obs.check_i3(&[]);
-    assert!(none[0].message.contains("saw nothing"), "an empty check is not a pass");
+    assert!(i3.iter().any(|v| v.contains(&format!("written at revision {stale} names fence revision Some({fence_a}), but the fence in force was {fence_b} (held by \"b\")"))), "{i3:#?}");
+    assert!(i3.iter().any(|v| v.contains(&format!("written at revision {unnamed} names fence revision None"))), "{i3:#?}");
+    assert!(i3.iter().any(|v| v.contains(&format!("written at revision {fenceless} names fence revision Some({fence_b}), but the fence in force was")) && v.contains("(deleted)")), "{i3:#?}");
 
     let i4 = obs.check_i4();
     assert_eq!(i4.len(), 1, "{i4:?}");

@@ -171,6 +171,15 @@ pub async fn read_pointers(w: &Writer, owners: &Owners) -> Result<Vec<i64>, OpEr
     Ok(out)
 }
 
+/// Revokes an earlier term's claims lease once every wanted hold is on this term's own.
+/// Its pointer goes first, in a fenced Txn: a newer leader finds earlier claims leases
+/// through their pointers, read after it took its fence, so it never relies on one a deposed
+/// term then revokes (and a deposed term revokes nothing).
+async fn revoke_old(w: &Writer, owners: &Owners, lease: i64) -> Result<(), OpError> {
+    w.txn(Txn::new().and_then(vec![TxnOp::delete(pointer_key(owners, lease), None)])).await?;
+    w.revoke_lease(lease).await.map(|_| ())
+}
+
 /// A fresh claims lease, named by its pointer.
 pub async fn grant(w: &Writer, owners: &Owners) -> Result<i64, OpError> {
     let mut lc = w.client.lease_client();
@@ -493,10 +502,7 @@ pub async fn run(w: Writer, owners: Owners, job: Job) -> Result<Done, OpError> {
         Job::Grant => grant(&w, &owners).await.map(Done::Granted),
         Job::Claim(h, lease) => claim(&w, h, *lease).await.map(|c| Done::Claimed(h.clone(), c)),
         Job::Release(h) => release(&w, h).await.map(|()| Done::Released(h.clone())),
-        // Unfenced, and safe so: it runs only once every wanted hold is on this term's own
-        // lease, and a newer leader writes its holds on a lease of its own before it revokes
-        // this term's; no hold anyone needs is on the old lease.
-        Job::RevokeOld(lease) => w.revoke_lease(*lease).await.map(|_| Done::RevokedOld(*lease)),
+        Job::RevokeOld(lease) => revoke_old(&w, &owners, *lease).await.map(|_| Done::RevokedOld(*lease)),
     };
     match result {
         Err(OpError::Fenced) => Err(OpError::Fenced),

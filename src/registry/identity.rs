@@ -169,9 +169,14 @@ const MIN_TTL: i64 = crate::registration::MIN_TTL_SECONDS;
 /// Moves records in one Txn if none changed; false if one did (or its lease is gone).
 async fn move_records(w: &Writer, batch: &[(String, KeyValue)]) -> Result<bool, OpError> {
     let when: Vec<Compare> = batch.iter().map(|(_, kv)| Compare::mod_revision(kv.key(), CompareOp::Equal, kv.mod_revision())).collect();
+    // A record says which term wrote it: the moved one names this term's fence.
+    let rewritten = |kv: &KeyValue| match serde_json::from_slice::<super::owner::OwnerRecord>(kv.value()) {
+        Ok(r) => serde_json::to_vec(&super::owner::OwnerRecord { fence: w.fence.as_ref().map(|f| f.revision), ..r }).expect("serializes"),
+        Err(_) => kv.value().to_vec(),
+    };
     let then: Vec<TxnOp> = batch
         .iter()
-        .flat_map(|(to, kv)| [TxnOp::put(to.as_str(), kv.value(), Some(PutOptions::new().with_lease(kv.lease()))), TxnOp::delete(kv.key(), None)])
+        .flat_map(|(to, kv)| [TxnOp::put(to.as_str(), rewritten(kv), Some(PutOptions::new().with_lease(kv.lease()))), TxnOp::delete(kv.key(), None)])
         .collect();
     // Fenced as every write: a leader deposed while migrating moves nothing more.
     match w.txn(Txn::new().when(when).and_then(then)).await {

@@ -788,19 +788,24 @@ impl Registry {
             return;
         }
         // What `from` can hand on: the key it holds, or one it has yet to take over itself
-        // (its hand-over still waits in the queue): `to` takes that from the earlier
-        // source directly, whose record the transfer then deletes.
+        // (its hand-over still waits in the queue, or lost its answer): `to` takes that over
+        // from every source it passed through, `from` included (its record may have landed),
+        // `to` itself excepted (handed back).
         let given = self
             .slots
             .get(&from)
             .filter(|e| !e.slot.busy)
             .and_then(|e| match e.slot.transfer.as_deref() {
-                Some((giver, h)) => Some((giver.clone(), h.clone())),
-                None => e.slot.held.clone().map(|h| (from.clone(), h)),
+                Some((givers, h)) => {
+                    let mut all: Vec<InstanceId> = givers.iter().chain([&from]).filter(|g| **g != to).cloned().collect();
+                    all.dedup();
+                    Some((all, h.clone()))
+                }
+                None => e.slot.held.clone().map(|h| (vec![from.clone()], h)),
             })
             .filter(|(_, h)| desired.key.matches(&h.key));
         let free = self.slots.get(&to).is_none_or(|e| e.slot.held.is_none() && e.slot.transfer.is_none() && !e.slot.busy);
-        let Some((giver, held)) = given.filter(|_| free) else {
+        let Some((givers, held)) = given.filter(|_| free) else {
             // No hand-over in place: `from` lets go the ordinary way, unless it still wants
             // another key (its service or format changed), which it keeps wanting.
             match self.slots.get(&from).and_then(|e| e.slot.desired.clone()).filter(|d| d.key != desired.key) {
@@ -825,14 +830,7 @@ impl Registry {
             self.retries.remove(&k);
         }
         self.by_lease.insert(held.lease, to.clone());
-        let fx = if giver == to {
-            // Handed back before the hand-over ran: the record in etcd is still `to`'s own.
-            let mut fx = entry.slot.adopt(held);
-            fx.extend(entry.slot.desire(Some(desired)));
-            fx
-        } else {
-            entry.slot.take_over(giver, held, desired)
-        };
+        let fx = entry.slot.take_over(givers, held, desired);
         self.perform(&to, fx);
         if let Some(d) = still_wanted {
             self.apply(Update::Upsert(from, d));
@@ -1156,7 +1154,9 @@ async fn refuse(w: &Writer, id: &InstanceId, op: &Op, h: &Hold, namespace: Strin
             w.revoke(id, old).await?;
         }
         Op::Transfer(_, old, from) => {
-            w.revoke(from, old).await?;
+            // The key goes with the lease; first every record on it, fenced.
+            let on_lease: Vec<InstanceId> = from.iter().chain([id]).cloned().collect();
+            w.revoke_recorded(&on_lease, old.lease).await?;
         }
         Op::Register(_) | Op::Revoke(_) => {}
     }

@@ -27,6 +27,10 @@ pub struct OwnerRecord {
     /// The read prefix of its claim marker, so that a revoke removes the marker too.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim: Option<String>,
+    /// The fence revision of the term that wrote it (none without a fence): etcd's history
+    /// alone then shows whether every write came from the term whose fence was in force.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<i64>,
 }
 
 /// Where the ownership records of one install live.

@@ -22,9 +22,11 @@ pub enum Op {
     /// A different key: the new one is written first, then the old lease is revoked.
     Replace(Arc<Desired>, Held),
     Revoke(Held),
-    /// The key of instance `.2` (which goes) becomes this one's: in one Txn its record is
-    /// moved and the value written, under the same lease; watchers see no DELETE.
-    Transfer(Arc<Desired>, Held, InstanceId),
+    /// The key of the instances `.2` (which go: the source holding it, and any it was handed
+    /// on through before the hand-over ran) becomes this one's: in one Txn their records
+    /// are deleted, this one's written and the value, under the same lease; watchers see no
+    /// DELETE.
+    Transfer(Arc<Desired>, Held, Vec<InstanceId>),
 }
 
 impl Op {
@@ -114,7 +116,7 @@ pub struct Slot {
     pub busy: bool,
     pub backoff: Backoff,
     /// Another instance's key and lease, to be taken over (see [`Op::Transfer`]).
-    pub transfer: Option<Box<(InstanceId, Held)>>,
+    pub transfer: Option<Box<(Vec<InstanceId>, Held)>>,
 }
 
 impl Slot {
@@ -180,7 +182,7 @@ impl Slot {
     }
 
     /// Takes over `from`'s key and lease (`held`), wanting `desired` for it.
-    pub fn take_over(&mut self, from: InstanceId, held: Held, desired: Arc<Desired>) -> Vec<Effect> {
+    pub fn take_over(&mut self, from: Vec<InstanceId>, held: Held, desired: Arc<Desired>) -> Vec<Effect> {
         self.transfer = Some(Box::new((from, held)));
         self.desire(Some(desired))
     }
@@ -216,9 +218,20 @@ impl Slot {
         self.busy = false;
         // A transfer (or the revoke that replaced it) that got an answer is over; one that
         // failed is tried again as it was (it is idempotent).
+        let mut ended = None;
         if matches!(op, "transfer" | "revoke") && result.is_ok() {
-            self.transfer = None;
+            ended = self.transfer.take().map(|t| t.1.lease);
         }
+        let mut fx = self.done_with(op, result);
+        // The lease taken over, if the slot did not end up holding it (the key had left it
+        // and was registered afresh, or it was revoked): no longer kept alive.
+        if let Some(l) = ended.filter(|l| self.held.as_ref().map(|h| h.lease) != Some(*l)) {
+            fx.insert(0, Effect::Untrack(l));
+        }
+        fx
+    }
+
+    fn done_with(&mut self, op: &'static str, result: Result<Outcome, OpError>) -> Vec<Effect> {
         let mut fx = Vec::new();
         match result {
             Ok(Outcome::Registered { held, renew }) => {
@@ -533,12 +546,12 @@ mod tests {
         let theirs = held_for(&desired("/s/a", "v1", 30), 7);
         let from = InstanceId { namespace: "ns".into(), pod: "p".into(), source: crate::desired::Source::Annotations };
         let mut s = Slot::default();
-        s.take_over(from.clone(), theirs.clone(), d.clone());
-        assert_eq!(s.next(), Next::Run(Op::Transfer(d.clone(), theirs.clone(), from.clone())));
+        s.take_over(vec![from.clone()], theirs.clone(), d.clone());
+        assert_eq!(s.next(), Next::Run(Op::Transfer(d.clone(), theirs.clone(), vec![from.clone()])));
         // No answer: tried again as it was (the Txn is idempotent).
-        s.start(&Op::Transfer(d.clone(), theirs.clone(), from.clone()));
+        s.start(&Op::Transfer(d.clone(), theirs.clone(), vec![from.clone()]));
         s.done("transfer", Err(OpError::Timeout { op: "txn", after: Duration::from_secs(5) }));
-        assert_eq!(s.next(), Next::Run(Op::Transfer(d.clone(), theirs.clone(), from.clone())));
+        assert_eq!(s.next(), Next::Run(Op::Transfer(d.clone(), theirs.clone(), vec![from.clone()])));
         // Landed: the same lease is ours, renewed at once (its TTL left is not known).
         let mut mine = held_for(&d, 7);
         mine.ttl = 30;
@@ -548,9 +561,29 @@ mod tests {
         assert!(matches!(s.next(), Next::Hold(Shown::Registered { lease: 7, .. })));
         // Not wanted any more before it landed: the lease goes, key and record with it.
         let mut s = Slot::default();
-        s.take_over(from.clone(), theirs.clone(), d);
+        s.take_over(vec![from.clone()], theirs.clone(), d);
         s.desire(None);
         assert_eq!(s.next(), Next::Run(Op::Revoke(theirs)));
+    }
+
+    #[test]
+    fn a_lease_taken_over_but_not_kept_is_no_longer_renewed() {
+        let d = desired("/s/a", "v2", 30);
+        let theirs = held_for(&desired("/s/a", "v1", 30), 7);
+        let from = InstanceId { namespace: "ns".into(), pod: "p".into(), source: crate::desired::Source::Annotations };
+        // The key had left the lease: registered afresh under lease 9; lease 7 goes.
+        let mut s = Slot::default();
+        s.take_over(vec![from.clone()], theirs.clone(), d.clone());
+        s.start(&Op::Transfer(d.clone(), theirs.clone(), vec![from.clone()]));
+        let fx = s.done("transfer", registered_outcome(held_for(&d, 9), Renew::Granted));
+        assert!(fx.contains(&Effect::Untrack(7)) && fx.contains(&Effect::Track { lease: 9, ttl: 30, renew: Renew::Granted }), "{fx:?}");
+        // Not wanted after all, revoked: lease 7 goes too.
+        let mut s = Slot::default();
+        s.take_over(vec![from.clone()], theirs.clone(), d);
+        s.desire(None);
+        s.start(&Op::Revoke(theirs));
+        let fx = s.done("revoke", Ok(Outcome::Revoked));
+        assert!(fx.contains(&Effect::Untrack(7)), "{fx:?}");
     }
 
     #[test]

@@ -116,8 +116,6 @@ impl Writer {
         if !resp.succeeded() {
             return Err(OpError::Fenced);
         }
-        // The fault suite checks from these lines that no two replicas wrote in one epoch.
-        tracing::debug!(fence_revision = fence.revision, "write applied under fence");
         resp.op_responses()
             .into_iter()
             .find_map(|r| match r {
@@ -128,8 +126,15 @@ impl Writer {
     }
 
     fn owner_put(&self, id: &InstanceId, d: &Desired, key: &str, lease: i64) -> TxnOp {
-        let record =
-            OwnerRecord { key: key.to_string(), ttl: d.ttl, value_hash: value_hash(&d.value), pod_uid: d.pod_uid.clone(), v: 1, claim: d.claim.clone() };
+        let record = OwnerRecord {
+            key: key.to_string(),
+            ttl: d.ttl,
+            value_hash: value_hash(&d.value),
+            pod_uid: d.pod_uid.clone(),
+            v: 1,
+            claim: d.claim.clone(),
+            fence: self.fence.as_ref().map(|f| f.revision),
+        };
         TxnOp::put(self.owners.key(id), serde_json::to_vec(&record).expect("serializes"), Some(PutOptions::new().with_lease(lease)))
     }
 
@@ -235,24 +240,17 @@ impl Writer {
             let renew = if read_back { Renew::Unknown } else { Renew::Granted };
             return Ok(Outcome::Registered { held: Self::held(d, key, lease), renew });
         }
-        // The key is not under our old lease (gone, or taken back under another of ours).
-        let out = self.put_if_absent(id, d, &key, lease).await;
+        // The key is not under our old lease (gone, or taken back under another of ours):
+        // registered under the fresh lease as a new one is (a lost answer keeps it, the
+        // write may have landed; anything else but success revokes it).
+        let out = self.register_under(id, d, lease, Renew::Granted).await;
         match &out {
-            Ok(Outcome::Registered { held: h, .. }) => {
-                if h.lease != held.lease {
-                    let _ = self.revoke_lease(held.lease).await;
-                }
-                if h.lease != lease {
-                    let _ = self.revoke_lease(lease).await;
-                }
-            }
-            Err(OpError::Fenced) => {
-                // Another replica leads: the old lease (and the record on it) is its to adopt.
-                let _ = self.revoke_lease(lease).await;
-            }
+            // Taken back under the old lease itself: it stays.
+            Ok(Outcome::Registered { held: h, .. }) if h.lease == held.lease => {}
+            // Another replica leads: the old lease (and the record on it) is its to adopt.
+            Err(OpError::Fenced) => {}
             _ => {
-                let _ = self.revoke_lease(lease).await;
-                let _ = self.revoke_recorded(id, held.lease).await;
+                let _ = self.revoke_recorded(std::slice::from_ref(id), held.lease).await;
             }
         }
         out
@@ -264,18 +262,21 @@ impl Writer {
         let out = self.register(id, d).await?;
         // The record is still on the old lease unless the new key's Txn moved it (a
         // conflict, a lost answer).
-        let _ = self.revoke_recorded(id, held.lease).await;
+        let _ = self.revoke_recorded(std::slice::from_ref(id), held.lease).await;
         Ok(out)
     }
 
-    /// Revokes `lease`, which may still carry `id`'s ownership record: a fenced Txn deletes
-    /// that record first (if it is still on `lease`), and only then is the lease revoked. A
-    /// newer leader reads the records after taking its fence, so it can never have adopted
-    /// the lease this revokes; fenced, nothing is revoked and the lease is its to adopt.
-    async fn revoke_recorded(&self, id: &InstanceId, lease: i64) -> Result<Outcome, OpError> {
-        let record = self.owners.key(id);
-        self.txn(Txn::new().when(vec![Compare::lease(record.as_str(), CompareOp::Equal, lease)]).and_then(vec![TxnOp::delete(record.as_str(), None)]))
-            .await?;
+    /// Revokes `lease`, which may still carry the ownership records of `ids`: a fenced Txn
+    /// deletes those still on it first, and only then is the lease revoked. A newer leader
+    /// reads the records after taking its fence, so it can never have adopted the lease this
+    /// revokes; fenced, nothing is revoked and the lease is its to adopt.
+    pub(super) async fn revoke_recorded(&self, ids: &[InstanceId], lease: i64) -> Result<Outcome, OpError> {
+        let mut then = Vec::new();
+        for id in ids {
+            let record = self.owners.key(id);
+            then.push(TxnOp::txn(Txn::new().when(vec![Compare::lease(record.as_str(), CompareOp::Equal, lease)]).and_then(vec![TxnOp::delete(record.as_str(), None)])));
+        }
+        self.txn(Txn::new().and_then(then)).await?;
         self.revoke_lease(lease).await
     }
 
@@ -405,19 +406,17 @@ impl Writer {
         self.revoke_lease(held.lease).await
     }
 
-    /// Takes over `from`'s key and lease for `id`: while the key is still under that lease,
-    /// writes the value and `id`'s record under it and deletes `from`'s record, in one Txn.
-    /// Watchers see at most a PUT. When the key is no longer under it, the lease goes and
-    /// `id` registers afresh.
-    pub async fn transfer(&self, id: &InstanceId, d: &Desired, held: &Held, from: &InstanceId) -> Result<Outcome, OpError> {
+    /// Takes over the key and lease of `from` (the sources it passed through, the last one
+    /// first to hold it) for `id`: while the key is still under that lease, writes the value
+    /// and `id`'s record under it and deletes each of their records and claim markers still
+    /// on that lease, in one Txn. Watchers see at most a PUT. When the key is no longer
+    /// under it, the lease goes and `id` registers afresh.
+    pub async fn transfer(&self, id: &InstanceId, d: &Desired, held: &Held, from: &[InstanceId]) -> Result<Outcome, OpError> {
         let key = d.key.with_lease(held.lease);
         // The record says the TTL the lease has (a different one wanted is a reissue next).
         let as_granted = Desired { ttl: held.ttl, ..d.clone() };
         let mut then = self.puts(id, &as_granted, &key, held.lease);
-        then.push(TxnOp::delete(self.owners.key(from), None));
-        if let Some(marker) = self.claims.marker(from, held.claim.as_deref()) {
-            then.push(TxnOp::delete(marker, None));
-        }
+        then.extend(self.deletes_on(from, held));
         let txn = Txn::new().when(vec![Compare::lease(key.as_str(), CompareOp::Equal, held.lease)]).and_then(then);
         match self.txn(txn).await {
             Ok(r) if r.succeeded() => {
@@ -427,13 +426,31 @@ impl Writer {
                 Ok(Outcome::Registered { held: h, renew: Renew::Unknown })
             }
             Ok(_) => {
-                // The key is no longer on `from`'s lease, its record may be.
-                let _ = self.revoke_recorded(from, held.lease).await;
+                // The key is no longer on the lease; records may be (`id`'s too, from an
+                // attempt whose answer was lost). Only once they are gone does `id` start
+                // afresh: a failure is retried as it was, and the lease stays tracked.
+                let mut on_lease = from.to_vec();
+                on_lease.push(id.clone());
+                self.revoke_recorded(&on_lease, held.lease).await?;
                 self.register(id, d).await
             }
             Err(OpError::Etcd { source, .. }) if is_lease_not_found(&source) => self.register(id, d).await,
             Err(e) => Err(e),
         }
+    }
+
+    /// Deletes the records and claim markers of `ids` that are still on `held`'s lease (each
+    /// its own nested Txn): a source that has since written a record of its own elsewhere (it
+    /// wants another key) keeps it.
+    fn deletes_on(&self, ids: &[InstanceId], held: &Held) -> Vec<TxnOp> {
+        let mut ops = Vec::new();
+        for id in ids {
+            let marker = self.claims.marker(id, held.claim.as_deref());
+            for k in std::iter::once(self.owners.key(id)).chain(marker) {
+                ops.push(TxnOp::txn(Txn::new().when(vec![Compare::lease(k.as_str(), CompareOp::Equal, held.lease)]).and_then(vec![TxnOp::delete(k.as_str(), None)])));
+            }
+        }
+        ops
     }
 
     /// Revokes a lease: everything under it vanishes. An unknown lease is already gone,

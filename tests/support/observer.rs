@@ -1027,66 +1027,61 @@ impl Observer {
         }
     }
 
-    /// I3: no fence revision under which two replicas both applied writes. `logs` are
-    /// (replica, log file) pairs; podlease logs `write applied under fence fence_revision=<n>`
-    /// at debug level for every fenced write. Also every such revision seen by the observer
-    /// must be a write of the fence key that names that replica. Returns the violations and
-    /// the number of fenced writes found.
-    pub fn check_i3(&self, logs: &[(String, PathBuf)]) -> (Vec<Violation>, usize) {
-        let mut by_rev: BTreeMap<i64, BTreeSet<String>> = BTreeMap::new();
-        let mut lines = 0;
-        for (replica, path) in logs {
-            for rev in fenced_writes(&std::fs::read_to_string(path).unwrap_or_default()) {
-                lines += 1;
-                by_rev.entry(rev).or_default().insert(replica.clone());
-            }
-        }
+    /// I3: one writer per fence epoch, read from etcd's history alone. Every ownership record
+    /// names the fence revision of the term that wrote it; each record PUT the watch saw must
+    /// name the fence in force at its revision (the last PUT of the fence key before it),
+    /// which only the term that wrote that fence knows. A deposed term's write, or one that
+    /// skipped the fence, names an older one (or none). Returns the violations and the
+    /// number of record writes checked.
+    pub fn check_i3(&self) -> (Vec<Violation>, usize) {
         let fence = self.cfg.fence_key();
-        let fence_puts: HashMap<i64, (Duration, String)> = self
-            .etcd_events()
-            .into_iter()
-            .filter(|(_, ev)| ev.put && ev.key == fence)
-            .map(|(at, ev)| (ev.revision, (at, fence_identity(&ev.value).to_string())))
-            .collect();
+        let records = podlease::registry::owner::Owners::at(&fence);
+        // The fence in force from each revision on: (revision, value), None once deleted.
+        let mut fences: Vec<(i64, Option<String>)> = Vec::new();
         let mut out = Vec::new();
-        if lines == 0 {
-            out.push(Violation {
-                invariant: "I3",
-                at: None,
-                message: "no `write applied under fence fence_revision=<n>` line in any replica log: the check saw nothing (is podlease=debug on?)".into(),
-            });
-        }
-        for (rev, replicas) in &by_rev {
-            let at = fence_puts.get(rev).map(|(at, _)| *at);
-            if replicas.len() > 1 {
+        let mut checked = 0;
+        for (at, ev) in self.etcd_events() {
+            if ev.key == fence {
+                fences.push((ev.revision, ev.put.then(|| ev.value.clone())));
+                continue;
+            }
+            if !ev.put || records.parse_key(&ev.key).is_none() {
+                continue;
+            }
+            let named = serde_json::from_str::<serde_json::Value>(&ev.value).ok().and_then(|v| v.get("fence")?.as_i64());
+            let in_force = fences.last().cloned();
+            let Some((rev, value)) = in_force else {
+                // No fence written since the watch began: the one in force is older than it.
+                if named.is_none_or(|n| n > self.start_revision) {
+                    out.push(Violation {
+                        invariant: "I3",
+                        at: Some(at),
+                        message: format!("record {} written at revision {} under fence {named:?}, before any fence the watch saw", ev.key, ev.revision),
+                    });
+                }
+                checked += 1;
+                continue;
+            };
+            checked += 1;
+            let holder = value.as_deref().map(fence_identity);
+            if value.is_none() || named != Some(rev) {
                 out.push(Violation {
                     invariant: "I3",
-                    at,
+                    at: Some(at),
                     message: format!(
-                        "replicas {replicas:?} all applied writes under fence revision {rev}"
+                        "record {} written at revision {} names fence revision {named:?}, but the fence in force was {} ({})",
+                        ev.key,
+                        ev.revision,
+                        rev,
+                        holder.map_or("deleted".to_string(), |h| format!("held by {h:?}")),
                     ),
                 });
             }
-            if *rev > self.start_revision {
-                match fence_puts.get(rev) {
-                    None => out.push(Violation {
-                        invariant: "I3",
-                        at: None,
-                        message: format!("{replicas:?} wrote under fence revision {rev}, but the fence key {fence} was not written at that revision"),
-                    }),
-                    Some((at, holder)) => {
-                        for r in replicas.iter().filter(|r| *r != holder) {
-                            out.push(Violation {
-                                invariant: "I3",
-                                at: Some(*at),
-                                message: format!("{r:?} wrote under fence revision {rev}, where the fence key names {holder:?}"),
-                            });
-                        }
-                    }
-                }
-            }
         }
-        (out, lines)
+        if checked == 0 {
+            out.push(Violation { invariant: "I3", at: None, message: "no ownership record was written: the check saw nothing".into() });
+        }
+        (out, checked)
     }
 
     /// I4: no event on a seeded foreign key after its seeding PUT.
@@ -1509,24 +1504,6 @@ pub fn fence_identity(value: &str) -> &str {
     value.rsplit('/').next().unwrap_or(value)
 }
 
-/// Fence revisions of the `write applied under fence` lines in a podlease log (text format,
-/// with or without ANSI colours).
-pub fn fenced_writes(log: &str) -> Vec<i64> {
-    let mut out = Vec::new();
-    for line in log.lines() {
-        let line = strip_ansi(line);
-        if !line.contains("write applied under fence") {
-            continue;
-        }
-        if let Some(rest) = line.split("fence_revision=").nth(1) {
-            let digits: String = rest.chars().take_while(|c| c.is_ascii_digit()).collect();
-            if let Ok(n) = digits.parse() {
-                out.push(n);
-            }
-        }
-    }
-    out
-}
 
 fn strip_ansi(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
