@@ -161,3 +161,47 @@ fn the_flags_table_check_finds_each_kind_of_drift() {
         assert!(errors.iter().any(|e| e.contains(expected)), "expected an error with {expected:?}, got {errors:#?}");
     }
 }
+
+/// Every test the README's failure model names (a backticked `snake_case` name with at least
+/// three words; `…` stands for a part left out) is a test function of this crate, so that a
+/// renamed or deleted test cannot leave a guarantee pointing at nothing.
+#[test]
+fn every_test_the_failure_model_names_exists() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("**What is guaranteed").expect("the failure model's guarantees");
+    let end = start + readme[start..].find("\n## ").expect("the section after the failure model");
+    let named = regex::Regex::new(r"`([a-z0-9_…]+)`").unwrap();
+    let mut fns = Vec::new();
+    let test_fn = regex::Regex::new(r"(?m)^\s*(?:async )?fn ([a-z0-9_]+)").unwrap();
+    for e in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/tests")).unwrap().flatten() {
+        if e.path().extension().is_some_and(|x| x == "rs") {
+            let text = std::fs::read_to_string(e.path()).unwrap();
+            fns.extend(test_fn.captures_iter(&text).map(|c| c[1].to_string()));
+        }
+    }
+    let mut cited = 0;
+    let mut missing = Vec::new();
+    for c in named.captures_iter(&readme[start..end]) {
+        let name = &c[1];
+        if name.matches('_').count() < 3 {
+            continue;
+        }
+        cited += 1;
+        let parts: Vec<&str> = name.split('…').map(|p| p.trim_matches('_')).filter(|p| !p.is_empty()).collect();
+        let found = fns.iter().any(|f| {
+            let mut rest = f.as_str();
+            parts.iter().all(|p| match rest.find(p) {
+                Some(i) => {
+                    rest = &rest[i + p.len()..];
+                    true
+                }
+                None => false,
+            })
+        });
+        if !found {
+            missing.push(name.to_string());
+        }
+    }
+    assert!(cited >= 20, "only {cited} tests named: did the section move?");
+    assert_eq!(missing, Vec::<String>::new(), "the README names tests that do not exist");
+}
