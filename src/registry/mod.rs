@@ -779,9 +779,19 @@ impl Registry {
             (*heir, *want) = (to, desired);
             return;
         }
+        // `to` waited to inherit another key from a busy giver: it wants this one now, and
+        // that giver's key is nobody's (it is revoked once its operation is done).
+        self.heirs.retain(|_, (heir, _)| *heir != to);
         let to_free = self.slots.get(&to).is_none_or(|e| e.slot.held.is_none() && e.slot.transfer.is_none() && !e.slot.busy);
         if to_free && self.slots.get(&from).is_some_and(|e| e.slot.busy) {
             // The giver's operation finishes first (see on_done); meanwhile it is not wanted.
+            // It holds one key, already promised to an heir: this one is registered afresh.
+            if self.heirs.contains_key(&from) {
+                let fx = self.slots.get_mut(&from).expect("checked").slot.desire(None);
+                self.perform(&from, fx);
+                self.apply(Update::Upsert(to, desired));
+                return;
+            }
             self.heirs.insert(from.clone(), (to, desired));
             let fx = self.slots.get_mut(&from).expect("checked").slot.desire(None);
             self.perform(&from, fx);
