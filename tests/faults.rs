@@ -602,8 +602,9 @@ impl Run {
                         break;
                     }
                     if start.elapsed() > DEADLINE {
-                        let f =
-                            format!("{id} did not exit within {DEADLINE:?} of SIGTERM: SIGKILLed");
+                        // Its log goes with the bed: what it was waiting on is shown here.
+                        let tail = support::tail(&self.slots[i].ctl.log_text(), 15, "\n    ");
+                        let f = format!("{id} did not exit within {DEADLINE:?} of SIGTERM: SIGKILLed; log tail:\n    {tail}");
                         self.say(&f);
                         self.findings.push(f);
                         self.slots[i].ctl.kill();
