@@ -18,6 +18,18 @@ use support::*;
 const NS: &str = "default";
 const TAKEOVER: Duration = Duration::from_secs(60);
 
+/// How many ownership records each source holds (by the record key's last segment).
+async fn records_by_source(etcd: &etcd_client::Client) -> BTreeMap<String, usize> {
+    let mut by_source: BTreeMap<String, usize> = BTreeMap::new();
+    for kv in keys(etcd, "/podlease/owners/").await {
+        let k = kv.key_str().unwrap();
+        if podlease::registry::identity::classify("/podlease/owners", k).is_some_and(|(_, ns)| ns.is_some()) {
+            *by_source.entry(k.rsplit('/').next().unwrap().to_string()).or_default() += 1;
+        }
+    }
+    by_source
+}
+
 fn records_under(all: &[etcd_client::KeyValue], root: &str) -> usize {
     all.iter().filter(|kv| podlease::registry::identity::classify("/podlease/owners", kv.key_str().unwrap()).is_some_and(|(r, ns)| r == root && ns.is_some())).count()
 }
@@ -259,7 +271,6 @@ async fn two_sources_of_one_key_have_one_owner_and_hand_it_over_without_a_delete
     let bed = TestBed::start().await;
     bed.apply_crd().await;
     let c = Controller::start(&bed, "c", &[]).await;
-    let root = "/podlease/owners/";
     // Two registrations publishing the same key for the same pods (same format, prefix and
     // service), and one pod whose annotations publish it too.
     for name in ["a", "b"] {
@@ -275,16 +286,7 @@ async fn two_sources_of_one_key_have_one_owner_and_hand_it_over_without_a_delete
         set_ready(&bed.kube, NS, &name, &pod_ip(i + 1), true).await;
     }
     wait_until("10 keys", DEADLINE, || async { (keys(&bed.etcd, "/services/web/").await.len() == 10).then_some(()) }).await;
-    let records = || async {
-        let mut by_source: BTreeMap<String, usize> = BTreeMap::new();
-        for kv in keys(&bed.etcd, root).await {
-            let k = kv.key_str().unwrap();
-            if podlease::registry::identity::classify("/podlease/owners", k).is_some_and(|(_, ns)| ns.is_some()) {
-                *by_source.entry(k.rsplit('/').next().unwrap().to_string()).or_default() += 1;
-            }
-        }
-        by_source
-    };
+    let records = || records_by_source(&bed.etcd);
     // The owner: the annotations, then registrations by name. The other is served by it.
     wait_until("one owner per key", DEADLINE, || async {
         (records().await == BTreeMap::from([("@annotations".to_string(), 1), ("a".to_string(), 9)])).then_some(())
@@ -390,16 +392,7 @@ async fn a_key_handed_back_before_its_hand_over_ran_keeps_its_lease() {
         create_pod(&bed.kube, NS, &PodSpec::new(&name).label("app", "web").annotation("podlease.io/service", "web")).await;
         set_ready(&bed.kube, NS, &name, &pod_ip(i + 1), true).await;
     }
-    let owners = || async {
-        let mut by_source: BTreeMap<String, usize> = BTreeMap::new();
-        for kv in keys(&bed.etcd, "/podlease/owners/").await {
-            let k = kv.key_str().unwrap();
-            if podlease::registry::identity::classify("/podlease/owners", k).is_some_and(|(_, ns)| ns.is_some()) {
-                *by_source.entry(k.rsplit('/').next().unwrap().to_string()).or_default() += 1;
-            }
-        }
-        by_source
-    };
+    let owners = || records_by_source(&bed.etcd);
     let annotated = BTreeMap::from([("@annotations".to_string(), PODS)]);
     wait_until("the annotations own every key", DEADLINE, || async { (owners().await == annotated).then_some(()) }).await;
     let before = leases_under(&bed.etcd, "/services/web/").await;

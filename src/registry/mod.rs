@@ -785,16 +785,15 @@ impl Registry {
         let to_free = self.slots.get(&to).is_none_or(|e| e.slot.held.is_none() && e.slot.transfer.is_none() && !e.slot.busy);
         if to_free && self.slots.get(&from).is_some_and(|e| e.slot.busy) {
             // The giver's operation finishes first (see on_done); meanwhile it is not wanted.
-            // It holds one key, already promised to an heir: this one is registered afresh.
-            if self.heirs.contains_key(&from) {
-                let fx = self.slots.get_mut(&from).expect("checked").slot.desire(None);
-                self.perform(&from, fx);
-                self.apply(Update::Upsert(to, desired));
-                return;
-            }
-            self.heirs.insert(from.clone(), (to, desired));
+            // It holds one key: one already promised to an heir leaves this one to be
+            // registered afresh.
             let fx = self.slots.get_mut(&from).expect("checked").slot.desire(None);
             self.perform(&from, fx);
+            if self.heirs.contains_key(&from) {
+                self.apply(Update::Upsert(to, desired));
+            } else {
+                self.heirs.insert(from, (to, desired));
+            }
             return;
         }
         // What `from` can hand on: the key it holds, or one it has yet to take over itself
